@@ -1,0 +1,164 @@
+"""Scoring a model: classification by label-word likelihood, loss / perplexity, sample generations.
+
+Classification never parses generated text: for each review the model's log-likelihood of every label
+word (all its tokens, after the prompt) is compared, so a prediction always exists and costs one forward
+pass per review when every label word is a single token (the usual case), one per label word otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from finetune.data import DataCollator, build_messages, encode_prompt, label_word_ids
+
+log = logging.getLogger("finetune.evaluate")
+
+
+def autocast(model, bf16: bool):
+    """bf16 autocast on the model's device when the run computes in bf16 (CPU: ~2.6x faster forwards)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
+
+
+def _device(model) -> torch.device:
+    return next(p for p in model.parameters()).device
+
+
+def _batches(seqs: list[list[int]], batch_size: int):
+    """Indices grouped into batches of similar length (sorted): little padding, same results."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def macro_f1(labels: list[int], preds: list[int], num_classes: int) -> float:
+    """Unweighted mean of per-class F1 (a class never predicted nor present scores 0)."""
+    scores = []
+    for c in range(num_classes):
+        tp = sum(1 for y, p in zip(labels, preds) if y == c and p == c)
+        fp = sum(1 for y, p in zip(labels, preds) if y != c and p == c)
+        fn = sum(1 for y, p in zip(labels, preds) if y == c and p != c)
+        denom = 2 * tp + fp + fn
+        scores.append(2 * tp / denom if denom else 0.0)
+    return sum(scores) / num_classes
+
+
+@torch.no_grad()
+def label_scores(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_length: int, batch_size: int,
+                 bf16: bool = False) -> torch.Tensor:
+    """Log-likelihood of each label word after each row's prompt: a [len(rows), num_labels] tensor."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    words = label_word_ids(tokenizer, dcfg)
+    prompts = [encode_prompt(row, dcfg, tokenizer, max_length) for row in rows]
+    scores = torch.zeros(len(rows), len(words))
+    single = all(len(w) == 1 for w in words)
+    with autocast(model, bf16):
+        if single:
+            # One pass: the next-token distribution after the prompt holds every label word.
+            first = torch.tensor([w[0] for w in words])
+            for idx in _batches(prompts, batch_size):
+                ids, mask = _pad([prompts[i] for i in idx], tokenizer.pad_token_id, device)
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                last = mask.sum(1) - 1  # position of each row's final prompt token
+                logp = F.log_softmax(logits[torch.arange(len(idx)), last], dim=-1)
+                scores[idx] = logp[:, first.to(device)].cpu()
+        else:
+            for j, word in enumerate(words):
+                seqs = [p + word for p in prompts]
+                for idx in _batches(seqs, batch_size):
+                    ids, mask = _pad([seqs[i] for i in idx], tokenizer.pad_token_id, device)
+                    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+                    for b, i in enumerate(idx):
+                        start = len(prompts[i])  # first label token; predicted from position start-1
+                        targets = torch.tensor(word, device=device)
+                        positions = torch.arange(start - 1, start - 1 + len(word), device=device)
+                        scores[i, j] = logp[b, positions, targets].sum().cpu()
+    model.train(was_training)
+    return scores
+
+
+def classify(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_length: int, batch_size: int,
+             bf16: bool = False) -> dict:
+    """Accuracy and macro-F1 of label-word scoring on ``rows`` (which carry their gold labels)."""
+    scores = label_scores(model, tokenizer, rows, dcfg, max_length, batch_size, bf16)
+    preds = scores.argmax(dim=1).tolist()
+    labels = [int(r[dcfg.label_field]) for r in rows]
+    accuracy = sum(p == y for p, y in zip(preds, labels)) / len(rows)
+    return {
+        "accuracy": accuracy,
+        "f1": macro_f1(labels, preds, len(dcfg.label_words)),
+        "predictions": preds,
+        "n": len(rows),
+    }
+
+
+@torch.no_grad()
+def loss_and_perplexity(model, dataset, pad_token_id: int, batch_size: int, bf16: bool = False) -> dict:
+    """Token-weighted mean loss over the response tokens of a tokenized split, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    collate = DataCollator(pad_token_id=pad_token_id)
+    total_nll, total_tokens = 0.0, 0
+    rows = [dataset[i] for i in range(len(dataset))]
+    for idx in _batches([r["input_ids"] for r in rows], batch_size):
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx]).items() if k in ("input_ids", "attention_mask", "labels")}
+        with autocast(model, bf16):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Shift so position t predicts token t+1; -100 marks prompt and padding.
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                              ignore_index=-100, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((shift_labels != -100).sum())
+    model.train(was_training)
+    if total_tokens == 0:
+        return {"eval_loss": float("nan"), "perplexity": float("nan"), "eval_tokens": 0}
+    loss = total_nll / total_tokens
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
+
+
+@torch.no_grad()
+def sample_generations(model, tokenizer, rows: list[dict], dcfg: DictConfig, n: int, max_new_tokens: int,
+                       bf16: bool = False) -> list[dict]:
+    """Greedy completions of the first ``n`` rows' prompts (the final assistant turn left out)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for row in rows[:n]:
+        messages = build_messages(row, dcfg)
+        reference = None
+        if messages and messages[-1]["role"] == "assistant":
+            reference = messages.pop()["content"]
+        if tokenizer.chat_template and dcfg.get("use_chat_template", True):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        else:
+            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+            ids = tokenizer(text, return_tensors="pt")
+        ids = {k: v.to(_device(model)) for k, v in ids.items()}
+        with autocast(model, bf16):
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        completion = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.append({"prompt": messages[-1]["content"][:200], "completion": completion, "reference": reference})
+    model.train(was_training)
+    return out

@@ -1,0 +1,95 @@
+"""Build the PEFT adapter from the ``lora`` config node (the one place a LoraConfig is built)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.arch import arch_spec
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune.lora")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer (nn.Linear, bitsandbytes Linear8bitLt/Linear4bit, GPT-2 Conv1D), lm_head excluded."""
+    names = set()
+    for full_name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, nn.Linear) or kind in ("Linear8bitLt", "Linear4bit", "Conv1D"):
+            leaf = full_name.rsplit(".", 1)[-1]
+            if leaf != "lm_head":
+                names.add(leaf)
+    return sorted(names)
+
+
+def resolve_target_modules(lcfg: DictConfig, model: nn.Module) -> list[str] | str:
+    """Expand a preset into module names for this architecture.
+
+    Presets: ``qv`` query + value projections (the original design), ``attn`` every attention linear,
+    ``ffn`` every feed-forward linear, ``all-linear`` PEFT's own rule, ``auto`` every linear layer found
+    in the model except the output head. A list is used as given and must match something.
+
+    Raises:
+        FinetuneError: a listed module does not exist in the model.
+    """
+    tm = lcfg.target_modules
+    if OmegaConf.is_list(tm) or isinstance(tm, list):
+        wanted = list(tm)
+        present = set(linear_module_names(model))
+        missing = [m for m in wanted if m not in present]
+        if missing:
+            raise FinetuneError(
+                f"lora.target_modules: {', '.join(missing)} not found in {model.config.model_type}; "
+                f"its linear layers are: {', '.join(sorted(present))}"
+            )
+        return wanted
+    if tm == "all-linear":
+        return "all-linear"
+    if tm == "auto":
+        return linear_module_names(model)
+    spec = arch_spec(model.config.model_type)
+    if tm == "qv":
+        names = spec.leaf_names("attn")
+        qv = [n for n in names if n in ("q_proj", "v_proj")]
+        return qv or names  # families with a fused qkv projection (gpt2 c_attn) take the whole attention block
+    return spec.leaf_names(tm)
+
+
+def apply_lora(model: nn.Module, lcfg: DictConfig):
+    """Wrap ``model`` with a LoRA / DoRA adapter; ``lora=none`` returns it unchanged (full fine-tuning)."""
+    if lcfg.method == "none":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = resolve_target_modules(lcfg, model)
+    config = LoraConfig(
+        r=int(lcfg.r),
+        lora_alpha=float(lcfg.alpha),
+        lora_dropout=float(lcfg.dropout),
+        bias=lcfg.bias,
+        target_modules=targets,
+        use_dora=lcfg.method == "dora",
+        use_rslora=bool(lcfg.get("use_rslora", False)),
+        task_type="CAUSAL_LM",
+    )
+    log.info("%s on %s: r=%s alpha=%s dropout=%s", lcfg.method, targets, lcfg.r, lcfg.alpha, lcfg.dropout)
+    return get_peft_model(model, config)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; bitsandbytes 4-bit weights count their real element number."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        # A Params4bit packs two 4-bit values per uint8 element.
+        if type(p).__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

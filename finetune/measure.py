@@ -1,0 +1,71 @@
+"""Peak memory and throughput, measured the same way for every method so ratios are honest.
+
+CPU: peak resident set size (VmHWM), reset at the start of the measured phase through
+/proc/self/clear_refs so jobs of one in-process sweep do not inherit each other's peak.
+CUDA: ``torch.cuda.max_memory_allocated``, reset the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+
+def memory_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        # "5" resets the peak RSS counter of this process (Linux >= 4.0).
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ThroughputCallback(TrainerCallback):
+    """Counts non-padding tokens the model trained on and the wall time of training steps.
+
+    Tokens come from the attention masks the collator produced (real tokens, not padding), so
+    tokens/s compares fairly across methods with different padding.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.start: float | None = None
+        self.elapsed = 0.0
+
+    def count_batch(self, batch: dict) -> None:
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.start is not None:
+            self.elapsed = time.perf_counter() - self.start
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0

@@ -1,0 +1,85 @@
+"""Weights & Biases, never in the way: offline automatically without credentials, never blocking a run."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("finetune.tracking")
+
+
+def wandb_credentials() -> bool:
+    """True when an API key is configured (env or ~/.netrc), i.e. an online run could authenticate."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC") or Path.home() / ".netrc")
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://", 1)[-1].split("/")[0]
+        return rc.authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(lcfg: DictConfig) -> str:
+    """``logger.mode`` resolved: auto -> online with credentials, offline without; WANDB_MODE wins if set."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if lcfg.mode != "auto":
+        return lcfg.mode
+    return "online" if wandb_credentials() else "offline"
+
+
+def init_run(cfg: DictConfig, run_dir: Path, name: str, tags: list[str]):
+    """Start a W&B run carrying the resolved config; returns None (and logs why) when W&B is off or fails.
+
+    An online start that cannot reach the server within 60 s falls back to offline, so a run never fails
+    or hangs because of W&B.
+    """
+    lcfg = cfg.logger
+    if lcfg.backend != "wandb":
+        return None
+    mode = wandb_mode(lcfg)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log.warning("logger=wandb but wandb is not installed; continuing without it (pip install wandb)")
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    kwargs = dict(
+        project=lcfg.project,
+        entity=lcfg.get("entity"),
+        group=lcfg.get("group"),
+        name=name,
+        tags=[str(t)[:64] for t in list(lcfg.get("tags") or []) + tags],
+        config=config,
+        dir=str(run_dir),
+        reinit="finish_previous",
+    )
+    for attempt in (mode, "offline") if mode == "online" else (mode,):
+        try:
+            run = wandb.init(mode=attempt, settings=wandb.Settings(init_timeout=60, console="off"), **kwargs)
+            log.info("W&B run %s (%s) in %s", run.name, attempt, run_dir / "wandb")
+            return run
+        except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop training
+            log.warning("W&B %s start failed (%s)", attempt, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return None
+
+
+def finish_run(run, summary: dict) -> None:
+    """Write the final metrics into the run summary and close it; failures are logged, never raised."""
+    if run is None:
+        return
+    try:
+        for key, value in summary.items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                run.summary[key] = value
+        run.finish()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("W&B finish failed: %s", exc)

@@ -1,0 +1,218 @@
+"""finetune-train: one Hydra entrypoint that fine-tunes, evaluates and records a run.
+
+    finetune-train                                  # embedded SmolLM2-135M, ChnSentiCorp, LoRA
+    finetune-train quantization=nf4 lora.r=16       # QLoRA
+    finetune-train lora=none                        # full fine-tuning
+    finetune-train -m lora.r=8,16                   # a sweep (Hydra multirun)
+
+Flow: validate -> data rows -> model (+ bitsandbytes) -> zero-shot score -> LoRA -> QAT -> Trainer
+-> save adapter / model -> evaluate (fp, and simulated INT8 where asked) -> metrics.json + W&B.
+Returns the objective a sweeper optimises (accuracy, or minus eval loss for generation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.config import method_name, qat_targets, validate
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune.train")
+
+
+def _hydra_context() -> tuple[bool, list[str], str]:
+    """(multirun?, this job's overrides, job id) — defaults when called outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return hc.mode == RunMode.MULTIRUN, list(hc.overrides.task), str(hc.job.get("num", "0"))
+    except ValueError:
+        return False, [], "0"
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+
+
+def objective(metrics: dict) -> float:
+    """What a sweeper maximises: accuracy for classification, minus eval loss for generation."""
+    if "accuracy" in metrics:
+        return float(metrics["accuracy"])
+    return -float(metrics.get("eval_loss", math.inf))
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job: str = "0") -> dict:
+    """Train and evaluate one configuration; writes every artifact into ``run_dir``; returns the metrics."""
+    import torch
+    from transformers import Trainer, set_seed
+
+    from finetune.data import DataCollator, load_splits, tokenize_split
+    from finetune.evaluate import classify, loss_and_perplexity, sample_generations
+    from finetune.lora import apply_lora, count_params
+    from finetune.measure import ThroughputCallback, memory_device, peak_memory_mb, reset_peak_memory
+    from finetune.model import load_model, resolve_precision
+    from finetune.trainer import CountingCollator, resolve_resume, training_arguments
+    from finetune import tracking
+
+    validate(cfg)
+    targets = qat_targets(cfg)
+    method = method_name(cfg)
+    dcfg, tcfg = cfg.dataset, cfg.trainer
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    set_seed(cfg.seed)
+    precision = resolve_precision(tcfg.precision, cfg.model.dtype)
+    classification = dcfg.task == "classification"
+
+    # Rows first: a missing file or a bad row is reported before any weights load.
+    splits = load_splits(dcfg, cfg.seed)
+    log.info("data: %s (train %d, validation %d, test %d)", splits.source, len(splits.train),
+             len(splits.validation), len(splits.test))
+    if targets:
+        from finetune import qat as _qat  # noqa: F401  (fail early if the QAT module is unavailable)
+
+    metrics: dict = {
+        "status": "running", "job": job, "method": method, "model": cfg.model.name_or_path,
+        "dataset": dcfg.name, "task": dcfg.task, "data_source": splits.source,
+        "quantization": cfg.quantization.mode, "qat_targets": targets, "precision": precision.name,
+        "seed": cfg.seed, "overrides": overrides or [],
+        "n_train": len(splits.train), "n_validation": len(splits.validation), "n_test": len(splits.test),
+    }
+    if cfg.lora.method != "none":
+        metrics["lora"] = {k: OmegaConf.to_container(cfg.lora, resolve=True).get(k) for k in ("r", "alpha", "dropout", "target_modules")}
+
+    reset_peak_memory()
+    model, tok, resolved = load_model(cfg.model, cfg.quantization, precision,
+                                      gradient_checkpointing=bool(tcfg.gradient_checkpointing))
+    metrics["model_path"] = resolved
+    metrics["model_memory_mb"] = round(model.get_memory_footprint() / 2**20, 2)
+    eval_bs, max_len = int(cfg.eval.batch_size), int(tcfg.max_length)
+    bf16 = precision.bf16
+
+    if classification and cfg.eval.zero_shot:
+        t0 = time.perf_counter()
+        zs = classify(model, tok, splits.test, dcfg, max_len, eval_bs, bf16)
+        metrics.update(zero_shot_accuracy=zs["accuracy"], zero_shot_f1=zs["f1"])
+        log.info("zero-shot on %d test rows: accuracy %.4f, F1 %.4f (%.0f s)", zs["n"], zs["accuracy"], zs["f1"],
+                 time.perf_counter() - t0)
+
+    model = apply_lora(model, cfg.lora)
+    trainable, total = count_params(model)
+    metrics.update(trainable_params=trainable, total_params=total, trainable_pct=round(100 * trainable / total, 4))
+    log.info("%s: %s trainable of %s parameters (%.3f%%)", method, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    qat_handle, callbacks = None, []
+    if targets:
+        from finetune.qat import QATCallback, apply_qat
+
+        qat_handle = apply_qat(model, targets, cfg.qat)
+        callbacks.append(QATCallback(qat_handle, int(cfg.qat.start_step)))
+
+    train_ds = tokenize_split(splits.train, dcfg, tok, max_len)
+    val_ds = tokenize_split(splits.validation, dcfg, tok, max_len) if splits.validation else None
+    meter = ThroughputCallback()
+    collator = CountingCollator(DataCollator(pad_token_id=tok.pad_token_id), meter)
+    callbacks.append(meter)
+
+    name = cfg.run_name or f"{method}-{dcfg.name}-{run_dir.name}"
+    wandb_run = tracking.init_run(cfg, run_dir, name, tags=[method, dcfg.name] + (overrides or []))
+    args = training_arguments(tcfg, precision, run_dir, cfg.seed, ["wandb"] if wandb_run else [], name,
+                              has_eval=val_ds is not None)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
+                      callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(tcfg.resume_from_checkpoint, run_dir))
+    collator.enabled = False
+    metrics.update(
+        train_runtime_s=round(result.metrics.get("train_runtime", meter.elapsed), 2),
+        train_steps=result.global_step,
+        train_loss=round(result.training_loss, 6),
+        train_tokens=meter.tokens,
+        train_tokens_per_s=round(meter.tokens_per_s, 2),
+    )
+
+    # Artifacts: the adapter in PEFT format (or the full model), and the tokenizer.
+    if cfg.lora.method == "none":
+        model.save_pretrained(run_dir / "model")
+    else:
+        model.save_pretrained(run_dir / "adapter")
+    tok.save_pretrained(run_dir / "tokenizer")
+    if qat_handle is not None:
+        qat_handle.save(run_dir / "qat_state.pt")
+
+    if val_ds is not None and len(val_ds):
+        metrics.update(loss_and_perplexity(model, val_ds, tok.pad_token_id, eval_bs, bf16))
+    if classification:
+        scored = classify(model, tok, splits.test, dcfg, max_len, eval_bs, bf16)
+        metrics.update(accuracy=scored["accuracy"], f1=scored["f1"], n_scored=scored["n"])
+        log.info("test: accuracy %.4f, F1 %.4f on %d rows", scored["accuracy"], scored["f1"], scored["n"])
+    elif splits.test:
+        test_ds = tokenize_split(splits.test, dcfg, tok, max_len)
+        test = loss_and_perplexity(model, test_ds, tok.pad_token_id, eval_bs, bf16)
+        metrics.update(test_loss=test["eval_loss"], perplexity=test["perplexity"])
+
+    if qat_handle is not None or cfg.qat.get("eval_int8") is True:
+        from finetune.int8_eval import int8_metrics
+
+        metrics.update(int8_metrics(model, tok, splits, dcfg, cfg.qat, targets, qat_handle, max_len, eval_bs, bf16))
+    if qat_handle is not None:
+        metrics["qat"] = qat_handle.summary()
+
+    for sample in sample_generations(model, tok, splits.test or splits.validation, dcfg, int(cfg.eval.num_samples),
+                                     int(cfg.eval.max_new_tokens), bf16):
+        log.info("sample | prompt: %s | completion: %s | reference: %s", sample["prompt"].replace("\n", " "),
+                 sample["completion"].replace("\n", " "), sample["reference"])
+
+    metrics.update(peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(), status="ok")
+    if torch.cuda.is_available():
+        metrics["gpu"] = torch.cuda.get_device_name()
+    write_json(run_dir / "metrics.json", metrics)
+    tracking.finish_run(wandb_run, metrics)
+    log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
+    return metrics
+
+
+def run_and_record(cfg: DictConfig) -> float:
+    """Run one job. A user error in a single run exits 2 with one line; in a sweep every failure is
+    recorded in the job's metrics.json and the sweep goes on."""
+    multirun, overrides, job = _hydra_context()
+    run_dir = Path(cfg.output_dir)
+    try:
+        return objective(run(cfg, run_dir, overrides, job))
+    except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded, then re-raised or reported
+        user_error = isinstance(exc, FinetuneError)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "metrics.json", {
+            "status": "failed", "job": job, "error": message, "error_type": type(exc).__name__, "overrides": overrides,
+        })
+        if not user_error:
+            log.error("job failed:\n%s", traceback.format_exc())
+        if multirun:
+            log.error("job %s failed: %s (recorded in %s)", job, message, run_dir / "metrics.json")
+            return float("nan")
+        if user_error:
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    return run_and_record(cfg)
+
+
+if __name__ == "__main__":
+    main()
