@@ -209,7 +209,11 @@ def run_and_record(cfg: DictConfig) -> float:
         raise
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+# An absolute path: console scripts and `python -m` both find the tree (the package installs editable).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     return run_and_record(cfg)
 

@@ -42,7 +42,7 @@ def training_arguments(tcfg: DictConfig, precision: Precision, run_dir: Path, se
         save_strategy=tcfg.save_strategy,
         save_steps=int(tcfg.save_steps),
         save_total_limit=tcfg.get("save_total_limit"),
-        group_by_length=bool(tcfg.group_by_length),
+        train_sampling_strategy=tcfg.sampling,
         length_column_name="length",
         dataloader_num_workers=int(tcfg.dataloader_num_workers),
         optim=tcfg.optim,
@@ -52,8 +52,6 @@ def training_arguments(tcfg: DictConfig, precision: Precision, run_dir: Path, se
         report_to=report_to,
         remove_unused_columns=False,
         disable_tqdm=False,
-        # Gradient checkpointing is enabled on the model itself (see model.load_model).
-        gradient_checkpointing=False,
     )
 
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real config tree composed by Hydra, shrunk for tests; paths to the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+
+# Tests never talk to a hub or to a W&B server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_cfg(overrides: list[str] | None = None, output_dir: Path | str = "/tmp/finetune-test") -> DictConfig:
+    """Compose conf/train.yaml exactly as the CLI does, plus ``overrides``."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"output_dir={output_dir}", *(overrides or [])])
+
+
+TINY = [
+    "model=tiny",
+    "logger=none",
+    "trainer.max_steps=2",
+    "trainer.batch_size=2",
+    "trainer.save_strategy=no",
+    "trainer.max_length=96",
+    "dataset.max_train_samples=8",
+    "dataset.max_eval_samples=4",
+    "dataset.max_test_samples=6",
+    "eval.zero_shot=false",
+    "eval.num_samples=1",
+    "eval.max_new_tokens=4",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A factory: the composed config on the tiny random model with a few steps, written under tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_cfg([*TINY, f"dataset.path={SHARED_DATA / 'chnsenticorp'}", *overrides], tmp_path / "run")
+
+    return make
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path}")
+    return path

@@ -1,0 +1,108 @@
+"""Every config group option composes, and every bad value fails validation with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from finetune.config import method_name, qat_targets, validate
+from finetune.errors import FinetuneError
+from tests.conftest import CONF, compose_cfg
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "quantization", "lora", "dataset", "trainer", "logger"]
+)
+def test_every_group_option_composes_and_validates(group):
+    options = _options(group)
+    assert options, f"conf/{group} has no options"
+    for option in options:
+        overrides = [f"{group}={option}"]
+        if group == "quantization" and option != "none":
+            overrides.append("lora=default")
+        cfg = compose_cfg(overrides)
+        validate(cfg)
+
+
+@pytest.mark.parametrize("choice,expected", [("[]", []), ("[attn]", ["attn"]), ("[ffn]", ["ffn"]),
+                                             ("[ffn,attn]", ["attn", "ffn"])])
+def test_qat_targets_select_together(choice, expected):
+    cfg = compose_cfg([f"qat_targets={choice}"])
+    assert qat_targets(cfg) == expected
+    validate(cfg)
+
+
+def test_default_has_no_qat_targets():
+    assert qat_targets(compose_cfg()) == []
+
+
+@pytest.mark.parametrize("overrides,method", [
+    ([], "lora"), (["lora=dora"], "dora"), (["lora=none"], "full"),
+    (["quantization=nf4"], "qlora-nf4"), (["quantization=int8"], "qlora-int8"),
+    (["quantization=nf4", "lora=dora"], "qdora-nf4"),
+])
+def test_method_names(overrides, method):
+    assert method_name(compose_cfg(overrides)) == method
+
+
+def test_public_keys_exist():
+    cfg = compose_cfg()
+    for key in ("model.name_or_path", "lora.r", "lora.alpha", "lora.dropout", "seed", "trainer.max_steps",
+                "dataset.path", "dataset.max_train_samples", "dataset.max_eval_samples"):
+        node, _, leaf = key.rpartition(".")
+        assert leaf in (OmegaConf.select(cfg, node) if node else cfg), key
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("lora.r=0", "lora.r=0"),
+    ("lora.r=-4", "lora.r=-4"),
+    ("lora.dropout=1.0", "lora.dropout"),
+    ("lora.dropout=-0.1", "lora.dropout"),
+    ("lora.alpha=0", "lora.alpha"),
+    ("lora.target_modules=everything", "lora.target_modules"),
+    ("lora.bias=some", "lora.bias"),
+    ("trainer.lr=0", "trainer.lr"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("dataset.max_train_samples=0", "dataset.max_train_samples"),
+    ("dataset.label_words=[good,good]", "dataset.label_words"),
+    ("seed=-1", "seed"),
+    ("qat_targets=[attn] qat.bits=3", "qat.bits"),
+    ("qat_targets=[attn] qat.scale=row", "qat.scale"),
+    ("qat_targets=[ffn] qat.granularity=block", "qat.granularity"),
+    ("model.dtype=int4", "model.dtype"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    cfg = compose_cfg(override.split())
+    with pytest.raises(FinetuneError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_quantization_with_full_finetuning_is_rejected():
+    with pytest.raises(FinetuneError, match="quantization=nf4 with lora=none"):
+        validate(compose_cfg(["quantization=nf4", "lora=none"]))
+
+
+def test_weight_fake_quant_on_a_quantized_base_is_rejected():
+    with pytest.raises(FinetuneError, match="qat.weight_bits"):
+        validate(compose_cfg(["quantization=int8", "qat_targets=[attn]", "qat.weight_bits=8"]))
+
+
+def test_unknown_group_option_is_a_composition_error():
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as err:
+        compose_cfg(["lora=lorax"])
+    assert "lorax" in str(err.value)
+
+
+def test_unknown_key_is_a_composition_error():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["lora.rank=8"])
+    assert "rank" in str(err.value)

@@ -1,0 +1,119 @@
+"""Model loading, bitsandbytes quantization and LoRA wiring on the tiny random-weight model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.lora import apply_lora, count_params, resolve_target_modules
+from finetune.model import load_model, resolve_model_path, resolve_precision
+from tests.conftest import compose_cfg
+
+# conf/model/tiny.yaml: hidden 64, 4 heads (head_dim 16), 2 KV heads, FFN 128, 2 layers.
+H, KV, FFN, LAYERS = 64, 2 * 16, 128, 2
+
+
+def _load(*overrides):
+    cfg = compose_cfg(["model=tiny", *overrides])
+    precision = resolve_precision("fp32", cfg.model.dtype)
+    model, tok, _ = load_model(cfg.model, cfg.quantization, precision)
+    return cfg, model, tok
+
+
+def _lora_params(r, shapes):
+    """LoRA adds A [r, in] and B [out, r] per adapted linear."""
+    return LAYERS * sum(r * (i + o) for i, o in shapes)
+
+
+@pytest.mark.parametrize("preset,shapes", [
+    ("qv", [(H, H), (H, KV)]),
+    ("attn", [(H, H), (H, KV), (H, KV), (H, H)]),
+    ("ffn", [(H, FFN), (H, FFN), (FFN, H)]),
+    ("auto", [(H, H), (H, KV), (H, KV), (H, H), (H, FFN), (H, FFN), (FFN, H)]),
+])
+@pytest.mark.parametrize("r", [4, 8])
+def test_lora_parameter_counts(preset, shapes, r):
+    cfg, model, _ = _load(f"lora.r={r}", f"lora.target_modules={preset}")
+    base_total = sum(p.numel() for p in model.parameters())
+    model = apply_lora(model, cfg.lora)
+    trainable, total = count_params(model)
+    assert trainable == _lora_params(r, shapes)
+    assert total == base_total + trainable
+
+
+def test_dora_adds_a_magnitude_vector_per_output_feature():
+    cfg, model, _ = _load("lora=dora", "lora.r=8")
+    model = apply_lora(model, cfg.lora)
+    trainable, _ = count_params(model)
+    assert trainable == _lora_params(8, [(H, H), (H, KV)]) + LAYERS * (H + KV)
+
+
+def test_full_finetuning_trains_everything():
+    cfg, model, _ = _load("lora=none")
+    model = apply_lora(model, cfg.lora)
+    trainable, total = count_params(model)
+    assert trainable == total > 100_000
+
+
+def test_explicit_target_list_must_exist():
+    cfg, model, _ = _load("lora.target_modules=[q_proj,c_attn]")
+    with pytest.raises(FinetuneError, match="c_attn not found"):
+        resolve_target_modules(cfg.lora, model)
+
+
+@pytest.mark.parametrize("mode,layer_type", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
+def test_quantized_layers_present(mode, layer_type):
+    cfg, model, _ = _load(f"quantization={mode}")
+    kinds = {type(m).__name__ for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))}
+    assert kinds == {layer_type}
+    # the output head stays in full precision (quantization.skip_modules)
+    assert type(model.lm_head).__name__ == "Linear"
+    model = apply_lora(model, cfg.lora)
+    trainable, _ = count_params(model)
+    assert trainable == _lora_params(8, [(H, H), (H, KV)])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_quantized_weights_are_smaller():
+    sizes = {}
+    for mode in ("none", "int8", "nf4"):
+        _, model, _ = _load(f"quantization={mode}", "lora=default")
+        linear_bytes = sum(
+            p.numel() * p.element_size() for n, p in model.named_parameters() if "layers" in n and "proj" in n
+        )
+        sizes[mode] = linear_bytes
+    assert sizes["nf4"] < sizes["int8"] < sizes["none"]
+
+
+def test_unresolvable_model_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from finetune import hub
+
+    hub.hub_reachable.cache_clear()
+    cfg = compose_cfg(["model.name_or_path=nobody/no-such-model-xyz"])
+    with pytest.raises(FinetuneError, match="cannot be resolved offline"):
+        resolve_model_path(cfg.model)
+
+
+def test_missing_local_model_dir(tmp_path):
+    cfg = compose_cfg([f"model.name_or_path={tmp_path}/nothing"])
+    with pytest.raises(FinetuneError, match="no such directory"):
+        resolve_model_path(cfg.model)
+
+
+def test_precision_auto_on_this_machine():
+    p = resolve_precision("auto", "auto")
+    if torch.cuda.is_available():
+        assert p.name in ("bf16", "fp16")
+    else:
+        assert p.load_dtype == torch.float32 and p.name in ("bf16", "fp32")
+    with pytest.raises(FinetuneError, match="fp16"):
+        if not torch.cuda.is_available():
+            resolve_precision("fp16", "auto")
+        else:
+            raise FinetuneError("fp16 skipped on GPU")
