@@ -186,12 +186,14 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(trainer_precision: str, model_dtype: str) -> Precision:
+def resolve_precision(trainer_precision: str, model_dtype: str, full_finetune: bool = False) -> Precision:
     """Pick compute precision (``trainer.precision``) and the weight dtype (``model.dtype``).
 
-    ``auto`` precision: bf16 on GPUs that support it, fp16 on older GPUs, bf16 autocast on CPUs with native
-    bf16, fp32 otherwise. ``auto`` weight dtype: the compute dtype on GPU (halves weight memory), fp32 on CPU
-    (autocast gives the bf16 speed; fp32 master weights keep full fine-tuning stable).
+    ``auto`` precision: bf16 on GPUs that support it, fp16 on older GPUs, bf16 on CPUs with native bf16
+    (AVX-512 BF16 / AMX), fp32 otherwise. ``auto`` weight dtype: the compute dtype when the base is frozen
+    (LoRA / QLoRA: half the weight memory, and on CPU forwards ~1.5x faster than autocast over fp32
+    weights; PEFT keeps the adapters themselves in fp32), but fp32 for full fine-tuning, whose optimizer
+    needs fp32 master weights (fp16 weights cannot be trained by the Trainer's grad scaler either).
     """
     cuda = torch.cuda.is_available()
     name = trainer_precision
@@ -204,7 +206,8 @@ def resolve_precision(trainer_precision: str, model_dtype: str) -> Precision:
         raise FinetuneError("trainer.precision=fp16 needs a CUDA GPU; on CPU use bf16, fp32 or auto")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if model_dtype == "auto":
-        load = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name] if cuda else torch.float32
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        load = torch.float32 if full_finetune else compute
     else:
         load = dtypes[model_dtype]
     return Precision(load_dtype=load, bf16=name == "bf16", fp16=name == "fp16", name=name)

@@ -29,16 +29,22 @@ from finetune.errors import FinetuneError
 log = logging.getLogger("finetune.train")
 
 
-def _hydra_context() -> tuple[bool, list[str], str]:
-    """(multirun?, this job's overrides, job id) — defaults when called outside Hydra."""
+def _hydra_context() -> tuple[bool, list[str], str, str | None]:
+    """(multirun?, this job's overrides, job id, sweep group) — defaults when called outside Hydra.
+
+    The sweep group is ``<sweep name>/<time>`` (the sweep folder below multirun_sweeps/), shared by every
+    job of one sweep so W&B groups them together.
+    """
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        return hc.mode == RunMode.MULTIRUN, list(hc.overrides.task), str(hc.job.get("num", "0"))
     except ValueError:
-        return False, [], "0"
+        return False, [], "0", None
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = "/".join(Path(hc.sweep.dir).parts[-2:]) if multirun else None
+    return multirun, list(hc.overrides.task), str(hc.job.get("num", "0")), group
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -74,7 +80,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     set_seed(cfg.seed)
-    precision = resolve_precision(tcfg.precision, cfg.model.dtype)
+    precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
     classification = dcfg.task == "classification"
 
     # Rows first: a missing file or a bad row is reported before any weights load.
@@ -187,8 +193,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
 def run_and_record(cfg: DictConfig) -> float:
     """Run one job. A user error in a single run exits 2 with one line; in a sweep every failure is
     recorded in the job's metrics.json and the sweep goes on."""
-    multirun, overrides, job = _hydra_context()
+    multirun, overrides, job, group = _hydra_context()
     run_dir = Path(cfg.output_dir)
+    if group and cfg.logger.get("backend") == "wandb" and not cfg.logger.get("group"):
+        cfg.logger.group = group
     try:
         return objective(run(cfg, run_dir, overrides, job))
     except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded, then re-raised or reported

@@ -1,0 +1,102 @@
+"""finetune-eval: score a finished run on another split or file of its dataset's format.
+
+    finetune-eval run=outputs/<date>/<time>                                     # the run's own test split
+    finetune-eval run=outputs/<date>/<time> dataset.path=../shared/data/chnsenticorp/validation.jsonl
+    finetune-eval run=... dataset.path=<folder> split=validation out=scores.json
+
+Arguments are ``key=value`` like the training CLI: ``run`` (required), ``split`` (test | validation | train,
+for folder / hub sources), ``out`` (default: <run>/eval-<split or file stem>.json), ``batch_size``, and any
+``dataset.*`` key of the run's config. A single file is scored whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune.eval")
+OWN_KEYS = ("run", "split", "out", "batch_size")
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split ``key=value`` arguments into this command's own keys and config overrides."""
+    own, overrides = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise FinetuneError(f"argument '{arg}' is not key=value; keys: {', '.join(OWN_KEYS)}, dataset.*")
+        if key in OWN_KEYS:
+            own[key] = value
+        elif key.startswith("dataset."):
+            overrides.append(arg)
+        else:
+            raise FinetuneError(f"unknown key '{key}'; allowed: {', '.join(OWN_KEYS)} and dataset.*")
+    if "run" not in own:
+        raise FinetuneError("missing run=<run directory> (a finetune-train output directory)")
+    return own, overrides
+
+
+def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_size: int | None = None) -> dict:
+    """Score a run on a split or file; returns the result dict (also what the CLI writes)."""
+    from finetune.data import load_splits, read_rows, tokenize_split, validate_rows
+    from finetune.evaluate import classify, loss_and_perplexity
+    from finetune.model import resolve_precision
+    from finetune.runs import load_run, run_config, run_kind
+
+    path, cfg = run_config(run_dir)
+    run_kind(path)
+    dcfg = OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
+    if split not in ("test", "validation", "train"):
+        raise FinetuneError(f"split={split} is not allowed; choose one of: test, validation, train")
+    source_path = Path(str(dcfg.path)).expanduser() if dcfg.get("path") else None
+    if source_path is not None and source_path.is_file():
+        rows = validate_rows(read_rows(source_path), dcfg, str(source_path))
+        source, scored = f"file:{source_path.resolve()}", source_path.stem
+    else:
+        splits = load_splits(dcfg, cfg.seed)
+        rows = getattr(splits, split)
+        source, scored = splits.source, split
+    if not rows:
+        raise FinetuneError(f"no rows to score in {source} ({split})")
+
+    model, tok, cfg, path = load_run(path)
+    precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
+    bs = int(batch_size or cfg.eval.batch_size)
+    max_len = int(cfg.trainer.max_length)
+    t0 = time.perf_counter()
+    result = {"run": str(path), "dataset": dcfg.name, "data_source": source, "scored": scored, "n": len(rows)}
+    if dcfg.task == "classification":
+        out = classify(model, tok, rows, dcfg, max_len, bs, precision.bf16)
+        result.update(accuracy=out["accuracy"], f1=out["f1"])
+    ds = tokenize_split(rows, dcfg, tok, max_len)
+    lp = loss_and_perplexity(model, ds, tok.pad_token_id, bs, precision.bf16)
+    result.update(eval_loss=lp["eval_loss"], perplexity=lp["perplexity"])
+    result["eval_runtime_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        result = evaluate_run(own["run"], overrides, own.get("split", "test"),
+                              int(own["batch_size"]) if "batch_size" in own else None)
+        out = Path(own.get("out") or Path(own["run"]) / f"eval-{result['scored']}.json")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Turn collected runs into a comparison: the sweep kind, the display table and a one-line takeaway.
+
+Every kind (``lora_vs_qlora``, ``qat_targets``, ``lora_grid``, ``generic``) produces a
+:class:`Comparison`: a DataFrame of display strings (what comparison.md shows) plus a takeaway
+computed from the numbers. Accuracy-like metrics stored as fractions are shown in percent and
+their differences in percentage points ("pts").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from finetune.errors import FinetuneError
+from finetune.report_collect import ok_rows
+from finetune.report_format import (
+    NA, cell_text, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta, metric_label,
+    metric_text,
+)
+
+KINDS = ("lora_vs_qlora", "qat_targets", "lora_grid", "generic")
+METHOD_ORDER = ("full", "lora", "dora", "qlora-int8", "qdora-int8", "qlora-nf4", "qdora-nf4")
+TARGET_ORDER = ("none", "attn", "ffn", "attn+ffn")
+GRID_AXES = ("lora.r", "lora.alpha", "lora.dropout")
+_LOWER_BETTER = ("loss", "perplexity", "ppl", "runtime", "memory", "_mb")
+
+
+@dataclass
+class Comparison:
+    """A rendered comparison of one sweep.
+
+    Attributes:
+        kind: the sweep kind the table follows.
+        metric: the column ranked on (``None`` when the runs report no metric).
+        higher_is_better: direction of ``metric``.
+        table: display strings, one row per job, columns = table headers.
+        takeaway: one line stating the main result, computed from the data.
+        notes: extra lines for comparison.md (e.g. which run the ratios are relative to).
+        baseline: the method ratios are relative to (``lora_vs_qlora`` only).
+    """
+
+    kind: str
+    metric: str | None
+    higher_is_better: bool
+    table: pd.DataFrame
+    takeaway: str
+    notes: list[str] = field(default_factory=list)
+    baseline: str | None = None
+
+
+def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> tuple[str | None, bool]:
+    """Pick the column to rank runs on and its direction.
+
+    Args:
+        df: collected runs.
+        metric: explicit column name; a leading ``-`` means lower is better (``-perplexity``),
+            a leading ``+`` higher is better; otherwise the direction follows the name
+            (losses, perplexity, time and memory: lower is better).
+
+    Returns:
+        ``(column, higher_is_better)``; the column is ``None`` when no default metric exists.
+        Defaults: ``accuracy``, else ``perplexity``, else ``eval_loss``.
+
+    Raises:
+        FinetuneError: an explicit ``metric`` is not a numeric column of the runs.
+    """
+    if metric:
+        name = metric.lstrip("+-")
+        values = pd.to_numeric(df[name], errors="coerce") if name in df.columns else None
+        if values is None or values.isna().all():
+            numeric = sorted(c for c in df.columns if c not in ("job", "run_dir", "seed")
+                             and pd.to_numeric(df[c], errors="coerce").notna().any())
+            raise FinetuneError(f"metric '{name}' not found in the runs; numeric columns: {', '.join(numeric)}")
+        if metric[0] in "+-":
+            return name, metric[0] == "+"
+        lower = any(token in name for token in _LOWER_BETTER) or (name.endswith("_s") and "per_s" not in name)
+        return name, not lower
+    for name, higher in (("accuracy", True), ("perplexity", False), ("eval_loss", False)):
+        if name in df.columns and pd.to_numeric(ok_rows(df)[name], errors="coerce").notna().any():
+            return name, higher
+    return None, True
+
+
+def _varies(df: pd.DataFrame, column: str) -> bool:
+    return column in df.columns and df[column].dropna().astype(str).nunique() > 1
+
+
+def detect_kind(df: pd.DataFrame, kind: str | None = None) -> str:
+    """Decide which comparison a sweep is, from what varies across its jobs.
+
+    Methods or quantization vary -> ``lora_vs_qlora``; QAT targets vary -> ``qat_targets``;
+    LoRA rank / alpha / dropout vary -> ``lora_grid``; anything else -> ``generic``.
+
+    Args:
+        df: collected runs (failed jobs count: their overrides tell what they varied).
+        kind: an explicit kind, returned after validation.
+
+    Returns:
+        One of :data:`KINDS`.
+
+    Raises:
+        FinetuneError: ``kind`` is not one of :data:`KINDS`.
+    """
+    if kind is not None:
+        if kind not in KINDS:
+            raise FinetuneError(f"unknown report kind '{kind}'; choose one of: {', '.join(KINDS)}")
+        return kind
+    if _varies(df, "method") or _varies(df, "quantization"):
+        return "lora_vs_qlora"
+    if _varies(df, "qat_targets"):
+        return "qat_targets"
+    if any(_varies(df, c) for c in GRID_AXES):
+        return "lora_grid"
+    return "generic"
+
+
+def _has(df: pd.DataFrame, column: str) -> bool:
+    """Whether any finished run has a numeric value in ``column``."""
+    return column in df.columns and pd.to_numeric(ok_rows(df)[column], errors="coerce").notna().any()
+
+
+def _failed_cell(row: pd.Series) -> str:
+    error = row.get("error")
+    lines = error.strip().splitlines() if isinstance(error, str) else []
+    text = lines[0] if lines else "unknown error"
+    return "failed: " + (text if len(text) <= 120 else text[:117] + "...")
+
+
+def _labels(rows: pd.DataFrame, column: str) -> list[str]:
+    """Row labels from ``column``; duplicates get their job number appended."""
+    base = rows[column].fillna("?").astype(str) if column in rows else pd.Series(["?"] * len(rows), index=rows.index)
+    dup = base.duplicated(keep=False)
+    return [f"{b} #{j}" if d else b for b, d, j in zip(base, dup, rows["job"])]
+
+
+def sort_by_order(df: pd.DataFrame, column: str, order: tuple[str, ...]) -> pd.DataFrame:
+    """Rows ordered by ``order`` on ``column`` (unknown values after, alphabetically; stable)."""
+    if column not in df.columns:
+        return df
+    def rank(v: Any) -> str:
+        v = v if isinstance(v, str) else "~"
+        return f"{order.index(v):03d}" if v in order else f"{len(order):03d}{v}"
+    return df.assign(_rank=df[column].map(rank)).sort_values("_rank", kind="stable").drop(columns="_rank")
+
+
+def _task_metrics(df: pd.DataFrame, metric: str | None) -> list[str]:
+    ok = ok_rows(df)
+    has = [c for c in ("accuracy", "f1", "perplexity", "eval_loss") if c in ok and ok[c].notna().any()]
+    chosen = [c for c in has if c in ("accuracy", "f1")] or [c for c in has if c in ("perplexity", "eval_loss")]
+    if metric and metric not in chosen:
+        chosen.append(metric)
+    return chosen
+
+
+def _headed(name: str) -> str:
+    return metric_label(name).capitalize().replace("Int8", "INT8") + (" (%)" if is_fraction_metric(name) else "")
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=headers, dtype=object)
+
+
+def _lora_vs_qlora(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
+    df = sort_by_order(df, "method", METHOD_ORDER)
+    if "method" not in df.columns:
+        df = df.assign(method=None)
+    ok = ok_rows(df)
+    notes: list[str] = []
+    base, base_rows = "lora", ok[ok["method"] == "lora"]
+    if base_rows.empty and not ok.empty:
+        base_rows = ok.iloc[:1]
+        base = cell_text(base_rows["method"].iloc[0])
+        notes.append(f"No finished lora run: ratios are relative to {base}, the first finished run.")
+
+    def mean(col: str | None) -> float | None:
+        if not col or col not in base_rows.columns:
+            return None
+        return to_float(pd.to_numeric(base_rows[col], errors="coerce").mean())
+
+    base_mem, base_tps = mean("peak_memory_mb"), mean("train_tokens_per_s")
+    ratio = lambda v, b: NA if to_float(v) is None or not b else f"{to_float(v) / b:.2f}x"  # noqa: E731
+    metrics = _task_metrics(df, metric)
+    headers = ["Method", "Peak memory (MB)", f"Memory vs {base} (x)", "Train time (s)", "Tokens/s",
+               f"Tokens/s vs {base} (x)"] + [_headed(m) for m in metrics] + ["Trainable params", "Trainable %"]
+    rows = []
+    for label, (_, r) in zip(_labels(df, "method"), df.iterrows()):
+        if r["status"] != "ok":
+            rows.append([label, _failed_cell(r)] + [""] * (len(headers) - 2))
+            continue
+        rows.append([label, fmt(r.get("peak_memory_mb"), 0), ratio(r.get("peak_memory_mb"), base_mem),
+                     fmt(r.get("train_runtime_s"), 1), fmt(r.get("train_tokens_per_s"), 0),
+                     ratio(r.get("train_tokens_per_s"), base_tps)]
+                    + [fmt_metric(m, r.get(m)) for m in metrics]
+                    + [f"{human_count(r.get('trainable_params'))} / {human_count(r.get('total_params'))}",
+                       fmt(r.get("trainable_pct"), 2, "%")])
+    others = ok.drop(index=base_rows.index)
+    if "peak_memory_mb" in others.columns:
+        others = others[pd.to_numeric(others["peak_memory_mb"], errors="coerce").notna()]
+    if ok.empty:
+        takeaway = "No job finished; nothing to compare."
+    elif others.empty or base_mem is None:
+        takeaway = f"Only {base} has usable results; nothing to compare against."
+    else:
+        best = others.loc[pd.to_numeric(others["peak_memory_mb"]).idxmin()]
+        takeaway = (f"{best['method']} uses {best['peak_memory_mb'] / base_mem:.2f}x the peak memory of {base}"
+                    + (f" at {metric_delta(metric, best.get(metric), mean(metric))}" if metric else ""))
+        if base_tps and to_float(best.get("train_tokens_per_s")):
+            takeaway += f" and {best['train_tokens_per_s'] / base_tps:.2f}x its tokens/s"
+    return Comparison("lora_vs_qlora", metric, higher, _table(rows, headers), takeaway, notes, base)
+
+
+def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
+    df = sort_by_order(df, "qat_targets", TARGET_ORDER)
+    generation = "perplexity" in (metric or "") or (not _has(df, "accuracy") and _has(df, "perplexity"))
+    fp, q = ("perplexity", "perplexity_int8") if generation else ("accuracy", "accuracy_int8")
+    scale = 1 if generation else 100
+    if generation:
+        headers = ["Targets", "Perplexity", "INT8 perplexity", "INT8 increase (ppl)"]
+        extra = []
+    else:
+        headers = ["Targets", "Accuracy (%)", "INT8 accuracy (%)", "INT8 drop (pts)", "F1 (%)", "INT8 F1 (%)"]
+        extra = ["f1", "f1_int8"]
+    headers += ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
+    gap = lambda r: None if to_float(r.get(fp)) is None or to_float(r.get(q)) is None else (  # noqa: E731
+        (r[q] - r[fp]) if generation else (r[fp] - r[q]) * scale)
+    rows, gaps = [], {}
+    for label, (_, r) in zip(_labels(df, "qat_targets"), df.iterrows()):
+        if r["status"] != "ok":
+            rows.append([label, _failed_cell(r)] + [""] * (len(headers) - 2))
+            continue
+        g = gap(r)
+        if g is not None:
+            gaps[label] = g
+        rows.append([label, fmt_metric(fp, r.get(fp)), fmt_metric(q, r.get(q)),
+                     NA if g is None else f"{g:.2f}" if generation else f"{g:.1f}"]
+                    + [fmt_metric(m, r.get(m)) for m in extra]
+                    + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
+                       fmt(r.get("qat.num_quantized_modules"), 0)])
+    what, unit = ("INT8 perplexity increase", "ppl") if generation else ("INT8 accuracy drop", "pts")
+    show = (lambda g: f"{g:.2f} {unit}") if generation else (lambda g: f"{g:.1f} {unit}")
+    if not gaps:
+        takeaway = "No finished run has both fp and INT8 results; nothing to compare."
+    else:
+        best = min(gaps, key=gaps.get)
+        if best == "none":
+            takeaway = f"QAT does not help here: the run without QAT has the smallest {what}, {show(gaps[best])}"
+        else:
+            takeaway = f"{best} QAT has the smallest {what}: {show(gaps[best])}"
+            if "none" in gaps:
+                takeaway += f" vs {show(gaps['none'])} without QAT"
+    return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)
+
+
+def _setting(r: pd.Series, axes: list[str]) -> str:
+    return ", ".join(f"{c.split('.')[-1]}={cell_text(r.get(c))}" for c in axes)
+
+
+def _lora_grid(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
+    axes = list(GRID_AXES) + [c for c in ("lr", "lora.target_modules", "seed") if _varies(df, c)]
+    show_loss = metric != "eval_loss"
+    headers = ["r", "alpha", "dropout"] + [c.split(".")[-1].replace("_", " ") for c in axes[3:]] \
+        + ([_headed(metric)] if metric else []) + (["Eval loss"] if show_loss else []) + ["Train time (s)"]
+    ok, failed = ok_rows(df), df[df["status"] != "ok"]
+    if metric:
+        ok = ok.assign(_m=pd.to_numeric(ok[metric], errors="coerce")).sort_values(
+            "_m", ascending=not higher, na_position="last", kind="stable").drop(columns="_m")
+    rows = []
+    for _, r in pd.concat([ok, failed]).iterrows():
+        cells = [cell_text(r.get(c)) for c in axes]
+        if r["status"] != "ok":
+            rows.append(cells + [_failed_cell(r)] + [""] * (len(headers) - len(cells) - 1))
+            continue
+        rows.append(cells + ([fmt_metric(metric, r.get(metric))] if metric else [])
+                    + ([fmt_metric("eval_loss", r.get("eval_loss"))] if show_loss else [])
+                    + [fmt(r.get("train_runtime_s"), 1)])
+    scored = ok[pd.to_numeric(ok[metric], errors="coerce").notna()] if metric else ok.iloc[0:0]
+    if scored.empty:
+        takeaway = "No finished run reports a metric; nothing to rank."
+    else:
+        best, worst = scored.iloc[0], scored.iloc[-1]
+        takeaway = f"Best: {_setting(best, axes)} -> {metric_text(metric, best[metric])}"
+        if len(scored) > 1:
+            takeaway += (f" ({metric_delta(metric, best[metric], worst[metric]).rsplit(' ', 1)[0]}"
+                         f" vs the worst, {_setting(worst, axes)})")
+    return Comparison("lora_grid", metric, higher, _table(rows, headers), takeaway)
+
+
+def _generic(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
+    metrics = _task_metrics(df, metric)
+    headers = ["Job", "Overrides", "Method", "Status"] + [_headed(m) for m in metrics] \
+        + ["Peak memory (MB)", "Train time (s)"]
+    rows = []
+    for _, r in df.iterrows():
+        lead = [str(r["job"]), str(r.get("overrides") or "(defaults)"), str(r.get("method") or NA)]
+        if r["status"] != "ok":
+            rows.append(lead + [_failed_cell(r)] + [""] * (len(headers) - 4))
+            continue
+        rows.append(lead + ["ok"] + [fmt_metric(m, r.get(m)) for m in metrics]
+                    + [fmt(r.get("peak_memory_mb"), 0), fmt(r.get("train_runtime_s"), 1)])
+    ok = ok_rows(df)
+    scored = ok[pd.to_numeric(ok[metric], errors="coerce").notna()] if metric else ok.iloc[0:0]
+    if scored.empty:
+        takeaway = f"{len(ok)} of {len(df)} jobs finished; none reports a metric."
+    else:
+        values = pd.to_numeric(scored[metric])
+        best = scored.loc[values.idxmax() if higher else values.idxmin()]
+        takeaway = (f"Best of {len(scored)} runs: job {best['job']} ({best.get('overrides') or 'defaults'})"
+                    f" with {metric_text(metric, best[metric])}")
+    return Comparison("generic", metric, higher, _table(rows, headers), takeaway)
+
+
+_BUILDERS = {"lora_vs_qlora": _lora_vs_qlora, "qat_targets": _qat_targets,
+             "lora_grid": _lora_grid, "generic": _generic}
+
+
+def compare(df: pd.DataFrame, kind: str | None = None, metric: str | None = None) -> Comparison:
+    """Build the comparison table and takeaway for collected runs.
+
+    Args:
+        df: output of :func:`finetune.report_collect.collect_runs`.
+        kind: one of :data:`KINDS`; ``None`` detects it with :func:`detect_kind`.
+        metric: column to rank on (see :func:`resolve_metric`); ``None`` picks the task default.
+
+    Returns:
+        The :class:`Comparison`.
+
+    Raises:
+        FinetuneError: unknown ``kind`` or ``metric``.
+    """
+    kind = detect_kind(df, kind)
+    name, higher = resolve_metric(df, metric)
+    return _BUILDERS[kind](df, name, higher)

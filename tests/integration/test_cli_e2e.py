@@ -1,0 +1,155 @@
+"""End to end through the real CLI with the embedded SmolLM2-135M on ../shared/data: every method,
+outputs on disk, a saved adapter that reloads and reproduces its evaluation, and user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, shared
+
+pytestmark = pytest.mark.e2e
+
+FAST = [
+    "logger=wandb",
+    "trainer.max_steps=3",
+    "trainer.batch_size=4",
+    "trainer.max_length=128",
+    "trainer.save_strategy=no",
+    "dataset.max_train_samples=24",
+    "dataset.max_eval_samples=8",
+    "dataset.max_test_samples=24",
+    "eval.num_samples=1",
+    "eval.max_new_tokens=8",
+]
+
+
+def cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[0]} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train(run_dir: Path, *overrides: str) -> dict:
+    data = shared("chnsenticorp")
+    cli("finetune.train", f"dataset.path={data}", *FAST, *overrides, f"hydra.run.dir={run_dir}")
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One run per method, shared by the checks below (each ~20-40 s on 2 CPU cores)."""
+    base = tmp_path_factory.mktemp("runs")
+    return {
+        "lora": (base / "lora", train(base / "lora")),
+        "qlora-nf4": (base / "nf4", train(base / "nf4", "quantization=nf4", "eval.zero_shot=false")),
+        "qlora-int8": (base / "int8", train(base / "int8", "quantization=int8", "eval.zero_shot=false")),
+        "full": (base / "full", train(base / "full", "lora=none", "eval.zero_shot=false")),
+    }
+
+
+REQUIRED = ["method", "model", "dataset", "data_source", "quantization", "qat_targets", "trainable_params",
+            "total_params", "trainable_pct", "peak_memory_mb", "memory_device", "train_runtime_s",
+            "train_tokens_per_s", "eval_loss", "accuracy", "f1"]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora-nf4", "qlora-int8", "full"])
+def test_each_method_runs_and_records(runs, method):
+    run_dir, m = runs[method]
+    assert m["status"] == "ok" and m["method"] == method
+    for key in REQUIRED:
+        assert key in m, key
+    assert m["data_source"].startswith("folder:") and m["model"] == "embedded:SmolLM2-135M-Instruct"
+    assert m["train_steps"] == 3 and m["train_tokens_per_s"] > 0 and m["peak_memory_mb"] > 100
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["n_scored"] == 24
+    artifact = run_dir / ("model" if method == "full" else "adapter")
+    assert (artifact / ("config.json" if method == "full" else "adapter_config.json")).is_file()
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    assert "sample | prompt:" in (run_dir / "train.log").read_text()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+
+
+def test_zero_shot_recorded_for_classification(runs):
+    _, m = runs["lora"]
+    assert 0.0 <= m["zero_shot_accuracy"] <= 1.0 and "zero_shot_f1" in m
+
+
+def test_methods_order_as_expected(runs):
+    weights = {k: m["model_memory_mb"] for k, (_, m) in runs.items()}
+    assert weights["qlora-nf4"] < weights["qlora-int8"] < weights["lora"]
+    trainable = {k: m["trainable_params"] for k, (_, m) in runs.items()}
+    assert trainable["full"] > 100 * trainable["lora"]
+    assert trainable["lora"] == trainable["qlora-nf4"] == trainable["qlora-int8"]
+
+
+def test_saved_adapter_reloads_and_reproduces_its_eval(runs, tmp_path):
+    run_dir, m = runs["lora"]
+    from peft import PeftModel  # the adapter is plain PEFT format
+
+    assert PeftModel is not None
+    out = tmp_path / "eval.json"
+    cli("finetune.eval_cli", f"run={run_dir}", "split=test", f"out={out}")
+    again = json.loads(out.read_text())
+    assert again["n"] == m["n_scored"]
+    assert again["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
+    assert again["f1"] == pytest.approx(m["f1"], abs=1e-9)
+    val = tmp_path / "val.json"
+    cli("finetune.eval_cli", f"run={run_dir}", "split=validation", f"out={val}")
+    assert json.loads(val.read_text())["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-3)
+
+
+def test_eval_on_a_single_file(runs, tmp_path):
+    run_dir, _ = runs["full"]
+    rows = shared("chnsenticorp", "validation.jsonl").read_text().splitlines()[:10]
+    f = tmp_path / "ten.jsonl"
+    f.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "ten.json"
+    cli("finetune.eval_cli", f"run={run_dir}", f"dataset.path={f}", f"out={out}")
+    result = json.loads(out.read_text())
+    assert result["n"] == 10 and 0 <= result["accuracy"] <= 1 and result["data_source"] == f"file:{f}"
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_user_errors_exit_2_with_one_line_and_touch_nothing(runs, tmp_path):
+    run_dir, _ = runs["lora"]
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    cases = [
+        ([f"dataset.path={tmp_path}/missing.jsonl"], "dataset.path"),
+        (["lora.r=0"], "lora.r"),
+        (["lora.dropout=1.5"], "lora.dropout"),
+        (["quantization=nf4", "lora=none"], "lora=none"),
+        (["model.name_or_path=nobody/not-a-model"], "model.name_or_path"),
+    ]
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text('{"text": "好", "label": 1}\n{"review": "差"}\n')
+    cases.append(([f"dataset.path={bad_rows}"], "bad.jsonl"))
+    for i, (overrides, fragment) in enumerate(cases):
+        proc = cli("finetune.train", *overrides, "logger=none", f"hydra.run.dir={tmp_path}/err{i}", check=False)
+        assert fragment in _one_line_error(proc)
+    proc = cli("finetune.eval_cli", f"run={tmp_path}/nowhere", check=False)
+    assert "no such run directory" in _one_line_error(proc)
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_unknown_group_option_fails_before_anything_runs(tmp_path):
+    proc = cli("finetune.train", "quantization=int4", f"hydra.run.dir={tmp_path}/x", check=False)
+    assert proc.returncode != 0
+    assert "quantization" in proc.stderr and "nf4" in proc.stderr  # names the allowed options
+    assert not (tmp_path / "x" / "metrics.json").exists()

@@ -1,0 +1,89 @@
+"""Evaluation numerics on the tiny model: batched scoring equals scoring each row alone, F1, perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune.data import encode_prompt, label_word_ids, load_splits, tokenize_split
+from finetune.evaluate import classify, label_scores, loss_and_perplexity, macro_f1
+from finetune.model import load_model, resolve_precision
+from tests.conftest import shared
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["model=tiny", f"dataset.path={shared('chnsenticorp')}", "dataset.max_test_samples=12"])
+    model, tok, _ = load_model(cfg.model, cfg.quantization, resolve_precision("fp32", "float32"), for_training=False)
+    splits = load_splits(cfg.dataset, cfg.seed)
+    return cfg, model.eval(), tok, splits
+
+
+def _alone(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_batched_single_token_scoring_equals_each_row_alone(tiny):
+    cfg, model, tok, splits = tiny
+    rows = splits.test
+    words = label_word_ids(tok, cfg.dataset)
+    assert all(len(w) == 1 for w in words)
+    batched = label_scores(model, tok, rows, cfg.dataset, 128, batch_size=5)
+    for i, row in enumerate(rows):
+        logp = _alone(model, encode_prompt(row, cfg.dataset, tok, 128))[-1]
+        expected = torch.stack([logp[w[0]] for w in words])
+        torch.testing.assert_close(batched[i], expected, atol=1e-4, rtol=0)
+
+
+def test_multi_token_label_words_sum_their_token_log_probs(tiny):
+    cfg, model, tok, splits = tiny
+    dcfg = cfg.dataset.copy()
+    dcfg.label_words = ["very negative indeed", "positive"]
+    words = label_word_ids(tok, dcfg)
+    assert len(words[0]) > 1
+    rows = splits.test[:4]
+    batched = label_scores(model, tok, rows, dcfg, 128, batch_size=3)
+    for i, row in enumerate(rows):
+        prompt = encode_prompt(row, dcfg, tok, 128)
+        for j, word in enumerate(words):
+            logp = _alone(model, prompt + word)
+            expected = sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(word))
+            assert batched[i, j].item() == pytest.approx(expected.item(), abs=1e-3)
+
+
+def test_classify_accuracy_matches_argmax(tiny):
+    cfg, model, tok, splits = tiny
+    out = classify(model, tok, splits.test, cfg.dataset, 128, batch_size=4)
+    labels = [r["label"] for r in splits.test]
+    scores = label_scores(model, tok, splits.test, cfg.dataset, 128, batch_size=4)
+    preds = scores.argmax(1).tolist()
+    assert out["predictions"] == preds
+    assert out["accuracy"] == pytest.approx(sum(p == y for p, y in zip(preds, labels)) / len(labels))
+
+
+def test_macro_f1_by_hand():
+    # class 0: tp=1 fp=1 fn=1 -> 0.5; class 1: tp=2 fp=1 fn=1 -> 2/3
+    assert macro_f1([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], 2) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert macro_f1([1, 1], [1, 1], 2) == pytest.approx(0.5)  # absent class scores 0
+
+
+def test_loss_is_token_weighted_mean_over_response_tokens(tiny):
+    cfg, model, tok, splits = tiny
+    ds = tokenize_split(splits.test[:5], cfg.dataset, tok, 128)
+    out = loss_and_perplexity(model, ds, tok.pad_token_id, batch_size=2)
+    nll, n = 0.0, 0
+    for ex in ds:
+        logp = _alone(model, ex["input_ids"])
+        for t in range(1, len(ex["labels"])):
+            if ex["labels"][t] != -100:
+                nll -= logp[t - 1, ex["labels"][t]].item()
+                n += 1
+    assert out["eval_tokens"] == n == 2 * 5  # the label word and its end-of-turn token
+    assert out["eval_loss"] == pytest.approx(nll / n, rel=1e-4)
+    assert out["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-3)

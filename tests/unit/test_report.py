@@ -1,0 +1,376 @@
+"""Tests of finetune.report: collecting runs, detecting the sweep kind, tables, files, plots, CLI, callback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from finetune.errors import FinetuneError
+from finetune.report import (
+    ReportCallback, build_report, collect_runs, detect_kind, generate_report, log_table_to_wandb, main,
+    markdown_table,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TOTAL = 134_515_008
+
+
+def write_job(root: Path, num: int | str, overrides: list[str], metrics: dict | None) -> Path:
+    """A Hydra job dir: .hydra/overrides.yaml and (unless None) metrics.json."""
+    job = root / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (job / ".hydra" / "config.yaml").write_text("seed: 42\n")
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps({"job": str(num), "overrides": overrides, **metrics}, indent=2))
+    return job
+
+
+def cls_metrics(method: str, quant: str, peak: float, tps: float, acc: float, trainable: int, **extra) -> dict:
+    metrics = {
+        "status": "ok", "method": method, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "dataset": "chnsenticorp", "data_source": "embedded", "task": "classification",
+        "quantization": quant, "qat_targets": [], "seed": 42,
+        "trainable_params": trainable, "total_params": TOTAL, "trainable_pct": 100 * trainable / TOTAL,
+        "peak_memory_mb": peak, "memory_device": "cuda", "model_memory_mb": peak / 3,
+        "train_runtime_s": 120_000 / tps, "train_tokens_per_s": tps, "train_steps": 150,
+        "train_loss": 0.41, "eval_loss": 0.35, "accuracy": acc, "f1": acc - 0.01,
+        "zero_shot_accuracy": 0.52, "zero_shot_f1": 0.40,
+    }
+    if method != "full":
+        metrics["lora"] = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+    metrics.update(extra)
+    return metrics
+
+
+@pytest.fixture
+def methods_sweep(tmp_path: Path) -> Path:
+    """4 finished methods (deliberately out of display order) + a failed dora job."""
+    root = tmp_path / "lora_vs_qlora" / "2025-01-01_12-00-00"
+    write_job(root, 0, ["quantization=nf4"], cls_metrics("qlora-nf4", "nf4", 1100.0, 800.0, 0.888, 811_008))
+    write_job(root, 1, [], cls_metrics("lora", "none", 2000.0, 1000.0, 0.900, 811_008))
+    write_job(root, 2, ["lora=none"], cls_metrics("full", "none", 5400.0, 1250.0, 0.915, TOTAL))
+    write_job(root, 3, ["quantization=int8"], cls_metrics("qlora-int8", "int8", 1500.0, 600.0, 0.897, 811_008))
+    write_job(root, 4, ["lora=dora"], {"status": "failed", "method": "dora",
+                                       "error": "CUDA out of memory. Tried to allocate 2.00 GiB"})
+    return root
+
+
+def grid_accuracy(r: int, alpha: int, dropout: float) -> float:
+    return round(0.80 + 0.01 * r / 4 + 0.02 * (alpha == 16) - 0.05 * dropout, 4)
+
+
+@pytest.fixture
+def grid_sweep(tmp_path: Path) -> Path:
+    """A 2 x 2 x 2 grid over r, alpha, dropout plus one job that died without metrics.json."""
+    root = tmp_path / "grid" / "2025-01-02_08-00-00"
+    num = 0
+    for r in (4, 8):
+        for alpha in (8, 16):
+            for dropout in (0.0, 0.1):
+                overrides = [f"lora.r={r}", f"lora.alpha={alpha}", f"lora.dropout={dropout}"]
+                write_job(root, num, overrides, cls_metrics(
+                    "lora", "none", 2000.0, 1000.0, grid_accuracy(r, alpha, dropout), 811_008 * r // 8,
+                    lora={"r": r, "alpha": alpha, "dropout": dropout, "target_modules": ["q_proj", "v_proj"]},
+                    eval_loss=1.0 - grid_accuracy(r, alpha, dropout)))
+                num += 1
+    write_job(root, num, ["lora.r=16", "lora.alpha=32", "lora.dropout=0.1"], None)
+    return root
+
+
+def qat_metrics(targets: list[str], acc: float, acc_int8: float) -> dict:
+    extra = {"qat_targets": targets, "accuracy_int8": acc_int8, "f1_int8": acc_int8 - 0.01}
+    if targets:
+        extra["qat"] = {"bits": 8, "scale": "tensor", "granularity": "sublayer", "weight_bits": None,
+                        "num_quantized_modules": 30 * len(targets),
+                        "snr_db": {"attn": 31.5, "ffn": 28.25}}
+    return cls_metrics("lora", "none", 2100.0, 900.0, acc, 811_008, **extra)
+
+
+@pytest.fixture
+def qat_sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "qat" / "2025-01-03_09-00-00"
+    write_job(root, 0, ["qat_targets=[]"], qat_metrics([], 0.900, 0.849))
+    write_job(root, 1, ["qat_targets=[attn]"], qat_metrics(["attn"], 0.898, 0.880))
+    write_job(root, 2, ["qat_targets=[ffn]"], qat_metrics(["ffn"], 0.897, 0.875))
+    write_job(root, 3, ["qat_targets=[attn,ffn]"], qat_metrics(["ffn", "attn"], 0.896, 0.893))
+    return root
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 10_000  # a real chart, not an empty canvas
+
+
+def table_rows(md: str) -> list[list[str]]:
+    """Cells of the markdown table in comparison.md (header first)."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines if not set(ln) <= set("|-: ")]
+
+
+# --- collect_runs -------------------------------------------------------------------------------
+
+def test_collect_flattens_and_marks_hard_died_jobs(grid_sweep: Path) -> None:
+    (grid_sweep / "0" / "checkpoint-50").mkdir()
+    (grid_sweep / "0" / "checkpoint-50" / "metrics.json").write_text('{"status": "ok"}')
+    (grid_sweep / "0" / "wandb" / "run-1").mkdir(parents=True)
+    (grid_sweep / "0" / "wandb" / "run-1" / "metrics.json").write_text('{"status": "ok"}')
+    df = collect_runs(grid_sweep)
+    assert len(df) == 9
+    assert list(df["job"]) == [str(i) for i in range(9)]
+    assert {"lora.r", "lora.alpha", "lora.dropout", "lora.target_modules"} <= set(df.columns)
+    assert df.loc[0, "lora.target_modules"] == "q_proj,v_proj"
+    dead = df.iloc[-1]
+    assert dead["status"] == "failed" and dead["error"] == "no metrics.json (job did not finish)"
+    assert dead["lora.r"] == 16 and dead["overrides"] == "lora.r=16 lora.alpha=32 lora.dropout=0.1"
+
+
+def test_collect_qat_columns(qat_sweep: Path) -> None:
+    df = collect_runs(qat_sweep).set_index("job")
+    assert list(df["qat_targets"]) == ["none", "attn", "ffn", "attn+ffn"]
+    assert df.loc["3", "qat.snr_db.attn"] == 31.5 and df.loc["3", "qat.num_quantized_modules"] == 60
+    assert pd.isna(df.loc["0", "qat.snr_db.ffn"])
+
+
+def test_collect_errors(tmp_path: Path) -> None:
+    with pytest.raises(FinetuneError, match="not found"):
+        collect_runs(tmp_path / "nope")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(FinetuneError, match="no runs found"):
+        collect_runs(tmp_path / "empty")
+
+
+# --- detect_kind -------------------------------------------------------------------------------
+
+def test_detect_kind(methods_sweep: Path, grid_sweep: Path, qat_sweep: Path, tmp_path: Path) -> None:
+    assert detect_kind(collect_runs(methods_sweep)) == "lora_vs_qlora"
+    assert detect_kind(collect_runs(grid_sweep)) == "lora_grid"
+    assert detect_kind(collect_runs(qat_sweep)) == "qat_targets"
+    one = tmp_path / "one"
+    write_job(one, 0, [], cls_metrics("lora", "none", 2000.0, 1000.0, 0.9, 811_008))
+    write_job(one, 1, ["seed=1"], cls_metrics("lora", "none", 2010.0, 990.0, 0.91, 811_008, seed=1))
+    assert detect_kind(collect_runs(one)) == "generic"
+    assert detect_kind(collect_runs(grid_sweep), "generic") == "generic"
+    with pytest.raises(FinetuneError, match="unknown report kind 'bogus'"):
+        detect_kind(collect_runs(grid_sweep), "bogus")
+
+
+# --- lora_vs_qlora ------------------------------------------------------------------------------
+
+def test_lora_vs_qlora_report(methods_sweep: Path) -> None:
+    paths = build_report(methods_sweep)
+    md = paths["markdown"].read_text()
+    rows = table_rows(md)
+    header, body = rows[0], rows[1:]
+    assert header[:3] == ["Method", "Peak memory (MB)", "Memory vs lora (x)"]
+    assert [r[0] for r in body] == ["full", "lora", "dora", "qlora-int8", "qlora-nf4"]
+    by = {r[0]: dict(zip(header, r)) for r in body}
+    assert by["lora"]["Memory vs lora (x)"] == "1.00x"
+    assert by["full"]["Memory vs lora (x)"] == "2.70x"
+    assert by["qlora-nf4"]["Memory vs lora (x)"] == "0.55x"
+    assert by["qlora-int8"]["Tokens/s vs lora (x)"] == "0.60x"
+    assert by["qlora-nf4"]["Accuracy (%)"] == "88.8"
+    assert by["lora"]["Trainable params"] == "811.0K / 134.5M"
+    assert by["full"]["Trainable %"] == "100.00%"
+    assert by["dora"]["Peak memory (MB)"] == "failed: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "**Takeaway:** qlora-nf4 uses 0.55x the peak memory of lora at -1.2 pts accuracy" in md
+    assert "- Device: cuda" in md and "SmolLM2-135M-Instruct" in md and "chnsenticorp" in md
+    assert "![lora_vs_qlora](memory_by_method.png)" in md
+    assert_png(paths["plot"])
+
+
+def test_ratios_fall_back_to_first_ok_row(methods_sweep: Path) -> None:
+    import shutil
+    shutil.rmtree(methods_sweep / "1")  # drop the lora job
+    report = generate_report(methods_sweep)
+    assert report.comparison.baseline == "full"
+    assert "Memory vs full (x)" in report.comparison.table.columns
+    nf4 = report.comparison.table.set_index("Method").loc["qlora-nf4"]
+    assert nf4["Memory vs full (x)"] == f"{1100 / 5400:.2f}x"
+    assert "No finished lora run: ratios are relative to full" in report.markdown
+
+
+def test_csv_has_all_rows_and_is_reproducible(methods_sweep: Path) -> None:
+    first = build_report(methods_sweep)["csv"].read_text()
+    second = build_report(methods_sweep)["csv"].read_text()
+    assert first == second
+    df = pd.read_csv(methods_sweep / "comparison.csv")
+    assert len(df) == 5 and {"peak_memory_mb", "lora.r", "error", "overrides"} <= set(df.columns)
+    assert df.set_index("method").loc["dora", "status"] == "failed"
+
+
+# --- qat_targets --------------------------------------------------------------------------------
+
+def test_qat_report(qat_sweep: Path) -> None:
+    report = generate_report(qat_sweep)
+    table = report.comparison.table
+    assert list(table["Targets"]) == ["none", "attn", "ffn", "attn+ffn"]
+    row = table.set_index("Targets").loc["attn+ffn"]
+    assert row["INT8 drop (pts)"] == "0.3" and row["SNR attn (dB)"] == "31.5" and row["Modules quantized"] == "60"
+    assert table.set_index("Targets").loc["none", "INT8 drop (pts)"] == "5.1"
+    assert table.set_index("Targets").loc["none", "SNR ffn (dB)"] == "n/a"
+    assert report.comparison.takeaway == (
+        "attn+ffn QAT has the smallest INT8 accuracy drop: 0.3 pts vs 5.1 pts without QAT")
+    assert_png(report.paths["plot"])
+
+
+def test_qat_generation_uses_perplexity(tmp_path: Path) -> None:
+    root = tmp_path / "qat_gen"
+    for num, (targets, ppl, ppl8) in enumerate([([], 12.0, 15.5), (["attn", "ffn"], 12.2, 12.6)]):
+        metrics = qat_metrics(targets, 0.0, 0.0)
+        for key in ("accuracy", "f1", "accuracy_int8", "f1_int8", "zero_shot_accuracy", "zero_shot_f1"):
+            metrics.pop(key)
+        metrics.update(task="generation", dataset="alpaca", perplexity=ppl, perplexity_int8=ppl8)
+        write_job(root, num, [], metrics)
+    report = generate_report(root)
+    assert report.comparison.kind == "qat_targets"
+    assert list(report.comparison.table.columns[:4]) == [
+        "Targets", "Perplexity", "INT8 perplexity", "INT8 increase (ppl)"]
+    assert list(report.comparison.table["INT8 increase (ppl)"]) == ["3.50", "0.40"]
+    assert "attn+ffn QAT has the smallest INT8 perplexity increase: 0.40 ppl vs 3.50 ppl" in report.comparison.takeaway
+
+
+# --- lora_grid ----------------------------------------------------------------------------------
+
+def test_grid_report_sorted_best_first(grid_sweep: Path) -> None:
+    report = generate_report(grid_sweep)
+    table = report.comparison.table
+    assert list(table.columns) == ["r", "alpha", "dropout", "Accuracy (%)", "Eval loss", "Train time (s)"]
+    expected = sorted(((r, a, d) for r in (4, 8) for a in (8, 16) for d in (0.0, 0.1)),
+                      key=lambda k: -grid_accuracy(*k))
+    assert [(int(r), int(a), float(d)) for r, a, d in table.iloc[:8, :3].to_numpy()] == expected
+    assert table.iloc[0]["Accuracy (%)"] == "84.0"
+    assert table.iloc[-1].tolist()[:4] == ["16", "32", "0.1", "failed: no metrics.json (job did not finish)"]
+    assert report.comparison.takeaway == (
+        "Best: r=8, alpha=16, dropout=0 -> accuracy 84.0% (+3.5 pts vs the worst, r=4, alpha=8, dropout=0.1)")
+    assert_png(report.paths["plot"])
+
+
+def test_grid_explicit_metric(grid_sweep: Path) -> None:
+    report = generate_report(grid_sweep, metric="eval_loss")
+    assert report.comparison.metric == "eval_loss" and not report.comparison.higher_is_better
+    losses = [float(v) for v in report.comparison.table["Eval loss"].iloc[:8]]
+    assert losses == sorted(losses)
+    with pytest.raises(FinetuneError, match="metric 'bleu' not found"):
+        generate_report(grid_sweep, metric="bleu")
+
+
+# --- formatting, CLI, callback ------------------------------------------------------------------
+
+def test_markdown_table_alignment_and_escaping() -> None:
+    text = markdown_table(pd.DataFrame([["a|b", "1.5"], ["c", "10.25"]], columns=["name", "value"]))
+    lines = text.splitlines()
+    assert lines[0] == "| name | value |"
+    assert lines[1] == "|------|------:|"
+    assert lines[2] == "| a\\|b |   1.5 |"
+
+
+def test_cli_prints_table_and_paths(methods_sweep: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(methods_sweep), "--metric", "f1"]) == 0
+    out = capsys.readouterr().out
+    assert "| qlora-nf4" in out and "F1 (%)" in out
+    assert f"wrote {methods_sweep / 'comparison.md'}" in out
+
+
+def test_cli_missing_dir_exits_2_with_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_sweep"
+    proc = subprocess.run([sys.executable, "-m", "finetune.report", str(missing)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: sweep directory not found: {missing}"
+    assert proc.stdout == ""
+
+
+def test_callback_builds_report_and_never_raises(qat_sweep: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(qat_sweep)}}, "logger": {"backend": "none"}})
+    ReportCallback().on_multirun_end(config, config_name="train")
+    assert (qat_sweep / "comparison.md").is_file() and (qat_sweep / "qat_int8.png").is_file()
+    bad = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "gone")}}})
+    with caplog.at_level(logging.WARNING):
+        ReportCallback().on_multirun_end(bad)
+    assert "comparison report not built: sweep directory not found" in caplog.text
+
+
+def test_log_table_to_wandb_is_best_effort(methods_sweep: Path) -> None:
+    df = collect_runs(methods_sweep)
+    assert log_table_to_wandb(df, {"logger": {"backend": "none"}}) is False
+    assert log_table_to_wandb(df, {"logger": {"backend": "wandb", "mode": "disabled"}}) is False
+    assert log_table_to_wandb(df, None) is False
+
+
+def test_hydra_multirun_calls_the_callback(tmp_path: Path) -> None:
+    """A real Hydra sweep registers the callback and gets comparison.md in its sweep dir."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text(textwrap.dedent("""
+        lora: {r: 8, alpha: 16, dropout: 0.05}
+        logger: {backend: none}
+        hydra:
+          sweep: {dir: "sweeps/${now:%H-%M-%S}", subdir: "${hydra.job.num}"}
+          callbacks:
+            report: {_target_: finetune.report.ReportCallback}
+    """))
+    (tmp_path / "app.py").write_text(textwrap.dedent("""
+        import json, hydra
+        from hydra.core.hydra_config import HydraConfig
+        @hydra.main(version_base=None, config_path="conf", config_name="config")
+        def run(cfg):
+            out = HydraConfig.get().runtime.output_dir
+            acc = 0.8 + cfg.lora.r / 100
+            json.dump({"status": "ok", "method": "lora", "task": "classification", "accuracy": acc,
+                       "lora": {"r": cfg.lora.r, "alpha": 16, "dropout": 0.05}},
+                      open(out + "/metrics.json", "w"))
+        run()
+    """))
+    proc = subprocess.run([sys.executable, "app.py", "-m", "lora.r=4,8"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    reports = list((tmp_path / "sweeps").glob("*/comparison.md"))
+    assert len(reports) == 1, proc.stderr
+    assert "Best: r=8, alpha=16, dropout=0.05 -> accuracy 88.0%" in reports[0].read_text()
+
+
+def test_generation_methods_report_uses_perplexity(tmp_path: Path) -> None:
+    root = tmp_path / "gen"
+    runs = [("lora", "none", 3000.0, 8.10), ("qlora-nf4", "nf4", 1500.0, 8.45)]
+    for num, (method, quant, peak, ppl) in enumerate(runs):
+        metrics = cls_metrics(method, quant, peak, 500.0, 0.0, 811_008, task="generation", dataset="alpaca",
+                              perplexity=ppl, eval_loss=2.1)
+        for key in ("accuracy", "f1", "zero_shot_accuracy", "zero_shot_f1"):
+            metrics.pop(key)
+        write_job(root, num, [f"quantization={quant}"], metrics)
+    report = generate_report(root)
+    assert report.comparison.kind == "lora_vs_qlora" and report.comparison.metric == "perplexity"
+    assert "Perplexity" in report.comparison.table.columns and "Accuracy (%)" not in report.comparison.table.columns
+    assert report.comparison.takeaway == (
+        "qlora-nf4 uses 0.50x the peak memory of lora at +0.35 perplexity and 1.00x its tokens/s")
+
+
+def test_log_table_to_wandb_offline_run(methods_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials -> an offline W&B run holding the tables, written inside the sweep dir."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for var, sub in (("HOME", "home"), ("NETRC", "home/.netrc"), ("WANDB_CONFIG_DIR", "wbconf"),
+                     ("WANDB_CACHE_DIR", "wbcache"), ("WANDB_DATA_DIR", "wbdata")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    (tmp_path / "home").mkdir()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(methods_sweep)}},
+                               "logger": {"backend": "wandb", "mode": "auto", "project": "finetune-test",
+                                          "entity": None, "group": None}})
+    ReportCallback().on_multirun_end(config)
+    runs = list((methods_sweep / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert "WANDB_MODE" not in os.environ  # restored
+    assert len(collect_runs(methods_sweep)) == 5  # the wandb folder is not mistaken for jobs
