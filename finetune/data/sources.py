@@ -14,16 +14,14 @@ import math
 import os
 import random
 import re
-import socket
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from finetune.data.rows import SUPPORTED_EXTENSIONS, dataset_kind, read_rows, validate_rows
 from finetune.errors import FinetuneError
+from finetune.hub import hub_reachable
 
 logger = logging.getLogger("finetune.data")
 
@@ -156,33 +154,6 @@ def _split_files(folder: Path, raw: str) -> dict[str | None, list[Path]]:
     if ignored:
         logger.warning("dataset.path=%s: ignoring files not named after a split: %s", raw, ", ".join(ignored))
     return groups
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connect within ``timeout`` seconds.
-
-    Returns False at once when ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is ``"1"``. The connect runs in
-    a daemon thread joined with the timeout, because DNS resolution ignores socket timeouts and could
-    otherwise hang a run on a machine with a broken resolver.
-    """
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    # A mirror set with HF_ENDPOINT is what `datasets` will use, so probe that host.
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
 
 
 def _load_hub(hub_id: str, dcfg: Mapping) -> tuple[dict[str, list[dict] | None], str]:

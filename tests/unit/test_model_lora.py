@@ -92,9 +92,6 @@ def test_quantized_weights_are_smaller():
 
 def test_unresolvable_model_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from finetune import hub
-
-    hub.hub_reachable.cache_clear()
     cfg = compose_cfg(["model.name_or_path=nobody/no-such-model-xyz"])
     with pytest.raises(FinetuneError, match="cannot be resolved offline"):
         resolve_model_path(cfg.model)
@@ -107,13 +104,15 @@ def test_missing_local_model_dir(tmp_path):
 
 
 def test_precision_auto_on_this_machine():
-    p = resolve_precision("auto", "auto")
+    lora = resolve_precision("auto", "auto")
+    full = resolve_precision("auto", "auto", full_finetune=True)
     if torch.cuda.is_available():
-        assert p.name in ("bf16", "fp16")
-    else:
-        assert p.load_dtype == torch.float32 and p.name in ("bf16", "fp32")
-    with pytest.raises(FinetuneError, match="fp16"):
-        if not torch.cuda.is_available():
-            resolve_precision("fp16", "auto")
-        else:
-            raise FinetuneError("fp16 skipped on GPU")
+        assert lora.name in ("bf16", "fp16")
+        return
+    # CPU: the frozen base of an adapter run is held in the compute dtype, full fine-tuning keeps fp32 weights
+    expected = torch.bfloat16 if lora.name == "bf16" else torch.float32
+    assert lora.load_dtype == expected and full.load_dtype == torch.float32 and full.name == lora.name
+    assert resolve_precision("fp32", "auto").load_dtype == torch.float32
+    assert resolve_precision("bf16", "float32").load_dtype == torch.float32  # an explicit dtype wins
+    with pytest.raises(FinetuneError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", "auto")
