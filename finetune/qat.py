@@ -1,0 +1,271 @@
+"""Quantization-aware training (QAT): INT8 fake-quant of attention / FFN sub-layer inputs.
+
+What is quantized (``qat_targets`` ⊆ {attn, ffn}, ``qat.granularity``), per decoder layer, using the
+:mod:`finetune.arch` table:
+
+* ``sublayer``: the hidden state entering the attention block (``spec.attn_block``) and/or the FFN
+  (``spec.ffn_entry``) — one fake-quant per group per layer;
+* ``linear``: the input of every linear of the chosen sub-layers (``spec.attn_linears`` /
+  ``spec.ffn_linears``). With PEFT LoRA applied the hooked module *is* the ``lora.Linear``, so the
+  input of the whole adapted linear (base + adapter path) is quantized.
+
+Activation fake-quant is a forward pre-hook (positional or ``hidden_states=`` input); optional
+per-output-channel weight fake-quant (``qat.weight_bits``) shadows the target linears' forward with
+``F.linear(x, fq(W_eff), b)`` where ``W_eff`` is the merged LoRA/DoRA weight. Both are undone by
+:meth:`QATHandle.remove`, leaving the model bit-identical. The arithmetic lives in
+:mod:`finetune.qat_ops` (one STE fake-quant for everything) and :mod:`finetune.qat_weight`.
+
+Typical use::
+
+    handle = apply_qat(model, ["attn", "ffn"], cfg.qat)
+    trainer = Trainer(..., callbacks=[QATCallback(handle)])
+    trainer.train()
+    metrics.update(handle.summary())
+    with simulate_int8(model, ["attn", "ffn"], cfg.qat) as sim:   # also for a non-QAT (PTQ) run
+        evaluate(model); metrics.update(sim.summary())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch.nn as nn
+from transformers import TrainerCallback
+
+from finetune.arch import arch_spec, decoder_layers
+from finetune.errors import FinetuneError
+from finetune.qat_handle import (
+    ACTIVE_HANDLES,
+    ALLOWED_TARGETS,
+    SIMULATING,
+    DEFAULT_STATS_EVERY,
+    QATHandle,
+    build_handle,
+    model_type_of,
+    validate_targets,
+)
+from finetune.qat_ops import QATConfig, check_bits, fake_quant, fake_quant_weight
+
+__all__ = [
+    "ALLOWED_TARGETS",
+    "QATCallback",
+    "QATConfig",
+    "QATHandle",
+    "active_handle",
+    "apply_qat",
+    "check_bits",
+    "fake_quant",
+    "fake_quant_weight",
+    "simulate_int8",
+]
+
+log = logging.getLogger(__name__)
+
+
+def apply_qat(
+    model: nn.Module,
+    targets: list[str],
+    qcfg: Any,
+    *,
+    stats_every: int = DEFAULT_STATS_EVERY,
+    cache_frozen_weights: bool = True,
+) -> QATHandle:
+    """Install activation (and optionally weight) fake-quant on the targets of every decoder layer.
+
+    Args:
+        model: a transformers causal LM, or a PEFT ``PeftModel`` wrapping one (LoRA/DoRA, full
+            fine-tuning, bitsandbytes int8/nf4 bases all work for activation QAT).
+        targets: subset of ``["attn", "ffn"]``.
+        qcfg: the ``qat:`` config node (``DictConfig``/dict/:class:`QATConfig`): bits, scale,
+            granularity, weight_bits, start_step, ema_decay.
+        stats_every: in training mode, record SNR statistics every N calls per module (eval mode
+            records every call).
+        cache_frozen_weights: with weight fake-quant, quantize the weight of a target linear whose
+            parameters are all frozen (the base linears a LoRA run does not adapt) once and reuse it
+            while it is unchanged, instead of re-quantizing every forward; costs one copy of those
+            weights. Trainable weights (LoRA-adapted, full fine-tuning) are always recomputed.
+
+    Returns:
+        A :class:`QATHandle`; fake-quant is enabled now when ``start_step == 0``, otherwise by
+        :class:`QATCallback` (or by setting ``handle.enabled``).
+
+    Raises:
+        FinetuneError: unknown/empty targets, a ``qat.*`` value out of range, an architecture with no
+            entry in :mod:`finetune.arch`, weight fake-quant requested on bitsandbytes-quantized or
+            otherwise unsupported layers, or QAT already applied to this model.
+    """
+    config = QATConfig.from_cfg(qcfg)
+    targets = validate_targets(targets)
+    handle, layers, _ = build_handle(
+        model, targets, config,
+        frozen=False, skip_bnb_weights=False, cache_weights=False,
+        cache_frozen_weights=cache_frozen_weights, stats_every=stats_every,
+    )  # fmt: skip
+    if ACTIVE_HANDLES.get(layers) is not None:
+        raise FinetuneError("QAT is already applied to this model; call handle.remove() before applying it again")
+    if SIMULATING.get(layers) is not None:
+        raise FinetuneError("cannot apply QAT inside a simulate_int8 block on the same model")
+    handle.enabled = config.start_step == 0
+    if handle.enabled:
+        handle.enabled_at_step = 0
+    try:
+        handle._attach()
+    except BaseException:
+        handle._detach()  # leave no half-installed hooks behind
+        raise
+    ACTIVE_HANDLES[layers] = handle
+    log.info(
+        "QAT on %s (%s granularity, %d-bit %s activations%s): %d activation / %d weight fake-quant modules, %s",
+        "+".join(targets),
+        config.granularity,
+        config.bits,
+        config.scale,
+        f", {config.weight_bits}-bit per-channel weights" if config.weight_bits else "",
+        len(handle.activation_quantizers),
+        len(handle.weight_quantizers),
+        "on from the start" if handle.enabled else f"switching on at step {config.start_step}",
+    )
+    return handle
+
+
+def active_handle(model: nn.Module) -> QATHandle | None:
+    """The training :class:`QATHandle` currently installed on ``model`` (PeftModel or base), if any."""
+    try:
+        layers = decoder_layers(model, arch_spec(model_type_of(model)))
+    except FinetuneError:
+        return None
+    return ACTIVE_HANDLES.get(layers)
+
+
+class QATCallback(TrainerCallback):
+    """Switches fake-quant on once ``state.global_step >= start_step`` (also right away on resume).
+
+    ``global_step`` counts completed optimizer steps, so with ``start_step=k`` the (k+1)-th optimizer
+    step is the first one trained with fake-quant. On resume past ``start_step`` the switch-on step
+    recorded is the resume step.
+
+    Args:
+        handle: from :func:`apply_qat`.
+        start_step: defaults to ``handle.config.start_step``.
+
+    Attributes:
+        enabled_at_step: the global step at which it switched on (None while off).
+    """
+
+    def __init__(self, handle: QATHandle, start_step: int | None = None) -> None:
+        self.handle = handle
+        self.start_step = handle.config.start_step if start_step is None else int(start_step)
+        self.enabled_at_step: int | None = handle.enabled_at_step if handle.enabled else None
+
+    def _update(self, state: Any) -> None:
+        if state.global_step >= self.start_step and not self.handle.enabled:
+            self.handle.enabled = True
+            self.handle.enabled_at_step = state.global_step
+            log.info("QAT fake-quant switched on at step %d", state.global_step)
+        if self.handle.enabled and self.enabled_at_step is None:
+            if self.handle.enabled_at_step is None:  # switched on by hand: record when we first saw it
+                self.handle.enabled_at_step = state.global_step
+            self.enabled_at_step = self.handle.enabled_at_step
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if state.global_step < self.start_step and self.handle.enabled:
+            self.handle.enabled = False  # e.g. enabled by hand before train(): honour start_step
+            self.handle.enabled_at_step = None
+        self._update(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        self._update(state)
+
+
+@contextlib.contextmanager
+def simulate_int8(
+    model: nn.Module,
+    targets: list[str],
+    qcfg: Any,
+    *,
+    handle: QATHandle | None = None,
+    cache_weights: bool = True,
+) -> Iterator[QATHandle]:
+    """Simulated INT8 deployment inside the ``with`` block; the model is restored on exit.
+
+    INT8 (always 8 bits, the deployment format, whatever ``qat.bits`` trained with) activation
+    fake-quant on the targets with the configured granularity and scale mode, plus 8-bit
+    per-output-channel weight quantization of the target linears (LoRA/DoRA: of the merged effective
+    weight; bitsandbytes bases: skipped, logged). ``scale=static`` uses the scales calibrated by a
+    static-QAT training handle and never updates them; without such scales it falls back to dynamic
+    per-tensor scales (logged). A training handle on the model is detached for the duration (no
+    double quantization) and re-attached afterwards. Works the same on a model never trained with
+    QAT, which makes it the post-training-quantization baseline.
+
+    Args:
+        model: the model (PeftModel or base).
+        targets: subset of ``["attn", "ffn"]``.
+        qcfg: the ``qat:`` node (granularity, scale, ema_decay are used; bits/weight_bits are 8).
+        handle: the training handle; defaults to the one installed on ``model``, if any.
+        cache_weights: quantize each weight once per block while parameters are unchanged (calls
+            under ``torch.no_grad()``); costs one copy of the target weights in memory.
+
+    Yields:
+        The simulation's own :class:`QATHandle` (``.summary()`` gives the INT8 SNRs).
+
+    Raises:
+        FinetuneError: as :func:`apply_qat` (except bitsandbytes weights, which are skipped), or
+            when nested in another ``simulate_int8`` block on the same model.
+    """
+    config = QATConfig.from_cfg(qcfg)
+    targets = validate_targets(targets)
+    train_handle = handle if handle is not None else active_handle(model)
+    if train_handle is not None and train_handle._removed:
+        train_handle = None
+    scale = config.scale
+    calibrated: dict[str, Any] = {}
+    if scale == "static":
+        if train_handle is not None and train_handle.scale == "static":
+            calibrated = {q.key: q.ema for _, q in train_handle.activation_quantizers if q.ema is not None}
+        if not calibrated:
+            log.info(
+                "simulate_int8: qat.scale=static but the model has no calibrated static scales (not trained "
+                "with static QAT); using dynamic per-tensor INT8 scales instead"
+            )
+            scale = "tensor"
+    sim_config = QATConfig(
+        bits=8, scale=scale, granularity=config.granularity, weight_bits=8, start_step=0, ema_decay=config.ema_decay
+    )
+    sim, layers, skipped_bnb = build_handle(
+        model, targets, sim_config,
+        frozen=True, skip_bnb_weights=True, cache_weights=cache_weights,
+        cache_frozen_weights=cache_weights, stats_every=1,
+    )  # fmt: skip
+    if skipped_bnb:
+        log.info(
+            "simulate_int8: %d bitsandbytes-quantized target linears keep their own weight format "
+            "(no INT8 weight simulation on them); activations are still INT8",
+            skipped_bnb,
+        )
+    missing = 0
+    for _, q in sim.activation_quantizers:
+        if scale == "static":
+            ema = calibrated.get(q.key)
+            q.ema = None if ema is None else ema.clone()
+            missing += q.ema is None
+    if missing:
+        log.info("simulate_int8: %d modules have no calibrated static scale; they use dynamic per-tensor scales", missing)
+        sim._warned_uncalibrated = True  # already said
+    if SIMULATING.get(layers) is not None:
+        raise FinetuneError("simulate_int8 blocks cannot be nested on the same model")
+    was_attached = train_handle is not None and train_handle._attached
+    if was_attached:
+        train_handle._detach()
+    SIMULATING[layers] = sim
+    try:
+        sim.enabled = True
+        sim._attach()
+        yield sim
+    finally:
+        sim.remove()
+        del SIMULATING[layers]
+        if was_attached:
+            train_handle._attach()

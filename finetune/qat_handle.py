@@ -1,0 +1,367 @@
+"""Target selection, hook installation and the :class:`QATHandle` of :mod:`finetune.qat`.
+
+Kept apart from :mod:`finetune.qat` (the public entry points) only for file size; import the
+public names from :mod:`finetune.qat`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from finetune.arch import ArchSpec, arch_spec, decoder_layers
+from finetune.errors import FinetuneError
+from finetune.qat_ops import ActivationQuantizer, QATConfig
+from finetune.qat_weight import KIND_BNB, WeightQuantizer, classify_weight_module, lora_dropout_active
+
+log = logging.getLogger("finetune.qat")  # one logger name for the whole feature
+
+ALLOWED_TARGETS = ("attn", "ffn")
+DEFAULT_STATS_EVERY = 16
+
+# decoder-layer ModuleList -> the training QATHandle installed on it. Keyed by the layer list (not the
+# model object) so a PeftModel and its base model resolve to the same handle; weak so a dropped
+# model does not stay alive through this table.
+ACTIVE_HANDLES: weakref.WeakKeyDictionary[nn.Module, QATHandle] = weakref.WeakKeyDictionary()
+# decoder-layer ModuleList -> the handle of a running simulate_int8 block (no nesting, no apply_qat inside).
+SIMULATING: weakref.WeakKeyDictionary[nn.Module, QATHandle] = weakref.WeakKeyDictionary()
+
+
+def validate_targets(targets: Any) -> list[str]:
+    """Normalise ``qat_targets`` to a sub-list of ``["attn", "ffn"]`` in that order.
+
+    Accepts a list of names, one name, or a mapping of flags as the ``qat_targets`` config group
+    composes it (``{attn: true, ffn: true}``).
+
+    Raises:
+        FinetuneError: an unknown name (the allowed ones are listed) or no target at all.
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    elif isinstance(targets, Mapping):
+        targets = [name for name, on in targets.items() if on]
+    names = [str(t) for t in (targets or [])]
+    unknown = sorted(set(names) - set(ALLOWED_TARGETS))
+    if unknown:
+        raise FinetuneError(
+            f"unknown QAT target(s) {', '.join(unknown)} in qat_targets; allowed: {', '.join(ALLOWED_TARGETS)}"
+        )
+    if not names:
+        raise FinetuneError(f"no QAT targets given; choose from {', '.join(ALLOWED_TARGETS)}")
+    return [t for t in ALLOWED_TARGETS if t in names]  # canonical order, duplicates dropped
+
+
+def model_type_of(model: nn.Module) -> str:
+    """``config.model_type`` of a transformers model, or of the base model inside a PEFT wrapper.
+
+    Raises:
+        FinetuneError: the model has no ``config.model_type``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        raise FinetuneError(
+            f"cannot apply QAT to a {type(base).__name__}: it has no config.model_type to look up its sub-layers"
+        )
+    return model_type
+
+
+def _select(model: nn.Module, targets: list[str], granularity: str) -> tuple[nn.ModuleList, list[tuple]]:
+    """Resolve the modules to hook.
+
+    Returns:
+        ``(layers, picks)`` with one pick per (layer, group, module path):
+        ``(group, key "layers.<i>.<path>", qualified name, module, is_activation_target, is_target_linear)``.
+    """
+    spec: ArchSpec = arch_spec(model_type_of(model))
+    layers = decoder_layers(model, spec)
+    qualified = {id(m): n for n, m in model.named_modules()}
+    picks = []
+    for index, layer in enumerate(layers):
+        for group in targets:
+            linears = spec.attn_linears if group == "attn" else spec.ffn_linears
+            if granularity == "sublayer":
+                acts = (spec.attn_block if group == "attn" else spec.ffn_entry,)
+            else:
+                acts = linears
+            for rel in dict.fromkeys(acts + linears):  # ordered union
+                try:
+                    module = layer.get_submodule(rel)
+                except AttributeError:
+                    raise FinetuneError(
+                        f"{spec.family} decoder layer {index} has no module '{rel}' (see finetune/arch.py)"
+                    ) from None
+                key = f"layers.{index}.{rel}"
+                picks.append((group, key, qualified.get(id(module), key), module, rel in acts, rel in linears))
+    return layers, picks
+
+
+class _PreHook:
+    """Forward pre-hook: replace the module's first input (positional, or a known keyword) by fq(x)."""
+
+    _KEYWORDS = ("hidden_states", "x", "input")
+
+    def __init__(self, quantizer: ActivationQuantizer, state: QATHandle) -> None:
+        self.quantizer, self.state = quantizer, state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.state.quant_on:
+            return None
+        if args:
+            x = args[0]
+            if not (torch.is_tensor(x) and x.is_floating_point()):
+                return None
+            return (self.quantizer(x, module.training), *args[1:]), kwargs
+        for name in self._KEYWORDS:
+            x = kwargs.get(name)
+            if x is not None:
+                kwargs = dict(kwargs)
+                kwargs[name] = self.quantizer(x, module.training)
+                return args, kwargs
+        raise RuntimeError(
+            f"QAT pre-hook on '{self.quantizer.name}': no tensor input found "
+            f"(positional or one of {', '.join(self._KEYWORDS)})"
+        )
+
+
+class QATHandle:
+    """The installed QAT hooks of one model; undo with :meth:`remove` (also a context manager).
+
+    Created by :func:`finetune.qat.apply_qat` / :func:`finetune.qat.simulate_int8`, not directly.
+
+    Attributes:
+        targets: the groups, in canonical order (``attn`` before ``ffn``).
+        config: the validated :class:`QATConfig`.
+        enabled_at_step: optimizer step at which fake-quant switched on (set by :class:`QATCallback`,
+            0 when enabled from the start), or None while still off.
+    """
+
+    def __init__(self, targets: list[str], config: QATConfig) -> None:
+        self.targets = targets
+        self.config = config
+        self.activation_quantizers: list[tuple[nn.Module, ActivationQuantizer]] = []
+        self.weight_quantizers: list[WeightQuantizer] = []
+        self.enabled_at_step: int | None = None
+        self._enabled = False
+        self._attached = False
+        self._removed = False
+        self._hooks: list = []
+        self._layers: nn.Module | None = None
+        self._warned_uncalibrated = False
+        self.quant_on = False  # read by every hook: enabled AND attached
+
+    # -- switching -------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        """Whether fake-quant is on (False before ``qat.start_step``)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self.quant_on = self._enabled and self._attached
+
+    def _attach(self) -> None:
+        if self._attached or self._removed:
+            return
+        for module, quantizer in self.activation_quantizers:
+            self._hooks.append(module.register_forward_pre_hook(_PreHook(quantizer, self), with_kwargs=True))
+        for wq in self.weight_quantizers:
+            wq.install()
+        self._attached = True
+        self.quant_on = self._enabled
+
+    def _detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for wq in self.weight_quantizers:
+            wq.uninstall()
+        self._attached = False
+        self.quant_on = False
+
+    def remove(self) -> None:
+        """Remove every hook and forward override; the model computes exactly what it did before."""
+        self._detach()
+        self._removed = True
+        if self._layers is not None and ACTIVE_HANDLES.get(self._layers) is self:
+            del ACTIVE_HANDLES[self._layers]
+
+    def __enter__(self) -> QATHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- reporting -------------------------------------------------------------------------------
+    @property
+    def granularity(self) -> str:
+        return self.config.granularity
+
+    @property
+    def bits(self) -> int:
+        return self.config.bits
+
+    @property
+    def scale(self) -> str:
+        return self.config.scale
+
+    @property
+    def weight_bits(self) -> int | None:
+        return self.config.weight_bits
+
+    def module_names(self, group: str | None = None) -> list[str]:
+        """Qualified names of the activation-quantized modules (of one group, or all)."""
+        return [q.name for _, q in self.activation_quantizers if group in (None, q.group)]
+
+    def weight_module_names(self, group: str | None = None) -> list[str]:
+        """Qualified names of the weight-quantized linears (of one group, or all)."""
+        return [w.name for w in self.weight_quantizers if group in (None, w.group)]
+
+    def static_scales(self) -> dict[str, float]:
+        """Calibrated static activation scales (``absmax_ema / qmax``) by qualified module name (host sync)."""
+        return {q.name: float(q.ema) / q.qmax for _, q in self.activation_quantizers if q.ema is not None}
+
+    def reset_stats(self) -> None:
+        """Forget the accumulated SNR statistics (e.g. before an evaluation pass)."""
+        for _, q in self.activation_quantizers:
+            q.reset_stats()
+
+    def summary(self) -> dict[str, Any]:
+        """What is quantized and how well (one host sync per module; call at logging time, not per step).
+
+        Returns:
+            ``targets``, ``granularity``, ``bits``, ``scale``, ``weight_bits``, ``enabled``,
+            ``enabled_at_step``, ``num_quantized_modules`` (``{"total", "attn", "ffn"}``; groups not
+            targeted count 0), ``num_weight_quantized_modules`` (same shape), ``snr_db``
+            (``{group: mean over that group's modules of 10 log10(sum x^2 / sum (x-q)^2)}``, the sums
+            running over the calls recorded since creation or :meth:`reset_stats` -- every
+            ``stats_every``-th training call and every eval call; None for a group with no recorded
+            call yet) and, with weight fake-quant, ``weight_snr_db`` (same, over the current effective
+            weights, computed now).
+        """
+        acts = [q for _, q in self.activation_quantizers]
+        out: dict[str, Any] = {
+            "targets": list(self.targets),
+            "granularity": self.granularity,
+            "bits": self.bits,
+            "scale": self.scale,
+            "weight_bits": self.weight_bits,
+            "enabled": self.enabled,
+            "enabled_at_step": self.enabled_at_step,
+            "num_quantized_modules": _counts([q.group for q in acts]),
+            "num_weight_quantized_modules": _counts([w.group for w in self.weight_quantizers]),
+            "snr_db": {g: _mean([q.snr_db() for q in acts if q.group == g]) for g in self.targets},
+        }
+        if self.weight_quantizers:
+            out["weight_snr_db"] = {
+                g: _mean([w.snr_db() for w in self.weight_quantizers if w.group == g]) for g in self.targets
+            }
+        return out
+
+    def metrics(self, prefix: str = "qat/") -> dict[str, float | int]:
+        """:meth:`summary` flattened to numeric scalars for a metrics logger.
+
+        E.g. ``{"qat/snr_db/attn": 31.2, "qat/num_quantized_modules/total": 60, "qat/bits": 8, ...}``;
+        strings and None values are left out.
+        """
+        flat: dict[str, float | int] = {}
+
+        def walk(node: Any, path: str) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(v, f"{path}/{k}" if path else str(k))
+            elif isinstance(node, (int, float)):  # bool included (enabled -> 0/1)
+                flat[prefix + path] = int(node) if isinstance(node, bool) else node
+
+        walk(self.summary(), "")
+        return flat
+
+    def _uncalibrated(self, quantizer: ActivationQuantizer) -> None:
+        if not self._warned_uncalibrated:
+            self._warned_uncalibrated = True
+            log.warning(
+                "qat.scale=static: '%s' has no calibrated scale yet (no training-mode forward observed); "
+                "using a dynamic per-tensor scale until it has one",
+                quantizer.name,
+            )
+
+
+def _counts(groups: list[str]) -> dict[str, int]:
+    return {"total": len(groups), **{g: groups.count(g) for g in ALLOWED_TARGETS}}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def build_handle(
+    model: nn.Module,
+    targets: list[str],
+    config: QATConfig,
+    *,
+    frozen: bool,
+    skip_bnb_weights: bool,
+    cache_weights: bool,
+    cache_frozen_weights: bool,
+    stats_every: int,
+) -> tuple[QATHandle, nn.Module, int]:
+    """Create (not attach) the quantizers for ``targets`` of ``model``.
+
+    Args:
+        frozen: static observers never update (simulated inference).
+        skip_bnb_weights: skip weight fake-quant on bitsandbytes layers instead of raising.
+        cache_weights / cache_frozen_weights: see :class:`finetune.qat_weight.WeightQuantizer`.
+        stats_every: training-mode SNR sampling interval.
+
+    Returns:
+        ``(handle, decoder layer list, number of bitsandbytes linears skipped)``.
+
+    Raises:
+        FinetuneError: unmapped architecture, missing module, unsupported weight fake-quant target.
+    """
+    layers, picks = _select(model, targets, config.granularity)
+    handle = QATHandle(targets, config)
+    handle._layers = layers
+    skipped_bnb = 0
+    dropout_seen = False
+    for group, key, name, module, is_act, is_linear in picks:
+        if is_act:
+            q = ActivationQuantizer(
+                name, key, group, config.bits, config.scale, config.ema_decay, stats_every, frozen=frozen
+            )
+            q.on_uncalibrated = handle._uncalibrated
+            handle.activation_quantizers.append((module, q))
+        if is_linear and config.weight_bits is not None:
+            kind = classify_weight_module(module, name)
+            if kind == KIND_BNB:
+                if skip_bnb_weights:
+                    skipped_bnb += 1
+                    continue
+                raise FinetuneError(
+                    f"qat.weight_bits={config.weight_bits}: weight fake-quant is not supported on "
+                    f"bitsandbytes-quantized layers ('{name}' is {type(module).__name__}); set "
+                    "qat.weight_bits=null (activation QAT works on int8/nf4 bases)"
+                )
+            dropout_seen = dropout_seen or lora_dropout_active(module)
+            handle.weight_quantizers.append(
+                WeightQuantizer(
+                    module, name, key, group, kind, config.weight_bits, handle,
+                    cache=cache_weights, cache_frozen=cache_frozen_weights,
+                )  # fmt: skip
+            )
+    if dropout_seen and not frozen:
+        log.warning(
+            "qat.weight_bits: LoRA dropout is not applied on weight-fake-quantized linears (their forward "
+            "uses the merged weight, which has no dropout form)"
+        )
+    return handle, layers, skipped_bnb
+
+

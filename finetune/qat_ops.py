@@ -1,0 +1,373 @@
+"""Fake-quantization primitives shared by every QAT mode: config, STE fake-quant, scales, observer.
+
+There is exactly one fake-quant implementation (:func:`fake_quant_ste`); activations (per tensor,
+per token, static), weights (per output channel) and simulated INT8 inference all go through it, so
+"what trains" and "what is evaluated as INT8" can never drift apart.
+
+Quantization grid (symmetric, signed, no zero point)::
+
+    qmax = 2**(bits-1) - 1                      # 127 for 8 bits, 7 for 4 bits
+    q    = clamp(round(x / s), -qmax, qmax) * s
+
+The -2**(bits-1) code is deliberately unused so the grid is symmetric (what INT8 GEMM kernels with
+symmetric scales assume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+MIN_BITS, MAX_BITS = 4, 8
+SCALE_MODES = ("tensor", "token", "static")
+GRANULARITIES = ("sublayer", "linear")
+
+# Smallest scale we ever divide by. 1e-8 is far below any real activation step; fp16 cannot even
+# represent it (it would flush to 0 and x / 0 = inf), so for fp16 the floor is fp16's smallest normal.
+_EPS = 1e-8
+
+
+def scale_floor(dtype: torch.dtype) -> float:
+    """The smallest scale allowed for tensors of ``dtype`` (``1e-8``, or fp16's smallest normal)."""
+    return max(_EPS, torch.finfo(dtype).tiny)
+
+
+def check_bits(bits: Any, key: str = "qat.bits") -> int:
+    """Validate a bit width.
+
+    Args:
+        bits: the value from the config.
+        key: the config key named in the error message (``qat.bits`` or ``qat.weight_bits``).
+
+    Returns:
+        ``bits`` as an int in ``4..8``.
+
+    Raises:
+        FinetuneError: ``bits`` is not an integer in ``4..8``.
+    """
+    try:
+        if isinstance(bits, bool):
+            raise TypeError
+        value = operator.index(bits)
+    except TypeError:
+        raise FinetuneError(f"{key} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}") from None
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise FinetuneError(f"{key} must be an integer in {MIN_BITS}..{MAX_BITS}, got {value}")
+    return value
+
+
+def qmax_of(bits: int) -> int:
+    """Largest code of the symmetric signed grid: ``2**(bits-1) - 1``."""
+    return 2 ** (bits - 1) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig:
+    """The validated ``qat:`` node of ``conf/train.yaml`` (``eval_int8`` is the caller's business).
+
+    Attributes:
+        bits: activation bits, 4..8.
+        scale: ``tensor`` | ``token`` | ``static``.
+        granularity: ``sublayer`` | ``linear``.
+        weight_bits: ``None`` or 4..8 (per-output-channel weight fake-quant of the target linears).
+        start_step: optimizer step from which fake-quant is on (0 = from the start).
+        ema_decay: EMA decay of the static observer, in [0, 1).
+    """
+
+    bits: int = 8
+    scale: str = "tensor"
+    granularity: str = "sublayer"
+    weight_bits: int | None = None
+    start_step: int = 0
+    ema_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", check_bits(self.bits, "qat.bits"))
+        if self.weight_bits is not None:
+            object.__setattr__(self, "weight_bits", check_bits(self.weight_bits, "qat.weight_bits"))
+        if self.scale not in SCALE_MODES:
+            raise FinetuneError(f"qat.scale must be one of {', '.join(SCALE_MODES)}, got {self.scale!r}")
+        if self.granularity not in GRANULARITIES:
+            raise FinetuneError(
+                f"qat.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
+            )
+        try:
+            start = operator.index(self.start_step)
+        except TypeError:
+            raise FinetuneError(f"qat.start_step must be an integer >= 0, got {self.start_step!r}") from None
+        if start < 0:
+            raise FinetuneError(f"qat.start_step must be an integer >= 0, got {start}")
+        object.__setattr__(self, "start_step", start)
+        try:
+            decay = float(self.ema_decay)
+        except (TypeError, ValueError):
+            decay = math.nan
+        if not 0.0 <= decay < 1.0:
+            raise FinetuneError(f"qat.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        object.__setattr__(self, "ema_decay", decay)
+
+    @classmethod
+    def from_cfg(cls, qcfg: Any) -> QATConfig:
+        """Build from a ``QATConfig``, a mapping (dict, OmegaConf ``DictConfig``) or an attribute object.
+
+        Unknown keys (``eval_int8``) are ignored; missing keys take the defaults above.
+
+        Raises:
+            FinetuneError: a value is out of range (the message names the ``qat.*`` key).
+        """
+        if isinstance(qcfg, cls):
+            return qcfg
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(qcfg, Mapping):
+            values = {k: qcfg[k] for k in fields if k in qcfg}
+        else:
+            values = {k: getattr(qcfg, k) for k in fields if hasattr(qcfg, k)}
+        return cls(**values)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """q = clamp(round(x / s), -qmax, qmax) * s forward; identity backward.
+
+    The straight-through estimator passes the upstream gradient unchanged to ``x`` everywhere,
+    *including* clamped positions. With absmax scales (dynamic modes) nothing is ever clamped, so
+    the two common STE variants coincide there; with a static (EMA) scale, masking clamped positions
+    would silently stop gradient to exactly the outliers the network may need to shrink, and the
+    identity keeps QAT a pure perturbation of ordinary training. ``s`` receives no gradient (it is
+    computed from detached statistics; no learned step size).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:  # noqa: ANN001
+        return _fake_quant_impl(x, scale, qmax)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad, None, None
+
+
+def _fake_quant_impl(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    # One fresh tensor (x / s), then in-place round / clamp / rescale: 1 allocation, 4 elementwise passes.
+    q = torch.div(x, scale)
+    return q.round_().clamp_(-qmax, qmax).mul_(scale)
+
+
+def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """THE fake-quant: symmetric grid with step ``scale``, straight-through (identity) gradient.
+
+    Args:
+        x: any floating tensor.
+        scale: positive, broadcastable to ``x`` (``[]``, ``[..., 1]`` or ``[out, 1]``); cast to
+            ``x.dtype`` here so the arithmetic stays in the input dtype.
+        qmax: ``2**(bits-1) - 1``.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype whose values lie on ``scale * {-qmax..qmax}``.
+    """
+    if scale.dtype != x.dtype:
+        scale = scale.to(x.dtype)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _FakeQuantSTE.apply(x, scale, qmax)
+    # No graph to build (eval / no_grad): skip the autograd.Function bookkeeping, same arithmetic.
+    return _fake_quant_impl(x, scale, qmax)
+
+
+def absmax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``max |x|`` in float32, over everything (``dim=None``, shape ``[]``) or over ``dim`` (keepdim).
+
+    The reduction runs in ``x``'s dtype (the max of bf16/fp16 values is one of them, hence exact) and
+    only the result is widened to float32. Kernel choice is measured, not aesthetic: a full
+    ``aminmax`` reads ``x`` once without materialising ``|x|``, but ``aminmax``/``vector_norm(inf)``
+    along a dim are ~15x slower than ``abs().amax(dim)`` on CPU, so the per-token path uses the latter.
+    """
+    with torch.no_grad():
+        xd = x.detach()
+        if dim is None:
+            lo, hi = torch.aminmax(xd)
+            return torch.maximum(hi.float(), lo.float().neg())
+        return xd.abs().amax(dim=dim, keepdim=True).float()
+
+
+def scale_from_absmax(amax: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``absmax / qmax`` in float32, floored at :func:`scale_floor` (a zero tensor keeps scale > 0 and
+    quantizes to exact zeros instead of 0/0 = NaN)."""
+    return (amax / qmax_of(bits)).clamp_(min=scale_floor(dtype))
+
+
+def dynamic_scale(x: torch.Tensor, bits: int, mode: str = "tensor") -> torch.Tensor:
+    """Dynamic symmetric scale of ``x``.
+
+    Args:
+        x: activations ``[..., hidden]`` (or a weight ``[out, in]`` with ``mode="token"`` = per row).
+        bits: 4..8.
+        mode: ``tensor`` (shape ``[]``) or ``token`` (last dim reduced, shape ``[..., 1]``).
+
+    Returns:
+        float32 scale tensor on ``x.device``.
+    """
+    if mode == "tensor":
+        return scale_from_absmax(absmax(x), bits, x.dtype)
+    if mode == "token":
+        return scale_from_absmax(absmax(x, dim=-1), bits, x.dtype)
+    raise FinetuneError(f"dynamic scale mode must be 'tensor' or 'token', got {mode!r}")
+
+
+def fake_quant(x: torch.Tensor, bits: int = 8, mode: str = "tensor", scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantize ``x`` with a dynamic (or given) scale; straight-through gradient.
+
+    Args:
+        x: floating tensor ``[..., hidden]``.
+        bits: 4..8.
+        mode: ``tensor`` or ``token`` when ``scale`` is None.
+        scale: an explicit positive scale broadcastable to ``x`` (e.g. a static calibrated one).
+
+    Returns:
+        Tensor like ``x`` on the grid ``scale * {-qmax..qmax}``.
+
+    Raises:
+        FinetuneError: ``bits`` outside 4..8 (names ``qat.bits``) or an unknown ``mode``.
+    """
+    bits = check_bits(bits, "qat.bits")
+    if x.numel() == 0:
+        return x
+    if scale is None:
+        scale = dynamic_scale(x, bits, mode)
+    return fake_quant_ste(x, scale, qmax_of(bits))
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-output-channel symmetric fake-quant of a weight in ``[out, in]`` layout (STE).
+
+    Args:
+        w: ``[out_features, in_features]`` (transpose GPT-2 ``Conv1D`` weights first).
+        bits: 4..8.
+
+    Returns:
+        ``w`` fake-quantized with one scale per row (shape ``[out, 1]``).
+
+    Raises:
+        FinetuneError: ``bits`` outside 4..8 (names ``qat.weight_bits``).
+    """
+    bits = check_bits(bits, "qat.weight_bits")
+    return fake_quant_ste(w, dynamic_scale(w, bits, "token"), qmax_of(bits))
+
+
+class ActivationQuantizer:
+    """Fake-quantizes the input of one module and keeps its observer and SNR statistics.
+
+    Stats are device-side float32 running sums of ``x**2`` and ``(x - q)**2`` (no host sync); they
+    are recorded on every call in eval mode (or when ``frozen``) and on every ``stats_every``-th call
+    in training mode, so the training overhead is one cheap extra reduction every N calls.
+
+    Args:
+        name: the module's qualified name in the model (for reports).
+        key: layer-relative key ``layers.<i>.<path>`` (stable across PEFT wrapping; matches
+            calibrated static scales between a training handle and :func:`simulate_int8`).
+        group: ``attn`` or ``ffn``.
+        bits: 4..8.
+        mode: ``tensor`` | ``token`` | ``static``.
+        ema_decay: static observer decay.
+        stats_every: record training-mode stats every N calls (>= 1).
+        frozen: static observer never updates (simulated INT8 inference).
+
+    Note: under activation checkpointing the recomputed forward calls the quantizer again, so a
+    static observer sees each training batch twice (the EMA moves a little faster); dynamic modes
+    recompute the identical result.
+    """
+
+    __slots__ = (
+        "name", "key", "group", "bits", "qmax", "mode", "ema_decay", "stats_every", "frozen",
+        "ema", "calls", "sig", "noise", "on_uncalibrated",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        name: str,
+        key: str,
+        group: str,
+        bits: int,
+        mode: str,
+        ema_decay: float = 0.99,
+        stats_every: int = 16,
+        frozen: bool = False,
+    ) -> None:
+        self.name, self.key, self.group = name, key, group
+        self.bits = check_bits(bits)
+        self.qmax = qmax_of(self.bits)
+        self.mode = mode
+        self.ema_decay = float(ema_decay)
+        self.stats_every = max(1, int(stats_every))
+        self.frozen = frozen
+        self.ema: torch.Tensor | None = None  # float32 scalar: EMA of per-call absmax (static mode)
+        self.calls = 0
+        self.sig: torch.Tensor | None = None  # float32 scalar: sum x^2 over recorded calls
+        self.noise: torch.Tensor | None = None  # float32 scalar: sum (x - q)^2 over recorded calls
+        self.on_uncalibrated = None  # callback(self) when a static scale is needed but was never observed
+
+    def _scale(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        if self.mode == "tensor":
+            return scale_from_absmax(absmax(x), self.bits, x.dtype)
+        if self.mode == "token":
+            return scale_from_absmax(absmax(x, dim=-1), self.bits, x.dtype)
+        # static: observe in training mode, frozen in eval mode (what static INT8 deployment uses).
+        if training and not self.frozen:
+            amax = absmax(x)
+            if self.ema is None:
+                self.ema = amax  # first observation initialises the EMA (no bias towards 0)
+            else:
+                # out of place: an EMA created under torch.inference_mode() could not be updated in place later
+                self.ema = self.ema * self.ema_decay + amax * (1.0 - self.ema_decay)
+        if self.ema is None:
+            if self.on_uncalibrated is not None:
+                self.on_uncalibrated(self)
+            return scale_from_absmax(absmax(x), self.bits, x.dtype)
+        ema = self.ema if self.ema.device == x.device else self.ema.to(x.device)
+        return scale_from_absmax(ema, self.bits, x.dtype)
+
+    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """Fake-quantize ``x`` ([..., hidden]); ``training`` is the hooked module's ``.training``."""
+        if x.numel() == 0:
+            return x
+        q = fake_quant_ste(x, self._scale(x, training), self.qmax)
+        self.calls += 1
+        if not training or self.frozen or (self.calls - 1) % self.stats_every == 0:
+            self._record(x, q)
+        return q
+
+    @torch.no_grad()
+    def _record(self, x: torch.Tensor, q: torch.Tensor) -> None:
+        xd = x.detach()
+        sig = torch.linalg.vector_norm(xd, dtype=torch.float32).square()
+        noise = torch.linalg.vector_norm(xd - q.detach(), dtype=torch.float32).square()
+        if self.sig is None:
+            self.sig, self.noise = sig, noise
+        else:  # out of place, so sums begun under torch.inference_mode() keep working outside it
+            self.sig = self.sig + sig.to(self.sig.device)
+            self.noise = self.noise + noise.to(self.noise.device)
+
+    def snr_db(self) -> float | None:
+        """``10 log10(sum x^2 / sum (x-q)^2)`` over the recorded calls (host sync); None if none recorded.
+
+        ``inf`` when nothing was lost (e.g. all-zero inputs).
+        """
+        if self.sig is None:
+            return None
+        sig, noise = float(self.sig), float(self.noise)
+        if noise == 0.0:
+            return math.inf if sig > 0 else None
+        if sig == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(sig / noise)
+
+    def reset_stats(self) -> None:
+        self.sig = self.noise = None
+        self.calls = 0
