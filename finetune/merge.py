@@ -1,0 +1,279 @@
+"""finetune-merge: fold a run's LoRA/DoRA adapter into its base and write a standalone checkpoint.
+
+    finetune-merge run=outputs/<date>/<time> out=merged/                 # fp32 safetensors + tokenizer
+    finetune-merge run=... out=merged-bf16/ dtype=bfloat16 overwrite=true
+    python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('merged/')"   # no peft
+
+Keys: ``run`` and ``out`` (required), ``dtype`` (float32 | bfloat16 | float16, default float32), ``check``
+(default true), ``overwrite`` (default false: a non-empty ``out`` is an error).
+
+How:
+  * The merge always happens in float32 (``merge_and_unload``: W' = W + scale * B @ A) on the base loaded
+    in float32 (also where the run held its frozen base in bfloat16: the original weights keep their
+    precision), then the merged weights are cast to ``dtype`` and saved with ``save_pretrained``
+    (safetensors), with the tokenizer.
+  * QLoRA (a 4-bit / 8-bit base): the base is reloaded *without* quantization (``quantization.mode=none``,
+    the original full-precision weights) and the adapter merged into it. The result is never re-quantized,
+    and it differs from the QLoRA model as trained by the base's 4-bit / 8-bit rounding error; both facts
+    are printed, with that difference measured (informational, not checked).
+  * A full fine-tune run has nothing to merge: its ``model/`` is re-saved at ``dtype`` into ``out`` (with the
+    tokenizer) so every run type gives the same kind of output; a note says so.
+  * The check (``check=true``), two stages, on fixed prompts, as the max abs logit difference relative to
+    the logits' scale ``max(1, max |reference logit|)``:
+      1. the merge itself, in float32: the merged model vs the unmerged adapter model (for QLoRA: the adapter
+         on the de-quantized base), tolerance 1e-4 (fp32 round-off through all layers is ~5e-6 on SmolLM2,
+         a dropped or mis-scaled adapter moves logits by the adapter's effect, also printed: ~5e-2 there);
+      2. the written checkpoint, reloaded with plain ``AutoModelForCausalLM.from_pretrained(out)`` at
+         ``dtype``, vs the same float32 reference: 1e-4 for float32 (the file round-trips exactly),
+         5e-2 for bfloat16 and 1e-2 for float16. These bound the cast error: casting SmolLM2 to bfloat16
+         alone moves its logits by ~3e-2 of their scale, as much as a small adapter's effect, which is why
+         the merge is verified in float32 (stage 1), never after the cast.
+    Above tolerance: exit status 1 (the checkpoint is kept for inspection).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from finetune.errors import FinetuneError
+from finetune.export_common import (
+    CHECK_PROMPTS,
+    as_bool,
+    as_choice,
+    dir_size_bytes,
+    open_run,
+    parse_kv,
+    prepare_out_dir,
+    run_cli,
+)
+
+log = logging.getLogger("finetune.merge")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Relative tolerances on the max abs logit difference (see the module docstring): the float32 merge, and the
+# written checkpoint by its dtype.
+MERGE_RTOL = 1e-4
+RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+ARGS = {"run": None, "out": None, "dtype": "float32", "check": "true", "overwrite": "false"}
+NO_QUANT = {"mode": "none"}
+
+
+class MergeCheckError(Exception):
+    """The merged checkpoint's logits differ from the adapter model's by more than the tolerance."""
+
+
+@torch.no_grad()
+def prompt_logits(model, tok, prompts: tuple[str, ...] = CHECK_PROMPTS) -> list[torch.Tensor]:
+    """Float32 logits of each prompt (one sequence at a time, no padding), on the CPU.
+
+    Args:
+        model: a causal LM (PEFT or plain).
+        tok: its tokenizer; prompts are wrapped in its chat template when it has one.
+        prompts: the texts.
+
+    Returns:
+        One ``[seq_len, vocab]`` float32 tensor per prompt.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for text in prompts:
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+        out.append(model(input_ids=ids.to(device)).logits[0].float().cpu())
+    return out
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
+    """(max |a - b|, max(1, max |a|)) over all prompts, positions and vocabulary entries."""
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    scale = max(1.0, max(float(x.abs().max()) for x in a))
+    return diff, scale
+
+
+def merged_model(run_dir: str | Path, *, reference: bool = False):
+    """Load a run and return its merged float32 model (adapter folded in; a full fine-tune as is).
+
+    Args:
+        run_dir: a finetune-train run directory.
+        reference: also compute the unmerged float32 model's logits on :data:`CHECK_PROMPTS`, and for an
+            adapter run the base's (adapter disabled) and the merged model's, before anything is cast.
+
+    Returns:
+        ``(model, tokenizer, cfg, run_dir, info)``; ``info`` has ``kind`` (adapter | model), ``base_quantization``,
+        ``note`` (a sentence for the user, or None) and, with ``reference``, ``reference_logits``,
+        ``merged_logits`` and (adapter runs) ``base_logits``: lists of ``[seq, vocab]`` float32 tensors.
+
+    Raises:
+        FinetuneError: missing run directory / config, or a run with neither adapter/ nor model/.
+    """
+    from finetune.runs import run_config, run_kind
+
+    path, cfg = run_config(run_dir)
+    kind = run_kind(path)
+    mode = str(cfg.quantization.mode)
+    info: dict = {"kind": kind, "base_quantization": mode, "note": None}
+    if kind == "model":
+        info["note"] = (f"run={path} is a full fine-tune: there is no adapter to merge; its model/ weights are "
+                        "used as they are")
+    elif mode != "none":
+        info["note"] = (f"run={path} trained QLoRA on a {mode}-quantized base: the adapter is merged into the base "
+                        "reloaded without quantization (its original full-precision weights), and the result is "
+                        "not re-quantized")
+    quant = OmegaConf.create(NO_QUANT) if mode != "none" else None
+    model, tok, cfg, path = open_run(path, quantization=quant, dtype="float32")
+    if reference:
+        info["reference_logits"] = prompt_logits(model, tok)
+        if kind == "adapter":
+            with model.disable_adapter():
+                info["base_logits"] = prompt_logits(model, tok)
+    if kind == "adapter":
+        model = model.merge_and_unload()
+    model.eval()
+    if reference:
+        info["merged_logits"] = prompt_logits(model, tok)
+    return model, tok, cfg, path, info
+
+
+def quantized_adapter_logits(run_dir: Path) -> list[torch.Tensor]:
+    """Logits of the adapter on the run's own quantized base (the QLoRA model as trained)."""
+    model, tok, _, _ = open_run(run_dir)
+    logits = prompt_logits(model, tok)
+    del model
+    return logits
+
+
+def merge_run(run: str, out: str, dtype: str = "float32", check: bool = True, overwrite: bool = False) -> dict:
+    """Merge a run into a standalone checkpoint at ``out``; the CLI's work, returned as a dict.
+
+    Args:
+        run: the run directory.
+        out: the output directory (absent, empty, or ``overwrite``).
+        dtype: float32 | bfloat16 | float16, the saved weights' dtype.
+        check: reload ``out`` and compare logits with the unmerged model.
+        overwrite: replace a non-empty ``out``.
+
+    Returns:
+        What ``out/merge.json`` holds: run, kind, method, dtype, ``size_bytes`` and, with ``check``,
+        ``merge_max_abs_diff`` / ``merge_tolerance`` (stage 1), ``max_abs_diff`` / ``tolerance`` (stage 2),
+        ``adapter_effect``, ``passed`` (and for QLoRA ``max_abs_diff_vs_quantized_adapter``).
+
+    Raises:
+        FinetuneError: bad arguments, run or out directory.
+        MergeCheckError: the check failed (the checkpoint is still written, for inspection).
+    """
+    from finetune.runs import run_config, run_kind
+
+    as_choice("dtype", dtype, tuple(DTYPES))
+    path, cfg = run_config(run)
+    kind = run_kind(path)
+    target = prepare_out_dir(out, overwrite, path)
+    quant_ref = None
+    if check and kind == "adapter" and cfg.quantization.mode != "none":
+        quant_ref = quantized_adapter_logits(path)  # before the fp32 model: one model in memory at a time
+    model, tok, cfg, path, info = merged_model(path, reference=check)
+    if info["note"]:
+        print(info["note"] + (f", saved at {dtype}." if kind == "model" else "."))
+    if target.exists():
+        shutil.rmtree(target)
+    model.to(DTYPES[dtype])
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    del model
+    result = {"run": str(path), "kind": kind, "method": _method(cfg), "base_quantization": info["base_quantization"],
+              "dtype": dtype, "out": str(target), "size_bytes": dir_size_bytes(target)}
+    print(f"wrote {target} ({dtype}, {result['size_bytes'] / 2**20:.1f} MiB of weights)")
+    if check:
+        result.update(_check(target, tok, dtype, info, quant_ref, kind))
+    (target / "merge.json").write_text(json.dumps(result, indent=2) + "\n")
+    if check and not result["passed"]:
+        raise MergeCheckError(f"merge check failed: {result['failed']}; the checkpoint in {target} is not trustworthy")
+    return result
+
+
+def _check(target: Path, tok, dtype: str, info: dict, quant_ref: list | None, kind: str) -> dict:
+    """The two-stage logit check (module docstring); prints one line per stage and returns the figures."""
+    from transformers import AutoModelForCausalLM
+
+    ref = info["reference_logits"]
+    against = "the adapter model" if kind == "adapter" else "the run's model"
+    if quant_ref is not None:
+        against = "the adapter on the de-quantized (full-precision) base"
+    n = len(CHECK_PROMPTS)
+    merge_diff, scale = max_abs_diff(ref, info["merged_logits"])
+    merge_tol = MERGE_RTOL * scale
+    print(f"check 1 (merge, float32): max |logit difference| = {merge_diff:.3g} vs {against} on {n} fixed prompts "
+          f"(tolerance {merge_tol:.3g} = {MERGE_RTOL:g} x logit scale {scale:.3g})")
+    out = {"compared_with": against + " in float32", "prompts": n, "logit_scale": scale,
+           "merge_max_abs_diff": merge_diff, "merge_tolerance": merge_tol}
+    if "base_logits" in info:
+        effect, _ = max_abs_diff(ref, info["base_logits"])
+        out["adapter_effect"] = effect
+        print(f"         the adapter itself moves the logits by up to {effect:.3g} (what a missing merge would show)")
+        if effect <= 10 * merge_tol:
+            log.warning("the adapter barely changes the logits (%.3g): the merge check cannot tell a merged model "
+                        "from the base", effect)
+    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[dtype]).eval()
+    got = prompt_logits(reloaded, tok)
+    del reloaded
+    diff, _ = max_abs_diff(ref, got)
+    tol = RTOL[dtype] * scale
+    print(f"check 2 (written checkpoint, plain transformers, {dtype}): max |logit difference| = {diff:.3g} "
+          f"(tolerance {tol:.3g} = {RTOL[dtype]:g} x logit scale)")
+    out.update(max_abs_diff=diff, tolerance=tol, rtol=RTOL[dtype], merge_rtol=MERGE_RTOL)
+    if quant_ref is not None:
+        qdiff, _ = max_abs_diff(quant_ref, got)
+        out["max_abs_diff_vs_quantized_adapter"] = qdiff
+        print(f"note: vs the adapter on the {info['base_quantization']}-quantized base as trained the max |logit "
+              f"difference| is {qdiff:.3g}: the base's quantization error, expected and not checked")
+    failed = []
+    if merge_diff > merge_tol:
+        failed.append(f"merged vs adapter (float32) {merge_diff:.3g} > {merge_tol:.3g}")
+    if diff > tol:
+        failed.append(f"written checkpoint ({dtype}) {diff:.3g} > {tol:.3g}")
+    out["passed"] = not failed
+    if failed:
+        out["failed"] = "; ".join(failed)
+    return out
+
+
+def _method(cfg) -> str:
+    from finetune.config import method_name
+
+    return method_name(cfg)
+
+
+def _body(argv: list[str]) -> int:
+    args = parse_kv(argv, ARGS, ("run", "out"), " (finetune-merge run=<run dir> out=<new dir>)")
+    try:
+        merge_run(args["run"], args["out"], args["dtype"], as_bool("check", args["check"]),
+                  as_bool("overwrite", args["overwrite"]))
+    except MergeCheckError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """finetune-merge entry point.
+
+    Args:
+        argv: ``key=value`` arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 1 when the logit check fails, 2 on a user error (one ``error:`` line on stderr).
+    """
+    return run_cli(_body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""After training, end to end with the embedded SmolLM2-135M through the real CLIs: merge (logit check),
+chat (deterministic greedy text), export to INT8 (artifact loads, smaller, scored beside the fake-quant)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, shared
+
+pytestmark = pytest.mark.e2e
+
+FAST = [
+    "logger=none",
+    "trainer.max_steps=2",
+    "trainer.batch_size=2",
+    "trainer.max_length=128",
+    "trainer.save_strategy=no",
+    "dataset.max_train_samples=8",
+    "dataset.max_eval_samples=4",
+    "dataset.max_test_samples=8",
+    "eval.zero_shot=false",
+    "eval.num_samples=1",
+    "eval.max_new_tokens=4",
+]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{args[0]} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def test_smollm2_merge_chat_export(tmp_path: Path):
+    qat = ["qat_targets=[attn,ffn]"]
+    run_dir = tmp_path / "run"
+    cli("finetune.train", f"dataset.path={shared('chnsenticorp')}", *FAST, *qat, f"hydra.run.dir={run_dir}")
+
+    merged = tmp_path / "merged"
+    proc = cli("finetune.merge", f"run={run_dir}", f"out={merged}")
+    info = json.loads((merged / "merge.json").read_text())
+    assert info["passed"] and "check 1 (merge, float32)" in proc.stdout
+    assert info["merge_max_abs_diff"] <= info["merge_tolerance"] < info["adapter_effect"]
+
+    prompt = "prompt=Write one sentence about hotels."
+    first = cli("finetune.chat", f"run={run_dir}", prompt, "max_new_tokens=16").stdout
+    assert first.strip() and cli("finetune.chat", f"run={run_dir}", prompt, "max_new_tokens=16").stdout == first
+
+    out = tmp_path / "int8"
+    cli("finetune.export", f"run={run_dir}", "format=int8", f"out={out}", "latency_tokens=4", "latency_reps=1",
+        "threads=1")
+    export = json.loads((out / "export.json").read_text())
+    assert not export["ptq"] and export["qat_targets"] == ["attn", "ffn"]
+    assert export["quality"]["run_metrics"]["accuracy_int8"] is not None
+    assert export["sizes_bytes"]["int8_vs_float32"] < 0.5 and export["sizes_bytes"]["int8_vs_float16"] < 1.0
+    q = export["quality"]
+    # INT8 noise, not a broken export: on SmolLM2 every INT8 scheme tried (this export on each torch.ao engine,
+    # and the fake-quant simulation) moved label probabilities by 0.1-0.2 from float32 after 2 training steps,
+    # independently of each other, so INT8 and fake-quant are compared through their distance to float32. The
+    # x86 kernels quantize activations to 7 bits (1.5x the 8-bit simulation's error on one linear, ~2.2x on
+    # these 8 reviews), so the real INT8 model may be up to 3x as far from float32 as the simulation (+0.02).
+    assert q["int8_vs_float32_max_prob_diff"] <= 3 * q["fake_quant_vs_float32_max_prob_diff"] + 0.02
+    assert abs(q["int8"]["accuracy"] - q["fake_quant"]["accuracy"]) <= 0.25 + 1e-9  # at most 2 of 8 rows

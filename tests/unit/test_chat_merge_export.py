@@ -1,0 +1,288 @@
+"""finetune-chat / finetune-merge / finetune-export on runs of the tiny random model (2 layers, hidden 64).
+
+Runs are trained once per module (3 steps at lr 1e-2, so the LoRA B matrices are far from their zero init)
+and shared by the checks; every check runs in-process through the functions or ``main([...])``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune import chat, export, merge
+from finetune.train import run
+from tests.conftest import TINY, compose_cfg, shared
+
+TRAIN = ["trainer.max_steps=3", "trainer.lr=1e-2"]
+
+
+def _train(base, name: str, *overrides: str):
+    data = shared("chnsenticorp") if not any(o.startswith("dataset=") for o in overrides) else None
+    extra = [f"dataset.path={data}"] if data else []
+    cfg = compose_cfg([*TINY, *extra, *TRAIN, *overrides], base / name)
+    metrics = run(cfg, base / name)
+    assert metrics["status"] == "ok"
+    return base / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("after")
+    alpaca = shared("alpaca", "alpaca_en_demo.json")
+    return {
+        "lora": _train(base, "lora"),
+        "nf4": _train(base, "nf4", "quantization=nf4"),
+        "full": _train(base, "full", "lora=none"),
+        "gen": _train(base, "gen", "dataset=alpaca", f"dataset.path={alpaca}"),
+    }
+
+
+def _one_error_line(capsys, rc: int, expected: int = 2) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == expected, err
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("name", ["lora", "nf4"])
+def test_merge_matches_the_adapter_model(runs, name, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.export_common import open_run
+
+    run_dir = runs[name]
+    lora_b = [t for k, t in load_file(run_dir / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and max(float(t.abs().max()) for t in lora_b) > 1e-3, "the adapter is still at its zero init"
+
+    out = tmp_path / "merged"
+    result = merge.merge_run(str(run_dir), str(out))
+    printed = capsys.readouterr().out
+    assert result["passed"] and result["merge_max_abs_diff"] <= result["merge_tolerance"]
+    assert result["adapter_effect"] > 100 * result["merge_tolerance"]  # the check can see a missing merge
+    # A standalone checkpoint: safetensors, no adapter files, no quantization config; plain transformers loads it.
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in n for n, _ in merged.named_modules())
+    # Independent check: merged vs the adapter on the same (full-precision) base, on new token ids.
+    quant = {"mode": "none"} if name == "nf4" else None
+    from omegaconf import OmegaConf
+
+    adapter, _, _, _ = open_run(run_dir, quantization=OmegaConf.create(quant) if quant else None, dtype="float32")
+    ids = torch.tensor([[1, 500, 2000, 77, 31000, 5]])
+    assert torch.allclose(_logits(merged, ids), _logits(adapter, ids), atol=1e-4)
+    if name == "nf4":
+        assert "not re-quantized" in printed
+        assert result["base_quantization"] == "nf4" and result["max_abs_diff_vs_quantized_adapter"] > 0
+        assert "de-quantized" in result["compared_with"]
+
+
+def test_merge_bfloat16_and_full_finetune(runs, tmp_path, capsys):
+    result = merge.merge_run(str(runs["lora"]), str(tmp_path / "bf16"), dtype="bfloat16")
+    assert result["passed"]
+    dtypes = {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()}
+    assert dtypes == {torch.bfloat16}
+    full = merge.merge_run(str(runs["full"]), str(tmp_path / "full"))
+    assert full["kind"] == "model" and full["passed"] and full["merge_max_abs_diff"] == 0
+    assert "full fine-tune" in capsys.readouterr().out
+
+
+def test_merge_check_failure_exits_1(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(merge, "MERGE_RTOL", 0.0)  # any float32 round-off now fails
+    rc = merge.main([f"run={runs['lora']}", f"out={tmp_path / 'm'}"])
+    assert "merge check failed" in _one_error_line(capsys, rc, expected=1)
+
+
+# ------------------------------------------------------------------------------------------------ chat
+
+
+def test_greedy_one_shot_is_deterministic(runs, capsys):
+    # The tiny random model's greedy reply is degenerate (newlines); the SmolLM2 e2e test checks real text.
+    args = [f"run={runs['gen']}", "prompt=Name three colours.", "max_new_tokens=12"]
+    assert chat.main(args) == 0
+    first = capsys.readouterr().out
+    assert chat.main(args) == 0
+    assert capsys.readouterr().out == first and first
+
+
+def test_generate_function_greedy_and_seeded_sampling(runs):
+    from transformers import set_seed
+
+    from finetune.export_common import open_run
+
+    model, tok, cfg, _ = open_run(runs["gen"])
+    messages = [{"role": "user", "content": "Say hello."}]
+    greedy = [chat.generate(model, tok, messages, 8, 0.0, 1.0, dcfg=cfg.dataset) for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    sampled = []
+    for seed in (3, 3, 4):
+        set_seed(seed)
+        sampled.append(chat.generate(model, tok, messages, 8, 1.0, 0.9, dcfg=cfg.dataset))
+    assert sampled[0] == sampled[1] != sampled[2] and sampled[0].strip()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_batch_prompts_file_to_jsonl(runs, tmp_path, suffix, capsys):
+    prompts = ["Name a fruit.", "What is 2 + 2?", "Write a word."]
+    file = tmp_path / f"prompts{suffix}"
+    lines = prompts if suffix == ".txt" else [json.dumps({"prompt": p}) for p in prompts]
+    file.write_text("\n".join(lines) + "\n\n")
+    out = tmp_path / "answers.jsonl"
+    assert chat.main([f"run={runs['gen']}", f"prompts_file={file}", f"out={out}", "max_new_tokens=4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    assert all(isinstance(r["response"], str) for r in rows)
+
+
+def test_classification_run_answers_with_the_evaluators_label(runs, capsys):
+    from finetune.evaluate import classify
+    from finetune.export_common import open_run
+
+    session = chat.Session(str(runs["lora"]), {"seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0})
+    row = {"text": "房间很干净，服务也很好。", "label": 1}
+    answer = session.answer(row["text"], stream=True)
+    printed = capsys.readouterr().out
+    assert answer["response"] in ("negative", "positive") and answer["response"] in printed
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0)
+    model, tok, cfg, _ = open_run(runs["lora"])
+    bf16 = session.bf16
+    pred = classify(model, tok, [row], cfg.dataset, int(cfg.trainer.max_length), 1, bf16)["predictions"][0]
+    assert answer["response"] == list(cfg.dataset.label_words)[pred]
+
+
+def test_interactive_reads_until_exit(runs, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n/reset\nhi again\nexit\nnever answered\n"))
+    calls = []
+    original = chat.Session.answer
+
+    def spy(self, prompt, history=None, stream=False):
+        calls.append((prompt, len(history or [])))
+        return original(self, prompt, history, stream)
+
+    monkeypatch.setattr(chat.Session, "answer", spy)
+    assert chat.main([f"run={runs['gen']}", "max_new_tokens=3"]) == 0
+    assert calls == [("hello", 0), ("hi again", 0)]  # /reset cleared the first exchange; 'exit' stopped
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+# Tolerance of the INT8 artifact vs the fake-quant simulation on the same rows. The two are not the same
+# arithmetic (torch.ao: asymmetric 7-bit dynamic activations, float32 o_proj/down_proj; simulation: symmetric
+# 8-bit activations, 8-bit weights everywhere), so they agree to INT8 rounding, not bit for bit. The tiny
+# random model's label probabilities sit near 0.5 with margins of ~1e-2, so the sharp bound is on the
+# probabilities (measured ~1e-3) and at most one of the scored rows may flip its prediction.
+PROB_TOL = 0.02
+
+
+def test_export_int8_matches_fake_quant_and_loads(runs, tmp_path, capsys):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    out = tmp_path / "int8"
+    rc = export.main([f"run={runs['lora']}", "format=int8", f"out={out}", "latency_tokens=2", "latency_reps=1",
+                      "threads=1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "post-training quantization" in printed  # a non-QAT run is PTQ, and says so
+    info = json.loads((out / "export.json").read_text())
+    q = info["quality"]
+    n = q["n"]
+    assert n == 6 and q["fake_quant"] is not None
+    assert abs(q["int8"]["accuracy"] - q["fake_quant"]["accuracy"]) <= 1 / n + 1e-9
+    assert q["int8_vs_fake_quant_max_prob_diff"] <= PROB_TOL
+    assert q["int8_vs_float32_max_prob_diff"] <= 2 * q["fake_quant_vs_float32_max_prob_diff"] + PROB_TOL
+    sizes = info["sizes_bytes"]
+    assert sizes["int8"] < sizes["float32"] and sizes["float16"] < sizes["float32"]
+    assert info["latency"]["int8_ms_per_token"] > 0 and info["latency"]["float32_ms_per_token"] > 0
+    # The artifact loads and runs: dynamic INT8 linears for q/k/v and gate/up (sublayer granularity) only.
+    model, tok, loaded = export.load_exported(out)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, DynamicLinear)]
+    assert sorted(quantized) == sorted(loaded["quantized_modules"]) and len(quantized) == 2 * 5
+    assert not any(n.endswith(("o_proj", "down_proj")) for n in quantized)
+    ids = tok("hello", return_tensors="pt").input_ids
+    generated = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 3
+
+
+def test_export_generation_run_reports_perplexity(runs, tmp_path, capsys):
+    info = export.export_run(str(runs["gen"]), "int8", str(tmp_path / "g"), max_samples=3, latency_tokens=2,
+                             latency_reps=1, scope="all")
+    q = info["quality"]
+    assert q["n"] == 3 and len(info["quantized_modules"]) == 2 * 7
+    assert q["int8"]["perplexity"] == pytest.approx(q["float32"]["perplexity"], rel=0.05)
+
+
+def test_export_of_a_qat_run(tmp_path, capsys):
+    run_dir = _train(tmp_path, "qat", "qat_targets=[attn,ffn]")
+    info = export.export_run(str(run_dir), "int8", str(tmp_path / "q"), latency_tokens=2, latency_reps=1)
+    assert not info["ptq"] and info["qat_targets"] == ["attn", "ffn"]
+    q = info["quality"]
+    assert q["int8_vs_fake_quant_max_prob_diff"] <= PROB_TOL
+    assert "accuracy_int8" in q["run_metrics"]  # the run's own fake-quant figure is carried over
+    assert "post-training quantization" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("cli", [chat, merge, export])
+def test_missing_run_dir(cli, tmp_path, capsys):
+    extra = {chat: [], merge: [f"out={tmp_path / 'o'}"], export: ["format=int8", f"out={tmp_path / 'o'}"]}[cli]
+    line = _one_error_line(capsys, cli.main([f"run={tmp_path / 'nope'}", *extra]))
+    assert "no such run directory" in line
+
+
+@pytest.mark.parametrize("cli", [chat, merge, export])
+def test_run_without_adapter_or_model(cli, runs, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(runs["lora"] / "config.yaml", broken / "config.yaml")
+    extra = {chat: ["prompt=hi"], merge: [f"out={tmp_path / 'o'}"], export: ["format=int8", f"out={tmp_path / 'o'}"]}
+    line = _one_error_line(capsys, cli.main([f"run={broken}", *extra[cli]]))
+    assert "no adapter/ or model/" in line
+
+
+def test_unknown_export_format(runs, tmp_path, capsys):
+    line = _one_error_line(capsys, export.main([f"run={runs['lora']}", "format=gguf", f"out={tmp_path / 'o'}"]))
+    assert "format=gguf" in line and "int8" in line
+
+
+@pytest.mark.parametrize("cli", [merge, export])
+def test_out_exists(cli, runs, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "something.txt").write_text("keep me")
+    extra = ["format=int8"] if cli is export else []
+    line = _one_error_line(capsys, cli.main([f"run={runs['lora']}", f"out={out}", *extra]))
+    assert "overwrite=true" in line and (out / "something.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run"], "not key=value"),
+    (["run=x", "colour=red"], "unknown key 'colour'"),
+    (["prompt=hi"], "missing run="),
+    (["run=x", "temperature=hot"], "temperature=hot"),
+    (["run=x", "load_in_4bit=true", "load_in_8bit=true"], "exclusive"),
+])
+def test_chat_argument_errors(argv, needle, capsys):
+    assert needle in _one_error_line(capsys, chat.main(argv))
+
+
+def test_merge_bad_dtype_and_missing_out(runs, capsys):
+    assert "dtype=float8" in _one_error_line(capsys, merge.main([f"run={runs['lora']}", "out=/tmp/x", "dtype=float8"]))
+    assert "missing out=" in _one_error_line(capsys, merge.main([f"run={runs['lora']}"]))
