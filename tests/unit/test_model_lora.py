@@ -43,7 +43,7 @@ def test_lora_parameter_counts(preset, shapes, r):
 
 
 def test_dora_adds_a_magnitude_vector_per_output_feature():
-    cfg, model, _ = _load("lora=dora", "lora.r=8")
+    cfg, model, _ = _load("lora=dora", "lora.r=8", "lora.target_modules=qv")
     model = apply_lora(model, cfg.lora)
     trainable, _ = count_params(model)
     assert trainable == _lora_params(8, [(H, H), (H, KV)]) + LAYERS * (H + KV)
@@ -64,7 +64,7 @@ def test_explicit_target_list_must_exist():
 
 @pytest.mark.parametrize("mode,layer_type", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
 def test_quantized_layers_present(mode, layer_type):
-    cfg, model, _ = _load(f"quantization={mode}")
+    cfg, model, _ = _load(f"quantization={mode}", "lora.target_modules=qv")
     kinds = {type(m).__name__ for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))}
     assert kinds == {layer_type}
     # the output head stays in full precision (quantization.skip_modules)
