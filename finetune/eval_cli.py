@@ -38,6 +38,8 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
             overrides.append(arg)
         else:
             raise FinetuneError(f"unknown key '{key}'; allowed: {', '.join(OWN_KEYS)} and dataset.*")
+    if "batch_size" in own and not (own["batch_size"].isdigit() and int(own["batch_size"]) > 0):
+        raise FinetuneError(f"batch_size={own['batch_size']} must be a positive integer")
     if "run" not in own:
         raise FinetuneError("missing run=<run directory> (a finetune-train output directory)")
     return own, overrides
