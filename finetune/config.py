@@ -68,6 +68,8 @@ def validate(cfg: DictConfig) -> None:
         FinetuneError: naming the first bad key, its value and what is allowed.
     """
     _number("seed", cfg.seed, low=0, integer=True)
+    if not isinstance(cfg.get("isolate_jobs", True), bool):
+        raise FinetuneError(f"isolate_jobs={cfg.isolate_jobs!r} is not allowed; allowed: true, false")
 
     m = cfg.model
     if not isinstance(m.name_or_path, str) or not m.name_or_path.strip():

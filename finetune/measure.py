@@ -1,12 +1,17 @@
 """Peak memory and throughput, measured the same way for every method so ratios are honest.
 
 CPU: peak resident set size (VmHWM), reset at the start of the measured phase through
-/proc/self/clear_refs so jobs of one in-process sweep do not inherit each other's peak.
+/proc/self/clear_refs so jobs of one in-process sweep do not inherit each other's peak. Before the
+reset, freed heap is handed back to the OS (``malloc_trim``), otherwise memory a previous job freed
+but the allocator kept would count against the next one.
 CUDA: ``torch.cuda.max_memory_allocated``, reset the same way.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import time
 from pathlib import Path
 
@@ -18,7 +23,21 @@ def memory_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def release_free_memory() -> None:
+    """Collect garbage and return the allocator's free pages to the OS (glibc only; no-op elsewhere)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def reset_peak_memory() -> None:
+    release_free_memory()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return

@@ -213,6 +213,29 @@ def resolve_precision(trainer_precision: str, model_dtype: str, full_finetune: b
     return Precision(load_dtype=load, bf16=name == "bf16", fp16=name == "fp16", name=name)
 
 
+class _OncePerMessage(logging.Filter):
+    """Let each distinct message through once: bitsandbytes' int8 matmul repeats the same cast warning on
+    every forward call (hundreds of lines per training step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def quiet_repeated_bnb_warnings() -> None:
+    """Install :class:`_OncePerMessage` on bitsandbytes' autograd logger (idempotent)."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OncePerMessage) for f in logger.filters):
+        logger.addFilter(_OncePerMessage())
+
+
 def bnb_config(qcfg: DictConfig):
     """The one place a BitsAndBytesConfig is built from the ``quantization`` node (None for mode=none)."""
     if qcfg.mode == "none":
@@ -221,6 +244,7 @@ def bnb_config(qcfg: DictConfig):
         raise FinetuneError(f"quantization={qcfg.mode} needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
+    quiet_repeated_bnb_warnings()
     skip = list(qcfg.get("skip_modules") or []) or None
     if qcfg.mode == "int8":
         return BitsAndBytesConfig(

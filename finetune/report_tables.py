@@ -182,7 +182,7 @@ def _lora_vs_qlora(df: pd.DataFrame, metric: str | None, higher: bool) -> Compar
     base_mem, base_tps = mean("peak_memory_mb"), mean("train_tokens_per_s")
     ratio = lambda v, b: NA if to_float(v) is None or not b else f"{to_float(v) / b:.2f}x"  # noqa: E731
     metrics = _task_metrics(df, metric)
-    headers = ["Method", "Peak memory (MB)", f"Memory vs {base} (x)", "Train time (s)", "Tokens/s",
+    headers = ["Method", "Peak memory (MB)", f"Memory vs {base} (x)", "Weights (MB)", "Train time (s)", "Tokens/s",
                f"Tokens/s vs {base} (x)"] + [_headed(m) for m in metrics] + ["Trainable params", "Trainable %"]
     rows = []
     for label, (_, r) in zip(_labels(df, "method"), df.iterrows()):
@@ -190,7 +190,7 @@ def _lora_vs_qlora(df: pd.DataFrame, metric: str | None, higher: bool) -> Compar
             rows.append([label, _failed_cell(r)] + [""] * (len(headers) - 2))
             continue
         rows.append([label, fmt(r.get("peak_memory_mb"), 0), ratio(r.get("peak_memory_mb"), base_mem),
-                     fmt(r.get("train_runtime_s"), 1), fmt(r.get("train_tokens_per_s"), 0),
+                     fmt(r.get("model_memory_mb"), 0), fmt(r.get("train_runtime_s"), 1), fmt(r.get("train_tokens_per_s"), 0),
                      ratio(r.get("train_tokens_per_s"), base_tps)]
                     + [fmt_metric(m, r.get(m)) for m in metrics]
                     + [f"{human_count(r.get('trainable_params'))} / {human_count(r.get('total_params'))}",
@@ -211,21 +211,45 @@ def _lora_vs_qlora(df: pd.DataFrame, metric: str | None, higher: bool) -> Compar
     return Comparison("lora_vs_qlora", metric, higher, _table(rows, headers), takeaway, notes, base)
 
 
+def _first(r: pd.Series, *keys: str):
+    """The first of ``keys`` that ``r`` has a value for (metrics.json shapes differ across versions)."""
+    for key in keys:
+        if to_float(r.get(key)) is not None:
+            return r.get(key)
+    return None
+
+
+# Where a no-QAT run keeps its post-training-quantization score for each target set (finetune.int8_eval).
+_PTQ_SUFFIX = {"attn": "_attn", "ffn": "_ffn", "attn+ffn": ""}
+
+
 def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
     df = sort_by_order(df, "qat_targets", TARGET_ORDER)
     generation = "perplexity" in (metric or "") or (not _has(df, "accuracy") and _has(df, "perplexity"))
     fp, q = ("perplexity", "perplexity_int8") if generation else ("accuracy", "accuracy_int8")
     scale = 1 if generation else 100
     if generation:
-        headers = ["Targets", "Perplexity", "INT8 perplexity", "INT8 increase (ppl)"]
+        headers = ["Targets", "Perplexity", "INT8 perplexity", "INT8 increase (ppl)", "PTQ INT8 perplexity",
+                   "QAT vs PTQ (ppl)"]
         extra = []
     else:
-        headers = ["Targets", "Accuracy (%)", "INT8 accuracy (%)", "INT8 drop (pts)", "F1 (%)", "INT8 F1 (%)"]
+        headers = ["Targets", "Accuracy (%)", "INT8 accuracy (%)", "INT8 drop (pts)", "PTQ INT8 accuracy (%)",
+                   "QAT vs PTQ (pts)", "F1 (%)", "INT8 F1 (%)"]
         extra = ["f1", "f1_int8"]
     headers += ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
     gap = lambda r: None if to_float(r.get(fp)) is None or to_float(r.get(q)) is None else (  # noqa: E731
         (r[q] - r[fp]) if generation else (r[fp] - r[q]) * scale)
-    rows, gaps = [], {}
+    ok = ok_rows(df)
+    ptq_rows = ok[ok["qat_targets"].astype(str) == "none"] if "qat_targets" in ok.columns else ok.iloc[0:0]
+    ptq_row = ptq_rows.iloc[0] if len(ptq_rows) else None
+
+    def ptq_score(label: str) -> float | None:
+        """The no-QAT run's INT8 score on the same targets: the PTQ baseline of a QAT row."""
+        if ptq_row is None or label not in _PTQ_SUFFIX:
+            return None
+        return to_float(ptq_row.get(q + _PTQ_SUFFIX[label]))
+
+    rows, gaps, vs_ptq = [], {}, {}
     for label, (_, r) in zip(_labels(df, "qat_targets"), df.iterrows()):
         if r["status"] != "ok":
             rows.append([label, _failed_cell(r)] + [""] * (len(headers) - 2))
@@ -233,11 +257,18 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
         g = gap(r)
         if g is not None:
             gaps[label] = g
+        base = ptq_score(label)
+        mine = to_float(r.get(q))
+        diff = None if base is None or mine is None else (mine - base) * scale
+        if diff is not None:
+            vs_ptq[label] = diff
         rows.append([label, fmt_metric(fp, r.get(fp)), fmt_metric(q, r.get(q)),
-                     NA if g is None else f"{g:.2f}" if generation else f"{g:.1f}"]
+                     NA if g is None else f"{g:.2f}" if generation else f"{g:.1f}",
+                     NA if base is None else fmt_metric(q, base),
+                     NA if diff is None else f"{diff:+.2f}" if generation else f"{diff:+.1f}"]
                     + [fmt_metric(m, r.get(m)) for m in extra]
                     + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
-                       fmt(r.get("qat.num_quantized_modules"), 0)])
+                       fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
     what, unit = ("INT8 perplexity increase", "ppl") if generation else ("INT8 accuracy drop", "pts")
     show = (lambda g: f"{g:.2f} {unit}") if generation else (lambda g: f"{g:.1f} {unit}")
     if not gaps:
@@ -250,6 +281,12 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
             takeaway = f"{best} QAT has the smallest {what}: {show(gaps[best])}"
             if "none" in gaps:
                 takeaway += f" vs {show(gaps['none'])} without QAT"
+    if vs_ptq:
+        # In INT8, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
+        wins = [t for t, d in vs_ptq.items() if (d <= 0 if generation else d >= 0)]
+        takeaway += (f"; in INT8, QAT matches or beats PTQ of the same targets on {len(wins)} of {len(vs_ptq)} "
+                     "target sets (" + ", ".join(f"{t} {d:+.2f}" if generation else f"{t} {d:+.1f}"
+                                                 for t, d in vs_ptq.items()) + f" {unit})")
     return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)
 
 

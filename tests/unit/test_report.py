@@ -91,7 +91,8 @@ def qat_metrics(targets: list[str], acc: float, acc_int8: float) -> dict:
     extra = {"qat_targets": targets, "accuracy_int8": acc_int8, "f1_int8": acc_int8 - 0.01}
     if targets:
         extra["qat"] = {"bits": 8, "scale": "tensor", "granularity": "sublayer", "weight_bits": None,
-                        "num_quantized_modules": 30 * len(targets),
+                        "num_quantized_modules": {"total": 30 * len(targets), "attn": 30 * ("attn" in targets),
+                                                  "ffn": 30 * ("ffn" in targets)},
                         "snr_db": {"attn": 31.5, "ffn": 28.25}}
     return cls_metrics("lora", "none", 2100.0, 900.0, acc, 811_008, **extra)
 
@@ -99,7 +100,9 @@ def qat_metrics(targets: list[str], acc: float, acc_int8: float) -> dict:
 @pytest.fixture
 def qat_sweep(tmp_path: Path) -> Path:
     root = tmp_path / "qat" / "2025-01-03_09-00-00"
-    write_job(root, 0, ["qat_targets=[]"], qat_metrics([], 0.900, 0.849))
+    ptq = qat_metrics([], 0.900, 0.849)
+    ptq.update(int8_eval="ptq", accuracy_int8_attn=0.870, f1_int8_attn=0.86, accuracy_int8_ffn=0.880, f1_int8_ffn=0.87)
+    write_job(root, 0, ["qat_targets=[]"], ptq)
     write_job(root, 1, ["qat_targets=[attn]"], qat_metrics(["attn"], 0.898, 0.880))
     write_job(root, 2, ["qat_targets=[ffn]"], qat_metrics(["ffn"], 0.897, 0.875))
     write_job(root, 3, ["qat_targets=[attn,ffn]"], qat_metrics(["ffn", "attn"], 0.896, 0.893))
@@ -139,7 +142,7 @@ def test_collect_flattens_and_marks_hard_died_jobs(grid_sweep: Path) -> None:
 def test_collect_qat_columns(qat_sweep: Path) -> None:
     df = collect_runs(qat_sweep).set_index("job")
     assert list(df["qat_targets"]) == ["none", "attn", "ffn", "attn+ffn"]
-    assert df.loc["3", "qat.snr_db.attn"] == 31.5 and df.loc["3", "qat.num_quantized_modules"] == 60
+    assert df.loc["3", "qat.snr_db.attn"] == 31.5 and df.loc["3", "qat.num_quantized_modules.total"] == 60
     assert pd.isna(df.loc["0", "qat.snr_db.ffn"])
 
 
@@ -182,6 +185,7 @@ def test_lora_vs_qlora_report(methods_sweep: Path) -> None:
     assert by["qlora-int8"]["Tokens/s vs lora (x)"] == "0.60x"
     assert by["qlora-nf4"]["Accuracy (%)"] == "88.8"
     assert by["lora"]["Trainable params"] == "811.0K / 134.5M"
+    assert by["full"]["Weights (MB)"] == "1,800"  # model_memory_mb 5400 / 3
     assert by["full"]["Trainable %"] == "100.00%"
     assert by["dora"]["Peak memory (MB)"] == "failed: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert "**Takeaway:** qlora-nf4 uses 0.55x the peak memory of lora at -1.2 pts accuracy" in md
@@ -220,8 +224,13 @@ def test_qat_report(qat_sweep: Path) -> None:
     assert row["INT8 drop (pts)"] == "0.3" and row["SNR attn (dB)"] == "31.5" and row["Modules quantized"] == "60"
     assert table.set_index("Targets").loc["none", "INT8 drop (pts)"] == "5.1"
     assert table.set_index("Targets").loc["none", "SNR ffn (dB)"] == "n/a"
+    # Each QAT row is set against the no-QAT run quantized on the same targets (post-training quantization).
+    by = table.set_index("Targets")
+    assert list(by["PTQ INT8 accuracy (%)"]) == ["n/a", "87.0", "88.0", "84.9"]
+    assert list(by["QAT vs PTQ (pts)"]) == ["n/a", "+1.0", "-0.5", "+4.4"]
     assert report.comparison.takeaway == (
-        "attn+ffn QAT has the smallest INT8 accuracy drop: 0.3 pts vs 5.1 pts without QAT")
+        "attn+ffn QAT has the smallest INT8 accuracy drop: 0.3 pts vs 5.1 pts without QAT; in INT8, QAT matches "
+        "or beats PTQ of the same targets on 2 of 3 target sets (attn +1.0, ffn -0.5, attn+ffn +4.4 pts)")
     assert_png(report.paths["plot"])
 
 
@@ -239,6 +248,9 @@ def test_qat_generation_uses_perplexity(tmp_path: Path) -> None:
         "Targets", "Perplexity", "INT8 perplexity", "INT8 increase (ppl)"]
     assert list(report.comparison.table["INT8 increase (ppl)"]) == ["3.50", "0.40"]
     assert "attn+ffn QAT has the smallest INT8 perplexity increase: 0.40 ppl vs 3.50 ppl" in report.comparison.takeaway
+    assert list(report.comparison.table["QAT vs PTQ (ppl)"]) == ["n/a", "-2.90"]
+    assert "QAT matches or beats PTQ of the same targets on 1 of 1 target sets (attn+ffn -2.90 ppl)" \
+        in report.comparison.takeaway
 
 
 # --- lora_grid ----------------------------------------------------------------------------------

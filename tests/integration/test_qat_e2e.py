@@ -1,0 +1,54 @@
+"""QAT end to end through the real CLI with the embedded SmolLM2-135M: attention-only and FFN-only runs
+train with fake-quant on, then record full-precision and simulated-INT8 scores and the quantization
+statistics; a run without QAT scored with qat.eval_int8=true records the post-training-quantization
+baseline for every target set."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.integration.test_cli_e2e import train
+
+pytestmark = pytest.mark.e2e
+
+N_LAYERS = 30  # SmolLM2-135M decoder layers
+
+
+@pytest.fixture(scope="module")
+def qat_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("qat_runs")
+    common = ("eval.zero_shot=false", "eval.num_samples=0")
+    return {
+        "attn": train(base / "attn", "qat_targets=[attn]", *common),
+        "ffn": train(base / "ffn", "qat_targets=[ffn]", "qat.granularity=linear", *common),
+        "none": train(base / "none", "qat.eval_int8=true", *common),
+    }
+
+
+@pytest.mark.parametrize("target", ["attn", "ffn"])
+def test_single_target_run_writes_fp_and_int8_metrics(qat_runs, target):
+    m = qat_runs[target]
+    assert m["status"] == "ok" and m["qat_targets"] == [target]
+    for key in ("accuracy", "f1", "accuracy_int8", "f1_int8"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["int8_eval"] == "qat" and m["int8_targets"] == [target]
+    q = m["qat"]
+    assert q["targets"] == [target] and q["bits"] == 8 and q["scale"] == "tensor" and q["enabled"]
+    other = "ffn" if target == "attn" else "attn"
+    # attn, sublayer: one quantizer per decoder layer; ffn, linear: gate, up and down of every layer.
+    expected = N_LAYERS if target == "attn" else 3 * N_LAYERS
+    assert q["granularity"] == ("sublayer" if target == "attn" else "linear")
+    assert q["num_quantized_modules"] == {"total": expected, target: expected, other: 0}
+    # 8-bit per-tensor quantization of real activations: tens of dB, never a degenerate value.
+    snr = q["snr_db"][target]
+    assert snr is not None and math.isfinite(snr) and 10.0 < snr < 80.0
+    assert other not in q["snr_db"]
+
+
+def test_run_without_qat_records_the_ptq_baseline_per_target_set(qat_runs):
+    m = qat_runs["none"]
+    assert m["qat_targets"] == [] and "qat" not in m and m["int8_eval"] == "ptq"
+    for key in ("accuracy_int8", "accuracy_int8_attn", "accuracy_int8_ffn", "f1_int8_attn", "f1_int8_ffn"):
+        assert 0.0 <= m[key] <= 1.0, key
