@@ -105,6 +105,8 @@ def validate(cfg: DictConfig) -> None:
         )
 
     targets = qat_targets(cfg)
+    if cfg.qat.get("eval_bits") is not None:
+        _number("qat.eval_bits", cfg.qat.eval_bits, low=4, high=8, integer=True)
     if targets:
         a = cfg.qat
         _number("qat.bits", a.bits, low=4, high=8, integer=True)

@@ -40,16 +40,17 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     """
     from finetune.qat import simulate_int8
 
+    bits = int(qcfg.get("eval_bits") or 8)
     if targets:
         with simulate_int8(model, targets, qcfg, handle=handle):
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
-        _log("QAT", targets, scores)
-        return {**scores, "int8_eval": "qat", "int8_targets": list(targets)}
-    result: dict = {"int8_eval": "ptq", "int8_targets": ["attn", "ffn"]}
+        _log("QAT", targets, scores, bits)
+        return {**scores, "int8_eval": "qat", "int8_targets": list(targets), "int8_eval_bits": bits}
+    result: dict = {"int8_eval": "ptq", "int8_targets": ["attn", "ffn"], "int8_eval_bits": bits}
     for target_set in PTQ_TARGET_SETS:
         with simulate_int8(model, list(target_set), qcfg):
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
-        _log("PTQ", target_set, scores)
+        _log("PTQ", target_set, scores, bits)
         if len(target_set) == 2:
             result.update(scores)
         else:
@@ -57,6 +58,7 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     return result
 
 
-def _log(kind: str, targets, scores: dict) -> None:
+def _log(kind: str, targets, scores: dict, bits: int = 8) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-    log.info("simulated INT8 (%s on %s): %s", kind, "+".join(targets), shown)
+    log.info("simulated deployment, %d-bit activations / INT8 weights (%s on %s): %s", bits, kind, "+".join(targets),
+             shown)

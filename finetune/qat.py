@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch.nn as nn
@@ -191,8 +191,8 @@ def simulate_int8(
 ) -> Iterator[QATHandle]:
     """Simulated INT8 deployment inside the ``with`` block; the model is restored on exit.
 
-    INT8 (always 8 bits, the deployment format, whatever ``qat.bits`` trained with) activation
-    fake-quant on the targets with the configured granularity and scale mode, plus 8-bit
+    INT8 (``qat.eval_bits``, 8 unless set: the deployment format, whatever ``qat.bits`` trained with)
+    activation fake-quant on the targets with the configured granularity and scale mode, plus 8-bit
     per-output-channel weight quantization of the target linears (LoRA/DoRA: of the merged effective
     weight; bitsandbytes bases: skipped, logged). ``scale=static`` uses the scales calibrated by a
     static-QAT training handle and never updates them; without such scales it falls back to dynamic
@@ -203,7 +203,7 @@ def simulate_int8(
     Args:
         model: the model (PeftModel or base).
         targets: subset of ``["attn", "ffn"]``.
-        qcfg: the ``qat:`` node (granularity, scale, ema_decay are used; bits/weight_bits are 8).
+        qcfg: the ``qat:`` node (granularity, scale, ema_decay and eval_bits are used; weight bits are 8).
         handle: the training handle; defaults to the one installed on ``model``, if any.
         cache_weights: quantize each weight once per block while parameters are unchanged (calls
             under ``torch.no_grad()``); costs one copy of the target weights in memory.
@@ -231,8 +231,9 @@ def simulate_int8(
                 "with static QAT); using dynamic per-tensor INT8 scales instead"
             )
             scale = "tensor"
+    eval_bits = qcfg.get("eval_bits") if isinstance(qcfg, Mapping) else getattr(qcfg, "eval_bits", None)
     sim_config = QATConfig(
-        bits=8, scale=scale, granularity=config.granularity, weight_bits=8, start_step=0, ema_decay=config.ema_decay
+        bits=int(eval_bits or 8), scale=scale, granularity=config.granularity, weight_bits=8, start_step=0, ema_decay=config.ema_decay
     )
     sim, layers, skipped_bnb = build_handle(
         model, targets, sim_config,

@@ -17,10 +17,12 @@ from matplotlib.figure import Figure
 
 from finetune.report_collect import ok_rows
 from finetune.report_format import cell_text, fmt_metric, is_fraction_metric, metric_label
-from finetune.report_tables import GRID_AXES, METHOD_ORDER, TARGET_ORDER, Comparison, sort_by_order
+from finetune.report_tables import (GRID_AXES, METHOD_ORDER, TARGET_ORDER, Comparison, low_bit_label, ptq_score,
+                                    sort_by_order)
 
 DPI = 120
 _FP_COLOR, _INT8_COLOR, _BAR_COLOR, _BASE_COLOR = "#4C72B0", "#DD8452", "#4C72B0", "#55A868"
+_PTQ_COLOR = "#8C8C8C"
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -106,7 +108,7 @@ def plot_memory(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
 
 
 def plot_qat(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
-    """Grouped bars, full precision vs simulated INT8, per QAT target set.
+    """Grouped bars per QAT target set: full precision, simulated INT8, and INT8 of the no-QAT run (PTQ).
 
     Args:
         df: collected runs; failed ones are skipped.
@@ -126,23 +128,28 @@ def plot_qat(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
     labels = [str(t) for t in ok["qat_targets"].fillna("?")]
     if len(set(labels)) < len(labels):
         labels = [f"{t} #{j}" for t, j in zip(labels, ok["job"])]
+    low = low_bit_label(df)
     fp_vals = _as_display(fp, ok[fp])
     q_vals = _as_display(fp, ok[q]) if q in ok.columns else np.full(len(ok), np.nan)
+    # Third bar of each QAT row: the no-QAT run quantized on the same targets (post-training quantization).
+    ptq = [np.nan if t == "none" else ptq_score(df, str(t), q) for t in ok["qat_targets"].fillna("?")]
+    ptq_vals = _as_display(fp, pd.Series([np.nan if v is None else v for v in ptq], dtype=float))
     x = np.arange(len(ok))
-    fig = _figure(max(6.0, 1.4 * len(ok) + 2.5), 4.8)
+    fig = _figure(max(6.5, 1.8 * len(ok) + 2.5), 4.8)
     ax = fig.add_subplot()
-    ax.bar(x - 0.2, fp_vals, 0.4, label="full precision", color=_FP_COLOR)
-    ax.bar(x + 0.2, np.nan_to_num(q_vals), 0.4, label="simulated INT8", color=_INT8_COLOR)
+    w = 0.27
+    ax.bar(x - w, fp_vals, w, label="full precision", color=_FP_COLOR)
+    ax.bar(x, np.nan_to_num(q_vals), w, label=f"simulated {low} (this run)", color=_INT8_COLOR)
+    if not np.all(np.isnan(ptq_vals)):
+        ax.bar(x + w, np.nan_to_num(ptq_vals), w, label=f"{low} of the no-QAT run, same targets (PTQ)",
+               color=_PTQ_COLOR)
     digits = 1 if is_fraction_metric(fp) else 2
-    for i, (a, b) in enumerate(zip(fp_vals, q_vals)):
-        ax.annotate(f"{a:.{digits}f}", (i - 0.2, a), xytext=(0, 2), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=8)
-        if b == b:
-            gap = (a - b) if comp.higher_is_better else (b - a)
-            sign = "-" if comp.higher_is_better else "+"
-            ax.annotate(f"{b:.{digits}f}\n({sign}{abs(gap):.{digits}f})", (i + 0.2, b), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
-    top = np.nanmax(np.concatenate([fp_vals, q_vals]))
+    for i, (a, b, c) in enumerate(zip(fp_vals, q_vals, ptq_vals)):
+        for offset, v in ((-w, a), (0.0, b), (w, c)):
+            if v == v:
+                ax.annotate(f"{v:.{digits}f}", (i + offset, v), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=8)
+    top = np.nanmax(np.concatenate([fp_vals, q_vals, ptq_vals]))
     ax.set_ylim(0, top * 1.3)
     if is_fraction_metric(fp) and top <= 100:
         ax.set_yticks(range(0, 101, 20))

@@ -219,6 +219,23 @@ def _first(r: pd.Series, *keys: str):
     return None
 
 
+def low_bit_label(df: pd.DataFrame) -> str:
+    """``INT8``, or ``INT4`` etc. when the sweep simulated another activation width (``qat.eval_bits``)."""
+    col = df["int8_eval_bits"] if "int8_eval_bits" in df.columns else pd.Series(dtype=float)
+    bits = {int(b) for b in pd.to_numeric(col, errors="coerce").dropna()}
+    return f"INT{bits.pop()}" if len(bits) == 1 else "INT8" if not bits else "INT<n>"
+
+
+def ptq_score(df: pd.DataFrame, label: str, key: str) -> float | None:
+    """The no-QAT run's simulated score ``key`` on the targets ``label`` (attn / ffn / attn+ffn): the
+    post-training-quantization baseline of a QAT row; None without such a run or score."""
+    ok = ok_rows(df)
+    if "qat_targets" not in ok.columns or label not in _PTQ_SUFFIX:
+        return None
+    rows = ok[ok["qat_targets"].astype(str) == "none"]
+    return to_float(rows.iloc[0].get(key + _PTQ_SUFFIX[label])) if len(rows) else None
+
+
 # Where a no-QAT run keeps its post-training-quantization score for each target set (finetune.int8_eval).
 _PTQ_SUFFIX = {"attn": "_attn", "ffn": "_ffn", "attn+ffn": ""}
 
@@ -228,27 +245,18 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
     generation = "perplexity" in (metric or "") or (not _has(df, "accuracy") and _has(df, "perplexity"))
     fp, q = ("perplexity", "perplexity_int8") if generation else ("accuracy", "accuracy_int8")
     scale = 1 if generation else 100
+    low = low_bit_label(df)
     if generation:
-        headers = ["Targets", "Perplexity", "INT8 perplexity", "INT8 increase (ppl)", "PTQ INT8 perplexity",
+        headers = ["Targets", "Perplexity", f"{low} perplexity", f"{low} increase (ppl)", f"PTQ {low} perplexity",
                    "QAT vs PTQ (ppl)"]
         extra = []
     else:
-        headers = ["Targets", "Accuracy (%)", "INT8 accuracy (%)", "INT8 drop (pts)", "PTQ INT8 accuracy (%)",
-                   "QAT vs PTQ (pts)", "F1 (%)", "INT8 F1 (%)"]
+        headers = ["Targets", "Accuracy (%)", f"{low} accuracy (%)", f"{low} drop (pts)", f"PTQ {low} accuracy (%)",
+                   "QAT vs PTQ (pts)", "F1 (%)", f"{low} F1 (%)"]
         extra = ["f1", "f1_int8"]
     headers += ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
     gap = lambda r: None if to_float(r.get(fp)) is None or to_float(r.get(q)) is None else (  # noqa: E731
         (r[q] - r[fp]) if generation else (r[fp] - r[q]) * scale)
-    ok = ok_rows(df)
-    ptq_rows = ok[ok["qat_targets"].astype(str) == "none"] if "qat_targets" in ok.columns else ok.iloc[0:0]
-    ptq_row = ptq_rows.iloc[0] if len(ptq_rows) else None
-
-    def ptq_score(label: str) -> float | None:
-        """The no-QAT run's INT8 score on the same targets: the PTQ baseline of a QAT row."""
-        if ptq_row is None or label not in _PTQ_SUFFIX:
-            return None
-        return to_float(ptq_row.get(q + _PTQ_SUFFIX[label]))
-
     rows, gaps, vs_ptq = [], {}, {}
     for label, (_, r) in zip(_labels(df, "qat_targets"), df.iterrows()):
         if r["status"] != "ok":
@@ -257,7 +265,7 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
         g = gap(r)
         if g is not None:
             gaps[label] = g
-        base = ptq_score(label)
+        base = ptq_score(df, label, q) if label != "none" else None
         mine = to_float(r.get(q))
         diff = None if base is None or mine is None else (mine - base) * scale
         if diff is not None:
@@ -269,7 +277,7 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
                     + [fmt_metric(m, r.get(m)) for m in extra]
                     + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
                        fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
-    what, unit = ("INT8 perplexity increase", "ppl") if generation else ("INT8 accuracy drop", "pts")
+    what, unit = (f"{low} perplexity increase", "ppl") if generation else (f"{low} accuracy drop", "pts")
     show = (lambda g: f"{g:.2f} {unit}") if generation else (lambda g: f"{g:.1f} {unit}")
     if not gaps:
         takeaway = "No finished run has both fp and INT8 results; nothing to compare."
@@ -284,7 +292,7 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
     if vs_ptq:
         # In INT8, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
         wins = [t for t, d in vs_ptq.items() if (d <= 0 if generation else d >= 0)]
-        takeaway += (f"; in INT8, QAT matches or beats PTQ of the same targets on {len(wins)} of {len(vs_ptq)} "
+        takeaway += (f"; in {low}, QAT matches or beats PTQ of the same targets on {len(wins)} of {len(vs_ptq)} "
                      "target sets (" + ", ".join(f"{t} {d:+.2f}" if generation else f"{t} {d:+.1f}"
                                                  for t, d in vs_ptq.items()) + f" {unit})")
     return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)

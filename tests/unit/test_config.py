@@ -76,6 +76,8 @@ def test_public_keys_exist():
     ("qat_targets=[attn] qat.bits=3", "qat.bits"),
     ("qat_targets=[attn] qat.scale=row", "qat.scale"),
     ("qat_targets=[ffn] qat.granularity=block", "qat.granularity"),
+    ("qat.eval_int8=true qat.eval_bits=9", "qat.eval_bits"),
+    ("isolate_jobs=maybe", "isolate_jobs"),
     ("model.dtype=int4", "model.dtype"),
 ])
 def test_bad_values_name_the_key(override, fragment):

@@ -469,6 +469,19 @@ def test_simulate_int8_replaces_an_active_training_handle() -> None:
     handle.remove()
 
 
+def test_simulate_deployment_at_eval_bits() -> None:
+    """qat.eval_bits sets the simulated activation width (the 4-bit study); weights stay per-channel INT8."""
+    model = tiny_llama()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    with simulate_int8(model, ["attn"], {"granularity": "linear", "eval_bits": 4}) as sim:
+        summary = sim.summary()
+        assert summary["bits"] == 4 and summary["weight_bits"] == 8
+        capture = Capture({"q": q_proj})
+        logits(model)
+        capture.remove()
+        assert_dynamic_grid(capture.seen["q"], 4)
+
+
 def test_simulate_int8_refuses_nesting_and_apply_inside() -> None:
     model = tiny_llama()
     before = logits(model)

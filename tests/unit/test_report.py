@@ -251,6 +251,18 @@ def test_qat_generation_uses_perplexity(tmp_path: Path) -> None:
     assert list(report.comparison.table["QAT vs PTQ (ppl)"]) == ["n/a", "-2.90"]
     assert "QAT matches or beats PTQ of the same targets on 1 of 1 target sets (attn+ffn -2.90 ppl)" \
         in report.comparison.takeaway
+    assert_png(report.paths["plot"])
+
+
+def test_qat_report_names_the_simulated_bit_width(qat_sweep: Path) -> None:
+    for job in qat_sweep.iterdir():
+        if (job / "metrics.json").is_file():
+            m = json.loads((job / "metrics.json").read_text())
+            (job / "metrics.json").write_text(json.dumps({**m, "int8_eval_bits": 4}))
+    report = generate_report(qat_sweep)
+    assert {"INT4 accuracy (%)", "PTQ INT4 accuracy (%)", "INT4 drop (pts)"} <= set(report.comparison.table.columns)
+    assert "in INT4, QAT matches or beats PTQ" in report.comparison.takeaway
+    assert_png(report.paths["plot"])
 
 
 # --- lora_grid ----------------------------------------------------------------------------------
