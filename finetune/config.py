@@ -80,7 +80,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("quantization.mode", q.mode, QUANT_MODES)
     if q.mode == "nf4":
         _choice("quantization.quant_type", q.quant_type, ("nf4", "fp4"))
-        _choice("quantization.compute_dtype", q.compute_dtype, ("bfloat16", "float16", "float32"))
+        _choice("quantization.compute_dtype", q.compute_dtype, ("auto", "bfloat16", "float16", "float32"))
     if q.mode == "int8":
         _number("quantization.llm_int8_threshold", q.llm_int8_threshold, low=0, low_open=True)
 

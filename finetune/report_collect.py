@@ -92,7 +92,14 @@ def _targets_label(targets: Any) -> str:
 
 
 def _method_from_overrides(ov: dict[str, Any]) -> str | None:
-    """Guess the method name of a job that wrote no metrics, from its overrides."""
+    """Guess the method name of a job that wrote no metrics, from its overrides.
+
+    ``method=qlora_nf4`` (the conf/method presets the lora_vs_qlora sweep varies) names it directly;
+    otherwise ``lora`` / ``quantization`` overrides compose it.
+    """
+    preset = ov.get("method")
+    if isinstance(preset, str) and preset:
+        return preset.replace("_", "-")
     lora = ov.get("lora")
     quant = ov.get("quantization")
     if lora is None and quant is None:

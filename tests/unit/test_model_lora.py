@@ -7,7 +7,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.lora import apply_lora, count_params, resolve_target_modules
-from finetune.model import load_model, resolve_model_path, resolve_precision
+from finetune.model import bnb_compute_dtype, load_model, resolve_model_path, resolve_precision
 from tests.conftest import compose_cfg
 
 # conf/model/tiny.yaml: hidden 64, 4 heads (head_dim 16), 2 KV heads, FFN 128, 2 layers.
@@ -77,6 +77,21 @@ def test_quantized_layers_present(mode, layer_type):
     out.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None for g in grads)
+
+
+@pytest.mark.parametrize("precision,expected", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_nf4_compute_dtype_follows_the_run_precision(precision, expected):
+    """quantization.compute_dtype=auto de-quantizes to the run's precision (bf16 on a CPU without native bf16
+    runs the generic, ~20x slower matmul); an explicit dtype wins."""
+    cfg = compose_cfg(["model=tiny", "quantization=nf4"])
+    assert cfg.quantization.compute_dtype == "auto"
+    run = resolve_precision(precision, "auto")
+    assert bnb_compute_dtype(cfg.quantization, run) == expected
+    fixed = compose_cfg(["model=tiny", "quantization=nf4", "quantization.compute_dtype=float16"]).quantization
+    assert bnb_compute_dtype(fixed, run) == torch.float16
+    _, model, _ = _load("quantization=nf4")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.compute_dtype == torch.float32  # _load runs in fp32
 
 
 def test_quantized_weights_are_smaller():

@@ -139,6 +139,21 @@ def test_collect_flattens_and_marks_hard_died_jobs(grid_sweep: Path) -> None:
     assert dead["lora.r"] == 16 and dead["overrides"] == "lora.r=16 lora.alpha=32 lora.dropout=0.1"
 
 
+@pytest.mark.parametrize("overrides, method", [
+    (["+method=qlora_nf4", "+sweep=lora_vs_qlora"], "qlora-nf4"),
+    (["+method=full"], "full"),
+    (["lora=dora", "quantization=int8"], "qdora-int8"),
+    (["lora=none"], "full"),
+])
+def test_a_job_killed_before_its_metrics_is_named_by_its_overrides(tmp_path: Path, overrides, method) -> None:
+    """A job process killed hard (SIGTERM, OOM killer) leaves only its overrides: the report still names it."""
+    root = tmp_path / "sweep"
+    write_job(root, 0, [], cls_metrics("lora", "none", 2000.0, 1000.0, 0.9, 811_008))
+    write_job(root, 1, overrides, {"status": "failed", "error": "job process killed by SIGTERM"})
+    df = collect_runs(root)
+    assert df.loc[1, "method"] == method and df.loc[1, "status"] == "failed"
+
+
 def test_collect_qat_columns(qat_sweep: Path) -> None:
     df = collect_runs(qat_sweep).set_index("job")
     assert list(df["qat_targets"]) == ["none", "attn", "ffn", "attn+ffn"]
