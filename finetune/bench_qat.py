@@ -100,12 +100,15 @@ def _time_steps(model, optimizer, batches: list[dict], autocast) -> float:
     """Seconds per training step (forward + backward + optimizer step), averaged over ``batches``."""
     import torch
 
+    from finetune.trainer import accepts_logits_to_keep, label_position_loss
+
     device = next(p for p in model.parameters()).device
+    label_positions = accepts_logits_to_keep(model)  # the loss finetune-train's Trainer computes
     start = time.perf_counter()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            loss = model(**batch).loss
+            loss = label_position_loss(model, batch)[0] if label_positions else model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

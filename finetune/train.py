@@ -63,14 +63,14 @@ def objective(metrics: dict) -> float:
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job: str = "0") -> dict:
     """Train and evaluate one configuration; writes every artifact into ``run_dir``; returns the metrics."""
     import torch
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from finetune.data import DataCollator, load_splits, tokenize_split
     from finetune.evaluate import classify, loss_and_perplexity, sample_generations
     from finetune.lora import apply_lora, count_params
     from finetune.measure import ThroughputCallback, memory_device, peak_memory_mb, reset_peak_memory
     from finetune.model import load_model, resolve_precision
-    from finetune.trainer import CountingCollator, resolve_resume, training_arguments
+    from finetune.trainer import CountingCollator, make_trainer, resolve_resume, training_arguments
     from finetune import tracking
 
     validate(cfg)
@@ -136,8 +136,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     wandb_run = tracking.init_run(cfg, run_dir, name, tags=[method, dcfg.name] + (overrides or []))
     args = training_arguments(tcfg, precision, run_dir, cfg.seed, ["wandb"] if wandb_run else [], name,
                               has_eval=val_ds is not None)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
-                      callbacks=callbacks)
+    trainer = make_trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                           data_collator=collator, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=resolve_resume(tcfg.resume_from_checkpoint, run_dir))
     collator.enabled = False
     if qat_handle is not None:
