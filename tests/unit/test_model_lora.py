@@ -82,7 +82,7 @@ def test_quantized_layers_present(mode, layer_type):
 @pytest.mark.parametrize("precision,expected", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_nf4_compute_dtype_follows_the_run_precision(precision, expected):
     """quantization.compute_dtype=auto de-quantizes to the run's precision (bf16 on a CPU without native bf16
-    runs the generic, ~20x slower matmul); an explicit dtype wins."""
+    runs PyTorch's generic, slow matmul); an explicit dtype wins."""
     cfg = compose_cfg(["model=tiny", "quantization=nf4"])
     assert cfg.quantization.compute_dtype == "auto"
     run = resolve_precision(precision, "auto")
