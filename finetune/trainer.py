@@ -108,8 +108,12 @@ def make_trainer(**kwargs):
     class LabelPositionTrainer(Trainer):
         """Trainer whose training loss projects only the supervised positions onto the vocabulary."""
 
+        _label_positions: bool | None = None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or "labels" not in inputs or not accepts_logits_to_keep(model):
+            if self._label_positions is None:  # checked once, not on every step
+                self._label_positions = accepts_logits_to_keep(model)
+            if return_outputs or "labels" not in inputs or not self._label_positions:
                 self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, scaled = label_position_loss(model, inputs, num_items_in_batch)
