@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from finetune.data import DataCollator, build_messages, encode_prompt, label_word_ids
+from finetune.trainer import accepts_logits_to_keep
 
 log = logging.getLogger("finetune.evaluate")
 
@@ -140,17 +141,30 @@ def loss_and_perplexity(model, dataset, pad_token_id: int, batch_size: int, bf16
     collate = DataCollator(pad_token_id=pad_token_id)
     total_nll, total_tokens = 0.0, 0
     rows = [dataset[i] for i in range(len(dataset))]
+    # The output head only where the next token is a label (the training loss's path); all positions otherwise.
+    label_positions = accepts_logits_to_keep(model)
     for idx in _batches([r["input_ids"] for r in rows], batch_size, "eval loss"):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx]).items() if k in ("input_ids", "attention_mask", "labels")}
-        with autocast(model, bf16):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # Shift so position t predicts token t+1; -100 marks prompt and padding.
-        shift_logits = logits[:, :-1].float()
         shift_labels = batch["labels"][:, 1:]
-        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                              ignore_index=-100, reduction="sum")
+        supervised = shift_labels != -100
+        n_tokens = int(supervised.sum())
+        if n_tokens == 0:
+            continue
+        with autocast(model, bf16):
+            if label_positions:
+                keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+                keep[:, :-1] = supervised
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=keep).logits  # [n_tokens, vocab]
+                nll = F.cross_entropy(logits.float(), shift_labels[supervised], reduction="sum")
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                shift_logits = logits[:, :-1].float()
+                nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                                      ignore_index=-100, reduction="sum")
         total_nll += nll.item()
-        total_tokens += int((shift_labels != -100).sum())
+        total_tokens += n_tokens
     model.train(was_training)
     if total_tokens == 0:
         return {"eval_loss": float("nan"), "perplexity": float("nan"), "eval_tokens": 0}

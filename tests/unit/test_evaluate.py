@@ -87,3 +87,16 @@ def test_loss_is_token_weighted_mean_over_response_tokens(tiny):
     assert out["eval_tokens"] == n == 2 * 5  # the label word and its end-of-turn token
     assert out["eval_loss"] == pytest.approx(nll / n, rel=1e-4)
     assert out["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-3)
+
+
+def test_loss_from_label_positions_equals_the_all_positions_loss(tiny, monkeypatch):
+    import finetune.evaluate as evaluate
+
+    cfg, model, tok, splits = tiny
+    ds = tokenize_split(splits.test[:6], cfg.dataset, tok, 128)
+    assert evaluate.accepts_logits_to_keep(model)  # the tiny llama takes the label-position path
+    sliced = loss_and_perplexity(model, ds, tok.pad_token_id, batch_size=3)
+    monkeypatch.setattr(evaluate, "accepts_logits_to_keep", lambda m: False)
+    full = loss_and_perplexity(model, ds, tok.pad_token_id, batch_size=3)
+    assert sliced["eval_tokens"] == full["eval_tokens"] > 0
+    assert sliced["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-5)
