@@ -91,7 +91,8 @@ def detect_kind(df: pd.DataFrame, kind: str | None = None) -> str:
     """Decide which comparison a sweep is, from what varies across its jobs.
 
     Methods or quantization vary -> ``lora_vs_qlora``; QAT targets vary -> ``qat_targets``;
-    LoRA rank / alpha / dropout vary -> ``lora_grid``; anything else -> ``generic``.
+    LoRA rank / alpha / dropout vary -> ``lora_grid``; nothing varies but the runs were scored under simulated
+    INT-n inference -> ``qat_targets``; anything else -> ``generic``.
 
     Args:
         df: collected runs (failed jobs count: their overrides tell what they varied).
@@ -113,6 +114,8 @@ def detect_kind(df: pd.DataFrame, kind: str | None = None) -> str:
         return "qat_targets"
     if any(_varies(df, c) for c in GRID_AXES):
         return "lora_grid"
+    if "qat_targets" in df.columns and (_has(df, "accuracy_int8") or _has(df, "perplexity_int8")):
+        return "qat_targets"  # e.g. one target set tried at other bits: still fp vs INT-n per target
     return "generic"
 
 

@@ -179,6 +179,9 @@ def test_detect_kind(methods_sweep: Path, grid_sweep: Path, qat_sweep: Path, tmp
     write_job(one, 0, [], cls_metrics("lora", "none", 2000.0, 1000.0, 0.9, 811_008))
     write_job(one, 1, ["seed=1"], cls_metrics("lora", "none", 2010.0, 990.0, 0.91, 811_008, seed=1))
     assert detect_kind(collect_runs(one)) == "generic"
+    single_qat = tmp_path / "single_qat"  # one target set re-run at other bits: the QAT table, PTQ n/a
+    write_job(single_qat, 0, ["qat_targets=[attn,ffn]", "qat.bits=6"], qat_metrics(["attn", "ffn"], 0.69, 0.665))
+    assert detect_kind(collect_runs(single_qat)) == "qat_targets"
     assert detect_kind(collect_runs(grid_sweep), "generic") == "generic"
     with pytest.raises(FinetuneError, match="unknown report kind 'bogus'"):
         detect_kind(collect_runs(grid_sweep), "bogus")
