@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from finetune.data import DataCollator, build_messages, encode_prompt, label_word_ids
-from finetune.trainer import accepts_logits_to_keep
+from finetune.trainer import accepts_logits_to_keep, label_position_nll
 
 log = logging.getLogger("finetune.evaluate")
 
@@ -147,17 +147,12 @@ def loss_and_perplexity(model, dataset, pad_token_id: int, batch_size: int, bf16
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx]).items() if k in ("input_ids", "attention_mask", "labels")}
         # Shift so position t predicts token t+1; -100 marks prompt and padding.
         shift_labels = batch["labels"][:, 1:]
-        supervised = shift_labels != -100
-        n_tokens = int(supervised.sum())
+        n_tokens = int((shift_labels != -100).sum())
         if n_tokens == 0:
             continue
         with autocast(model, bf16):
             if label_positions:
-                keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-                keep[:, :-1] = supervised
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=keep).logits  # [n_tokens, vocab]
-                nll = F.cross_entropy(logits.float(), shift_labels[supervised], reduction="sum")
+                nll, _ = label_position_nll(model, batch)
             else:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 shift_logits = logits[:, :-1].float()

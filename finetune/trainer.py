@@ -85,6 +85,18 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None):
     Returns:
         ``(loss, normalised_by_num_items)``.
     """
+    loss, n_tokens = label_position_nll(model, inputs)
+    if num_items_in_batch is not None:
+        return loss / num_items_in_batch, True
+    return loss / n_tokens.clamp(min=1), False
+
+
+def label_position_nll(model, inputs: dict):
+    """Summed next-token cross-entropy over the label tokens, from the supervised positions' logits only.
+
+    Returns:
+        ``(nll_sum, n_tokens)``: scalar tensors, the summed loss (differentiable) and the number of label tokens.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -95,10 +107,7 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None):
     keep[:, :-1] = supervised
     rest = {k: v for k, v in inputs.items() if k != "labels"}
     logits = model(**rest, logits_to_keep=keep).logits  # [n_supervised, vocab], row-major over (b, t)
-    loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
-    if num_items_in_batch is not None:
-        return loss / num_items_in_batch, True
-    return loss / supervised.sum().clamp(min=1), False
+    return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
 
 
 def make_trainer(**kwargs):
