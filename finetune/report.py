@@ -104,8 +104,12 @@ def render_markdown(df: pd.DataFrame, comp: Comparison, sweep_dir: Path, paths: 
     if comp.metric:
         direction = "higher" if comp.higher_is_better else "lower"
         lines.append(f"- Ranked on: {comp.metric} ({direction} is better)")
-    lines += ["", f"**Takeaway:** {comp.takeaway}", "", markdown_table(comp.table), ""]
-    lines += [f"_{note}_" for note in comp.notes] + ([""] if comp.notes else [])
+    lines += ["", f"**Takeaway:** {comp.takeaway}", ""]
+    notes = [f"_{note}_" for note in comp.notes] + ([""] if comp.notes else [])
+    if comp.summary is not None:  # the means first, with the notes that explain them, then every run
+        lines += ["## Mean over seeds", "", markdown_table(comp.summary), ""] + notes + ["## Every run", ""]
+        notes = []
+    lines += [markdown_table(comp.table), ""] + notes
     if "plot" in paths:
         lines += [f"![{comp.kind}]({paths['plot'].name})", ""]
     lines.append(f"All columns of every job: [{CSV_FILE}]({CSV_FILE})")
@@ -206,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"Takeaway: {report.comparison.takeaway}\n")
+    if report.comparison.summary is not None:
+        print(markdown_table(report.comparison.summary) + "\n")
     print(markdown_table(report.comparison.table))
     for note in report.comparison.notes:
         print(note)

@@ -233,3 +233,8 @@ def collect_runs(sweep_dir: str | os.PathLike) -> pd.DataFrame:
 def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of jobs that finished (``status == "ok"``)."""
     return df[df["status"] == "ok"]
+
+
+def varies(df: pd.DataFrame, column: str) -> bool:
+    """Whether ``column`` takes more than one value across the rows (missing values ignored)."""
+    return column in df.columns and df[column].dropna().astype(str).nunique() > 1

@@ -57,7 +57,8 @@ def _wandb_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def log_table_to_wandb(df: pd.DataFrame, config: DictConfig | dict | None, table: pd.DataFrame | None = None,
-                       images: list[Path] | None = None, sweep_dir: str | os.PathLike | None = None) -> bool:
+                       images: list[Path] | None = None, sweep_dir: str | os.PathLike | None = None,
+                       summary: pd.DataFrame | None = None) -> bool:
     """Best effort: log the comparison to a small W&B run in the sweep's group.
 
     Does nothing unless ``wandb`` imports and ``config.logger.backend == "wandb"``. Runs offline
@@ -71,6 +72,7 @@ def log_table_to_wandb(df: pd.DataFrame, config: DictConfig | dict | None, table
         table: the display comparison table (logged as table ``comparison``).
         images: PNG files to log as images.
         sweep_dir: where the W&B files go (default: ``hydra.sweep.dir`` or the current dir).
+        summary: the means over seeds, when the comparison has them (logged as table ``comparison_mean``).
 
     Returns:
         True when the run was logged, False when skipped or when anything went wrong.
@@ -113,6 +115,8 @@ def log_table_to_wandb(df: pd.DataFrame, config: DictConfig | dict | None, table
             payload: dict[str, Any] = {"runs": wandb.Table(dataframe=_wandb_frame(df))}
             if table is not None:
                 payload["comparison"] = wandb.Table(dataframe=_wandb_frame(table))
+            if summary is not None:
+                payload["comparison_mean"] = wandb.Table(dataframe=_wandb_frame(summary))
             for image in images or []:
                 payload[f"plot/{Path(image).stem}"] = wandb.Image(str(image))
             run.log(payload)
@@ -159,4 +163,4 @@ class ReportCallback(Callback):
         if self.wandb:
             images = [report.paths["plot"]] if "plot" in report.paths else []
             log_table_to_wandb(report.runs, config, table=report.comparison.table, images=images,
-                               sweep_dir=sweep_dir)
+                               sweep_dir=sweep_dir, summary=report.comparison.summary)

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 
 from finetune.report_collect import ok_rows
 from finetune.report_format import cell_text, fmt_metric, is_fraction_metric, metric_label
-from finetune.report_tables import (GRID_AXES, METHOD_ORDER, TARGET_ORDER, Comparison, low_bit_label, ptq_score,
-                                    sort_by_order)
+from finetune.report_qat import low_bit_label, mean_and_se, qat_scores, replicated
+from finetune.report_tables import GRID_AXES, METHOD_ORDER, TARGET_ORDER, Comparison, sort_by_order
 
 DPI = 120
 _FP_COLOR, _INT8_COLOR, _BAR_COLOR, _BASE_COLOR = "#4C72B0", "#DD8452", "#4C72B0", "#55A868"
@@ -108,7 +108,11 @@ def plot_memory(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
 
 
 def plot_qat(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
-    """Grouped bars per QAT target set: full precision, simulated INT8, and INT8 of the no-QAT run (PTQ).
+    """Grouped bars per QAT target set: full precision, simulated INT-n, and INT-n of the no-QAT run (PTQ).
+
+    With one run per target set each bar is that run (its PTQ bar: the no-QAT run of the same seed). With
+    several seeds each bar is the mean over them, with a standard-error whisker, and every seed's own value
+    is drawn as a dot on its bar.
 
     Args:
         df: collected runs; failed ones are skipped.
@@ -118,45 +122,57 @@ def plot_qat(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
     Returns:
         ``path``, or ``None`` when no finished run has the fp metric.
     """
-    fp, q = comp.metric, f"{comp.metric}_int8"
-    ok = sort_by_order(ok_rows(df), "qat_targets", TARGET_ORDER)
-    if not fp or fp not in ok.columns:
+    fp = comp.metric
+    if not fp or fp not in ok_rows(df).columns:
         return None
-    ok = ok[pd.to_numeric(ok[fp], errors="coerce").notna()]
-    if ok.empty:
+    generation = not is_fraction_metric(fp)
+    scores = qat_scores(sort_by_order(df, "qat_targets", TARGET_ORDER), generation).dropna(subset=["fp"])
+    if scores.empty:
         return None
-    labels = [str(t) for t in ok["qat_targets"].fillna("?")]
-    if len(set(labels)) < len(labels):
-        labels = [f"{t} #{j}" for t, j in zip(labels, ok["job"])]
     low = low_bit_label(df)
-    fp_vals = _as_display(fp, ok[fp])
-    q_vals = _as_display(fp, ok[q]) if q in ok.columns else np.full(len(ok), np.nan)
-    # Third bar of each QAT row: the no-QAT run quantized on the same targets (post-training quantization).
-    ptq = [np.nan if t == "none" else ptq_score(df, str(t), q) for t in ok["qat_targets"].fillna("?")]
-    ptq_vals = _as_display(fp, pd.Series([np.nan if v is None else v for v in ptq], dtype=float))
-    x = np.arange(len(ok))
-    fig = _figure(max(6.5, 1.8 * len(ok) + 2.5), 4.8)
+    bars = (("fp", "full precision", _FP_COLOR), ("q", f"simulated {low} (this run)", _INT8_COLOR),
+            ("ptq", f"{low} of the no-QAT run, same targets and seed (PTQ)", _PTQ_COLOR))
+    if replicated(scores):
+        groups = list(scores.groupby("targets", sort=False))
+        labels = [f"{t}\n({len(g)} seeds)" for t, g in groups]
+        stats = {c: np.array([mean_and_se(g[c]) for _, g in groups]).reshape(-1, 2) for c, _, _ in bars}
+        dots = {c: [g[c].to_numpy(dtype=float) for _, g in groups] for c, _, _ in bars}
+        title = f"Mean over {scores['seed'].astype(str).nunique()} seeds (whiskers: 1 standard error; dots: seeds)"
+    else:
+        labels = list(scores["targets"])
+        if len(set(labels)) < len(labels):
+            labels = [f"{t} #{j}" for t, j in zip(labels, ok_rows(df).loc[scores.index, "job"])]
+        stats = {c: np.column_stack([scores[c].to_numpy(dtype=float), np.full(len(scores), np.nan)])
+                 for c, _, _ in bars}
+        dots, title = None, comp.takeaway
+    x = np.arange(len(labels))
+    fig = _figure(max(6.5, 1.8 * len(labels) + 2.5), 4.8)
     ax = fig.add_subplot()
     w = 0.27
-    ax.bar(x - w, fp_vals, w, label="full precision", color=_FP_COLOR)
-    ax.bar(x, np.nan_to_num(q_vals), w, label=f"simulated {low} (this run)", color=_INT8_COLOR)
-    if not np.all(np.isnan(ptq_vals)):
-        ax.bar(x + w, np.nan_to_num(ptq_vals), w, label=f"{low} of the no-QAT run, same targets (PTQ)",
-               color=_PTQ_COLOR)
-    digits = 1 if is_fraction_metric(fp) else 2
-    for i, (a, b, c) in enumerate(zip(fp_vals, q_vals, ptq_vals)):
-        for offset, v in ((-w, a), (0.0, b), (w, c)):
+    digits = 2 if generation else 1
+    for k, (column, name, color) in enumerate(bars):
+        mean, se = stats[column][:, 0], stats[column][:, 1]
+        if column == "ptq" and np.all(np.isnan(mean)):
+            continue
+        offset, drawn = (k - 1) * w, ~np.isnan(mean)
+        ax.bar(x[drawn] + offset, mean[drawn], w, label=name, color=color,
+               yerr=None if np.all(np.isnan(se[drawn])) else np.nan_to_num(se[drawn]), capsize=3,
+               error_kw={"elinewidth": 1})
+        for i, v in enumerate(mean):
             if v == v:
-                ax.annotate(f"{v:.{digits}f}", (i + offset, v), xytext=(0, 2), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=8)
-    top = np.nanmax(np.concatenate([fp_vals, q_vals, ptq_vals]))
+                ax.annotate(f"{v:.{digits}f}", (i + offset, v), xytext=(-8 if dots else 0, 2),
+                            textcoords="offset points", ha="right" if dots else "center", va="bottom", fontsize=8)
+            if dots:
+                ys = dots[column][i][~np.isnan(dots[column][i])]
+                ax.scatter(np.full(len(ys), i + offset), ys, s=9, color="black", zorder=3, linewidths=0)
+    top = np.nanmax(np.concatenate([scores[c].to_numpy(dtype=float) for c, _, _ in bars]))
     ax.set_ylim(0, top * 1.3)
-    if is_fraction_metric(fp) and top <= 100:
+    if not generation and top <= 100:
         ax.set_yticks(range(0, 101, 20))
     ax.set_xticks(x, labels)
     ax.set_xlabel("QAT targets (sub-layers fake-quantized during training)")
     ax.set_ylabel(_axis_label(fp))
-    ax.set_title(_title(comp.takeaway), fontsize=11)
+    ax.set_title(_title(title), fontsize=11)
     ax.legend(loc="upper right", ncol=2, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)

@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 
 from finetune.errors import FinetuneError
-from finetune.report_collect import ok_rows
+from finetune.report_collect import ok_rows, varies
+from finetune.report_qat import low_bit_label, qat_scores, replicated, seed_summary
 from finetune.report_format import (
     NA, cell_text, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta, metric_label,
     metric_text,
@@ -39,6 +40,8 @@ class Comparison:
         takeaway: one line stating the main result, computed from the data.
         notes: extra lines for comparison.md (e.g. which run the ratios are relative to).
         baseline: the method ratios are relative to (``lora_vs_qlora`` only).
+        summary: means over seeds, one row per setting, shown before ``table`` (``qat_targets`` run over
+            several seeds only).
     """
 
     kind: str
@@ -48,6 +51,7 @@ class Comparison:
     takeaway: str
     notes: list[str] = field(default_factory=list)
     baseline: str | None = None
+    summary: pd.DataFrame | None = None
 
 
 def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> tuple[str | None, bool]:
@@ -83,10 +87,6 @@ def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> tuple[str | N
     return None, True
 
 
-def _varies(df: pd.DataFrame, column: str) -> bool:
-    return column in df.columns and df[column].dropna().astype(str).nunique() > 1
-
-
 def detect_kind(df: pd.DataFrame, kind: str | None = None) -> str:
     """Decide which comparison a sweep is, from what varies across its jobs.
 
@@ -108,11 +108,11 @@ def detect_kind(df: pd.DataFrame, kind: str | None = None) -> str:
         if kind not in KINDS:
             raise FinetuneError(f"unknown report kind '{kind}'; choose one of: {', '.join(KINDS)}")
         return kind
-    if _varies(df, "method") or _varies(df, "quantization"):
+    if varies(df, "method") or varies(df, "quantization"):
         return "lora_vs_qlora"
-    if _varies(df, "qat_targets"):
+    if varies(df, "qat_targets"):
         return "qat_targets"
-    if any(_varies(df, c) for c in GRID_AXES):
+    if any(varies(df, c) for c in GRID_AXES):
         return "lora_grid"
     if "qat_targets" in df.columns and (_has(df, "accuracy_int8") or _has(df, "perplexity_int8")):
         return "qat_targets"  # e.g. one target set tried at other bits: still fp vs INT-n per target
@@ -131,10 +131,10 @@ def _failed_cell(row: pd.Series) -> str:
     return "failed: " + (text if len(text) <= 120 else text[:117] + "...")
 
 
-def _labels(rows: pd.DataFrame, column: str) -> list[str]:
-    """Row labels from ``column``; duplicates get their job number appended."""
+def _labels(rows: pd.DataFrame, column: str, within: tuple[str, ...] = ()) -> list[str]:
+    """Row labels from ``column``; a label repeated with the same ``within`` values gets its job number appended."""
     base = rows[column].fillna("?").astype(str) if column in rows else pd.Series(["?"] * len(rows), index=rows.index)
-    dup = base.duplicated(keep=False)
+    dup = pd.concat([base] + [rows[c].astype(str) for c in within], axis=1).duplicated(keep=False)
     return [f"{b} #{j}" if d else b for b, d, j in zip(base, dup, rows["job"])]
 
 
@@ -222,83 +222,104 @@ def _first(r: pd.Series, *keys: str):
     return None
 
 
-def low_bit_label(df: pd.DataFrame) -> str:
-    """``INT8``, or ``INT4`` etc. when the sweep simulated another activation width (``qat.eval_bits``)."""
-    col = df["int8_eval_bits"] if "int8_eval_bits" in df.columns else pd.Series(dtype=float)
-    bits = {int(b) for b in pd.to_numeric(col, errors="coerce").dropna()}
-    return f"INT{bits.pop()}" if len(bits) == 1 else "INT8" if not bits else "INT<n>"
+def _num(value: float, generation: bool, signed: bool = False) -> str:
+    """A display-unit number (points / percent, or perplexity); NaN -> ``n/a``."""
+    if value != value:
+        return NA
+    return f"{value:{'+' if signed else ''}.{2 if generation else 1}f}"
 
 
-def ptq_score(df: pd.DataFrame, label: str, key: str) -> float | None:
-    """The no-QAT run's simulated score ``key`` on the targets ``label`` (attn / ffn / attn+ffn): the
-    post-training-quantization baseline of a QAT row; None without such a run or score."""
-    ok = ok_rows(df)
-    if "qat_targets" not in ok.columns or label not in _PTQ_SUFFIX:
-        return None
-    rows = ok[ok["qat_targets"].astype(str) == "none"]
-    return to_float(rows.iloc[0].get(key + _PTQ_SUFFIX[label])) if len(rows) else None
-
-
-# Where a no-QAT run keeps its post-training-quantization score for each target set (finetune.int8_eval).
-_PTQ_SUFFIX = {"attn": "_attn", "ffn": "_ffn", "attn+ffn": ""}
+def _qat_takeaway(gaps: dict[str, float], diffs: dict[str, str], wins: int, low: str, generation: bool,
+                  lead: str = "") -> str:
+    """One line: which target set loses least in INT-n, and how QAT fares against PTQ of the same targets."""
+    what, unit = (f"{low} perplexity increase", "ppl") if generation else (f"{low} accuracy drop", "pts")
+    gaps = {t: g for t, g in gaps.items() if g == g}
+    if not gaps:
+        return "No finished run has both fp and INT8 results; nothing to compare."
+    best = min(gaps, key=gaps.get)
+    if best == "none":
+        takeaway = f"QAT does not help here: the run without QAT has the smallest {lead}{what}, " \
+                   f"{_num(gaps[best], generation)} {unit}"
+    else:
+        takeaway = f"{best} QAT has the smallest {lead}{what}: {_num(gaps[best], generation)} {unit}"
+        if "none" in gaps:
+            takeaway += f" vs {_num(gaps['none'], generation)} {unit} without QAT"
+    if diffs:
+        # In INT-n, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
+        takeaway += (f"; in {low}, QAT matches or beats PTQ of the same targets {'on average ' if lead else ''}"
+                     f"on {wins} of {len(diffs)} target sets ("
+                     + ", ".join(f"{t} {d}" for t, d in diffs.items()) + f" {unit})")
+    return takeaway
 
 
 def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
-    df = sort_by_order(df, "qat_targets", TARGET_ORDER)
+    sort_keys = ["seed"] if varies(df, "seed") else []
+    df = sort_by_order(df.sort_values(sort_keys, kind="stable") if sort_keys else df, "qat_targets", TARGET_ORDER)
     generation = "perplexity" in (metric or "") or (not _has(df, "accuracy") and _has(df, "perplexity"))
-    fp, q = ("perplexity", "perplexity_int8") if generation else ("accuracy", "accuracy_int8")
-    scale = 1 if generation else 100
+    fp = "perplexity" if generation else "accuracy"
     low = low_bit_label(df)
+    scores = qat_scores(df, generation)
+    by_seed = bool(sort_keys)
     if generation:
-        headers = ["Targets", "Perplexity", f"{low} perplexity", f"{low} increase (ppl)", f"PTQ {low} perplexity",
-                   "QAT vs PTQ (ppl)"]
-        extra = []
+        metric_heads = ["Perplexity", f"{low} perplexity", f"{low} increase (ppl)", f"PTQ {low} perplexity",
+                        "QAT vs PTQ (ppl)"]
+        columns = ["fp", "q", "gap", "ptq", "vs_ptq"]
     else:
-        headers = ["Targets", "Accuracy (%)", f"{low} accuracy (%)", f"{low} drop (pts)", f"PTQ {low} accuracy (%)",
-                   "QAT vs PTQ (pts)", "F1 (%)", f"{low} F1 (%)"]
-        extra = ["f1", "f1_int8"]
-    headers += ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
-    gap = lambda r: None if to_float(r.get(fp)) is None or to_float(r.get(q)) is None else (  # noqa: E731
-        (r[q] - r[fp]) if generation else (r[fp] - r[q]) * scale)
-    rows, gaps, vs_ptq = [], {}, {}
-    for label, (_, r) in zip(_labels(df, "qat_targets"), df.iterrows()):
+        metric_heads = ["Accuracy (%)", f"{low} accuracy (%)", f"{low} drop (pts)", f"PTQ {low} accuracy (%)",
+                        "QAT vs PTQ (pts)", "F1 (%)", f"{low} F1 (%)", f"PTQ {low} F1 (%)", "QAT vs PTQ F1 (pts)"]
+        columns = ["fp", "q", "gap", "ptq", "vs_ptq", "f1", "f1_q", "ptq_f1", "vs_ptq_f1"]
+    lead = ["Targets"] + (["Seed"] if by_seed else [])
+    headers = lead + metric_heads + ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
+    rows = []
+    for label, (index, r) in zip(_labels(df, "qat_targets", within=tuple(sort_keys)), df.iterrows()):
+        cells = [label] + ([cell_text(r.get("seed"))] if by_seed else [])
         if r["status"] != "ok":
-            rows.append([label, _failed_cell(r)] + [""] * (len(headers) - 2))
+            rows.append(cells + [_failed_cell(r)] + [""] * (len(headers) - len(cells) - 1))
             continue
-        g = gap(r)
-        if g is not None:
-            gaps[label] = g
-        base = ptq_score(df, label, q) if label != "none" else None
-        mine = to_float(r.get(q))
-        diff = None if base is None or mine is None else (mine - base) * scale
-        if diff is not None:
-            vs_ptq[label] = diff
-        rows.append([label, fmt_metric(fp, r.get(fp)), fmt_metric(q, r.get(q)),
-                     NA if g is None else f"{g:.2f}" if generation else f"{g:.1f}",
-                     NA if base is None else fmt_metric(q, base),
-                     NA if diff is None else f"{diff:+.2f}" if generation else f"{diff:+.1f}"]
-                    + [fmt_metric(m, r.get(m)) for m in extra]
+        s = scores.loc[index]
+        rows.append(cells + [_num(s[c], generation, signed=c.startswith("vs_")) for c in columns]
                     + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
                        fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
-    what, unit = (f"{low} perplexity increase", "ppl") if generation else (f"{low} accuracy drop", "pts")
-    show = (lambda g: f"{g:.2f} {unit}") if generation else (lambda g: f"{g:.1f} {unit}")
-    if not gaps:
-        takeaway = "No finished run has both fp and INT8 results; nothing to compare."
+    better = (lambda d: d <= 0) if generation else (lambda d: d >= 0)  # noqa: E731
+    if scores.empty:
+        return Comparison("qat_targets", fp, not generation, _table(rows, headers),
+                          _qat_takeaway({}, {}, 0, low, generation))
+    if not replicated(scores):
+        paired = scores.dropna(subset=["vs_ptq"])
+        diffs = {t: _num(d, generation, signed=True) for t, d in zip(paired["targets"], paired["vs_ptq"])}
+        takeaway = _qat_takeaway(dict(zip(scores["targets"], scores["gap"])), diffs,
+                                 int(better(paired["vs_ptq"]).sum()), low, generation)
+        return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)
+    summary = seed_summary(scores, generation, TARGET_ORDER)
+    seeds = scores["seed"].dropna().astype(str).nunique() if "seed" in scores else 0
+    paired = summary[summary["paired"] > 0]
+    pm = lambda m, se: _num(m, generation, signed=True) + ("" if se != se else f" ± {_num(se, generation)}")  # noqa: E731
+    diffs = {t: pm(r["vs_ptq"], r["vs_ptq_se"]) for t, r in paired.iterrows()}
+    takeaway = _qat_takeaway(summary["gap"].to_dict(), diffs, int(better(paired["vs_ptq"]).sum()), low, generation,
+                             lead="mean ")
+    if not generation and len(paired):
+        takeaway += "; F1 " + ", ".join(f"{t} {pm(r['vs_ptq_f1'], r['vs_ptq_f1_se'])}" for t, r in paired.iterrows()) \
+            + " pts"
+    takeaway = f"Over {seeds} seeds (mean ± standard error of the paired difference): {takeaway}"
+    won = lambda r, s: NA if not r[f"paired{s}"] else f"{int(r[f'wins{s}'])}/{int(r[f'paired{s}'])}"  # noqa: E731
+    if generation:
+        sum_heads = ["Targets", "Runs", "Perplexity", f"{low} perplexity", f"PTQ {low} perplexity",
+                     "QAT vs PTQ (ppl, mean ± SE)", "QAT ≤ PTQ (runs)"]
+        sum_rows = [[t, str(int(r["runs"])), _num(r["fp"], True), _num(r["q"], True), _num(r["ptq"], True),
+                     pm(r["vs_ptq"], r["vs_ptq_se"]), won(r, "")] for t, r in summary.iterrows()]
     else:
-        best = min(gaps, key=gaps.get)
-        if best == "none":
-            takeaway = f"QAT does not help here: the run without QAT has the smallest {what}, {show(gaps[best])}"
-        else:
-            takeaway = f"{best} QAT has the smallest {what}: {show(gaps[best])}"
-            if "none" in gaps:
-                takeaway += f" vs {show(gaps['none'])} without QAT"
-    if vs_ptq:
-        # In INT8, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
-        wins = [t for t, d in vs_ptq.items() if (d <= 0 if generation else d >= 0)]
-        takeaway += (f"; in {low}, QAT matches or beats PTQ of the same targets on {len(wins)} of {len(vs_ptq)} "
-                     "target sets (" + ", ".join(f"{t} {d:+.2f}" if generation else f"{t} {d:+.1f}"
-                                                 for t, d in vs_ptq.items()) + f" {unit})")
-    return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)
+        sum_heads = ["Targets", "Runs", "Accuracy (%)", f"{low} accuracy (%)", f"PTQ {low} accuracy (%)",
+                     "QAT vs PTQ (pts, mean ± SE)", "QAT ≥ PTQ (runs)", "F1 (%)", f"{low} F1 (%)",
+                     f"PTQ {low} F1 (%)", "QAT vs PTQ F1 (pts, mean ± SE)", "QAT ≥ PTQ F1 (runs)"]
+        sum_rows = [[t, str(int(r["runs"])), _num(r["fp"], False), _num(r["q"], False), _num(r["ptq"], False),
+                     pm(r["vs_ptq"], r["vs_ptq_se"]), won(r, ""), _num(r["f1"], False), _num(r["f1_q"], False),
+                     _num(r["ptq_f1"], False), pm(r["vs_ptq_f1"], r["vs_ptq_f1_se"]), won(r, "_f1")]
+                    for t, r in summary.iterrows()]
+    notes = [f"Means over {seeds} seeds: each QAT run is paired with the no-QAT run of its own seed (its PTQ "
+             "baseline) and the differences are averaged over those pairs; a QAT run whose seed has no finished "
+             "no-QAT run is left out of the paired columns."]
+    return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway, notes,
+                      summary=_table(sum_rows, sum_heads))
 
 
 def _setting(r: pd.Series, axes: list[str]) -> str:
@@ -306,7 +327,7 @@ def _setting(r: pd.Series, axes: list[str]) -> str:
 
 
 def _lora_grid(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
-    axes = list(GRID_AXES) + [c for c in ("lr", "lora.target_modules", "seed") if _varies(df, c)]
+    axes = list(GRID_AXES) + [c for c in ("lr", "lora.target_modules", "seed") if varies(df, c)]
     show_loss = metric != "eval_loss"
     headers = ["r", "alpha", "dropout"] + [c.split(".")[-1].replace("_", " ") for c in axes[3:]] \
         + ([_headed(metric)] if metric else []) + (["Eval loss"] if show_loss else []) + ["Train time (s)"]

@@ -87,8 +87,8 @@ def grid_sweep(tmp_path: Path) -> Path:
     return root
 
 
-def qat_metrics(targets: list[str], acc: float, acc_int8: float) -> dict:
-    extra = {"qat_targets": targets, "accuracy_int8": acc_int8, "f1_int8": acc_int8 - 0.01}
+def qat_metrics(targets: list[str], acc: float, acc_int8: float, seed: int = 42) -> dict:
+    extra = {"qat_targets": targets, "accuracy_int8": acc_int8, "f1_int8": acc_int8 - 0.01, "seed": seed}
     if targets:
         extra["qat"] = {"bits": 8, "scale": "tensor", "granularity": "sublayer", "weight_bits": None,
                         "num_quantized_modules": {"total": 30 * len(targets), "attn": 30 * ("attn" in targets),
@@ -281,6 +281,90 @@ def test_qat_report_names_the_simulated_bit_width(qat_sweep: Path) -> None:
     assert {"INT4 accuracy (%)", "PTQ INT4 accuracy (%)", "INT4 drop (pts)"} <= set(report.comparison.table.columns)
     assert "in INT4, QAT matches or beats PTQ" in report.comparison.takeaway
     assert_png(report.paths["plot"])
+
+
+def write_seeded_qat_sweep(root: Path, runs: dict[int, dict]) -> None:
+    """One job per (seed, targets): ``runs[seed]`` maps a target list (as "attn+ffn") to its scores, the no-QAT
+    entry ``"none"`` to (fp, {PTQ target set: INT8 accuracy}); F1 is always accuracy - 0.02."""
+    num = 0
+    for seed, by_target in runs.items():
+        for label, scores in by_target.items():
+            targets = [] if label == "none" else label.split("+")
+            if label == "none":
+                fp, ptq = scores
+                m = qat_metrics([], fp, ptq["attn+ffn"], seed=seed)
+                m.update(int8_eval="ptq", f1_int8=ptq["attn+ffn"] - 0.02,
+                         **{f"{k}_{t}": ptq[t] - 0.02 * (k == "f1_int8") for t in ("attn", "ffn")
+                            for k in ("accuracy_int8", "f1_int8")})
+            else:
+                m = qat_metrics(targets, *scores, seed=seed)
+                m["f1_int8"] = scores[1] - 0.02
+            m["f1"] = m["accuracy"] - 0.02
+            write_job(root, num, [f"qat_targets=[{','.join(targets)}]", f"seed={seed}"], m)
+            num += 1
+
+
+def test_qat_report_over_seeds_pairs_each_run_with_the_ptq_run_of_its_own_seed(tmp_path: Path) -> None:
+    root = tmp_path / "qat_seeds" / "2025-01-04_10-00-00"
+    ptq1 = {"attn": 0.70, "ffn": 0.74, "attn+ffn": 0.60}   # seed 1: the no-QAT run is weak in INT8
+    ptq2 = {"attn": 0.86, "ffn": 0.85, "attn+ffn": 0.80}   # seed 2: strong
+    write_seeded_qat_sweep(root, {
+        1: {"none": (0.80, ptq1), "attn": (0.81, 0.78), "attn+ffn": (0.79, 0.75)},
+        2: {"none": (0.90, ptq2), "attn": (0.88, 0.84), "attn+ffn": (0.89, 0.87)},
+    })
+    report = generate_report(root)
+    comp = report.comparison
+    runs = comp.table
+    assert list(runs["Targets"]) == ["none", "none", "attn", "attn", "attn+ffn", "attn+ffn"]
+    assert list(runs["Seed"]) == ["1", "2"] * 3
+    # Paired by seed: seed 1's attn run against seed 1's PTQ (70.0), seed 2's against seed 2's (86.0).
+    assert list(runs["PTQ INT8 accuracy (%)"]) == ["n/a", "n/a", "70.0", "86.0", "60.0", "80.0"]
+    assert list(runs["QAT vs PTQ (pts)"]) == ["n/a", "n/a", "+8.0", "-2.0", "+15.0", "+7.0"]
+    assert list(runs["PTQ INT8 F1 (%)"]) == ["n/a", "n/a", "68.0", "84.0", "58.0", "78.0"]
+    summary = comp.summary.set_index("Targets")
+    assert list(summary.index) == ["none", "attn", "attn+ffn"]
+    assert summary.loc["attn", "Runs"] == "2"
+    assert summary.loc["attn", "Accuracy (%)"] == "84.5" and summary.loc["attn", "PTQ INT8 accuracy (%)"] == "78.0"
+    # mean (+8 - 2) / 2 = +3.0; standard error = sd / sqrt(2) = 7.07 / 1.41 = 5.0
+    assert summary.loc["attn", "QAT vs PTQ (pts, mean ± SE)"] == "+3.0 ± 5.0"
+    assert summary.loc["attn", "QAT ≥ PTQ (runs)"] == "1/2"
+    assert summary.loc["attn+ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+11.0 ± 4.0"
+    assert summary.loc["attn+ffn", "QAT ≥ PTQ (runs)"] == "2/2"
+    assert summary.loc["none", "QAT vs PTQ (pts, mean ± SE)"] == "n/a" and summary.loc["none", "INT8 accuracy (%)"] == "70.0"
+    assert comp.takeaway.startswith("Over 2 seeds (mean ± standard error of the paired difference): attn+ffn QAT "
+                                    "has the smallest mean INT8 accuracy drop: 3.0 pts vs 15.0 pts without QAT")
+    assert "QAT matches or beats PTQ of the same targets on average on 2 of 2 target sets " \
+           "(attn +3.0 ± 5.0, attn+ffn +11.0 ± 4.0 pts); F1 attn +3.0 ± 5.0, attn+ffn +11.0 ± 4.0 pts" in comp.takeaway
+    md = report.markdown
+    assert md.index("## Mean over seeds") < md.index("## Every run")
+    rows = table_rows(md)
+    assert [r[:2] for r in rows if r[0] == "Targets"] == [["Targets", "Runs"], ["Targets", "Seed"]]
+    assert ["attn+ffn", "2", "84.0"] in [r[:3] for r in rows]   # 2 runs, mean accuracy (79 + 89) / 2
+    assert_png(report.paths["plot"])
+
+
+def test_qat_report_over_seeds_without_a_baseline_for_a_seed(tmp_path: Path) -> None:
+    """A seed whose no-QAT run failed: its QAT runs have no PTQ pair and are left out of the paired mean."""
+    root = tmp_path / "qat_seeds"
+    write_seeded_qat_sweep(root, {1: {"none": (0.80, {"attn": 0.70, "ffn": 0.74, "attn+ffn": 0.60}),
+                                      "ffn": (0.81, 0.77)},
+                                  2: {"ffn": (0.88, 0.84)}})
+    write_job(root, 9, ["qat_targets=[]", "seed=2"], {"status": "failed", "error": "killed", "seed": 2})
+    comp = generate_report(root).comparison
+    by = comp.table.set_index(["Targets", "Seed"])
+    assert by.loc[("ffn", "2"), "PTQ INT8 accuracy (%)"] == "n/a"
+    assert by.loc[("none", "2"), "Accuracy (%)"] == "failed: killed"
+    summary = comp.summary.set_index("Targets")
+    assert summary.loc["ffn", "Runs"] == "2" and summary.loc["ffn", "QAT ≥ PTQ (runs)"] == "1/1"
+    assert summary.loc["ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+3.0"   # one pair: no standard error
+
+
+def test_qat_runs_repeated_without_other_seeds_are_not_averaged(qat_sweep: Path) -> None:
+    """Two jobs of the same targets and seed (say, two learning rates) are listed, never averaged as seeds."""
+    write_job(qat_sweep, 4, ["qat_targets=[attn]", "trainer.lr=1e-4"], qat_metrics(["attn"], 0.85, 0.84))
+    comp = generate_report(qat_sweep).comparison
+    assert comp.summary is None and "Seed" not in comp.table.columns
+    assert list(comp.table["Targets"]) == ["none", "attn #1", "attn #4", "ffn", "attn+ffn"]
 
 
 # --- lora_grid ----------------------------------------------------------------------------------
