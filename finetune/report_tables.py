@@ -270,8 +270,9 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
         columns = ["fp", "q", "gap", "ptq", "vs_ptq", "f1", "f1_q", "ptq_f1", "vs_ptq_f1"]
     lead = ["Targets"] + (["Seed"] if by_seed else [])
     headers = lead + metric_heads + ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
-    rows = []
+    rows, label_of = [], {}
     for label, (index, r) in zip(_labels(df, "qat_targets", within=tuple(sort_keys)), df.iterrows()):
+        label_of[index] = label
         cells = [label] + ([cell_text(r.get("seed"))] if by_seed else [])
         if r["status"] != "ok":
             rows.append(cells + [_failed_cell(r)] + [""] * (len(headers) - len(cells) - 1))
@@ -286,8 +287,8 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
                           _qat_takeaway({}, {}, 0, low, generation))
     if not replicated(scores):
         paired = scores.dropna(subset=["vs_ptq"])
-        diffs = {t: _num(d, generation, signed=True) for t, d in zip(paired["targets"], paired["vs_ptq"])}
-        takeaway = _qat_takeaway(dict(zip(scores["targets"], scores["gap"])), diffs,
+        diffs = {label_of[i]: _num(d, generation, signed=True) for i, d in paired["vs_ptq"].items()}
+        takeaway = _qat_takeaway({label_of[i]: g for i, g in scores["gap"].items()}, diffs,
                                  int(better(paired["vs_ptq"]).sum()), low, generation)
         return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)
     summary = seed_summary(scores, generation, TARGET_ORDER)
