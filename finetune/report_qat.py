@@ -15,7 +15,7 @@ import math
 import pandas as pd
 
 from finetune.report_collect import ok_rows, varies
-from finetune.report_format import to_float
+from finetune.report_format import NA, to_float
 
 # Where a no-QAT run keeps its post-training-quantization score for each target set (finetune.int8_eval).
 PTQ_SUFFIX = {"attn": "_attn", "ffn": "_ffn", "attn+ffn": ""}
@@ -120,3 +120,63 @@ def seed_summary(scores: pd.DataFrame, generation: bool, order: tuple[str, ...])
     out = pd.DataFrame.from_dict(rows, orient="index")
     rank = {t: i for i, t in enumerate(order)}
     return out.loc[sorted(out.index, key=lambda t: (rank.get(t, len(order)), t))] if len(out) else out
+
+
+def display_number(value: float, generation: bool, signed: bool = False) -> str:
+    """A display-unit number (points / percent, or perplexity); NaN -> ``n/a``."""
+    if value != value:
+        return NA
+    return f"{value:{'+' if signed else ''}.{2 if generation else 1}f}"
+
+
+def qat_takeaway(gaps: dict[str, float], diffs: dict[str, str], wins: int, low: str, generation: bool,
+                 lead: str = "") -> str:
+    """One line: which target set loses least in INT-n, and how QAT fares against PTQ of the same targets."""
+    what, unit = (f"{low} perplexity increase", "ppl") if generation else (f"{low} accuracy drop", "pts")
+    gaps = {t: g for t, g in gaps.items() if g == g}
+    if not gaps:
+        return "No finished run has both fp and INT8 results; nothing to compare."
+    best = min(gaps, key=gaps.get)
+    if best == "none":
+        takeaway = f"QAT does not help here: the run without QAT has the smallest {lead}{what}, " \
+                   f"{display_number(gaps[best], generation)} {unit}"
+    else:
+        takeaway = f"{best} QAT has the smallest {lead}{what}: {display_number(gaps[best], generation)} {unit}"
+        if "none" in gaps:
+            takeaway += f" vs {display_number(gaps['none'], generation)} {unit} without QAT"
+    if diffs:
+        # In INT-n, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
+        takeaway += (f"; in {low}, QAT matches or beats PTQ of the same targets {'on average ' if lead else ''}"
+                     f"on {wins} of {len(diffs)} target sets ("
+                     + ", ".join(f"{t} {d}" for t, d in diffs.items()) + f" {unit})")
+    return takeaway
+
+
+def plus_minus(mean: float, se: float, generation: bool) -> str:
+    """``+3.0 ± 1.2``: a signed mean difference and its standard error (the error left out when unknown)."""
+    return display_number(mean, generation, signed=True) + ("" if se != se else f" ± {display_number(se, generation)}")
+
+
+def summary_table(summary: pd.DataFrame, low: str, generation: bool) -> pd.DataFrame:
+    """Display cells of :func:`seed_summary`: per target set, the runs, the mean fp / INT-n / PTQ scores, the
+    mean paired QAT-vs-PTQ difference ± its standard error, and how many paired runs QAT matched or beat PTQ."""
+    def won(r: pd.Series, suffix: str = "") -> str:
+        return NA if not r[f"paired{suffix}"] else f"{int(r[f'wins{suffix}'])}/{int(r[f'paired{suffix}'])}"
+
+    def cells(r: pd.Series, columns: tuple[str, ...]) -> list[str]:
+        return [display_number(r[c], generation) for c in columns]
+
+    if generation:
+        headers = ["Targets", "Runs", "Perplexity", f"{low} perplexity", f"PTQ {low} perplexity",
+                   "QAT vs PTQ (ppl, mean ± SE)", "QAT ≤ PTQ (runs)"]
+        rows = [[t, str(int(r["runs"]))] + cells(r, ("fp", "q", "ptq"))
+                + [plus_minus(r["vs_ptq"], r["vs_ptq_se"], True), won(r)] for t, r in summary.iterrows()]
+    else:
+        headers = ["Targets", "Runs", "Accuracy (%)", f"{low} accuracy (%)", f"PTQ {low} accuracy (%)",
+                   "QAT vs PTQ (pts, mean ± SE)", "QAT ≥ PTQ (runs)", "F1 (%)", f"{low} F1 (%)",
+                   f"PTQ {low} F1 (%)", "QAT vs PTQ F1 (pts, mean ± SE)", "QAT ≥ PTQ F1 (runs)"]
+        rows = [[t, str(int(r["runs"]))] + cells(r, ("fp", "q", "ptq"))
+                + [plus_minus(r["vs_ptq"], r["vs_ptq_se"], False), won(r)] + cells(r, ("f1", "f1_q", "ptq_f1"))
+                + [plus_minus(r["vs_ptq_f1"], r["vs_ptq_f1_se"], False), won(r, "_f1")]
+                for t, r in summary.iterrows()]
+    return pd.DataFrame(rows, columns=headers, dtype=object)

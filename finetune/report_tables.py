@@ -15,7 +15,8 @@ import pandas as pd
 
 from finetune.errors import FinetuneError
 from finetune.report_collect import ok_rows, varies
-from finetune.report_qat import low_bit_label, qat_scores, replicated, seed_summary
+from finetune.report_qat import (display_number, low_bit_label, plus_minus, qat_scores, qat_takeaway, replicated,
+                                 seed_summary, summary_table)
 from finetune.report_format import (
     NA, cell_text, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta, metric_label,
     metric_text,
@@ -222,36 +223,6 @@ def _first(r: pd.Series, *keys: str):
     return None
 
 
-def _num(value: float, generation: bool, signed: bool = False) -> str:
-    """A display-unit number (points / percent, or perplexity); NaN -> ``n/a``."""
-    if value != value:
-        return NA
-    return f"{value:{'+' if signed else ''}.{2 if generation else 1}f}"
-
-
-def _qat_takeaway(gaps: dict[str, float], diffs: dict[str, str], wins: int, low: str, generation: bool,
-                  lead: str = "") -> str:
-    """One line: which target set loses least in INT-n, and how QAT fares against PTQ of the same targets."""
-    what, unit = (f"{low} perplexity increase", "ppl") if generation else (f"{low} accuracy drop", "pts")
-    gaps = {t: g for t, g in gaps.items() if g == g}
-    if not gaps:
-        return "No finished run has both fp and INT8 results; nothing to compare."
-    best = min(gaps, key=gaps.get)
-    if best == "none":
-        takeaway = f"QAT does not help here: the run without QAT has the smallest {lead}{what}, " \
-                   f"{_num(gaps[best], generation)} {unit}"
-    else:
-        takeaway = f"{best} QAT has the smallest {lead}{what}: {_num(gaps[best], generation)} {unit}"
-        if "none" in gaps:
-            takeaway += f" vs {_num(gaps['none'], generation)} {unit} without QAT"
-    if diffs:
-        # In INT-n, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
-        takeaway += (f"; in {low}, QAT matches or beats PTQ of the same targets {'on average ' if lead else ''}"
-                     f"on {wins} of {len(diffs)} target sets ("
-                     + ", ".join(f"{t} {d}" for t, d in diffs.items()) + f" {unit})")
-    return takeaway
-
-
 def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
     sort_keys = ["seed"] if varies(df, "seed") else []
     df = sort_by_order(df.sort_values(sort_keys, kind="stable") if sort_keys else df, "qat_targets", TARGET_ORDER)
@@ -278,49 +249,34 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
             rows.append(cells + [_failed_cell(r)] + [""] * (len(headers) - len(cells) - 1))
             continue
         s = scores.loc[index]
-        rows.append(cells + [_num(s[c], generation, signed=c.startswith("vs_")) for c in columns]
+        rows.append(cells + [display_number(s[c], generation, signed=c.startswith("vs_")) for c in columns]
                     + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
                        fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
     better = (lambda d: d <= 0) if generation else (lambda d: d >= 0)  # noqa: E731
     if scores.empty:
         return Comparison("qat_targets", fp, not generation, _table(rows, headers),
-                          _qat_takeaway({}, {}, 0, low, generation))
+                          qat_takeaway({}, {}, 0, low, generation))
     if not replicated(scores):
         paired = scores.dropna(subset=["vs_ptq"])
-        diffs = {label_of[i]: _num(d, generation, signed=True) for i, d in paired["vs_ptq"].items()}
-        takeaway = _qat_takeaway({label_of[i]: g for i, g in scores["gap"].items()}, diffs,
-                                 int(better(paired["vs_ptq"]).sum()), low, generation)
+        diffs = {label_of[i]: display_number(d, generation, signed=True) for i, d in paired["vs_ptq"].items()}
+        takeaway = qat_takeaway({label_of[i]: g for i, g in scores["gap"].items()}, diffs,
+                                int(better(paired["vs_ptq"]).sum()), low, generation)
         return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)
     summary = seed_summary(scores, generation, TARGET_ORDER)
-    seeds = scores["seed"].dropna().astype(str).nunique() if "seed" in scores else 0
+    seeds = scores["seed"].dropna().astype(str).nunique()
     paired = summary[summary["paired"] > 0]
-    pm = lambda m, se: _num(m, generation, signed=True) + ("" if se != se else f" ± {_num(se, generation)}")  # noqa: E731
-    diffs = {t: pm(r["vs_ptq"], r["vs_ptq_se"]) for t, r in paired.iterrows()}
-    takeaway = _qat_takeaway(summary["gap"].to_dict(), diffs, int(better(paired["vs_ptq"]).sum()), low, generation,
-                             lead="mean ")
-    if not generation and len(paired):
-        takeaway += "; F1 " + ", ".join(f"{t} {pm(r['vs_ptq_f1'], r['vs_ptq_f1_se'])}" for t, r in paired.iterrows()) \
-            + " pts"
+    diffs = {t: plus_minus(r["vs_ptq"], r["vs_ptq_se"], generation) for t, r in paired.iterrows()}
+    takeaway = qat_takeaway(summary["gap"].to_dict(), diffs, int(better(paired["vs_ptq"]).sum()), low, generation,
+                            lead="mean ")
+    if not generation and len(paired):  # accuracy alone flatters a run that settled on the majority class
+        takeaway += "; F1 " + ", ".join(f"{t} {plus_minus(r['vs_ptq_f1'], r['vs_ptq_f1_se'], False)}"
+                                        for t, r in paired.iterrows()) + " pts"
     takeaway = f"Over {seeds} seeds (mean ± standard error of the paired difference): {takeaway}"
-    won = lambda r, s: NA if not r[f"paired{s}"] else f"{int(r[f'wins{s}'])}/{int(r[f'paired{s}'])}"  # noqa: E731
-    if generation:
-        sum_heads = ["Targets", "Runs", "Perplexity", f"{low} perplexity", f"PTQ {low} perplexity",
-                     "QAT vs PTQ (ppl, mean ± SE)", "QAT ≤ PTQ (runs)"]
-        sum_rows = [[t, str(int(r["runs"])), _num(r["fp"], True), _num(r["q"], True), _num(r["ptq"], True),
-                     pm(r["vs_ptq"], r["vs_ptq_se"]), won(r, "")] for t, r in summary.iterrows()]
-    else:
-        sum_heads = ["Targets", "Runs", "Accuracy (%)", f"{low} accuracy (%)", f"PTQ {low} accuracy (%)",
-                     "QAT vs PTQ (pts, mean ± SE)", "QAT ≥ PTQ (runs)", "F1 (%)", f"{low} F1 (%)",
-                     f"PTQ {low} F1 (%)", "QAT vs PTQ F1 (pts, mean ± SE)", "QAT ≥ PTQ F1 (runs)"]
-        sum_rows = [[t, str(int(r["runs"])), _num(r["fp"], False), _num(r["q"], False), _num(r["ptq"], False),
-                     pm(r["vs_ptq"], r["vs_ptq_se"]), won(r, ""), _num(r["f1"], False), _num(r["f1_q"], False),
-                     _num(r["ptq_f1"], False), pm(r["vs_ptq_f1"], r["vs_ptq_f1_se"]), won(r, "_f1")]
-                    for t, r in summary.iterrows()]
     notes = [f"Means over {seeds} seeds: each QAT run is paired with the no-QAT run of its own seed (its PTQ "
              "baseline) and the differences are averaged over those pairs; a QAT run whose seed has no finished "
              "no-QAT run is left out of the paired columns."]
     return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway, notes,
-                      summary=_table(sum_rows, sum_heads))
+                      summary=summary_table(summary, low, generation))
 
 
 def _setting(r: pd.Series, axes: list[str]) -> str:

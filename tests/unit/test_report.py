@@ -359,6 +359,24 @@ def test_qat_report_over_seeds_without_a_baseline_for_a_seed(tmp_path: Path) -> 
     assert summary.loc["ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+3.0"   # one pair: no standard error
 
 
+def test_qat_report_over_seeds_for_generation_counts_lower_perplexity_as_the_win(tmp_path: Path) -> None:
+    root = tmp_path / "qat_gen_seeds"
+    runs = [(1, [], 12.0, 15.0, {"perplexity_int8_attn": 13.0}), (1, ["attn"], 12.1, 12.5, {}),
+            (2, [], 11.0, 14.0, {"perplexity_int8_attn": 11.5}), (2, ["attn"], 11.2, 12.0, {})]
+    for num, (seed, targets, ppl, ppl8, extra) in enumerate(runs):
+        metrics = qat_metrics(targets, 0.0, 0.0, seed=seed)
+        for key in ("accuracy", "f1", "accuracy_int8", "f1_int8", "zero_shot_accuracy", "zero_shot_f1"):
+            metrics.pop(key)
+        metrics.update(task="generation", dataset="alpaca", perplexity=ppl, perplexity_int8=ppl8, **extra)
+        write_job(root, num, [f"seed={seed}"], metrics)
+    comp = generate_report(root).comparison
+    assert list(comp.table["PTQ INT8 perplexity"]) == ["n/a", "n/a", "13.00", "11.50"]   # seed 1, then seed 2
+    attn = comp.summary.set_index("Targets").loc["attn"]
+    # QAT - PTQ: 12.5 - 13.0 = -0.5 (better), 12.0 - 11.5 = +0.5 (worse): mean 0.00, SE 0.50, one win of two
+    assert attn["QAT vs PTQ (ppl, mean ± SE)"] == "+0.00 ± 0.50" and attn["QAT ≤ PTQ (runs)"] == "1/2"
+    assert "F1" not in comp.takeaway and "(attn +0.00 ± 0.50 ppl)" in comp.takeaway
+
+
 def test_qat_runs_repeated_without_other_seeds_are_not_averaged(qat_sweep: Path) -> None:
     """Two jobs of the same targets and seed (say, two learning rates) are listed, never averaged as seeds."""
     write_job(qat_sweep, 4, ["qat_targets=[attn]", "trainer.lr=1e-4"], qat_metrics(["attn"], 0.85, 0.84))
