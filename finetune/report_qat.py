@@ -88,6 +88,12 @@ def qat_scores(df: pd.DataFrame, generation: bool) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
+def qat_wins(diffs: pd.Series, generation: bool) -> int:
+    """How many QAT-minus-PTQ differences say QAT matched or beat PTQ (accuracy not lower, perplexity not
+    higher); NaN (no baseline) never counts."""
+    return int((diffs <= 0).sum() if generation else (diffs >= 0).sum())
+
+
 def replicated(scores: pd.DataFrame) -> bool:
     """Whether some target set was run with several seeds: then means over seeds are what to compare."""
     return varies(scores, "seed") and bool(scores.groupby("targets").size().gt(1).any())
@@ -106,7 +112,6 @@ def seed_summary(scores: pd.DataFrame, generation: bool, order: tuple[str, ...])
     ``vs_ptq_se`` (standard error of the paired difference), ``paired`` (runs with a baseline) and ``wins``
     (paired runs where QAT matched or beat PTQ); classification adds ``vs_ptq_f1_se`` and ``wins_f1``.
     Rows in ``order`` (unknown target sets after)."""
-    better = (lambda d: d <= 0) if generation else (lambda d: d >= 0)  # noqa: E731
     rows = {}
     for targets, group in scores.groupby("targets", sort=False):
         rec: dict = {"runs": len(group)}
@@ -115,7 +120,7 @@ def seed_summary(scores: pd.DataFrame, generation: bool, order: tuple[str, ...])
         for diff, suffix in (("vs_ptq", ""),) + (() if generation else (("vs_ptq_f1", "_f1"),)):
             paired = group[diff].dropna()
             rec[f"{diff}_se"] = mean_and_se(paired)[1]
-            rec[f"paired{suffix}"], rec[f"wins{suffix}"] = len(paired), int(better(paired).sum())
+            rec[f"paired{suffix}"], rec[f"wins{suffix}"] = len(paired), qat_wins(paired, generation)
         rows[targets] = rec
     out = pd.DataFrame.from_dict(rows, orient="index")
     rank = {t: i for i, t in enumerate(order)}

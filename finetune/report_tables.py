@@ -15,8 +15,8 @@ import pandas as pd
 
 from finetune.errors import FinetuneError
 from finetune.report_collect import ok_rows, varies
-from finetune.report_qat import (display_number, low_bit_label, plus_minus, qat_scores, qat_takeaway, replicated,
-                                 seed_summary, summary_table)
+from finetune.report_qat import (display_number, low_bit_label, plus_minus, qat_scores, qat_takeaway, qat_wins,
+                                 replicated, seed_summary, summary_table)
 from finetune.report_format import (
     NA, cell_text, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta, metric_label,
     metric_text,
@@ -252,7 +252,6 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
         rows.append(cells + [display_number(s[c], generation, signed=c.startswith("vs_")) for c in columns]
                     + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
                        fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
-    better = (lambda d: d <= 0) if generation else (lambda d: d >= 0)  # noqa: E731
     if scores.empty:
         return Comparison("qat_targets", fp, not generation, _table(rows, headers),
                           qat_takeaway({}, {}, 0, low, generation))
@@ -260,13 +259,13 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
         paired = scores.dropna(subset=["vs_ptq"])
         diffs = {label_of[i]: display_number(d, generation, signed=True) for i, d in paired["vs_ptq"].items()}
         takeaway = qat_takeaway({label_of[i]: g for i, g in scores["gap"].items()}, diffs,
-                                int(better(paired["vs_ptq"]).sum()), low, generation)
+                                qat_wins(paired["vs_ptq"], generation), low, generation)
         return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)
     summary = seed_summary(scores, generation, TARGET_ORDER)
     seeds = scores["seed"].dropna().astype(str).nunique()
     paired = summary[summary["paired"] > 0]
     diffs = {t: plus_minus(r["vs_ptq"], r["vs_ptq_se"], generation) for t, r in paired.iterrows()}
-    takeaway = qat_takeaway(summary["gap"].to_dict(), diffs, int(better(paired["vs_ptq"]).sum()), low, generation,
+    takeaway = qat_takeaway(summary["gap"].to_dict(), diffs, qat_wins(paired["vs_ptq"], generation), low, generation,
                             lead="mean ")
     if not generation and len(paired):  # accuracy alone flatters a run that settled on the majority class
         takeaway += "; F1 " + ", ".join(f"{t} {plus_minus(r['vs_ptq_f1'], r['vs_ptq_f1_se'], False)}"
