@@ -61,28 +61,84 @@ def method_name(cfg: DictConfig) -> str:
     return f"q{method}-{quant}"
 
 
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise FinetuneError(f"{key}={value!r} is not allowed; allowed: true, false")
+
+
+def _text(key: str, value: Any, *, optional: bool = False) -> None:
+    """A non-empty string (or null when ``optional``)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        allowed = "null or a non-empty string" if optional else "a non-empty string"
+        raise FinetuneError(f"{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _text_list(key: str, value: Any, *, optional: bool = False, allow_empty: bool = True) -> None:
+    if optional and value is None:
+        return
+    if not OmegaConf.is_list(value) or not all(isinstance(v, str) and v.strip() for v in value) or (
+            not allow_empty and not value):
+        raise FinetuneError(f"{key}={value!r} is not allowed; allowed: a {'' if allow_empty else 'non-empty '}list "
+                            "of strings")
+
+
+def _sub(node: DictConfig, key: str) -> Any:
+    """``node[key]``, or a clear error naming the key when a preset dropped it."""
+    if key not in node:
+        raise FinetuneError(f"{key} is missing from the composed config; restore it (conf/ declares every key)")
+    return node[key]
+
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay")
+SAMPLING = ("random", "sequential", "group_by_length")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+CHAT_ROLES = ("user", "assistant", "system")
+
+
+def _optimizers() -> tuple[str, ...]:
+    from transformers.training_args import OptimizerNames
+
+    return tuple(o.value for o in OptimizerNames)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check every value and combination a run depends on.
+    """Check every value and combination a run depends on: every key declared in conf/.
 
     Raises:
         FinetuneError: naming the first bad key, its value and what is allowed.
     """
     _number("seed", cfg.seed, low=0, integer=True)
-    if not isinstance(cfg.get("isolate_jobs", True), bool):
-        raise FinetuneError(f"isolate_jobs={cfg.isolate_jobs!r} is not allowed; allowed: true, false")
+    for key in ("isolate_jobs", "overwrite_run"):
+        if key in cfg:
+            _bool(key, cfg[key])
+    _text("run_name", cfg.get("run_name"), optional=True)
+    _text("sweep_name", cfg.get("sweep_name"), optional=True)
+    if cfg.get("sweep_name") and ("/" in cfg.sweep_name or cfg.sweep_name.startswith(".")):
+        raise FinetuneError(f"sweep_name={cfg.sweep_name!r} names a folder; use letters, digits, - and _ only")
 
     m = cfg.model
     if not isinstance(m.name_or_path, str) or not m.name_or_path.strip():
         raise FinetuneError("model.name_or_path must be a hub id, a local directory, or embedded:<name>")
     _choice("model.dtype", m.dtype, DTYPES)
+    _text("model.revision", m.get("revision"), optional=True)
+    _bool("model.trust_remote_code", m.get("trust_remote_code", False))
+    if m.get("attn_implementation") is not None:
+        _choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
 
     q = cfg.quantization
     _choice("quantization.mode", q.mode, QUANT_MODES)
     if q.mode == "nf4":
         _choice("quantization.quant_type", q.quant_type, ("nf4", "fp4"))
         _choice("quantization.compute_dtype", q.compute_dtype, ("auto", "bfloat16", "float16", "float32"))
+        _bool("quantization.double_quant", q.double_quant)
     if q.mode == "int8":
         _number("quantization.llm_int8_threshold", q.llm_int8_threshold, low=0, low_open=True)
+    if q.mode != "none":
+        _text_list("quantization.skip_modules", q.get("skip_modules"), optional=True)
 
     lo = cfg.lora
     _choice("lora.method", lo.method, LORA_METHODS)
@@ -91,6 +147,7 @@ def validate(cfg: DictConfig) -> None:
         _number("lora.alpha", lo.alpha, low=0, low_open=True)
         _number("lora.dropout", lo.dropout, low=0, high=1, high_open=True)
         _choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
+        _bool("lora.use_rslora", lo.get("use_rslora", False))
         tm = lo.target_modules
         if isinstance(tm, str):
             _choice("lora.target_modules", tm, TARGET_PRESETS)
@@ -105,37 +162,81 @@ def validate(cfg: DictConfig) -> None:
         )
 
     targets = qat_targets(cfg)
-    if cfg.qat.get("eval_bits") is not None:
-        _number("qat.eval_bits", cfg.qat.eval_bits, low=4, high=8, integer=True)
-    if targets:
-        a = cfg.qat
-        _number("qat.bits", a.bits, low=4, high=8, integer=True)
-        _choice("qat.scale", a.scale, ("tensor", "token", "static"))
-        _choice("qat.granularity", a.granularity, ("sublayer", "linear"))
-        if a.weight_bits is not None:
-            _number("qat.weight_bits", a.weight_bits, low=4, high=8, integer=True)
-            if q.mode != "none":
-                raise FinetuneError(
-                    f"qat.weight_bits with quantization={q.mode} is not supported: the base weights are already "
-                    "bitsandbytes-quantized; drop qat.weight_bits (activation QAT still applies)"
-                )
-        _number("qat.start_step", a.start_step, low=0, integer=True)
-        _number("qat.ema_decay", a.ema_decay, low=0, high=1, low_open=True, high_open=True)
+    _validate_qat(cfg.qat, targets, q.mode)
+    _validate_eval(cfg.eval)
+    _validate_dataset(cfg.dataset)
+    _validate_trainer(cfg.trainer)
 
-    d = cfg.dataset
+    lg = cfg.logger
+    _choice("logger.backend", lg.backend, ("wandb", "none"))
+    if lg.backend == "wandb":
+        _choice("logger.mode", lg.mode, ("auto", "online", "offline", "disabled"))
+        _text("logger.project", lg.get("project"))
+        for key in ("entity", "group"):
+            _text(f"logger.{key}", lg.get(key), optional=True)
+        _text_list("logger.tags", lg.get("tags"), optional=True)
+
+
+def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
+    """``qat.*`` is checked whether or not a target is set: a typo there must not wait for the run that uses it."""
+    _number("qat.bits", a.bits, low=4, high=8, integer=True)
+    _choice("qat.scale", a.scale, ("tensor", "token", "static"))
+    _choice("qat.granularity", a.granularity, ("sublayer", "linear"))
+    if a.weight_bits is not None:
+        _number("qat.weight_bits", a.weight_bits, low=4, high=8, integer=True)
+    _number("qat.start_step", a.start_step, low=0, integer=True)
+    _number("qat.ema_decay", a.ema_decay, low=0, high=1, low_open=True, high_open=True)
+    if a.get("eval_int8") is not None:
+        _bool("qat.eval_int8", a.eval_int8)
+    if a.get("eval_bits") is not None:
+        _number("qat.eval_bits", a.eval_bits, low=4, high=8, integer=True)
+    if targets and a.weight_bits is not None and quant_mode != "none":
+        raise FinetuneError(
+            f"qat.weight_bits with quantization={quant_mode} is not supported: the base weights are already "
+            "bitsandbytes-quantized; drop qat.weight_bits (activation QAT still applies)"
+        )
+
+
+def _validate_eval(e: DictConfig) -> None:
+    _bool("eval.zero_shot", _sub(e, "zero_shot"))
+    _number("eval.batch_size", _sub(e, "batch_size"), low=1, integer=True)
+    _number("eval.num_samples", _sub(e, "num_samples"), low=0, integer=True)
+    _number("eval.max_new_tokens", _sub(e, "max_new_tokens"), low=1, integer=True)
+
+
+def _validate_dataset(d: DictConfig) -> None:
     _choice("dataset.name", d.name, ("chnsenticorp", "alpaca", "sharegpt"))
     _choice("dataset.task", d.task, ("classification", "generation"))
+    for key in ("path", "hub_id", "embedded"):
+        _text(f"dataset.{key}", d.get(key), optional=True)
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
         if d.get(key) is not None:
             _number(f"dataset.{key}", d[key], low=1, integer=True)
+    if d.get("eval_fraction") is not None:
+        _number("dataset.eval_fraction", d.eval_fraction, low=0, high=0.5, low_open=True, high_open=True)
+    for key in ("use_chat_template", "train_on_prompt"):
+        if key in d:
+            _bool(f"dataset.{key}", d[key])
     if d.task == "classification":
+        for key in ("text_field", "label_field", "instruction"):
+            if key in d:
+                _text(f"dataset.{key}", d[key])
         words = d.label_words
         if not OmegaConf.is_list(words) or len(words) < 2 or not all(isinstance(w, str) and w.strip() for w in words):
             raise FinetuneError(f"dataset.label_words={words!r} must list at least two non-empty words")
         if len(set(words)) != len(words):
             raise FinetuneError(f"dataset.label_words={list(words)!r} must be distinct")
+    if d.name == "sharegpt":
+        _text("dataset.conversations_field", d.get("conversations_field"))
+        _text("dataset.system_field", d.get("system_field"), optional=True)
+        roles = d.get("role_map")
+        if not OmegaConf.is_dict(roles) or not roles:
+            raise FinetuneError(f"dataset.role_map={roles!r} must map ShareGPT roles to {', '.join(CHAT_ROLES)}")
+        for name, role in roles.items():
+            _choice(f"dataset.role_map.{name}", role, CHAT_ROLES)
 
-    t = cfg.trainer
+
+def _validate_trainer(t: DictConfig) -> None:
     _number("trainer.epochs", t.epochs, low=0, low_open=True)
     _number("trainer.max_steps", t.max_steps, integer=True, low=-1)
     if t.max_steps == 0:
@@ -144,12 +245,24 @@ def validate(cfg: DictConfig) -> None:
     _number("trainer.eval_batch_size", t.eval_batch_size, low=1, integer=True)
     _number("trainer.grad_accum", t.grad_accum, low=1, integer=True)
     _number("trainer.lr", t.lr, low=0, low_open=True)
+    _number("trainer.weight_decay", t.weight_decay, low=0)
+    _choice("trainer.scheduler", t.scheduler, SCHEDULERS)
     _number("trainer.warmup_ratio", t.warmup_ratio, low=0, high=1)
     _number("trainer.max_length", t.max_length, low=16, integer=True)
     _choice("trainer.precision", t.precision, PRECISIONS)
+    _bool("trainer.gradient_checkpointing", t.gradient_checkpointing)
+    _number("trainer.logging_steps", t.logging_steps, low=1, integer=True)
     _choice("trainer.eval_strategy", t.eval_strategy, STRATEGIES)
+    _number("trainer.eval_steps", t.eval_steps, low=1, integer=True)
     _choice("trainer.save_strategy", t.save_strategy, STRATEGIES)
-
-    _choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
-    if cfg.logger.backend == "wandb":
-        _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
+    _number("trainer.save_steps", t.save_steps, low=1, integer=True)
+    if t.get("save_total_limit") is not None:
+        _number("trainer.save_total_limit", t.save_total_limit, low=1, integer=True)
+    resume = t.get("resume_from_checkpoint")
+    if resume is not None and (not isinstance(resume, str) or not resume.strip()):
+        raise FinetuneError(f"trainer.resume_from_checkpoint={resume!r} is not allowed; allowed: null, auto, or a "
+                            "checkpoint directory")
+    _choice("trainer.sampling", t.sampling, SAMPLING)
+    _number("trainer.dataloader_num_workers", t.dataloader_num_workers, low=0, integer=True)
+    _choice("trainer.optim", t.optim, _optimizers())
+    _number("trainer.max_grad_norm", t.max_grad_norm, low=0)

@@ -73,17 +73,26 @@ class ThroughputCallback(TrainerCallback):
         self.tokens = 0
         self.start: float | None = None
         self.elapsed = 0.0
+        self._before = 0.0  # training time before a resumed checkpoint
 
     def count_batch(self, batch: dict) -> None:
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+    def restore(self, tokens: int, elapsed: float) -> None:
+        """Resume: the count and training time of the steps before the checkpoint."""
+        self.tokens, self._before = tokens, elapsed
+
+    def elapsed_so_far(self) -> float:
+        running = time.perf_counter() - self.start if self.start is not None else 0.0
+        return self._before + running
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.start is not None:
-            self.elapsed = time.perf_counter() - self.start
+            self.elapsed = self.elapsed_so_far()
 
     @property
     def tokens_per_s(self) -> float:

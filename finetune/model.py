@@ -125,8 +125,12 @@ def random_checkpoint(family: str, random_init: dict, seed: int = 0) -> Path:
             raise FinetuneError(f"model.name_or_path=random:{family}: cannot build config ({exc})") from None
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, attr, getattr(tok, attr))
-        torch.manual_seed(seed)
-        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        # fork_rng: the weights come from ``seed`` without touching the caller's global RNG, so a run gives
+        # the same result whether or not this process built the cached model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
     return _atomic_build(target, build)

@@ -48,9 +48,73 @@ def _hydra_context() -> tuple[bool, list[str], str, str | None]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
+    from finetune.runs import atomic_write_json
+
+    atomic_write_json(path, data)
+
+
+PATH_KEYS = ("dataset.path", "trainer.resume_from_checkpoint")
+
+
+def resolved_config(cfg: DictConfig) -> DictConfig:
+    """The config with every local path made absolute (against the directory the command ran from), so a run
+    directory works from any current directory (``finetune-eval run=R`` from elsewhere finds its data)."""
+    import os
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in PATH_KEYS:
+        value = OmegaConf.select(out, key)
+        if isinstance(value, str) and value not in ("auto",):
+            OmegaConf.update(out, key, os.path.abspath(os.path.expanduser(value)))
+    name = out.model.name_or_path
+    if isinstance(name, str) and (name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir()):
+        out.model.name_or_path = os.path.abspath(os.path.expanduser(name))
+    return out
+
+
+def _early_files(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
+    """config.yaml (resolved, absolute paths) and Hydra's .hydra/ trio, written by the run itself."""
+    files = {"config.yaml": OmegaConf.to_yaml(resolved_config(cfg)),
+             ".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+             ".hydra/overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(overrides)))}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        files[".hydra/hydra.yaml"] = OmegaConf.to_yaml(OmegaConf.create({"hydra": HydraConfig.get()}))
+    except ValueError:  # not under Hydra (tests, isolated jobs)
+        pass
+    return files
+
+
+class _RunLog:
+    """train.log of a run: records are held in memory until the run may write into its directory, so a rejected
+    command leaves an existing run's log untouched."""
+
+    def __init__(self) -> None:
+        import logging.handlers
+
+        self.root = logging.getLogger()
+        self.buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 10)
+        self.buffer.setLevel(logging.INFO)
+        self.file: logging.Handler | None = None
+        self.root.addHandler(self.buffer)
+        if self.root.level > logging.INFO or self.root.level == logging.NOTSET:
+            self.root.setLevel(logging.INFO)
+
+    def open(self, path: Path) -> None:
+        self.file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self.file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        self.buffer.setTarget(self.file)
+        self.buffer.flush()
+        self.root.removeHandler(self.buffer)
+        self.root.addHandler(self.file)
+
+    def close(self) -> None:
+        self.root.removeHandler(self.buffer)
+        self.buffer.close()
+        if self.file is not None:
+            self.root.removeHandler(self.file)
+            self.file.close()
 
 
 def objective(metrics: dict) -> float:
@@ -61,7 +125,39 @@ def objective(metrics: dict) -> float:
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job: str = "0") -> dict:
-    """Train and evaluate one configuration; writes every artifact into ``run_dir``; returns the metrics."""
+    """Train and evaluate one configuration; writes every artifact into ``run_dir``; returns the metrics.
+
+    Nothing is written before the config and the data have been checked; a directory that already holds a run
+    is refused unless resumed or ``overwrite_run=true``; a failure is recorded without replacing a finished run
+    (:class:`finetune.runs.RunWriter`).
+
+    Raises:
+        FinetuneError: a user error (bad value, file, combination); anything else a run can raise.
+    """
+    from finetune.runs import RunWriter
+
+    validate(cfg)
+    writer = RunWriter(run_dir, resume=cfg.trainer.get("resume_from_checkpoint") is not None,
+                       overwrite=bool(cfg.get("overwrite_run", False)))
+    writer.check()
+    run_log = _RunLog()
+    try:
+        return _run(cfg, run_dir, writer, run_log, overrides or [], job)
+    except BaseException as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not isinstance(exc, FinetuneError):
+            log.error("job failed:\n%s", traceback.format_exc())
+        failed = writer.fail({"status": "failed", "job": job, "error": message, "error_type": type(exc).__name__,
+                              "overrides": overrides or []})
+        if failed is not None:
+            log.error("this attempt failed; the finished run in %s is kept as it was, the attempt is in %s",
+                      run_dir, failed)
+        raise
+    finally:
+        run_log.close()
+
+
+def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: list[str], job: str) -> dict:
     import torch
     from transformers import set_seed
 
@@ -73,12 +169,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     from finetune.trainer import CountingCollator, make_trainer, resolve_resume, training_arguments
     from finetune import tracking
 
-    validate(cfg)
     targets = qat_targets(cfg)
     method = method_name(cfg)
     dcfg, tcfg = cfg.dataset, cfg.trainer
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     set_seed(cfg.seed)
     precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
     classification = dcfg.task == "classification"
@@ -87,6 +180,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     splits = load_splits(dcfg, cfg.seed)
     log.info("data: %s (train %d, validation %d, test %d)", splits.source, len(splits.train),
              len(splits.validation), len(splits.test))
+    # Config and data are good: from here on the run writes into its directory.
+    writer.begin(_early_files(cfg, overrides))
+    run_log.open(run_dir / "train.log")
     metrics: dict = {
         "status": "running", "job": job, "method": method, "model": cfg.model.name_or_path,
         "dataset": dcfg.name, "task": dcfg.task, "data_source": splits.source,
@@ -137,7 +233,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     args = training_arguments(tcfg, precision, run_dir, cfg.seed, ["wandb"] if wandb_run else [], name,
                               has_eval=val_ds is not None)
     trainer = make_trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                           data_collator=collator, callbacks=callbacks)
+                           data_collator=collator, callbacks=callbacks, meter=meter)
     result = trainer.train(resume_from_checkpoint=resolve_resume(tcfg.resume_from_checkpoint, run_dir))
     collator.enabled = False
     if qat_handle is not None:
@@ -150,9 +246,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     metrics["peak_memory_mb"] = round(peak_memory_mb(), 1)
     reset_peak_memory()
     metrics.update(
-        train_runtime_s=round(result.metrics.get("train_runtime", meter.elapsed), 2),
+        # Over the whole run, also after a resume (the checkpoint carries the running sums and the time).
+        train_runtime_s=round(meter.elapsed, 2),
         train_steps=result.global_step,
-        train_loss=round(result.training_loss, 6),
+        train_loss=round(trainer._total_loss_scalar / max(result.global_step, 1), 6),
         train_tokens=meter.tokens,
         train_tokens_per_s=round(meter.tokens_per_s, 2),
     )
@@ -160,14 +257,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     # Artifacts: the adapter in PEFT format (or the full model), and the tokenizer.
     if cfg.lora.method == "none":
         # A standalone checkpoint: AutoModelForCausalLM / AutoTokenizer.from_pretrained(run_dir / "model").
-        model.save_pretrained(run_dir / "model")
-        tok.save_pretrained(run_dir / "model")
+        model.save_pretrained(writer.path("model"))
+        tok.save_pretrained(writer.path("model"))
     else:
-        model.save_pretrained(run_dir / "adapter")
-    tok.save_pretrained(run_dir / "tokenizer")
+        model.save_pretrained(writer.path("adapter"))
+    tok.save_pretrained(writer.path("tokenizer"))
     if qat_handle is not None:
         # Calibrated static scales (qat.scale=static) are what an INT8 export needs; the rest documents the run.
-        write_json(run_dir / "qat_state.json", {"targets": targets, "config": OmegaConf.to_container(cfg.qat),
+        write_json(writer.path("qat_state.json"), {"targets": targets, "config": OmegaConf.to_container(cfg.qat),
                                                 "static_scales": qat_handle.static_scales()})
 
     if val_ds is not None and len(val_ds):
@@ -194,43 +291,35 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     metrics.update(eval_peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(), status="ok")
     if torch.cuda.is_available():
         metrics["gpu"] = torch.cuda.get_device_name()
-    write_json(run_dir / "metrics.json", metrics)
+    writer.commit(metrics)
     tracking.finish_run(wandb_run, metrics)
     log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
     return metrics
 
 
 def _record_failure(run_dir: Path, job: str, overrides: list[str], message: str, error_type: str) -> None:
+    """A failure the job itself could not record (a hard-killed job process); never over a finished run."""
+    from finetune.runs import read_status
+
+    if read_status(run_dir) == "ok":
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "metrics.json", {
         "status": "failed", "job": job, "error": message, "error_type": error_type, "overrides": overrides,
     })
 
 
-def _run_recorded(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str) -> dict:
-    """``run``, with any failure written to the job's metrics.json before it propagates."""
-    try:
-        return run(cfg, run_dir, overrides, job)
-    except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded, then re-raised
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _record_failure(run_dir, job, overrides, message, type(exc).__name__)
-        if not isinstance(exc, FinetuneError):
-            log.error("job failed:\n%s", traceback.format_exc())
-        raise
-
-
 def _job_process(cfg_yaml: str, run_dir: str, overrides: list[str], job: str) -> None:
-    """Body of an isolated sweep job (a spawned process): log like Hydra does, run, record."""
-    path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
+    """Body of an isolated sweep job (a spawned process): log to stderr like Hydra does, run (which keeps
+    train.log), record."""
     fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(path / "train.log", mode="a")):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
     try:
-        _run_recorded(OmegaConf.create(cfg_yaml), path, overrides, job)
+        run(OmegaConf.create(cfg_yaml), Path(run_dir), overrides, job)
     except FinetuneError as exc:  # recorded in metrics.json; the job's log says why too
         log.error("job %s failed: %s", job, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         sys.exit(1)
@@ -262,17 +351,34 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
     import multiprocessing
 
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    path = run_dir / "metrics.json"
+    before = path.read_bytes() if path.is_file() else None
     proc = multiprocessing.get_context("spawn").Process(
         target=target or _job_process, args=(cfg_yaml, str(run_dir), overrides, job), name=f"finetune-job-{job}")
     proc.start()
     proc.join()
-    path = run_dir / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else None
-    if metrics is None or metrics.get("status") == "running":
+    after = path.read_bytes() if path.is_file() else None
+    if after is None or (after == before and proc.exitcode != 0):
         reason = _exit_reason(proc.exitcode)
         _record_failure(run_dir, job, overrides, reason, "JobProcessError")
-        metrics = json.loads(path.read_text())
-    return metrics
+        if after is not None:  # a finished run kept its metrics.json; this job still failed
+            return {"status": "failed", "job": job, "error": reason, "error_type": "JobProcessError"}
+        after = path.read_bytes()
+    return json.loads(after)
+
+
+def _check_before_spawn(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str) -> None:
+    """The checks ``run`` starts with, in the sweep process: a bad value fails the job without a process."""
+    from finetune.runs import check_run_dir
+
+    # A directory that already holds a run is left exactly as it is: nothing is recorded in it.
+    check_run_dir(run_dir, resume=cfg.trainer.get("resume_from_checkpoint") is not None,
+                  overwrite=bool(cfg.get("overwrite_run", False)))
+    try:
+        validate(cfg)
+    except FinetuneError as exc:
+        _record_failure(run_dir, job, overrides, str(exc).splitlines()[0], type(exc).__name__)
+        raise
 
 
 def run_and_record(cfg: DictConfig) -> float:
@@ -285,17 +391,18 @@ def run_and_record(cfg: DictConfig) -> float:
     if multirun:
         try:
             if cfg.get("isolate_jobs", True):
+                _check_before_spawn(cfg, run_dir, overrides, job)
                 metrics = run_isolated(cfg, run_dir, overrides, job)
             else:
-                metrics = _run_recorded(cfg, run_dir, overrides, job)
-        except (FinetuneError, Exception):  # noqa: BLE001 - recorded in metrics.json by _run_recorded
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+                metrics = run(cfg, run_dir, overrides, job)
+        except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded in metrics.json by run()
+            metrics = {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
         if metrics.get("status") != "ok":
-            log.error("job %s failed: %s (recorded in %s)", job, metrics.get("error"), run_dir / "metrics.json")
+            log.error("job %s failed: %s (see %s)", job, metrics.get("error"), run_dir)
             return float("nan")
         return objective(metrics)
     try:
-        return objective(_run_recorded(cfg, run_dir, overrides, job))
+        return objective(run(cfg, run_dir, overrides, job))
     except FinetuneError as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         sys.exit(2)
@@ -306,8 +413,21 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     return run_and_record(cfg)
+
+
+def main() -> None:
+    """finetune-train: the command line is composed and checked first (one ``error:`` line and exit status 2
+    for a bad option, key or value, before anything is written), then Hydra runs."""
+    from finetune.overrides import precheck
+
+    try:
+        precheck(sys.argv[1:], CONF_DIR, "train")
+    except FinetuneError as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

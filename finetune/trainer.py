@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
+
+from transformers import TrainerCallback
 
 from finetune.errors import FinetuneError
 from finetune.measure import ThroughputCallback
@@ -110,14 +113,51 @@ def label_position_nll(model, inputs: dict):
     return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
 
 
-def make_trainer(**kwargs):
-    """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it."""
+CHECKPOINT_STATE = "finetune_state.json"  # in each checkpoint: running loss sums and token count (exact resume)
+CHECKPOINT_MANIFEST = "finetune_manifest.json"  # written last: every file of the checkpoint with its size
+
+
+class SeededLengthGroupedSampler:
+    """``LengthGroupedSampler`` whose order depends only on ``seed`` and the epoch, never on the global RNG.
+
+    The stock sampler draws its permutation from the process's global RNG when an epoch starts; a run resumed
+    mid-epoch reaches that point with a different RNG state, so it skipped the already-trained batches of a
+    *different* order and trained on other data than the uninterrupted run. Here epoch ``e`` is always the
+    permutation of generator seed ``seed + e``.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, list(lengths), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
+    """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
+    whose length-grouped order is seeded, and whose checkpoints resume exactly.
+
+    Args:
+        meter: the run's throughput meter; its token count and time are saved in every checkpoint and restored
+            on resume, so ``train_tokens`` covers the whole run.
+    """
     from transformers import Trainer
 
     class LabelPositionTrainer(Trainer):
         """Trainer whose training loss projects only the supervised positions onto the vocabulary."""
 
         _label_positions: bool | None = None
+        _resumed_state: dict | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self._label_positions is None:  # checked once, not on every step
@@ -132,7 +172,123 @@ def make_trainer(**kwargs):
             self.loss_is_scaled_for_ga = scaled
             return loss
 
-    return LabelPositionTrainer(**kwargs)
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy == "group_by_length" and dataset is not None and \
+                    self.args.length_column_name in getattr(dataset, "column_names", ()):
+                return SeededLengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                    dataset[self.args.length_column_name], self.args.data_seed or self.args.seed)
+            return super()._get_train_sampler(train_dataset)
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if not self.args.should_save:
+                return
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            state = {
+                "global_step": self.state.global_step,
+                # The Trainer's running loss: drained sum + the float32 sum not yet logged, restored as they were
+                # so train_loss and the logged losses after a resume equal the uninterrupted run's.
+                "total_loss_scalar": self._total_loss_scalar,
+                "pending_loss": float(self._tr_loss.item()) if hasattr(self, "_tr_loss") else 0.0,
+                "globalstep_last_logged": self._globalstep_last_logged,
+                "tokens": meter.tokens if meter else None,
+                "elapsed_s": meter.elapsed_so_far() if meter else None,
+            }
+            write_checkpoint_state(folder, state)
+
+        def restore_resumed_state(self) -> None:
+            """Called at train begin: put back the running sums of the checkpoint being resumed."""
+            import torch
+
+            st = self._resumed_state
+            if not st:
+                return
+            self._total_loss_scalar = float(st["total_loss_scalar"])
+            self._tr_loss = torch.tensor(st["pending_loss"], dtype=torch.float32, device=self.args.device)
+            self._globalstep_last_logged = int(st["globalstep_last_logged"])
+            if meter is not None and st.get("tokens") is not None:
+                meter.restore(int(st["tokens"]), float(st.get("elapsed_s") or 0.0))
+
+        def train(self, resume_from_checkpoint=None, **kw):
+            self._resumed_state = read_checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint else None
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kw)
+
+    callbacks = list(kwargs.pop("callbacks", None) or [])
+    trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, _ResumeStateCallback):
+            cb.trainer = trainer
+    return trainer
+
+
+class _ResumeStateCallback(TrainerCallback):
+    """Restores the running loss sums at ``on_train_begin``, after the Trainer has zeroed them."""
+
+    trainer = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is not None:
+            self.trainer.restore_resumed_state()
+
+
+def write_checkpoint_state(folder: Path, state: dict) -> None:
+    """Our state file, then the manifest (every file with its size), written last: a checkpoint without a
+    manifest was interrupted while being written."""
+    from finetune.runs import atomic_write_json
+
+    atomic_write_json(folder / CHECKPOINT_STATE, state)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != CHECKPOINT_MANIFEST and not p.name.startswith(".")}
+    atomic_write_json(folder / CHECKPOINT_MANIFEST, {"files": files})
+
+
+def read_checkpoint_state(folder) -> dict | None:
+    path = Path(str(folder)) / CHECKPOINT_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (None when it is complete).
+
+    A checkpoint written by this version has a manifest; every file must be there with its recorded size
+    (a truncated or missing file is named). Older checkpoints are checked for a readable trainer_state.json
+    and readable safetensors headers.
+    """
+    manifest = folder / CHECKPOINT_MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{CHECKPOINT_MANIFEST} is unreadable"
+        for name, size in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        return None
+    if (folder / CHECKPOINT_STATE).is_file() or not (folder / "trainer_state.json").is_file():
+        return "it was not completely written (no manifest)"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is unreadable"
+    for weights in folder.glob("*.safetensors"):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as fh:
+                fh.keys()
+        except Exception:  # noqa: BLE001 - any failure to parse the header means a damaged file
+            return f"{weights.name} is unreadable"
+    return None
 
 
 def _cuda() -> bool:
@@ -157,24 +313,32 @@ class CountingCollator:
 
 
 def resolve_resume(value, run_dir: Path):
-    """``trainer.resume_from_checkpoint``: null, ``auto`` (latest checkpoint in this run dir), or a path.
+    """``trainer.resume_from_checkpoint``: null, ``auto`` (latest complete checkpoint in this run dir), or a path.
+
+    With ``auto`` a damaged or half-written checkpoint is reported by name and the previous complete one used.
 
     Raises:
-        FinetuneError: a given path does not exist.
+        FinetuneError: a given path does not exist or is damaged.
     """
     if value in (None, False, "", "null"):
         return None
     if value == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
-
         ckpt_dir = run_dir / "checkpoints"
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if last is None:
-            log.info("trainer.resume_from_checkpoint=auto: no checkpoint in %s, starting fresh", ckpt_dir)
-        else:
-            log.info("resuming from %s", last)
-        return last
+        found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]), reverse=True) if ckpt_dir.is_dir() else []
+        for folder in found:
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                log.info("resuming from %s", folder)
+                return str(folder)
+            log.warning("checkpoint %s cannot be resumed from: %s; trying the previous one", folder, problem)
+        log.info("trainer.resume_from_checkpoint=auto: no complete checkpoint in %s, starting fresh", ckpt_dir)
+        return None
     path = Path(str(value)).expanduser()
     if not path.is_dir():
         raise FinetuneError(f"trainer.resume_from_checkpoint={value}: no such checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FinetuneError(f"trainer.resume_from_checkpoint={value}: checkpoint {path} cannot be resumed from: "
+                            f"{problem}")
     return str(path)

@@ -39,9 +39,24 @@ def read_rows(path: str | Path) -> list[dict]:
         raise FinetuneError(
             f"data file {path}: unsupported extension {ext or '(none)'!r}; supported: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
-    if ext == ".parquet":
-        return _read_parquet(path)
-    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM written by spreadsheet tools
+    rows = _read_parquet(path) if ext == ".parquet" else _read_text_rows(path, ext)
+    if not rows:
+        raise FinetuneError(f"data file {path} holds no rows; it needs at least one")
+    return rows
+
+
+def _read_text_rows(path: Path, ext: str) -> list[dict]:
+    if path.stat().st_size == 0:
+        raise FinetuneError(f"data file {path} is empty (0 bytes); it needs at least one row")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM written by spreadsheet tools
+    except UnicodeDecodeError as exc:
+        raise FinetuneError(
+            f"data file {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+            "re-save it as UTF-8"
+        ) from None
+    if not text.strip():
+        raise FinetuneError(f"data file {path} is empty (only whitespace); it needs at least one row")
     if ext == ".csv":
         return [dict(r) for r in csv.DictReader(text.splitlines())]
     if ext == ".jsonl":
