@@ -222,9 +222,33 @@ def interactive(session: Session, stdin=None) -> None:
             history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": result["response"]}]
 
 
+def answers_file(path: Path) -> bool:
+    """Whether ``path`` is an earlier finetune-chat answers file (its first line a {prompt, response} object)."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = json.loads(fh.readline())
+        return isinstance(first, dict) and {"prompt", "response"} <= set(first)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
 def batch(session: Session, prompts: list[str], out: Path) -> int:
-    """Answer every prompt independently; writes one JSON line per prompt to ``out``; returns the count."""
+    """Answer every prompt independently; writes one JSON line per prompt to ``out`` (through a temporary file
+    renamed into place when complete); returns the count."""
+    import os
+
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        n = _answer_all(session, prompts, tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n
+
+
+def _answer_all(session: Session, prompts: list[str], out: Path) -> int:
     with out.open("w", encoding="utf-8") as fh:
         for i, prompt in enumerate(prompts, 1):
             fh.write(json.dumps(session.answer(prompt), ensure_ascii=False) + "\n")
@@ -256,6 +280,9 @@ def _body(argv: list[str]) -> int:
         out = Path(args["out"]).expanduser() if args["out"] else file.with_name(f"{file.stem}.answers.jsonl")
         if out.resolve() == file.resolve():
             raise FinetuneError(f"out={out} is the prompts file itself; give another path")
+        from finetune.runs import check_out_path
+
+        out = check_out_path(str(out), kind="file", command="finetune-chat", owned_file=answers_file)
     session = Session(args["run"], opts, quant)
     if prompts is not None:
         n = batch(session, prompts, out)

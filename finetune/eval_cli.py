@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from finetune.errors import FinetuneError
+from finetune.runs import atomic_write_json
 
 log = logging.getLogger("finetune.eval")
 OWN_KEYS = ("run", "split", "out", "batch_size")
@@ -84,14 +85,44 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
     return result
 
 
+WRITTEN_BY = "finetune-eval"
+
+
+def _ours(path: Path) -> bool:
+    """An earlier finetune-eval result (replaced by a new one); anything else is never overwritten."""
+    try:
+        return json.loads(path.read_text()).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_eval_out(own: dict, default_name: str | None = None) -> Path | None:
+    """The result file: ``out=`` or ``<run>/<default_name>``, checked before anything is scored (None while the
+    default name is not known yet).
+
+    Raises:
+        FinetuneError: a run's own artifact, the current directory, a directory, or a file finetune-eval did not
+            write.
+    """
+    from finetune.runs import check_out_path
+
+    if own.get("out"):
+        return check_out_path(own["out"], kind="file", command=WRITTEN_BY, owned_file=_ours)
+    if default_name is None:
+        return None
+    return check_out_path(str(Path(own["run"]) / default_name), kind="file", command=WRITTEN_BY, owned_file=_ours)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        out = check_eval_out(own)
         result = evaluate_run(own["run"], overrides, own.get("split", "test"),
                               int(own["batch_size"]) if "batch_size" in own else None)
-        out = Path(own.get("out") or Path(own["run"]) / f"eval-{result['scored']}.json")
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        if out is None:  # the default name depends on what was scored
+            out = check_eval_out(own, f"eval-{result['scored']}.json")
+        atomic_write_json(out, {"written_by": WRITTEN_BY, **result})
         print(json.dumps(result, indent=2))
         print(f"wrote {out}", file=sys.stderr)
         return 0

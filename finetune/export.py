@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.runs import commit_dir, staging_dir
 from finetune.export_common import (
     as_bool,
     as_choice,
@@ -177,7 +178,7 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     use_engine(engine)
     path, cfg = run_config(run)
     run_kind(path)
-    target = prepare_out_dir(out, overwrite, path)
+    target = prepare_out_dir(out, overwrite, path, "finetune-export")
     metrics = run_metrics(path)
     targets = qat_targets(cfg)
     groups = targets or ["attn", "ffn"]
@@ -197,9 +198,23 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
             "qat_granularity": str(cfg.qat.get("granularity")), "torch": torch.__version__,
             "engine": torch.backends.quantized.engine, "threads": torch.get_num_threads()}
     sizes = float_sizes(model)
-    if target.exists():
-        shutil.rmtree(target)
-    int8_bytes, record = save_int8(quantize(model, modules), tok, target, modules, store_dtype, info)
+    # Built beside ``out`` and renamed into place when complete: an earlier export is replaced only then.
+    stage = staging_dir(target)
+    try:
+        record = _export_into(stage, target, model, tok, modules, store_dtype, info, sizes, entry_only, groups,
+                              cfg, metrics, max_samples, latency_tokens, latency_reps)
+        commit_dir(stage, target, "finetune-export", {"run": str(path)})
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+    return record
+
+
+def _export_into(stage: Path, target: Path, model, tok, modules, store_dtype, info, sizes, entry_only, groups, cfg,
+                 metrics, max_samples, latency_tokens, latency_reps) -> dict:
+    """Write the INT8 model into ``stage``, measure it, and return the export record."""
+    int8_bytes, record = save_int8(quantize(model, modules), tok, stage, modules, store_dtype, info)
+
     sizes.update(int8=int8_bytes, int8_vs_float32=int8_bytes / sizes["float32"],
                  int8_vs_float16=int8_bytes / sizes["float16"])
     which = "sub-layer entry linears" if entry_only else "linears"
@@ -207,7 +222,7 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
           f"= {sizes['int8_vs_float32']:.3f} x float32 ({sizes['float32'] / 2**20:.2f} MiB), "
           f"{sizes['int8_vs_float16']:.3f} x float16 ({sizes['float16'] / 2**20:.2f} MiB)")
 
-    qmodel, _, _ = load_exported(target)
+    qmodel, _, _ = load_exported(stage)
     lat = ms_per_token({"float32": model, "int8": qmodel}, tok, LATENCY_PROMPT, latency_tokens, latency_reps)
     fp_ms, q_ms = lat["float32"]["ms_per_token"], lat["int8"]["ms_per_token"]
     latency = {"float32_ms_per_token": fp_ms, "int8_ms_per_token": q_ms, "int8_vs_float32": q_ms / fp_ms,
@@ -228,7 +243,7 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     _print_quality(scores)
     modules_list = record.pop("quantized_modules")  # keep the long list last in the file
     record.update(sizes_bytes=sizes, latency=latency, quality=scores, quantized_modules=modules_list)
-    write_info(target, record)
+    write_info(stage, record)
     return record
 
 

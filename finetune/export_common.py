@@ -107,24 +107,21 @@ def as_choice(key: str, value: str | None, choices: tuple[str, ...]) -> str:
     return value
 
 
-def prepare_out_dir(out: str, overwrite: bool, run_dir: Path | None = None) -> Path:
-    """Check (before any work) that ``out`` can be written: absent, empty, or ``overwrite=true``.
+def prepare_out_dir(out: str, overwrite: bool, run_dir: Path | None = None, command: str = "finetune") -> Path:
+    """Check (before any work) that ``out`` can be written by ``command``: absent, empty, or (``overwrite=true``)
+    a directory that ``command`` wrote earlier; never the current directory or a parent of it, a run
+    directory, a run's own artifacts, or a folder containing the run (:func:`finetune.runs.check_out_path`).
 
     Returns:
-        The path (created later by the caller's save).
+        The absolute path; build the output with :func:`finetune.runs.staging_dir` and
+        :func:`finetune.runs.commit_dir`.
 
     Raises:
-        FinetuneError: ``out`` is a file, is or contains the run directory, or is a non-empty directory without
-            ``overwrite=true``.
+        FinetuneError: naming ``out`` and why.
     """
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise FinetuneError(f"out={out} exists and is a file; give a directory")
-    if run_dir is not None and (path.resolve() == run_dir.resolve() or path.resolve() in run_dir.resolve().parents):
-        raise FinetuneError(f"out={out} is or contains the run directory; give a new directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FinetuneError(f"out={out} exists and is not empty; pass overwrite=true to replace its contents")
-    return path
+    from finetune.runs import check_out_path
+
+    return check_out_path(out, kind="dir", command=command, overwrite=overwrite, run_dir=run_dir)
 
 
 def open_run(run_dir: str | Path, quantization=None, dtype: str | None = None):

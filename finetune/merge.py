@@ -43,6 +43,7 @@ import torch
 from omegaconf import OmegaConf
 
 from finetune.errors import FinetuneError
+from finetune.runs import commit_dir, staging_dir
 from finetune.export_common import (
     CHECK_PROMPTS,
     as_bool,
@@ -176,25 +177,31 @@ def merge_run(run: str, out: str, dtype: str = "float32", check: bool = True, ov
     as_choice("dtype", dtype, tuple(DTYPES))
     path, cfg = run_config(run)
     kind = run_kind(path)
-    target = prepare_out_dir(out, overwrite, path)
+    target = prepare_out_dir(out, overwrite, path, "finetune-merge")
     quant_ref = None
     if check and kind == "adapter" and cfg.quantization.mode != "none":
         quant_ref = quantized_adapter_logits(path)  # before the fp32 model: one model in memory at a time
     model, tok, cfg, path, info = merged_model(path, reference=check)
     if info["note"]:
         print(info["note"] + (f", saved at {dtype}." if kind == "model" else "."))
-    if target.exists():
-        shutil.rmtree(target)
-    model.to(DTYPES[dtype])
-    model.save_pretrained(target)
-    tok.save_pretrained(target)
-    del model
-    result = {"run": str(path), "kind": kind, "method": _method(cfg), "base_quantization": info["base_quantization"],
-              "dtype": dtype, "out": str(target), "size_bytes": dir_size_bytes(target)}
-    print(f"wrote {target} ({dtype}, {result['size_bytes'] / 2**20:.1f} MiB of weights)")
-    if check:
-        result.update(_check(target, tok, dtype, info, quant_ref, kind))
-    (target / "merge.json").write_text(json.dumps(result, indent=2) + "\n")
+    # Built beside ``out`` and renamed into place when complete: an earlier output is replaced only then.
+    stage = staging_dir(target)
+    try:
+        model.to(DTYPES[dtype])
+        model.save_pretrained(stage)
+        tok.save_pretrained(stage)
+        del model
+        result = {"run": str(path), "kind": kind, "method": _method(cfg),
+                  "base_quantization": info["base_quantization"], "dtype": dtype, "out": str(target),
+                  "size_bytes": dir_size_bytes(stage)}
+        print(f"wrote {target} ({dtype}, {result['size_bytes'] / 2**20:.1f} MiB of weights)")
+        if check:
+            result.update(_check(stage, tok, dtype, info, quant_ref, kind))
+        (stage / "merge.json").write_text(json.dumps(result, indent=2) + "\n")
+        commit_dir(stage, target, "finetune-merge", {"run": str(path)})
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
     if check and not result["passed"]:
         raise MergeCheckError(f"merge check failed: {result['failed']}; the checkpoint in {target} is not trustworthy")
     return result

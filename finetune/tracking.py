@@ -33,11 +33,47 @@ def wandb_mode(lcfg: DictConfig) -> str:
     return "online" if wandb_credentials() else "offline"
 
 
+PROBE_TIMEOUT_S = 5.0   # an online run first checks that the server answers at all, within this
+INIT_TIMEOUT_S = 10.0   # then gives wandb.init this long before falling back to offline
+
+
+def server_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def server_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether ``url`` answers an HTTP request (any status) within ``timeout`` seconds, DNS included.
+
+    Run in a daemon thread joined with the timeout, so neither a slow name lookup nor a server that accepts
+    the connection and never answers can hold the run longer.
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(url, timeout=timeout).close()
+            answered.set()
+        except urllib.error.HTTPError:  # an HTTP error status is still an answer
+            answered.set()
+        except Exception:  # noqa: BLE001 - unreachable, refused, timed out, bad URL
+            pass
+
+    thread = threading.Thread(target=probe, name="wandb-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answered.is_set()
+
+
 def init_run(cfg: DictConfig, run_dir: Path, name: str, tags: list[str]):
     """Start a W&B run carrying the resolved config; returns None (and logs why) when W&B is off or fails.
 
-    An online start that cannot reach the server within 60 s falls back to offline, so a run never fails
-    or hangs because of W&B.
+    An online run whose server does not answer within 5 s starts offline at once, with one line saying so
+    and how to sync it later; an online start that still stalls falls back to offline after 10 s. A run
+    never fails or waits long because of W&B.
     """
     lcfg = cfg.logger
     if lcfg.backend != "wandb":
@@ -62,9 +98,14 @@ def init_run(cfg: DictConfig, run_dir: Path, name: str, tags: list[str]):
         dir=str(run_dir),
         reinit="finish_previous",
     )
+    if mode == "online" and not server_reachable(server_url()):
+        log.warning("W&B server %s did not answer within %.0f s: logging offline to %s; sync later with: wandb sync "
+                    "%s", server_url(), PROBE_TIMEOUT_S, run_dir / "wandb", run_dir / "wandb" / "offline-run-*")
+        mode = "offline"
     for attempt in (mode, "offline") if mode == "online" else (mode,):
         try:
-            run = wandb.init(mode=attempt, settings=wandb.Settings(init_timeout=60, console="off"), **kwargs)
+            run = wandb.init(mode=attempt, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, console="off"),
+                             **kwargs)
             log.info("W&B run %s (%s) in %s", run.name, attempt, run_dir / "wandb")
             return run
         except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop training

@@ -134,21 +134,32 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     Raises:
         FinetuneError: a user error (bad value, file, combination); anything else a run can raise.
     """
-    from finetune.runs import RunWriter
+    from finetune.runs import RunWriter, holds_run
 
-    validate(cfg)
+    from finetune.trainer import resolve_resume
+
     writer = RunWriter(run_dir, resume=cfg.trainer.get("resume_from_checkpoint") is not None,
-                       overwrite=bool(cfg.get("overwrite_run", False)))
-    writer.check()
+                       overwrite=cfg.get("overwrite_run", False) is True)
     run_log = _RunLog()
     try:
-        return _run(cfg, run_dir, writer, run_log, overrides or [], job)
+        validate(cfg)
+        writer.check()
+        # Resolved before anything is written: a bad path or a damaged checkpoint leaves the directory as it was.
+        resume = resolve_resume(cfg.trainer.get("resume_from_checkpoint"), Path(run_dir))
+        return _run(cfg, run_dir, writer, run_log, overrides or [], job, resume)
     except BaseException as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if not isinstance(exc, FinetuneError):
+        if isinstance(exc, FinetuneError):
+            log.error("run failed: %s", message)
+        else:
             log.error("job failed:\n%s", traceback.format_exc())
-        failed = writer.fail({"status": "failed", "job": job, "error": message, "error_type": type(exc).__name__,
-                              "overrides": overrides or []})
+        failure = {"status": "failed", "job": job, "error": message, "error_type": type(exc).__name__,
+                   "overrides": overrides or []}
+        if not writer.started and not holds_run(run_dir):  # a fresh directory: nothing there to lose
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            run_log.open(Path(run_dir) / "train.log")
+            write_json(Path(run_dir) / "metrics.json", failure)
+        failed = writer.fail(failure)
         if failed is not None:
             log.error("this attempt failed; the finished run in %s is kept as it was, the attempt is in %s",
                       run_dir, failed)
@@ -157,7 +168,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
         run_log.close()
 
 
-def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: list[str], job: str) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: list[str], job: str,
+         resume: str | None) -> dict:
     import torch
     from transformers import set_seed
 
@@ -166,7 +178,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     from finetune.lora import apply_lora, count_params
     from finetune.measure import ThroughputCallback, memory_device, peak_memory_mb, reset_peak_memory
     from finetune.model import load_model, resolve_precision
-    from finetune.trainer import CountingCollator, make_trainer, resolve_resume, training_arguments
+    from finetune.trainer import CountingCollator, make_trainer, training_arguments
     from finetune import tracking
 
     targets = qat_targets(cfg)
@@ -234,7 +246,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
                               has_eval=val_ds is not None)
     trainer = make_trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                            data_collator=collator, callbacks=callbacks, meter=meter)
-    result = trainer.train(resume_from_checkpoint=resolve_resume(tcfg.resume_from_checkpoint, run_dir))
+    result = trainer.train(resume_from_checkpoint=resume)
     collator.enabled = False
     if qat_handle is not None:
         # Quantization statistics of training; then fake-quant off so the fp scores below are full precision.
@@ -358,12 +370,15 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
     proc.start()
     proc.join()
     after = path.read_bytes() if path.is_file() else None
-    if after is None or (after == before and proc.exitcode != 0):
+    status = json.loads(after).get("status") if after is not None else None
+    if after is None or (after == before and proc.exitcode != 0) or status == "running":
         reason = _exit_reason(proc.exitcode)
         _record_failure(run_dir, job, overrides, reason, "JobProcessError")
-        if after is not None:  # a finished run kept its metrics.json; this job still failed
-            return {"status": "failed", "job": job, "error": reason, "error_type": "JobProcessError"}
-        after = path.read_bytes()
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+        if recorded.get("status") != "failed":  # a finished run kept its metrics.json; this job still failed
+            recorded = {"status": "failed", "job": job, "error": reason, "error_type": "JobProcessError",
+                        "overrides": overrides}
+        return recorded
     return json.loads(after)
 
 

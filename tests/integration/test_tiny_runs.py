@@ -53,8 +53,8 @@ def test_resume_from_checkpoint_auto(tmp_path):
     again, _ = _run(tmp_path, data, "trainer.max_steps=6", "trainer.save_strategy=steps", "trainer.save_steps=2",
                     "trainer.resume_from_checkpoint=auto")
     assert again["train_steps"] == 6
-    # only the two steps after the checkpoint ran: two batches of real tokens, not six
-    assert again["train_tokens"] < first["train_tokens"]
+    # the checkpoint carries the token count: train_tokens covers all six steps, not the two after it
+    assert again["train_tokens"] > first["train_tokens"]
 
 
 def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):

@@ -286,3 +286,75 @@ def test_chat_argument_errors(argv, needle, capsys):
 def test_merge_bad_dtype_and_missing_out(runs, capsys):
     assert "dtype=float8" in _one_error_line(capsys, merge.main([f"run={runs['lora']}", "out=/tmp/x", "dtype=float8"]))
     assert "missing out=" in _one_error_line(capsys, merge.main([f"run={runs['lora']}"]))
+
+
+# ------------------------------------------------------------------------------------------------ output guards
+
+
+def snapshot(folder) -> dict:
+    """Every entry under ``folder`` with its bytes (folders as None): equal snapshots = byte-for-byte unchanged."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("cli,out,extra,needle", [
+    (merge, ".", ["overwrite=true"], "current directory"),
+    (merge, "..", ["overwrite=true"], "current directory"),
+    (export, ".", ["format=int8", "overwrite=true"], "current directory"),
+    (merge, "{run}/adapter", ["overwrite=true"], "own adapter"),
+    (merge, "{run}/tokenizer", [], "own tokenizer"),
+    (export, "{run}/checkpoints/x", ["format=int8"], "own checkpoints"),
+    (merge, "{run}", ["overwrite=true"], "is a run directory"),
+    (merge, "{parent}", ["overwrite=true"], "contains the run directory"),
+    (chat, "{run}/config.yaml", ["prompts_file={prompts}"], "own config.yaml"),
+])
+def test_out_never_touches_a_run_or_the_current_directory(cli, out, extra, needle, runs, tmp_path, capsys,
+                                                           monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "notes.txt").write_text("mine")
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    monkeypatch.chdir(cwd)
+    run_dir = runs["lora"]
+    before, before_cwd = snapshot(run_dir), snapshot(tmp_path)
+    args = [a.format(prompts=tmp_path / "prompts.txt") for a in extra]
+    line = _one_error_line(capsys, cli.main([f"run={run_dir}", f"out={out.format(run=run_dir, parent=run_dir.parent)}",
+                                             *args]))
+    assert needle in line, line
+    assert snapshot(run_dir) == before and snapshot(tmp_path) == before_cwd
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "config.yaml", "adapter/adapter_config.json"])
+def test_eval_out_never_replaces_a_run_artifact(name, runs, capsys):
+    from finetune import eval_cli
+
+    before = snapshot(runs["lora"])
+    line = _one_error_line(capsys, eval_cli.main([f"run={runs['lora']}", f"out={runs['lora'] / name}"]))
+    assert f"own {name.split('/')[0]}" in line and snapshot(runs["lora"]) == before
+
+
+def test_eval_out_replaces_only_its_own_result(runs, tmp_path, capsys):
+    from finetune import eval_cli
+
+    foreign = tmp_path / "scores.json"
+    foreign.write_text('{"mine": 1}\n')
+    line = _one_error_line(capsys, eval_cli.main([f"run={runs['lora']}", f"out={foreign}"]))
+    assert "not written by finetune-eval" in line and foreign.read_text() == '{"mine": 1}\n'
+    ours = tmp_path / "ours.json"
+    for _ in range(2):  # the second call replaces the first one's result
+        assert eval_cli.main([f"run={runs['lora']}", f"out={ours}"]) == 0
+    assert json.loads(ours.read_text())["written_by"] == "finetune-eval"
+
+
+def test_merge_overwrite_replaces_only_a_merge_output(runs, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert merge.main([f"run={runs['lora']}", f"out={out}", "check=false"]) == 0
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    assert merge.main([f"run={runs['lora']}", f"out={out}", "check=false", "overwrite=true"]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns != first
+    assert not list(tmp_path.glob(".merged*")), "no staging or old copy left behind"
+    capsys.readouterr()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.bin").write_bytes(b"\x00" * 8)
+    line = _one_error_line(capsys, merge.main([f"run={runs['lora']}", f"out={foreign}", "overwrite=true"]))
+    assert "not written by finetune-merge" in line and (foreign / "data.bin").read_bytes() == b"\x00" * 8
