@@ -178,7 +178,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     from finetune.lora import apply_lora, count_params
     from finetune.measure import ThroughputCallback, memory_device, peak_memory_mb, reset_peak_memory
     from finetune.model import load_model, resolve_precision
-    from finetune.trainer import CountingCollator, make_trainer, training_arguments
+    from finetune.trainer import make_trainer, training_arguments
     from finetune import tracking
 
     targets = qat_targets(cfg)
@@ -237,7 +237,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     train_ds = tokenize_split(splits.train, dcfg, tok, max_len)
     val_ds = tokenize_split(splits.validation, dcfg, tok, max_len) if splits.validation else None
     meter = ThroughputCallback()
-    collator = CountingCollator(DataCollator(pad_token_id=tok.pad_token_id), meter)
+    collator = DataCollator(pad_token_id=tok.pad_token_id)
     callbacks.append(meter)
 
     name = cfg.run_name or f"{method}-{dcfg.name}-{run_dir.name}"
@@ -247,7 +247,6 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     trainer = make_trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                            data_collator=collator, callbacks=callbacks, meter=meter)
     result = trainer.train(resume_from_checkpoint=resume)
-    collator.enabled = False
     if qat_handle is not None:
         # Quantization statistics of training; then fake-quant off so the fp scores below are full precision.
         metrics["qat"] = qat_handle.summary()

@@ -172,6 +172,14 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
             self.loss_is_scaled_for_ga = scaled
             return loss
 
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Counted here, in the main process, for the batches that are trained on: not at collation, where
+            # evaluation batches, a data loader's read-ahead batch (re-read after a resume) and worker processes
+            # would distort the count.
+            if meter is not None:
+                meter.count_batch(inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             if self.args.train_sampling_strategy == "group_by_length" and dataset is not None and \
@@ -295,21 +303,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-class CountingCollator:
-    """Wraps a collator and tells the throughput meter how many real tokens each batch holds."""
-
-    def __init__(self, collator, meter: ThroughputCallback):
-        self.collator = collator
-        self.meter = meter
-        self.enabled = True
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        if self.enabled:
-            self.meter.count_batch(batch)
-        return batch
 
 
 def resolve_resume(value, run_dir: Path):
