@@ -335,11 +335,12 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
 def test_same_result_whether_or_not_this_process_built_the_tiny_model(tmp_path, monkeypatch):
     """The tiny model's builder must not reseed the global RNG: a run that builds it (empty cache) and one that
     finds it cached give identical metrics."""
-    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     import finetune.model as fm
 
-    # the embedded tokenizer is reused from the real cache; only the random model is rebuilt
+    # the embedded tokenizer is reused from the real cache (looked up before the cache moves); only the random
+    # model is rebuilt
     real_embedded = fm.embedded_checkpoint("SmolLM2-135M-Instruct")
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fm, "embedded_checkpoint", lambda name: real_embedded)
     first = run(_cfg(tmp_path / "a", "lora.dropout=0.1"), tmp_path / "a")
     assert any((tmp_path / "cache" / "models").iterdir()), "the first run built the model"
