@@ -98,6 +98,7 @@ class _RunLog:
         self.buffer.setLevel(logging.INFO)
         self.file: logging.Handler | None = None
         self.root.addHandler(self.buffer)
+        self.level = self.root.level
         if self.root.level > logging.INFO or self.root.level == logging.NOTSET:
             self.root.setLevel(logging.INFO)
 
@@ -115,6 +116,7 @@ class _RunLog:
         if self.file is not None:
             self.root.removeHandler(self.file)
             self.file.close()
+        self.root.setLevel(self.level)
 
 
 def objective(metrics: dict) -> float:

@@ -58,8 +58,11 @@ def _train_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
     """finetune-train's console entrypoint in this process: (exit status, stderr lines)."""
     from finetune import train
 
+    import logging
+
     GlobalHydra.instance().clear()
-    old = sys.argv
+    old, root = sys.argv, logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     sys.argv = ["finetune-train", *argv]
     code = 0
     try:
@@ -69,6 +72,13 @@ def _train_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
     finally:
         sys.argv = old
         GlobalHydra.instance().clear()
+        # Hydra configured logging for this process (a console handler on pytest's captured stdout): undo it,
+        # or later tests would log into a closed stream.
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
     return code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -393,3 +403,6 @@ def test_unreachable_wandb_server_costs_at_most_10_s(tmp_path, monkeypatch, capl
     finally:
         if wrun is not None:
             wrun.finish()
+        import wandb
+
+        wandb.teardown()  # the W&B process singleton keeps this test's server address otherwise
