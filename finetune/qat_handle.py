@@ -130,6 +130,29 @@ class _PreHook:
         )
 
 
+class _TokenMaskHook:
+    """Forward pre-hook on the decoder backbone: remembers the batch's 2-D attention mask (True = real token) so
+    per-sequence scales skip padding. Kept until the next forward (a checkpointed layer recomputed in backward
+    sees the same mask)."""
+
+    def __init__(self, state: QATHandle) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        self.state.token_mask = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+
+def _backbone(model: nn.Module, layers: nn.Module) -> nn.Module | None:
+    """The module whose child is the decoder layer list (LlamaModel, Qwen2Model, ...): it receives the mask."""
+    for module in model.modules():
+        if any(child is layers for child in module.children()):
+            return module
+    return None
+
+
 class QATHandle:
     """The installed QAT hooks of one model; undo with :meth:`remove` (also a context manager).
 
@@ -155,6 +178,8 @@ class QATHandle:
         self._layers: nn.Module | None = None
         self._warned_uncalibrated = False
         self.quant_on = False  # read by every hook: enabled AND attached
+        self.token_mask: torch.Tensor | None = None  # the current batch's [B, T] real-token mask
+        self._backbone: nn.Module | None = None
 
     # -- switching -------------------------------------------------------------------------------
     @property
@@ -170,6 +195,8 @@ class QATHandle:
     def _attach(self) -> None:
         if self._attached or self._removed:
             return
+        if self._backbone is not None:
+            self._hooks.append(self._backbone.register_forward_pre_hook(_TokenMaskHook(self), with_kwargs=True))
         for module, quantizer in self.activation_quantizers:
             self._hooks.append(module.register_forward_pre_hook(_PreHook(quantizer, self), with_kwargs=True))
         for wq in self.weight_quantizers:
@@ -181,6 +208,7 @@ class QATHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self.token_mask = None
         for wq in self.weight_quantizers:
             wq.uninstall()
         self._attached = False
@@ -330,6 +358,7 @@ def build_handle(
     layers, picks = _select(model, targets, config.granularity)
     handle = QATHandle(targets, config)
     handle._layers = layers
+    handle._backbone = _backbone(model, layers)
     skipped_bnb = 0
     dropout_seen = False
     for group, key, name, module, is_act, is_linear in picks:
@@ -338,6 +367,7 @@ def build_handle(
                 name, key, group, config.bits, config.scale, config.ema_decay, stats_every, frozen=frozen
             )
             q.on_uncalibrated = handle._uncalibrated
+            q.tokens = handle
             handle.activation_quantizers.append((module, q))
         if is_linear and config.weight_bits is not None:
             kind = classify_weight_module(module, name)

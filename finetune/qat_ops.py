@@ -156,9 +156,15 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 
 def _fake_quant_impl(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    # One fresh tensor (x / s), then in-place round / clamp / rescale: 1 allocation, 4 elementwise passes.
-    q = torch.div(x, scale)
-    return q.round_().clamp_(-qmax, qmax).mul_(scale)
+    # In float32 whatever x's dtype: x / s rounded in bf16 lands on the wrong code for a few % of values
+    # (bf16 keeps 8 significant bits, x / s needs up to 8 bits before the point plus the rounding bit).
+    # One fresh tensor (x / s), then in-place round / clamp / rescale, then back to x's dtype (each result
+    # rounds to the bf16 value nearest its grid point: round(out / s) still recovers the code, since bf16's
+    # relative error 2^-9 is below half a step 1 / (2 qmax)).
+    if x.dtype == torch.float32:
+        return torch.div(x, scale).round_().clamp_(-qmax, qmax).mul_(scale)
+    q = torch.div(x.float(), scale.float())
+    return q.round_().clamp_(-qmax, qmax).mul_(scale.float()).to(x.dtype)
 
 
 def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -173,7 +179,7 @@ def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Ten
     Returns:
         A tensor of ``x``'s shape and dtype whose values lie on ``scale * {-qmax..qmax}``.
     """
-    if scale.dtype != x.dtype:
+    if x.dtype == torch.float32 and scale.dtype != x.dtype:
         scale = scale.to(x.dtype)
     if x.requires_grad and torch.is_grad_enabled():
         return _FakeQuantSTE.apply(x, scale, qmax)
@@ -195,6 +201,18 @@ def absmax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
             lo, hi = torch.aminmax(xd)
             return torch.maximum(hi.float(), lo.float().neg())
         return xd.abs().amax(dim=dim, keepdim=True).float()
+
+
+def sequence_absmax(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` of each sequence over its real tokens only: ``x`` ``[B, T, H]``, ``mask`` ``[B, T]`` (True =
+    real token) -> float32 ``[B, 1, 1]``.
+
+    What a deployment serving one request computes for a per-tensor dynamic scale: the padding of a batch and
+    the other requests in it must not change a sequence's scale.
+    """
+    with torch.no_grad():
+        per_token = x.detach().abs().amax(dim=-1).float()  # [B, T]
+        return per_token.masked_fill_(~mask, 0.0).amax(dim=1).view(-1, 1, 1)
 
 
 def scale_from_absmax(amax: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -286,7 +304,7 @@ class ActivationQuantizer:
 
     __slots__ = (
         "name", "key", "group", "bits", "qmax", "mode", "ema_decay", "stats_every", "frozen",
-        "ema", "calls", "sig", "noise", "on_uncalibrated",
+        "ema", "calls", "sig", "noise", "on_uncalibrated", "tokens",
     )  # fmt: skip
 
     def __init__(
@@ -312,15 +330,27 @@ class ActivationQuantizer:
         self.sig: torch.Tensor | None = None  # float32 scalar: sum x^2 over recorded calls
         self.noise: torch.Tensor | None = None  # float32 scalar: sum (x - q)^2 over recorded calls
         self.on_uncalibrated = None  # callback(self) when a static scale is needed but was never observed
+        self.tokens = None  # an object whose ``token_mask`` ([B, T] bool or None) marks the batch's real tokens
+
+    def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        mask = getattr(self.tokens, "token_mask", None)
+        if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+            return None
+        return mask if mask.device == x.device else mask.to(x.device)
 
     def _scale(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if self.mode == "tensor":
-            return scale_from_absmax(absmax(x), self.bits, x.dtype)
+            # Per sequence over its real tokens ([B, 1, 1]) when the batch's token mask is known; a batch
+            # without one (a single unpadded sequence, or an unknown layout) is one tensor.
+            mask = self._mask_for(x)
+            amax = absmax(x) if mask is None else sequence_absmax(x, mask)
+            return scale_from_absmax(amax, self.bits, x.dtype)
         if self.mode == "token":
             return scale_from_absmax(absmax(x, dim=-1), self.bits, x.dtype)
         # static: observe in training mode, frozen in eval mode (what static INT8 deployment uses).
         if training and not self.frozen:
-            amax = absmax(x)
+            mask = self._mask_for(x)
+            amax = absmax(x) if mask is None else sequence_absmax(x, mask).max()  # padding is never observed
             if self.ema is None:
                 self.ema = amax  # first observation initialises the EMA (no bias towards 0)
             else:

@@ -80,17 +80,30 @@ def test_merge_matches_the_adapter_model(runs, name, tmp_path, capsys):
     assert "quantization_config" not in config
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any("lora" in n for n, _ in merged.named_modules())
-    # Independent check: merged vs the adapter on the same (full-precision) base, on new token ids.
-    quant = {"mode": "none"} if name == "nf4" else None
-    from omegaconf import OmegaConf
-
-    adapter, _, _, _ = open_run(run_dir, quantization=OmegaConf.create(quant) if quant else None, dtype="float32")
+    # Independent check on new token ids: merged vs the adapter model as trained (for QLoRA: on its quantized base).
+    adapter, _, _, _ = open_run(run_dir)
     ids = torch.tensor([[1, 500, 2000, 77, 31000, 5]])
-    assert torch.allclose(_logits(merged, ids), _logits(adapter, ids), atol=1e-4)
+    atol = 1e-4 if name == "lora" else 1e-3 * max(1.0, float(_logits(adapter, ids).abs().max()))
+    assert torch.allclose(_logits(merged, ids), _logits(adapter, ids), atol=atol)
     if name == "nf4":
-        assert "not re-quantized" in printed
-        assert result["base_quantization"] == "nf4" and result["max_abs_diff_vs_quantized_adapter"] > 0
-        assert "de-quantized" in result["compared_with"]
+        assert "de-quantized nf4 weights" in printed and "not re-quantized" in printed
+        assert result["base_quantization"] == "nf4" and result["base_weights"] == "dequantized"
+        assert result["max_abs_diff_vs_quantized_adapter"] <= result["quantized_adapter_tolerance"]
+        # merging into the original weights (W + BA) lands much farther from the model as trained
+        assert result["original_w_merge_max_abs_diff"] > 10 * result["max_abs_diff_vs_quantized_adapter"]
+
+
+def test_qlora_merge_into_the_original_weights_is_not_the_trained_model(runs, tmp_path):
+    """base=original (W + BA) is available, says what it is, and is not checked against the trained model."""
+    result = merge.merge_run(str(runs["nf4"]), str(tmp_path / "orig"), base="original")
+    assert result["passed"] and result["base_weights"] == "original"
+    trained = merge.merge_run(str(runs["nf4"]), str(tmp_path / "trained"), check=False)
+    assert trained["base_weights"] == "dequantized"
+    a = load_file(tmp_path / "orig" / "model.safetensors")
+    b = load_file(tmp_path / "trained" / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(a[q], b[q])  # the 4-bit rounding of the base is in the trained merge
+    assert result["max_abs_diff_vs_quantized_adapter"] > 0
 
 
 def test_merge_bfloat16_and_full_finetune(runs, tmp_path, capsys):

@@ -100,3 +100,44 @@ def test_loss_from_label_positions_equals_the_all_positions_loss(tiny, monkeypat
     full = loss_and_perplexity(model, ds, tok.pad_token_id, batch_size=3)
     assert sliced["eval_tokens"] == full["eval_tokens"] > 0
     assert sliced["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("targets,granularity,scale", [
+    (["attn", "ffn"], "sublayer", "tensor"),
+    (["attn", "ffn"], "linear", "tensor"),
+    (["ffn"], "linear", "token"),
+])
+def test_simulated_int8_score_is_the_same_alone_and_in_any_padded_batch(tiny, targets, granularity, scale):
+    """A review's simulated-INT8 score may not depend on the other reviews in its batch or on their padding:
+    the per-tensor dynamic scale of a sequence is taken over its own real tokens, as a deployment serving that
+    one request computes it."""
+    from omegaconf import OmegaConf
+
+    from finetune.qat import simulate_int8
+
+    cfg, model, tok, splits = tiny
+    qcfg = OmegaConf.merge(cfg.qat, {"granularity": granularity, "scale": scale})
+    rows = splits.test
+    with simulate_int8(model, targets, qcfg):
+        batched = label_scores(model, tok, rows, cfg.dataset, 128, batch_size=len(rows))
+        in_threes = label_scores(model, tok, rows, cfg.dataset, 128, batch_size=3)
+        alone = torch.cat([label_scores(model, tok, [row], cfg.dataset, 128, batch_size=1) for row in rows])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(in_threes, alone, rtol=1e-5, atol=1e-5)
+    # and the simulation does quantize: the scores differ from full precision
+    assert not torch.allclose(alone, label_scores(model, tok, rows, cfg.dataset, 128, batch_size=1), atol=1e-4)
+
+
+def test_fake_quant_in_bf16_lands_on_the_grid():
+    """bf16 activations: every fake-quantized value is scale x an integer code (computed in float32)."""
+    from finetune.qat_ops import fake_quant
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 576) * 3).to(torch.bfloat16)
+    scale = x.float().abs().max() / 127
+    q = fake_quant(x, 8, scale=scale)
+    codes = q.float() / scale
+    assert q.dtype == torch.bfloat16
+    assert (codes - codes.round()).abs().max() < 0.5 - 1e-3  # round(q / s) recovers one code per value
+    reference = (x.float() / scale).round().clamp(-127, 127)
+    assert torch.equal(codes.round(), reference)
