@@ -287,6 +287,26 @@ def load_tokenizer(path: str, mcfg: DictConfig, local_only: bool):
     return tok
 
 
+def restore_trainable_4bit_layout(model) -> int:
+    """Put every bitsandbytes 4-bit weight back in its trainable layout; returns how many were converted.
+
+    On a CPU with AVX-512 BF16, the first eval-mode forward of a ``Linear4bit`` without gradients (zero-shot
+    scoring, evaluation during training) repacks its weight into an inference-only layout, after which
+    ``matmul_4bit`` runs ``gemv_4bit``, which has no backward: training would go on without gradients through
+    the base layers. Called before every training step, so no step ever runs on that layout, whatever CPU.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    converted = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            converted += 1
+    return converted
+
+
 def load_model(mcfg: DictConfig, qcfg: DictConfig, precision: Precision, *, gradient_checkpointing: bool = False,
                for_training: bool = True):
     """Load tokenizer and model; quantize with bitsandbytes and prepare for k-bit training where asked.

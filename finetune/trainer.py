@@ -158,6 +158,7 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
 
         _label_positions: bool | None = None
         _resumed_state: dict | None = None
+        _has_4bit: bool | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self._label_positions is None:  # checked once, not on every step
@@ -178,6 +179,12 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
             # would distort the count.
             if meter is not None:
                 meter.count_batch(inputs)
+            if self._has_4bit is None:
+                self._has_4bit = any(type(getattr(m, "weight", None)).__name__ == "Params4bit" for m in model.modules())
+            if self._has_4bit:
+                from finetune.model import restore_trainable_4bit_layout
+
+                restore_trainable_4bit_layout(model)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):

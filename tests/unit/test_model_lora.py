@@ -131,3 +131,48 @@ def test_precision_auto_on_this_machine():
     assert resolve_precision("bf16", "float32").load_dtype == torch.float32  # an explicit dtype wins
     with pytest.raises(FinetuneError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", "auto")
+
+
+def test_nf4_lora_layers_get_gradients_after_inference_repacking(tmp_path):
+    """On AVX-512 BF16 CPUs an eval-mode forward repacks 4-bit weights into an inference-only layout whose
+    matmul has no backward. Forced here whatever the CPU: after zero-shot scoring and the repack, one training
+    step gives every LoRA layer a non-zero gradient, and the base layers are back in the trainable layout."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from finetune.data import DataCollator, load_splits, tokenize_split
+    from finetune.evaluate import classify
+    from finetune.lora import apply_lora
+    from finetune.model import load_model, resolve_precision
+    from finetune.trainer import make_trainer, training_arguments
+    from tests.conftest import TINY, compose_cfg, shared
+
+    cfg = compose_cfg([*TINY, "quantization=nf4", f"dataset.path={shared('chnsenticorp')}",
+                       "lora.target_modules=all-linear"], tmp_path)
+    precision = resolve_precision("fp32", cfg.model.dtype)
+    model, tok, _ = load_model(cfg.model, cfg.quantization, precision)
+    splits = load_splits(cfg.dataset, cfg.seed)
+    classify(model, tok, splits.test, cfg.dataset, 96, 4)  # zero-shot scoring, eval mode
+    model = apply_lora(model, cfg.lora)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():  # B starts at zero, which would leave A without gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    packed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit":
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+            packed += 1
+    assert packed > 0
+    args = training_arguments(cfg.trainer, precision, tmp_path, cfg.seed, [], "t", has_eval=False)
+    train = tokenize_split(splits.train, cfg.dataset, tok, 96)
+    trainer = make_trainer(model=model, args=args, train_dataset=train, data_collator=DataCollator(tok.pad_token_id))
+    batch = DataCollator(tok.pad_token_id)([train[i] for i in range(2)])
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop; one step is called directly here
+    trainer.training_step(model, {k: v for k, v in batch.items() if k != "length"})
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora.values()), [
+        n for n, p in lora.items() if p.grad is None or float(p.grad.abs().sum()) == 0]
+    assert not any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+                   for m in model.modules())
