@@ -104,6 +104,12 @@ def render_markdown(df: pd.DataFrame, comp: Comparison, sweep_dir: Path, paths: 
     if comp.metric:
         direction = "higher" if comp.higher_is_better else "lower"
         lines.append(f"- Ranked on: {comp.metric} ({direction} is better)")
+        if comp.metric.startswith("val_") or comp.metric == "eval_loss":
+            lines.append("- Selected on the validation split; the test scores beside it played no part in the "
+                         "choice")
+        elif comp.metric in ("accuracy", "f1", "perplexity"):
+            lines.append(f"- Ranked on the test split ({comp.metric}): these runs have no validation score, so the "
+                         "best row's test score is a selected, optimistic number")
     lines += ["", f"**Takeaway:** {comp.takeaway}", ""]
     notes = [f"_{note}_" for note in comp.notes] + ([""] if comp.notes else [])
     if comp.summary is not None:  # the means first, with the notes that explain them, then every run

@@ -15,6 +15,7 @@ NA = "n/a"
 _LABELS = {
     "accuracy": "accuracy", "f1": "F1", "accuracy_int8": "INT8 accuracy", "f1_int8": "INT8 F1",
     "perplexity": "perplexity", "perplexity_int8": "INT8 perplexity", "eval_loss": "eval loss",
+    "val_accuracy": "validation accuracy", "val_f1": "validation F1",
 }
 
 

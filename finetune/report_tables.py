@@ -66,7 +66,9 @@ def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> tuple[str | N
 
     Returns:
         ``(column, higher_is_better)``; the column is ``None`` when no default metric exists.
-        Defaults: ``accuracy``, else ``perplexity``, else ``eval_loss``.
+        Defaults select on the validation split: ``val_accuracy`` (classification), else ``eval_loss`` (the
+        validation loss, generation); classification runs recorded before validation scoring existed fall back
+        to ``accuracy`` (test), and runs without a validation loss to ``perplexity``.
 
     Raises:
         FinetuneError: an explicit ``metric`` is not a numeric column of the runs.
@@ -82,7 +84,7 @@ def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> tuple[str | N
             return name, metric[0] == "+"
         lower = any(token in name for token in _LOWER_BETTER) or (name.endswith("_s") and "per_s" not in name)
         return name, not lower
-    for name, higher in (("accuracy", True), ("perplexity", False), ("eval_loss", False)):
+    for name, higher in (("val_accuracy", True), ("accuracy", True), ("eval_loss", False), ("perplexity", False)):
         if name in df.columns and pd.to_numeric(ok_rows(df)[name], errors="coerce").notna().any():
             return name, higher
     return None, True
@@ -285,8 +287,11 @@ def _setting(r: pd.Series, axes: list[str]) -> str:
 def _lora_grid(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
     axes = list(GRID_AXES) + [c for c in ("lr", "lora.target_modules", "seed") if varies(df, c)]
     show_loss = metric != "eval_loss"
+    # Selected on a validation score: its test counterpart is shown beside it (reported, not selected on).
+    test = [metric[len("val_"):]] if metric and metric.startswith("val_") and _has(df, metric[len("val_"):]) else []
     headers = ["r", "alpha", "dropout"] + [c.split(".")[-1].replace("_", " ") for c in axes[3:]] \
-        + ([_headed(metric)] if metric else []) + (["Eval loss"] if show_loss else []) + ["Train time (s)"]
+        + ([_headed(metric)] if metric else []) + [_headed(m) for m in test] + (["Eval loss"] if show_loss else []) \
+        + ["Train time (s)"]
     ok, failed = ok_rows(df), df[df["status"] != "ok"]
     if metric:
         ok = ok.assign(_m=pd.to_numeric(ok[metric], errors="coerce")).sort_values(
@@ -297,7 +302,7 @@ def _lora_grid(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison
         if r["status"] != "ok":
             rows.append(cells + [_failed_cell(r)] + [""] * (len(headers) - len(cells) - 1))
             continue
-        rows.append(cells + ([fmt_metric(metric, r.get(metric))] if metric else [])
+        rows.append(cells + ([fmt_metric(metric, r.get(metric))] if metric else []) + [fmt_metric(m, r.get(m)) for m in test]
                     + ([fmt_metric("eval_loss", r.get("eval_loss"))] if show_loss else [])
                     + [fmt(r.get("train_runtime_s"), 1)])
     scored = ok[pd.to_numeric(ok[metric], errors="coerce").notna()] if metric else ok.iloc[0:0]

@@ -120,9 +120,11 @@ class _RunLog:
 
 
 def objective(metrics: dict) -> float:
-    """What a sweeper maximises: accuracy for classification, minus eval loss for generation."""
-    if "accuracy" in metrics:
-        return float(metrics["accuracy"])
+    """What a sweeper maximises, measured on the validation split, never on test (a configuration chosen by its
+    test score would report an optimistic, selected number): validation accuracy for classification, minus
+    the validation loss for generation. Test scores are recorded beside it, not used for selection."""
+    if "val_accuracy" in metrics:
+        return float(metrics["val_accuracy"])
     return -float(metrics.get("eval_loss", math.inf))
 
 
@@ -282,6 +284,11 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
 
     if val_ds is not None and len(val_ds):
         metrics.update(loss_and_perplexity(model, val_ds, tok.pad_token_id, eval_bs, bf16))
+    if classification and splits.validation:
+        # The selection score (objective, report ranking): the validation split, scored like test.
+        val = classify(model, tok, splits.validation, dcfg, max_len, eval_bs, bf16)
+        metrics.update(val_accuracy=val["accuracy"], val_f1=val["f1"], n_val_scored=val["n"])
+        log.info("validation: accuracy %.4f, F1 %.4f on %d rows", val["accuracy"], val["f1"], val["n"])
     if classification:
         scored = classify(model, tok, splits.test, dcfg, max_len, eval_bs, bf16)
         metrics.update(accuracy=scored["accuracy"], f1=scored["f1"], n_scored=scored["n"])

@@ -411,6 +411,31 @@ def test_grid_explicit_metric(grid_sweep: Path) -> None:
         generate_report(grid_sweep, metric="bleu")
 
 
+def test_grid_selects_on_validation_and_shows_test_beside(tmp_path: Path) -> None:
+    """Runs that record a validation score are ranked on it; the test score is shown, never used to pick."""
+    root = tmp_path / "grid" / "2025-01-03_08-00-00"
+    # validation and test disagree on which rank is best
+    for num, (r, val, test) in enumerate(((4, 0.80, 0.86), (8, 0.84, 0.81), (16, 0.82, 0.83))):
+        write_job(root, num, [f"lora.r={r}"], cls_metrics(
+            "lora", "none", 2000.0, 1000.0, test, 811_008, val_accuracy=val, val_f1=val - 0.01,
+            lora={"r": r, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}))
+    report = generate_report(root)
+    comp = report.comparison
+    assert comp.metric == "val_accuracy" and comp.higher_is_better
+    assert list(comp.table["r"]) == ["8", "16", "4"]
+    assert "Validation accuracy (%)" in comp.table.columns and "Accuracy (%)" in comp.table.columns
+    assert comp.table.iloc[0]["Accuracy (%)"] == "81.0"  # the selected run's test score, not the best test score
+    assert "validation accuracy 84.0%" in comp.takeaway
+    assert "Selected on the validation split" in report.markdown
+
+
+def test_objective_is_the_validation_score() -> None:
+    from finetune.train import objective
+
+    assert objective({"accuracy": 0.9, "val_accuracy": 0.7, "eval_loss": 0.3}) == 0.7
+    assert objective({"eval_loss": 0.3, "perplexity": 1.2, "test_loss": 0.1}) == -0.3
+
+
 # --- formatting, CLI, callback ------------------------------------------------------------------
 
 def test_markdown_table_alignment_and_escaping() -> None:
@@ -486,20 +511,21 @@ def test_hydra_multirun_calls_the_callback(tmp_path: Path) -> None:
     assert "Best: r=8, alpha=16, dropout=0.05 -> accuracy 88.0%" in reports[0].read_text()
 
 
-def test_generation_methods_report_uses_perplexity(tmp_path: Path) -> None:
+def test_generation_methods_report_ranks_on_validation_loss_and_shows_perplexity(tmp_path: Path) -> None:
     root = tmp_path / "gen"
-    runs = [("lora", "none", 3000.0, 8.10), ("qlora-nf4", "nf4", 1500.0, 8.45)]
-    for num, (method, quant, peak, ppl) in enumerate(runs):
+    runs = [("lora", "none", 3000.0, 8.10, 2.10), ("qlora-nf4", "nf4", 1500.0, 8.45, 2.14)]
+    for num, (method, quant, peak, ppl, loss) in enumerate(runs):
         metrics = cls_metrics(method, quant, peak, 500.0, 0.0, 811_008, task="generation", dataset="alpaca",
-                              perplexity=ppl, eval_loss=2.1)
+                              perplexity=ppl, eval_loss=loss)
         for key in ("accuracy", "f1", "zero_shot_accuracy", "zero_shot_f1"):
             metrics.pop(key)
         write_job(root, num, [f"quantization={quant}"], metrics)
     report = generate_report(root)
-    assert report.comparison.kind == "lora_vs_qlora" and report.comparison.metric == "perplexity"
+    assert report.comparison.kind == "lora_vs_qlora" and report.comparison.metric == "eval_loss"
     assert "Perplexity" in report.comparison.table.columns and "Accuracy (%)" not in report.comparison.table.columns
     assert report.comparison.takeaway == (
-        "qlora-nf4 uses 0.50x the peak memory of lora at +0.35 perplexity and 1.00x its tokens/s")
+        "qlora-nf4 uses 0.50x the peak memory of lora at +0.040 eval loss and 1.00x its tokens/s")
+    assert "Selected on the validation split" in report.markdown
 
 
 def test_log_table_to_wandb_offline_run(methods_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
