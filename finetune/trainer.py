@@ -65,9 +65,13 @@ def accepts_logits_to_keep(model) -> bool:
     import inspect
     import sys
 
+    from torch import nn
+
     base = model
-    while hasattr(base, "get_base_model"):
-        base = base.get_base_model()
+    # DDP / FSDP / accelerate wrappers keep the model in ``.module`` and hide its forward signature; PEFT keeps
+    # it behind get_base_model(). Unwrapped both ways, so the label-position loss stays on under DDP.
+    while hasattr(base, "get_base_model") or isinstance(getattr(base, "module", None), nn.Module):
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
     try:
         has_arg = "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):

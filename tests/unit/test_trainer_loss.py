@@ -98,3 +98,19 @@ def test_trainer_takes_the_same_steps_as_the_stock_trainer(tmp_path, grad_accum)
     # Adam turns float round-off in near-zero gradient entries into visible steps; the updates are ~lr = 5e-2.
     for name, value in ours.items():
         torch.testing.assert_close(value, stock[name], atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_label_position_loss_stays_on_under_ddp(tmp_path):
+    """DistributedDataParallel hides the model's forward signature behind ``.module``; the check unwraps it, so
+    the label-position loss is not silently replaced by the stock loss under DDP (gloo, one process)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = lora(FAMILIES["llama"]())
+    assert accepts_logits_to_keep(model)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert accepts_logits_to_keep(DistributedDataParallel(model))
+    finally:
+        dist.destroy_process_group()
