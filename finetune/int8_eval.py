@@ -29,6 +29,18 @@ def _score(model, tok, splits: DataSplits, dcfg: DictConfig, max_len: int, bs: i
     return {"loss_int8": lp["eval_loss"], "perplexity_int8": lp["perplexity"]}
 
 
+CALIBRATION_ROWS = 64  # training rows that calibrate a static PTQ baseline
+
+
+def calibration_batches(splits: DataSplits, dcfg: DictConfig, tok, max_len: int, bs: int) -> list[dict]:
+    """The first :data:`CALIBRATION_ROWS` training rows, tokenized and padded in batches of ``bs``."""
+    from finetune.data import DataCollator
+
+    ds = tokenize_split(splits.train[:CALIBRATION_ROWS], dcfg, tok, max_len)
+    collate = DataCollator(pad_token_id=tok.pad_token_id)
+    return [collate([ds[i] for i in range(start, min(start + bs, len(ds)))]) for start in range(0, len(ds), bs)]
+
+
 def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictConfig, targets: list[str], handle,
                  max_len: int, bs: int, bf16: bool) -> dict:
     """Simulated-INT8 scores of a trained model.
@@ -41,15 +53,20 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     from finetune.qat import simulate_int8
 
     bits = int(qcfg.get("eval_bits") or 8)
+    # Recorded so a QAT run is only ever paired with a PTQ run simulated the same way.
+    how = {"int8_eval_bits": bits, "int8_granularity": str(qcfg.granularity)}
     if targets:
-        with simulate_int8(model, targets, qcfg, handle=handle):
+        with simulate_int8(model, targets, qcfg, handle=handle) as sim:
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
         _log("QAT", targets, scores, bits)
-        return {**scores, "int8_eval": "qat", "int8_targets": list(targets), "int8_eval_bits": bits}
-    result: dict = {"int8_eval": "ptq", "int8_targets": ["attn", "ffn"], "int8_eval_bits": bits}
+        return {**scores, "int8_eval": "qat", "int8_targets": list(targets), **how, "int8_scale": sim.config.scale}
+    result: dict = {"int8_eval": "ptq", "int8_targets": ["attn", "ffn"], **how}
+    # A static-scale PTQ baseline is calibrated on training rows, as QAT's observer is (never on test rows).
+    calibration = calibration_batches(splits, dcfg, tok, max_len, bs) if qcfg.scale == "static" else None
     for target_set in PTQ_TARGET_SETS:
-        with simulate_int8(model, list(target_set), qcfg):
+        with simulate_int8(model, list(target_set), qcfg, calibration=calibration) as sim:
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
+        result["int8_scale"] = sim.config.scale
         _log("PTQ", target_set, scores, bits)
         if len(target_set) == 2:
             result.update(scores)

@@ -32,6 +32,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 from transformers import TrainerCallback
 
@@ -180,6 +181,30 @@ class QATCallback(TrainerCallback):
         self._update(state)
 
 
+def _calibrate(model: nn.Module, sim: QATHandle, layers: nn.Module, batches) -> None:
+    """Post-training calibration of ``sim``'s static observers on ``batches`` (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for _, q in sim.activation_quantizers:
+        q.frozen, q.calibrating = False, True
+    sim.enabled = True
+    sim._attach()
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+                n += 1
+    finally:
+        sim._detach()
+        for _, q in sim.activation_quantizers:
+            q.frozen, q.calibrating = True, False
+            q.reset_stats()
+        model.train(was_training)
+    log.info("simulate_int8: static scales calibrated on %d batches (post-training calibration)", n)
+
+
 @contextlib.contextmanager
 def simulate_int8(
     model: nn.Module,
@@ -188,6 +213,7 @@ def simulate_int8(
     *,
     handle: QATHandle | None = None,
     cache_weights: bool = True,
+    calibration=None,
 ) -> Iterator[QATHandle]:
     """Simulated INT8 deployment inside the ``with`` block; the model is restored on exit.
 
@@ -207,6 +233,10 @@ def simulate_int8(
         handle: the training handle; defaults to the one installed on ``model``, if any.
         cache_weights: quantize each weight once per block while parameters are unchanged (calls
             under ``torch.no_grad()``); costs one copy of the target weights in memory.
+        calibration: ``scale=static`` without calibrated scales (the post-training-quantization baseline of a
+            static QAT run): batches (dicts of ``input_ids`` / ``attention_mask``) run once through the model,
+            in eval mode and without gradients, to calibrate the static scales the same way QAT's observer
+            does (EMA of the per-batch max over real tokens); then frozen.
 
     Yields:
         The simulation's own :class:`QATHandle` (``.summary()`` gives the INT8 SNRs).
@@ -225,10 +255,10 @@ def simulate_int8(
     if scale == "static":
         if train_handle is not None and train_handle.scale == "static":
             calibrated = {q.key: q.ema for _, q in train_handle.activation_quantizers if q.ema is not None}
-        if not calibrated:
+        if not calibrated and calibration is None:
             log.info(
                 "simulate_int8: qat.scale=static but the model has no calibrated static scales (not trained "
-                "with static QAT); using dynamic per-tensor INT8 scales instead"
+                "with static QAT) and no calibration data; using dynamic per-tensor INT8 scales instead"
             )
             scale = "tensor"
     eval_bits = qcfg.get("eval_bits") if isinstance(qcfg, Mapping) else getattr(qcfg, "eval_bits", None)
@@ -248,11 +278,11 @@ def simulate_int8(
         )
     missing = 0
     for _, q in sim.activation_quantizers:
-        if scale == "static":
+        if scale == "static" and calibrated:
             ema = calibrated.get(q.key)
             q.ema = None if ema is None else ema.clone()
-            missing += q.ema is None
-    if missing:
+        missing += scale == "static" and q.ema is None
+    if missing and calibrated:
         log.info("simulate_int8: %d modules have no calibrated static scale; they use dynamic per-tensor scales", missing)
         sim._warned_uncalibrated = True  # already said
     if SIMULATING.get(layers) is not None:
@@ -262,6 +292,8 @@ def simulate_int8(
         train_handle._detach()
     SIMULATING[layers] = sim
     try:
+        if scale == "static" and not calibrated:
+            _calibrate(model, sim, layers, calibration)
         sim.enabled = True
         sim._attach()
         yield sim

@@ -304,7 +304,7 @@ class ActivationQuantizer:
 
     __slots__ = (
         "name", "key", "group", "bits", "qmax", "mode", "ema_decay", "stats_every", "frozen",
-        "ema", "calls", "sig", "noise", "on_uncalibrated", "tokens",
+        "ema", "calls", "sig", "noise", "on_uncalibrated", "tokens", "calibrating",
     )  # fmt: skip
 
     def __init__(
@@ -331,6 +331,7 @@ class ActivationQuantizer:
         self.noise: torch.Tensor | None = None  # float32 scalar: sum (x - q)^2 over recorded calls
         self.on_uncalibrated = None  # callback(self) when a static scale is needed but was never observed
         self.tokens = None  # an object whose ``token_mask`` ([B, T] bool or None) marks the batch's real tokens
+        self.calibrating = False  # static: observe in eval mode too (post-training calibration)
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         mask = getattr(self.tokens, "token_mask", None)
@@ -348,7 +349,7 @@ class ActivationQuantizer:
         if self.mode == "token":
             return scale_from_absmax(absmax(x, dim=-1), self.bits, x.dtype)
         # static: observe in training mode, frozen in eval mode (what static INT8 deployment uses).
-        if training and not self.frozen:
+        if (training or self.calibrating) and not self.frozen:
             mask = self._mask_for(x)
             amax = absmax(x) if mask is None else sequence_absmax(x, mask).max()  # padding is never observed
             if self.ema is None:

@@ -22,7 +22,7 @@ PTQ_SUFFIX = {"attn": "_attn", "ffn": "_ffn", "attn+ffn": ""}
 # Settings a QAT run shares with its PTQ baseline whenever they vary across the sweep (seed above all: a
 # seed also picks the training and test rows, so runs of different seeds are not comparable one to one).
 PAIR_KEYS = ("seed", "model", "dataset", "quantization", "lr", "lora.r", "lora.alpha", "lora.dropout",
-             "lora.target_modules", "int8_eval_bits", "n_train", "n_test")
+             "lora.target_modules", "int8_eval_bits", "int8_granularity", "int8_scale", "n_train", "n_test")
 
 
 def low_bit_label(df: pd.DataFrame) -> str:

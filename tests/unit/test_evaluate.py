@@ -141,3 +141,26 @@ def test_fake_quant_in_bf16_lands_on_the_grid():
     assert (codes - codes.round()).abs().max() < 0.5 - 1e-3  # round(q / s) recovers one code per value
     reference = (x.float() / scale).round().clamp(-127, 127)
     assert torch.equal(codes.round(), reference)
+
+
+def test_static_ptq_baseline_is_calibrated_on_training_rows(tiny):
+    """qat.scale=static without QAT: the PTQ baseline calibrates its static scales on training rows (so a static
+    QAT run is compared with a static deployment), and the simulation then keeps them fixed."""
+    from omegaconf import OmegaConf
+
+    from finetune.int8_eval import calibration_batches
+    from finetune.qat import simulate_int8
+
+    cfg, model, tok, splits = tiny
+    qcfg = OmegaConf.merge(cfg.qat, {"scale": "static"})
+    batches = calibration_batches(splits, cfg.dataset, tok, 128, 8)
+    assert batches and sum(len(b["input_ids"]) for b in batches) == min(64, len(splits.train))
+    with simulate_int8(model, ["attn", "ffn"], qcfg, calibration=batches) as sim:
+        assert sim.config.scale == "static"
+        scales = {q.key: float(q.ema) for _, q in sim.activation_quantizers}
+        assert scales and all(s > 0 for s in scales.values())
+        scored = label_scores(model, tok, splits.test, cfg.dataset, 128, batch_size=4)
+        assert {q.key: float(q.ema) for _, q in sim.activation_quantizers} == scales  # frozen while scoring
+    with simulate_int8(model, ["attn", "ffn"], qcfg) as dynamic:  # no calibration data: dynamic, and says so
+        assert dynamic.config.scale == "tensor"
+        assert not torch.allclose(scored, label_scores(model, tok, splits.test, cfg.dataset, 128, batch_size=4))

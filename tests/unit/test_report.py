@@ -545,3 +545,27 @@ def test_log_table_to_wandb_offline_run(methods_sweep: Path, tmp_path: Path, mon
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert "WANDB_MODE" not in os.environ  # restored
     assert len(collect_runs(methods_sweep)) == 5  # the wandb folder is not mistaken for jobs
+
+
+def test_qat_runs_pair_only_with_ptq_simulated_the_same_way(tmp_path: Path) -> None:
+    """A static-scale QAT run is never compared with a dynamic (uncalibrated) PTQ baseline, nor a linear-granularity
+    one with a sublayer baseline: the simulation's granularity and scale mode are part of the pairing."""
+    from finetune.report_collect import collect_runs
+    from finetune.report_qat import ptq_baseline
+
+    root = tmp_path / "qat" / "2025-01-04_09-00-00"
+    num = 0
+    for scale in ("tensor", "static"):
+        for granularity in ("sublayer", "linear"):
+            how = {"int8_scale": scale, "int8_granularity": granularity}
+            ptq = qat_metrics([], 0.90, 0.85)
+            ptq.update(int8_eval="ptq", accuracy_int8_attn=0.80 + num / 100, **how)
+            write_job(root, num, ["qat_targets=[]", f"qat.scale={scale}", f"qat.granularity={granularity}"], ptq)
+            write_job(root, num + 1, ["qat_targets=[attn]", f"qat.scale={scale}", f"qat.granularity={granularity}"],
+                      {**qat_metrics(["attn"], 0.89, 0.88), **how})
+            num += 2
+    df = collect_runs(root)
+    for _, row in df[df["qat_targets"].astype(str) == "attn"].iterrows():
+        base = ptq_baseline(df, row)
+        assert base is not None
+        assert (base["int8_scale"], base["int8_granularity"]) == (row["int8_scale"], row["int8_granularity"])
