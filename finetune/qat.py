@@ -180,6 +180,22 @@ class QATCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self._update(state)
 
+    def checkpoint_state(self) -> dict:
+        """Saved in every Trainer checkpoint: the static observers' EMA and the switch-on step, so a resumed run
+        continues the calibration instead of restarting it."""
+        return {"enabled_at_step": self.handle.enabled_at_step,
+                "ema": {q.key: float(q.ema) for _, q in self.handle.activation_quantizers if q.ema is not None}}
+
+    def restore_checkpoint_state(self, saved: dict | None) -> None:
+        if not saved:
+            return
+        emas = saved.get("ema") or {}
+        for _, q in self.handle.activation_quantizers:
+            if q.key in emas:
+                q.ema = torch.tensor(emas[q.key], dtype=torch.float32)
+        if self.handle.enabled and saved.get("enabled_at_step") is not None:
+            self.handle.enabled_at_step = self.enabled_at_step = int(saved["enabled_at_step"])
+
 
 def _calibrate(model: nn.Module, sim: QATHandle, layers: nn.Module, batches) -> None:
     """Post-training calibration of ``sim``'s static observers on ``batches`` (eval mode, no gradients)."""

@@ -216,6 +216,9 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
                 "globalstep_last_logged": self._globalstep_last_logged,
                 "tokens": meter.tokens if meter else None,
                 "elapsed_s": meter.elapsed_so_far() if meter else None,
+                # Callbacks with state of their own (QAT's static observers) save it alongside.
+                "callbacks": {type(cb).__name__: cb.checkpoint_state() for cb in self.callback_handler.callbacks
+                              if hasattr(cb, "checkpoint_state")},
             }
             write_checkpoint_state(folder, state)
 
@@ -231,6 +234,9 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
             self._globalstep_last_logged = int(st["globalstep_last_logged"])
             if meter is not None and st.get("tokens") is not None:
                 meter.restore(int(st["tokens"]), float(st.get("elapsed_s") or 0.0))
+            for cb in self.callback_handler.callbacks:
+                if hasattr(cb, "restore_checkpoint_state"):
+                    cb.restore_checkpoint_state((st.get("callbacks") or {}).get(type(cb).__name__))
 
         def train(self, resume_from_checkpoint=None, **kw):
             self._resumed_state = read_checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint else None
