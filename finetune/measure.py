@@ -63,10 +63,12 @@ def peak_memory_mb() -> float:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Counts non-padding tokens the model trained on and the wall time of training steps.
+    """Counts non-padding tokens the model trained on and the wall time of training.
 
-    Tokens come from the attention masks the collator produced (real tokens, not padding), so
-    tokens/s compares fairly across methods with different padding.
+    The Trainer's ``training_step`` reports each batch it trains on (:meth:`count_batch`, from the attention
+    mask: real tokens, not padding), in the main process, so tokens/s compares fairly across methods with
+    different padding, whatever the evaluation strategy or data-loader worker count. Evaluation inside
+    training is excluded from the time (:meth:`exclude`).
     """
 
     def __init__(self) -> None:
@@ -74,6 +76,7 @@ class ThroughputCallback(TrainerCallback):
         self.start: float | None = None
         self.elapsed = 0.0
         self._before = 0.0  # training time before a resumed checkpoint
+        self._excluded = 0.0  # evaluation time inside this train() call
 
     def count_batch(self, batch: dict) -> None:
         mask = batch.get("attention_mask")
@@ -81,11 +84,15 @@ class ThroughputCallback(TrainerCallback):
 
     def restore(self, tokens: int, elapsed: float) -> None:
         """Resume: the count and training time of the steps before the checkpoint."""
-        self.tokens, self._before = tokens, elapsed
+        self.tokens, self._before, self._excluded = tokens, elapsed, 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent inside training that is not training (evaluation during training)."""
+        self._excluded += seconds
 
     def elapsed_so_far(self) -> float:
         running = time.perf_counter() - self.start if self.start is not None else 0.0
-        return self._before + running
+        return self._before + running - self._excluded
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()

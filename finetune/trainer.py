@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -190,6 +191,15 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
 
                 restore_trainable_4bit_layout(model)
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def evaluate(self, *args, **kwargs):
+            # Evaluation during training (eval_strategy=steps) is not training time: tokens/s covers training.
+            start = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                if meter is not None:
+                    meter.exclude(time.perf_counter() - start)
 
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -117,3 +117,16 @@ def test_static_qat_resume_continues_the_calibration(tmp_path):
     assert scales and json.loads((resumed_dir / "qat_state.json").read_text())["static_scales"] == scales
     for key in ("train_loss", "eval_loss", "accuracy_int8"):
         assert again[key] == full[key], key
+
+
+@pytest.mark.parametrize("extra", [
+    ["trainer.eval_strategy=steps", "trainer.eval_steps=1"],   # evaluation batches go through the same collator
+    ["trainer.dataloader_num_workers=1"],                       # batches are collated in a worker process
+])
+def test_tokens_count_training_batches_only(tmp_path, extra):
+    """train_tokens counts the real tokens of the batches trained on, in the main process: not evaluation
+    batches, and not 0 when a worker process collates."""
+    data = f"dataset.path={shared('chnsenticorp')}"
+    plain, _ = _run(tmp_path, data, "trainer.max_steps=3", name="plain")
+    other, _ = _run(tmp_path, data, "trainer.max_steps=3", *extra, name="other")
+    assert plain["train_tokens"] > 0 and other["train_tokens"] == plain["train_tokens"]
