@@ -169,25 +169,24 @@ def loss_and_perplexity(model, dataset, pad_token_id: int, batch_size: int, bf16
 
 @torch.no_grad()
 def sample_generations(model, tokenizer, rows: list[dict], dcfg: DictConfig, n: int, max_new_tokens: int,
-                       bf16: bool = False) -> list[dict]:
-    """Greedy completions of the first ``n`` rows' prompts (the final assistant turn left out)."""
+                       bf16: bool = False, max_length: int = 2048) -> list[dict]:
+    """Greedy completions of the first ``n`` rows' prompts (the final assistant turn left out), each prompt
+    rendered exactly as training rendered it (chat template, or the plain template for tokenizers without one or
+    with ``dataset.use_chat_template=false``)."""
     was_training = model.training
     model.eval()
     out = []
+    device = _device(model)
     for row in rows[:n]:
         messages = build_messages(row, dcfg)
         reference = None
         if messages and messages[-1]["role"] == "assistant":
             reference = messages.pop()["content"]
-        if tokenizer.chat_template and dcfg.get("use_chat_template", True):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        else:
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-            ids = tokenizer(text, return_tensors="pt")
-        ids = {k: v.to(_device(model)) for k, v in ids.items()}
+        prompt = torch.tensor([encode_prompt(row, dcfg, tokenizer, max_length)], device=device)
         with autocast(model, bf16):
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        completion = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        completion = tokenizer.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)
         out.append({"prompt": messages[-1]["content"][:200], "completion": completion, "reference": reference})
     model.train(was_training)
     return out

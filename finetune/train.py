@@ -304,7 +304,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
         metrics.update(int8_metrics(model, tok, splits, dcfg, cfg.qat, targets, qat_handle, max_len, eval_bs, bf16))
 
     for sample in sample_generations(model, tok, splits.test or splits.validation, dcfg, int(cfg.eval.num_samples),
-                                     int(cfg.eval.max_new_tokens), bf16):
+                                     int(cfg.eval.max_new_tokens), bf16, max_len):
         log.info("sample | prompt: %s | completion: %s | reference: %s", sample["prompt"].replace("\n", " "),
                  sample["completion"].replace("\n", " "), sample["reference"])
 

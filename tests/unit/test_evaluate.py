@@ -164,3 +164,31 @@ def test_static_ptq_baseline_is_calibrated_on_training_rows(tiny):
     with simulate_int8(model, ["attn", "ffn"], qcfg) as dynamic:  # no calibration data: dynamic, and says so
         assert dynamic.config.scale == "tensor"
         assert not torch.allclose(scored, label_scores(model, tok, splits.test, cfg.dataset, 128, batch_size=4))
+
+
+@pytest.mark.parametrize("use_chat_template", [True, False])
+def test_sample_generations_use_the_training_prompt_format(tiny, use_chat_template):
+    """The sample completions after training start from the prompt exactly as training rendered it (the plain
+    ### Instruction / ### Response template when the chat template is off or missing)."""
+    from omegaconf import OmegaConf
+
+    from finetune.evaluate import sample_generations
+
+    cfg, model, tok, splits = tiny
+    dcfg = OmegaConf.merge(cfg.dataset, {"use_chat_template": use_chat_template})
+    seen = []
+    generate = model.generate
+
+    def recording(**kwargs):
+        seen.append(kwargs["input_ids"][0].tolist())
+        return generate(**kwargs)
+
+    model.generate = recording
+    try:
+        out = sample_generations(model, tok, splits.test, dcfg, 2, 3, max_length=128)
+    finally:
+        del model.generate
+    assert len(out) == 2
+    assert seen == [encode_prompt(row, dcfg, tok, 128) for row in splits.test[:2]]
+    if not use_chat_template:
+        assert "### Instruction:" in tok.decode(seen[0])
