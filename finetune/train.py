@@ -180,7 +180,8 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     from finetune.data import DataCollator, load_splits, tokenize_split
     from finetune.evaluate import classify, loss_and_perplexity, sample_generations
     from finetune.lora import apply_lora, count_params
-    from finetune.measure import ThroughputCallback, memory_device, peak_memory_mb, reset_peak_memory
+    from finetune.measure import (ThroughputCallback, bound_cpu_allocator, memory_breakdown_mb, memory_device,
+                                  peak_memory_mb, reset_peak_memory)
     from finetune.model import load_model, resolve_precision
     from finetune.trainer import make_trainer, training_arguments
     from finetune import tracking
@@ -209,6 +210,9 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     if cfg.lora.method != "none":
         metrics["lora"] = {k: OmegaConf.to_container(cfg.lora, resolve=True).get(k) for k in ("r", "alpha", "dropout", "target_modules")}
 
+    allocator = bound_cpu_allocator()
+    if allocator:
+        metrics["cpu_allocator"] = allocator
     reset_peak_memory()
     model, tok, resolved = load_model(cfg.model, cfg.quantization, precision,
                                       gradient_checkpointing=bool(tcfg.gradient_checkpointing))
@@ -259,6 +263,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
         qat_handle.enabled = False
     # Peak memory of loading + training (the comparison column); evaluation's own peak is recorded apart.
     metrics["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    metrics["memory_breakdown_mb"] = memory_breakdown_mb(metrics["peak_memory_mb"], metrics["model_memory_mb"], model)
     reset_peak_memory()
     metrics.update(
         # Over the whole run, also after a resume (the checkpoint carries the running sums and the time).
