@@ -112,6 +112,8 @@ def validate(cfg: DictConfig) -> None:
         FinetuneError: naming the first bad key, its value and what is allowed.
     """
     _number("seed", cfg.seed, low=0, integer=True)
+    if "cpu_allocator" in cfg:
+        _choice("cpu_allocator", cfg.cpu_allocator, ("default", "bounded"))
     for key in ("isolate_jobs", "overwrite_run"):
         if key in cfg:
             _bool(key, cfg[key])

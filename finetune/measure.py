@@ -39,19 +39,19 @@ def release_free_memory() -> None:
 # glibc serves allocations of at least this many bytes with their own mmap and returns them to the OS on free.
 # By default the threshold adapts upwards (up to 32 MiB) after large blocks are freed, after which the
 # transient multi-MB buffers of a training step (bitsandbytes' per-call de-quantized fp32 weights, activations)
-# come from the heap, which keeps their high-water mark: peak RSS then measures the allocator's history, not
-# the memory the method needs (measured on SmolLM2, 3 LoRA steps: QLoRA-nf4 6,539 -> 4,417 MB, LoRA 5,180 -> 4,149).
+# come from the heap, which keeps their high-water mark: peak RSS then measures the allocator's history as much
+# as the memory the method needs. Measured on SmolLM2 (6 LoRA steps of 8, AMD EPYC AVX2, fp32; README):
+# LoRA 5,470 -> 4,023 MB, QLoRA-nf4 6,061 -> 4,082 MB, at 0.64x the tokens/s for both (fresh pages are faulted in
+# on every step), which is why it is opt-in (``cpu_allocator=bounded``), set by the LoRA-vs-QLoRA sweep preset.
 MMAP_THRESHOLD = 1 << 20
+CPU_ALLOCATORS = ("default", "bounded")
 
 
 def bound_cpu_allocator() -> str | None:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (and the trim threshold with it) for this process,
     so freed large buffers go back to the OS and CPU peak RSS compares methods fairly. Returns a description
-    for metrics.json, or None where it does not apply (a GPU run, not glibc, or ``FINETUNE_CPU_ALLOCATOR=default``
-    in the environment, which keeps glibc's adaptive defaults)."""
-    import os
-
-    if torch.cuda.is_available() or os.environ.get("FINETUNE_CPU_ALLOCATOR") == "default":
+    for metrics.json, or None where it does not apply (a GPU run, or not glibc). Process-wide and permanent."""
+    if torch.cuda.is_available():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))

@@ -210,9 +210,9 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     if cfg.lora.method != "none":
         metrics["lora"] = {k: OmegaConf.to_container(cfg.lora, resolve=True).get(k) for k in ("r", "alpha", "dropout", "target_modules")}
 
-    allocator = bound_cpu_allocator()
-    if allocator:
-        metrics["cpu_allocator"] = allocator
+    if memory_device() == "cpu":
+        bounded = bound_cpu_allocator() if cfg.get("cpu_allocator") == "bounded" else None
+        metrics["cpu_allocator"] = bounded or "glibc default"
     reset_peak_memory()
     model, tok, resolved = load_model(cfg.model, cfg.quantization, precision,
                                       gradient_checkpointing=bool(tcfg.gradient_checkpointing))

@@ -147,6 +147,7 @@ BAD_INPUTS = [
     (["model.dtype=float8"], "model.dtype='float8'"),
     (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes'"),
     (["overwrite_run=please"], "overwrite_run='please'"),
+    (["cpu_allocator=fast"], "cpu_allocator='fast'"),
     (["lora.r=8,16"], "add -m"),
     (["-m", "lora.r=8,0"], "lora.r=0"),
     (["-m", "qat_targets=[attn],[mlp]"], "qat_targets=mlp"),

@@ -108,3 +108,13 @@ def test_unknown_key_is_a_composition_error():
     with pytest.raises(ConfigCompositionException) as err:
         compose_cfg(["lora.rank=8"])
     assert "rank" in str(err.value)
+
+
+def test_bounded_cpu_allocator_applies_in_its_own_process(tmp_path):
+    """cpu_allocator=bounded sets glibc's thresholds (process-wide, so checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = "from finetune.measure import bound_cpu_allocator as b; print(b())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "glibc mmap_threshold=1 MiB", out.stderr
