@@ -215,12 +215,14 @@ def _export_into(stage: Path, target: Path, model, tok, modules, store_dtype, in
     """Write the INT8 model into ``stage``, measure it, and return the export record."""
     int8_bytes, record = save_int8(quantize(model, modules), tok, stage, modules, store_dtype, info)
 
+    # The artifact is INT8 linears plus every other tensor at store_dtype: its size against fp32 says so.
     sizes.update(int8=int8_bytes, int8_vs_float32=int8_bytes / sizes["float32"],
-                 int8_vs_float16=int8_bytes / sizes["float16"])
+                 int8_vs_float16=int8_bytes / sizes["float16"], other_tensors_dtype=store_dtype)
     which = "sub-layer entry linears" if entry_only else "linears"
-    print(f"wrote {target}: {len(modules)} INT8 {which} ({'+'.join(groups)}), {int8_bytes / 2**20:.2f} MiB "
-          f"= {sizes['int8_vs_float32']:.3f} x float32 ({sizes['float32'] / 2**20:.2f} MiB), "
-          f"{sizes['int8_vs_float16']:.3f} x float16 ({sizes['float16'] / 2**20:.2f} MiB)")
+    print(f"wrote {target}: {len(modules)} INT8 {which} ({'+'.join(groups)}) and the other tensors in {store_dtype}, "
+          f"{int8_bytes / 2**20:.2f} MiB = {sizes['int8_vs_float32']:.3f} x float32 "
+          f"({sizes['float32'] / 2**20:.2f} MiB), {sizes['int8_vs_float16']:.3f} x float16 "
+          f"({sizes['float16'] / 2**20:.2f} MiB)")
 
     qmodel, _, _ = load_exported(stage)
     lat = ms_per_token({"float32": model, "int8": qmodel}, tok, LATENCY_PROMPT, latency_tokens, latency_reps)

@@ -221,6 +221,7 @@ def test_export_int8_matches_fake_quant_and_loads(runs, tmp_path, capsys):
     assert q["int8_vs_float32_max_prob_diff"] <= 2 * q["fake_quant_vs_float32_max_prob_diff"] + PROB_TOL
     sizes = info["sizes_bytes"]
     assert sizes["int8"] < sizes["float32"] and sizes["float16"] < sizes["float32"]
+    assert sizes["other_tensors_dtype"] == "float16"  # the ratio to fp32 counts fp16 storage of everything else
     assert info["latency"]["int8_ms_per_token"] > 0 and info["latency"]["float32_ms_per_token"] > 0
     # The artifact loads and runs: dynamic INT8 linears for q/k/v and gate/up (sublayer granularity) only.
     model, tok, loaded = export.load_exported(out)
