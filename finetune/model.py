@@ -287,6 +287,24 @@ def load_tokenizer(path: str, mcfg: DictConfig, local_only: bool):
     return tok
 
 
+def release_checkpoint_mapping(model) -> None:
+    """Copy a CPU-quantized model's non-quantized tensors out of the memory-mapped checkpoint file.
+
+    After quantize-on-load the embeddings, norms and head are still views of the mmapped safetensors file, which
+    keeps the whole mapping alive, and the pages read while quantizing stay resident: 405 MB of SmolLM2's fp32
+    file after an nf4 load, counted in the run's peak RSS although no method needs it. Copying the ~110 MB of
+    views releases the mapping (measured: -297 MB resident after loading).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for _, param in module.named_parameters(recurse=False):
+                if type(param).__name__ not in ("Params4bit", "Int8Params"):
+                    param.data = param.data.clone()
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None:
+                    module._buffers[name] = buf.clone()
+
+
 def restore_trainable_4bit_layout(model) -> int:
     """Put every bitsandbytes 4-bit weight back in its trainable layout; returns how many were converted.
 
@@ -340,6 +358,8 @@ def load_model(mcfg: DictConfig, qcfg: DictConfig, precision: Precision, *, grad
         raise FinetuneError(f"model.name_or_path={mcfg.name_or_path}: cannot load ({str(exc).splitlines()[0]})") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if quant is not None and not torch.cuda.is_available():
+        release_checkpoint_mapping(model)
     if quant is not None and for_training:
         from peft import prepare_model_for_kbit_training
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -176,3 +178,28 @@ def test_nf4_lora_layers_get_gradients_after_inference_repacking(tmp_path):
         n for n, p in lora.items() if p.grad is None or float(p.grad.abs().sum()) == 0]
     assert not any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
                    for m in model.modules())
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_model_does_not_keep_the_checkpoint_file_resident(quantization, tmp_path):
+    """After quantize-on-load on the CPU no tensor is a view of the memory-mapped fp32 checkpoint: its pages are
+    not resident in the process (they counted in peak RSS although no method needs them)."""
+    import gc
+
+    from finetune.model import load_model, resolve_model_path, resolve_precision
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["model=tiny", f"quantization={quantization}"], tmp_path)
+    path, _ = resolve_model_path(cfg.model)
+    model, _, _ = load_model(cfg.model, cfg.quantization, resolve_precision("fp32", cfg.model.dtype))
+    gc.collect()
+    checkpoint = str(Path(path) / "model.safetensors")
+    resident, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            current = fields[5] if len(fields) > 5 else None
+        elif line.startswith("Rss:") and current == checkpoint:
+            resident += int(fields[1])
+    assert resident == 0, f"{resident} kB of {checkpoint} resident"
+    del model
