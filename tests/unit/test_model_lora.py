@@ -180,26 +180,39 @@ def test_nf4_lora_layers_get_gradients_after_inference_repacking(tmp_path):
                    for m in model.modules())
 
 
+RESIDENT_PROBE = """
+import gc, sys
+from pathlib import Path
+from finetune.model import load_model, resolve_model_path, resolve_precision
+from tests.conftest import compose_cfg
+cfg = compose_cfg(["model=tiny", "quantization=" + sys.argv[1]], sys.argv[2])
+path, _ = resolve_model_path(cfg.model)
+model, _, _ = load_model(cfg.model, cfg.quantization, resolve_precision("fp32", cfg.model.dtype))
+gc.collect()
+checkpoint = str(Path(path) / "model.safetensors")
+resident, current = 0, None
+for line in Path("/proc/self/smaps").read_text().splitlines():
+    fields = line.split()
+    if fields and "-" in fields[0] and len(fields) >= 5:
+        current = fields[5] if len(fields) > 5 else None
+    elif line.startswith("Rss:") and current == checkpoint:
+        resident += int(fields[1])
+print(resident)
+"""
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_quantized_model_does_not_keep_the_checkpoint_file_resident(quantization, tmp_path):
     """After quantize-on-load on the CPU no tensor is a view of the memory-mapped fp32 checkpoint: its pages are
-    not resident in the process (they counted in peak RSS although no method needs them)."""
-    import gc
+    not resident in the process (they counted in peak RSS although no method needs them). Measured in a fresh
+    process: other models loaded by this one would map the same file."""
+    import subprocess
+    import sys
 
-    from finetune.model import load_model, resolve_model_path, resolve_precision
-    from tests.conftest import compose_cfg
+    from tests.conftest import ROOT
 
-    cfg = compose_cfg(["model=tiny", f"quantization={quantization}"], tmp_path)
-    path, _ = resolve_model_path(cfg.model)
-    model, _, _ = load_model(cfg.model, cfg.quantization, resolve_precision("fp32", cfg.model.dtype))
-    gc.collect()
-    checkpoint = str(Path(path) / "model.safetensors")
-    resident, current = 0, None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5:
-            current = fields[5] if len(fields) > 5 else None
-        elif line.startswith("Rss:") and current == checkpoint:
-            resident += int(fields[1])
-    assert resident == 0, f"{resident} kB of {checkpoint} resident"
-    del model
+    proc = subprocess.run([sys.executable, "-c", RESIDENT_PROBE, quantization, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resident = int(proc.stdout.strip().splitlines()[-1])
+    assert resident == 0, f"{resident} kB of the checkpoint resident"
