@@ -308,6 +308,8 @@ def release_checkpoint_mapping(model) -> None:
 def restore_trainable_4bit_layout(model) -> int:
     """Put every bitsandbytes 4-bit weight back in its trainable layout; returns how many were converted.
 
+    ``model`` is a module, or a list of the modules to check (the Trainer passes its 4-bit layers, found once).
+
     On a CPU with AVX-512 BF16, the first eval-mode forward of a ``Linear4bit`` without gradients (zero-shot
     scoring, evaluation during training) repacks its weight into an inference-only layout, after which
     ``matmul_4bit`` runs ``gemv_4bit``, which has no backward: training would go on without gradients through
@@ -316,7 +318,7 @@ def restore_trainable_4bit_layout(model) -> int:
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     converted = 0
-    for module in model.modules():
+    for module in model if isinstance(model, list) else model.modules():
         weight = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):

@@ -163,7 +163,7 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
 
         _label_positions: bool | None = None
         _resumed_state: dict | None = None
-        _has_4bit: bool | None = None
+        _4bit_modules: list | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self._label_positions is None:  # checked once, not on every step
@@ -184,12 +184,13 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
             # would distort the count.
             if meter is not None:
                 meter.count_batch(inputs)
-            if self._has_4bit is None:
-                self._has_4bit = any(type(getattr(m, "weight", None)).__name__ == "Params4bit" for m in model.modules())
-            if self._has_4bit:
+            if self._4bit_modules is None:  # found once; then a flag check per module and step
+                self._4bit_modules = [m for m in model.modules()
+                                      if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+            if self._4bit_modules:
                 from finetune.model import restore_trainable_4bit_layout
 
-                restore_trainable_4bit_layout(model)
+                restore_trainable_4bit_layout(self._4bit_modules)
             return super().training_step(model, inputs, num_items_in_batch)
 
         def evaluate(self, *args, **kwargs):
