@@ -14,8 +14,8 @@ precision, with the Hugging Face ``Trainer``:
                full-vocabulary loss of the model
 
 Each arm runs in a fresh process (its peak memory is its own), arms alternate over ``--rounds``, and each
-arm's figures are the median over rounds. tokens/s counts real (non-padding) tokens of the steps after the
-first (the first step pays one-time allocation). ``fraction_of_peak`` is the rate of the training FLOPs the
+arm's figures are the median over rounds. tokens/s counts the real (non-padding) tokens of every step over the
+time from the start of training to the end of the last step. ``fraction_of_peak`` is the rate of the training FLOPs the
 rows need (every real token through every layer, causal attention over real lengths, the output head at the
 supervised positions, forward and backward) against this machine's measured matmul rate (best of five
 2048-cube matmuls on CPU, 8192 on GPU, in the run's precision): how much of the hardware limit the arm turns
@@ -133,10 +133,12 @@ def _recorder(base):
         def __init__(self):
             super().__init__()
             self.batches: list[tuple[list[int], list[int]]] = []
+            self.widths: list[int] = []
 
         def count_batch(self, batch: dict) -> None:
             super().count_batch(batch)
             mask, labels = batch["attention_mask"], batch["labels"]
+            self.widths.append(int(mask.shape[1]))
             self.batches.append(([int(n) for n in mask.sum(dim=1)],
                                  [int(n) for n in (labels[:, 1:] != -100).sum(dim=1)]))
 
@@ -225,13 +227,16 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     if len(clock.ends) != steps or meter.tokens <= 0:
         raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps timed of {steps}")
     shape = model_shape(model)
-    # The steps after the first: the first pays one-time allocation (both arms alike).
-    timed = meter.batches[1:steps]
+    # Every step, from the start of training: length grouping puts the longest batch first, so leaving out the
+    # first step would flatter the grouped arm.
+    timed = meter.batches[:steps]
     timed_tokens = sum(sum(lengths) for lengths, _ in timed)
-    timed_s = clock.ends[-1] - clock.ends[0]
+    timed_s = clock.ends[-1] - clock.start
     flops = sum(training_flops(shape, lengths, sup) for lengths, sup in timed)
     return {"arm": arm, "steps": steps, "tokens": meter.tokens, "timed_tokens": timed_tokens, "timed_s": timed_s,
-            "first_step_s": clock.ends[0] - clock.start, "tokens_per_s": timed_tokens / timed_s,
+            "first_step_s": clock.ends[0] - clock.start,
+            "step_tokens": [sum(lengths) for lengths, _ in timed],
+            "step_padded_tokens": [len(lengths) * meter.widths[i] for i, (lengths, _) in enumerate(timed)], "tokens_per_s": timed_tokens / timed_s,
             "flops_needed": flops, "flops_per_s": flops / timed_s, "peak_memory_mb": round(peak_memory_mb(), 1),
             "memory_device": memory_device(), "precision": precision.name, "model_shape": shape}
 
@@ -365,8 +370,8 @@ def _body(argv: list[str]) -> int:
     p.add_argument("--out", default="outputs/bench", help="output folder (default outputs/bench)")
     p.add_argument("overrides", nargs="*", help="finetune-train config overrides (key=value)")
     args = p.parse_args(argv)
-    if args.steps < 2 or args.rounds < 1:
-        raise FinetuneError("--steps must be at least 2 (the first step is not timed) and --rounds at least 1")
+    if args.steps < 1 or args.rounds < 1:
+        raise FinetuneError("--steps and --rounds must be at least 1")
     if args.max_length < 8 or args.batch_size < 1:
         raise FinetuneError("--max-length must be at least 8 and --batch-size at least 1")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]

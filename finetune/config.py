@@ -201,6 +201,7 @@ def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
 
 def _validate_eval(e: DictConfig) -> None:
     _bool("eval.zero_shot", _sub(e, "zero_shot"))
+    _bool("eval.zero_shot_cache", _sub(e, "zero_shot_cache"))
     _number("eval.batch_size", _sub(e, "batch_size"), low=1, integer=True)
     _number("eval.num_samples", _sub(e, "num_samples"), low=0, integer=True)
     _number("eval.max_new_tokens", _sub(e, "max_new_tokens"), low=1, integer=True)

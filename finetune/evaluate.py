@@ -71,6 +71,56 @@ def _last_token_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return logits[:, -1].float()
 
 
+MIN_SHARED_PREFIX = 8  # tokens; below this the prefix pass is not worth a second forward call
+
+
+class _SharedPrefix:
+    """The keys and values of the prompt prefix every scored row starts with (system prompt, instruction),
+    computed once and reused for every batch: the rows' own tokens attend to it exactly as they would in one
+    forward pass over the whole prompt (causal attention: the prefix never sees what follows), so the scores
+    are those of scoring each row whole, at fp32 tolerance, without recomputing the prefix for every row."""
+
+    def __init__(self, model, ids: list[int]):
+        self.length = len(ids)
+        device = _device(model)
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+
+    def last_token_logits(self, model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits after each left-padded suffix row, the prefix before it: [batch, vocab]."""
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(ids.shape[0])
+        full_mask = torch.cat([torch.ones(ids.shape[0], self.length, dtype=mask.dtype, device=mask.device), mask], 1)
+        positions = self.length + (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1].float()
+
+
+def _shared_prefix(model, prompts: list[list[int]]) -> _SharedPrefix | None:
+    """The prompts' common prefix as a :class:`_SharedPrefix`, or ``None`` where it cannot be shared exactly:
+    too short, a model without ``logits_to_keep`` or a KV cache, or hooks on the model (simulated INT8 and QAT
+    take per-sequence statistics over the whole prompt)."""
+    if len(prompts) < 2 or not _accepts_logits_to_keep(model):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base.config, "use_cache", True) or getattr(base, "is_gradient_checkpointing", False):
+        return None
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    length = 0
+    limit = shortest - 1  # every row keeps at least its last token for the suffix pass
+    while length < limit and all(p[length] == first[length] for p in prompts):
+        length += 1
+    if length < MIN_SHARED_PREFIX:
+        return None
+    return _SharedPrefix(model, first[:length])
+
+
 def macro_f1(labels: list[int], preds: list[int], num_classes: int) -> float:
     """Unweighted mean of per-class F1 (a class never predicted nor present scores 0)."""
     scores = []
@@ -98,9 +148,16 @@ def label_scores(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_lengt
         if single:
             # One pass: the next-token distribution after the prompt holds every label word.
             first = torch.tensor([w[0] for w in words])
+            prefix = _shared_prefix(model, prompts)
             for idx in _batches(prompts, batch_size, "scoring labels"):
-                ids, mask = _pad([prompts[i] for i in idx], tokenizer.pad_token_id, device, left=True)
-                logp = F.log_softmax(_last_token_logits(model, ids, mask), dim=-1)
+                if prefix is None:
+                    ids, mask = _pad([prompts[i] for i in idx], tokenizer.pad_token_id, device, left=True)
+                    logits = _last_token_logits(model, ids, mask)
+                else:
+                    ids, mask = _pad([prompts[i][prefix.length:] for i in idx], tokenizer.pad_token_id, device,
+                                     left=True)
+                    logits = prefix.last_token_logits(model, ids, mask)
+                logp = F.log_softmax(logits, dim=-1)
                 scores[idx] = logp[:, first.to(device)].cpu()
         else:
             for j, word in enumerate(words):
@@ -120,7 +177,11 @@ def label_scores(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_lengt
 def classify(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_length: int, batch_size: int,
              bf16: bool = False) -> dict:
     """Accuracy and macro-F1 of label-word scoring on ``rows`` (which carry their gold labels)."""
-    scores = label_scores(model, tokenizer, rows, dcfg, max_length, batch_size, bf16)
+    return scores_to_metrics(label_scores(model, tokenizer, rows, dcfg, max_length, batch_size, bf16), rows, dcfg)
+
+
+def scores_to_metrics(scores: torch.Tensor, rows: list[dict], dcfg: DictConfig) -> dict:
+    """Accuracy, macro-F1 and predictions from label scores ``[len(rows), num_labels]``."""
     preds = scores.argmax(dim=1).tolist()
     labels = [int(r[dcfg.label_field]) for r in rows]
     accuracy = sum(p == y for p, y in zip(preds, labels)) / len(rows)
@@ -130,6 +191,25 @@ def classify(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_length: i
         "predictions": preds,
         "n": len(rows),
     }
+
+
+def zero_shot(model, tokenizer, rows: list[dict], cfg: DictConfig, resolved: str, max_length: int, batch_size: int,
+              precision) -> dict:
+    """:func:`classify` of the base model, its label scores cached by content (``eval.zero_shot_cache``):
+    a rerun or a sweep on the same model, rows and prompt scores them once."""
+    from finetune import score_cache
+
+    key = None
+    if cfg.eval.get("zero_shot_cache", True):
+        fingerprint = score_cache.model_fingerprint(resolved, cfg.model)
+        if fingerprint is not None:
+            key = score_cache.score_key(fingerprint, cfg, rows, max_length, precision.name)
+    scores, hit = score_cache.cached_scores(
+        key, len(rows),
+        lambda: label_scores(model, tokenizer, rows, cfg.dataset, max_length, batch_size, precision.bf16).tolist())
+    out = scores_to_metrics(torch.tensor(scores), rows, cfg.dataset)
+    out["from_cache"] = hit
+    return out
 
 
 @torch.no_grad()

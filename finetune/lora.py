@@ -78,7 +78,55 @@ def apply_lora(model: nn.Module, lcfg: DictConfig):
         task_type="CAUSAL_LM",
     )
     log.info("%s on %s: r=%s alpha=%s dropout=%s", lcfg.method, targets, lcfg.r, lcfg.alpha, lcfg.dropout)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    use_fast_dropout(model)
+    return model
+
+
+class FastDropout(nn.Module):
+    """Dropout whose mask costs a quarter of the random numbers on CPU.
+
+    ``nn.Dropout`` on CPU draws one random float per element (``bernoulli_``, ~12 ns each on a 2-core AVX2
+    machine: a tenth of a LoRA training step on SmolLM2). This draws 64 random bits per four elements and
+    drops an element when its 16 bits fall below ``p`` x 65536: the same independent Bernoulli mask, with
+    the drop probability rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the kept values scaled by
+    ``1 / (1 - p')`` so the expectation is unchanged. On other devices it is ``F.dropout`` (fused kernels).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+        self.cut = round(self.p * 65536)
+        self.scale = 1.0 / (1.0 - self.cut / 65536) if self.cut < 65536 else 0.0
+
+    def forward(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        if not self.training or self.cut == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        drop = bits.view(torch.int16)[:n].view(x.shape) < (self.cut - 32768)
+        return torch.where(drop, 0.0, x * self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap every LoRA ``nn.Dropout`` for :class:`FastDropout`; returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for name, layer in list(dropouts.items()):
+                if type(layer) is nn.Dropout and layer.p > 0:
+                    dropouts[name] = FastDropout(layer.p)
+                    swapped += 1
+    return swapped
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -178,7 +178,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     from transformers import set_seed
 
     from finetune.data import DataCollator, load_splits, tokenize_split
-    from finetune.evaluate import classify, loss_and_perplexity, sample_generations
+    from finetune.evaluate import classify, loss_and_perplexity, sample_generations, zero_shot
     from finetune.lora import apply_lora, count_params
     from finetune.measure import (ThroughputCallback, bound_cpu_allocator, memory_breakdown_mb, memory_device,
                                   peak_memory_mb, reset_peak_memory)
@@ -223,10 +223,10 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
 
     if classification and cfg.eval.zero_shot:
         t0 = time.perf_counter()
-        zs = classify(model, tok, splits.test, dcfg, max_len, eval_bs, bf16)
-        metrics.update(zero_shot_accuracy=zs["accuracy"], zero_shot_f1=zs["f1"])
-        log.info("zero-shot on %d test rows: accuracy %.4f, F1 %.4f (%.0f s)", zs["n"], zs["accuracy"], zs["f1"],
-                 time.perf_counter() - t0)
+        zs = zero_shot(model, tok, splits.test, cfg, resolved, max_len, eval_bs, precision)
+        metrics.update(zero_shot_accuracy=zs["accuracy"], zero_shot_f1=zs["f1"], zero_shot_cached=zs["from_cache"])
+        log.info("zero-shot on %d test rows: accuracy %.4f, F1 %.4f (%.0f s%s)", zs["n"], zs["accuracy"], zs["f1"],
+                 time.perf_counter() - t0, ", cached scores" if zs["from_cache"] else "")
 
     # peak_memory_mb covers the weights already loaded plus everything training adds, not zero-shot scoring.
     reset_peak_memory()

@@ -192,3 +192,99 @@ def test_sample_generations_use_the_training_prompt_format(tiny, use_chat_templa
     assert seen == [encode_prompt(row, dcfg, tok, 128) for row in splits.test[:2]]
     if not use_chat_template:
         assert "### Instruction:" in tok.decode(seen[0])
+
+
+def _forward_counter(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_zero_shot_scores_are_cached_by_content(tiny, tmp_path, monkeypatch):
+    from finetune.evaluate import zero_shot
+    from finetune.model import resolve_model_path
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    cfg, model, tok, splits = tiny
+    resolved, _ = resolve_model_path(cfg.model)
+    precision = resolve_precision("fp32", "float32")
+    rows = splits.test[:6]
+    calls, handle = _forward_counter(model)
+    try:
+        first = zero_shot(model, tok, rows, cfg, resolved, 128, 4, precision)
+        n_first = len(calls)
+        # Same content, another batch size: from the cache, no forward pass, the same figures.
+        again = zero_shot(model, tok, rows, cfg, resolved, 128, 3, precision)
+        assert len(calls) == n_first and n_first > 0
+        assert (first["from_cache"], again["from_cache"]) == (False, True)
+        assert again["predictions"] == first["predictions"] and again["accuracy"] == first["accuracy"]
+        assert again["predictions"] == classify(model, tok, rows, cfg.dataset, 128, 4)["predictions"]
+        # Anything the scores depend on is in the key: rows, max_length, prompt, label words.
+        other = cfg.copy()
+        other.dataset.instruction = "Is this review positive or negative?"
+        words = cfg.copy()
+        words.dataset.label_words = ["bad", "good"]
+        for args in ((cfg, rows[:5], 128), (cfg, rows, 64), (other, rows, 128), (words, rows, 128)):
+            before = len(calls)
+            assert zero_shot(model, tok, args[1], args[0], resolved, args[2], 4, precision)["from_cache"] is False
+            assert len(calls) > before
+    finally:
+        handle.remove()
+
+
+def test_damaged_score_cache_is_recomputed(tiny, tmp_path, monkeypatch):
+    from finetune.evaluate import zero_shot
+    from finetune.model import resolve_model_path
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    cfg, model, tok, splits = tiny
+    resolved, _ = resolve_model_path(cfg.model)
+    precision = resolve_precision("fp32", "float32")
+    first = zero_shot(model, tok, splits.test[:4], cfg, resolved, 128, 4, precision)
+    entries = [p for p in (tmp_path / "cache" / "scores").glob("*.json") if p.name != "file-digests.json"]
+    assert len(entries) == 1
+    entries[0].write_text('{"key": "x", "scores": [[0.0, ')
+    again = zero_shot(model, tok, splits.test[:4], cfg, resolved, 128, 4, precision)
+    assert again["from_cache"] is False and again["predictions"] == first["predictions"]
+    assert zero_shot(model, tok, splits.test[:4], cfg, resolved, 128, 4, precision)["from_cache"] is True
+
+
+def test_model_fingerprint_follows_the_weights(tmp_path, monkeypatch):
+    from finetune.score_cache import model_fingerprint
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"a" * 100)
+    first = model_fingerprint(str(folder), None)
+    assert model_fingerprint(str(folder), None) == first
+    (folder / "model.safetensors").write_bytes(b"b" * 101)
+    assert model_fingerprint(str(folder), None) != first
+
+
+def test_shared_prompt_prefix_scores_equal_whole_prompt_scores(tiny, monkeypatch):
+    import finetune.evaluate as ev
+
+    cfg, model, tok, splits = tiny
+    rows = splits.test
+    prompts = [encode_prompt(r, cfg.dataset, tok, 128) for r in rows]
+    prefix = ev._shared_prefix(model, prompts)
+    assert prefix is not None and prefix.length >= ev.MIN_SHARED_PREFIX  # the instruction is shared
+    shared_scores = label_scores(model, tok, rows, cfg.dataset, 128, batch_size=5)
+    monkeypatch.setattr(ev, "_shared_prefix", lambda *_: None)
+    whole = label_scores(model, tok, rows, cfg.dataset, 128, batch_size=5)
+    torch.testing.assert_close(shared_scores, whole, atol=1e-5, rtol=0)
+
+
+def test_prefix_is_not_shared_under_hooks(tiny):
+    import finetune.evaluate as ev
+
+    cfg, model, tok, splits = tiny
+    prompts = [encode_prompt(r, cfg.dataset, tok, 128) for r in splits.test]
+    handle = model.model.register_forward_pre_hook(lambda *_: None)
+    try:
+        assert ev._shared_prefix(model, prompts) is None  # simulated INT8 / QAT hooks see whole prompts
+    finally:
+        handle.remove()
+    assert ev._shared_prefix(model, prompts) is not None

@@ -216,3 +216,37 @@ def test_quantized_model_does_not_keep_the_checkpoint_file_resident(quantization
     assert proc.returncode == 0, proc.stderr[-2000:]
     resident = int(proc.stdout.strip().splitlines()[-1])
     assert resident == 0, f"{resident} kB of the checkpoint resident"
+
+
+def test_fast_dropout_is_an_unbiased_bernoulli_mask():
+    from finetune.lora import FastDropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(0.05).train()
+    x = torch.randn(64, 128, 96, requires_grad=True)
+    y = drop(x)
+    dropped = y == 0
+    share = dropped.float().mean().item()
+    n = x.numel()
+    sigma = (0.05 * 0.95 / n) ** 0.5
+    assert abs(share - 0.05) < 5 * sigma  # the drop share is p (rounded to 1/65536)
+    kept = ~dropped
+    torch.testing.assert_close(y[kept], x[kept] * drop.scale)
+    assert drop.scale == pytest.approx(1 / (1 - 3277 / 65536))
+    # No correlation along any axis: each feature column and each row drops at the same rate.
+    per_feature = dropped.float().mean(dim=(0, 1))
+    assert per_feature.std().item() < 5 * (0.05 * 0.95 / (64 * 128)) ** 0.5
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * drop.scale)
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_lora_dropout_layers_use_fast_dropout():
+    from finetune.lora import FastDropout
+
+    cfg, model, _ = _load()
+    model = apply_lora(model, cfg.lora)
+    kinds = {type(m.lora_dropout["default"]).__name__ for m in model.modules() if hasattr(m, "lora_dropout")}
+    assert kinds == {"FastDropout"} and float(cfg.lora.dropout) > 0
+    assert any(isinstance(m, FastDropout) for m in model.modules())

@@ -114,3 +114,20 @@ def test_label_position_loss_stays_on_under_ddp(tmp_path):
         assert accepts_logits_to_keep(DistributedDataParallel(model))
     finally:
         dist.destroy_process_group()
+
+
+def test_length_grouping_sorts_a_small_dataset_too():
+    from finetune.trainer import SeededLengthGroupedSampler
+
+    import random
+
+    lengths = [random.Random(i).randint(20, 500) for i in range(48)]
+    order = list(SeededLengthGroupedSampler(8, lengths, seed=3))
+    assert sorted(order) == list(range(48))
+    batches = [[lengths[i] for i in order[s:s + 8]] for s in range(0, 48, 8)]
+    # Grouped: each batch holds neighbours in length order, so padding to its longest row wastes little.
+    ranked = sorted(lengths)
+    waste = sum(max(b) * len(b) - sum(b) for b in batches)
+    assert waste < 0.15 * sum(lengths)  # ungrouped (the stock rule at 48 rows): ~40%
+    assert max(batches[0]) == ranked[-1]  # the longest batch first, as the stock sampler does
+    assert order == list(SeededLengthGroupedSampler(8, lengths, seed=3))  # the same order for the same seed
