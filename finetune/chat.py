@@ -70,9 +70,10 @@ def render_ids(tok, messages: list[dict], dcfg=None) -> list[int]:
     Returns:
         The prompt's token ids (the rendered text holds its special tokens; none are added).
     """
-    from finetune.data.formatting import _render
+    from finetune.data.formatting import _render, with_system
 
-    text = _render(messages, len(messages), True, dcfg if dcfg is not None else {}, tok)
+    dcfg = dcfg if dcfg is not None else {}
+    text = _render(with_system(messages, dcfg), len(with_system(messages, dcfg)), True, dcfg, tok)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 

@@ -220,6 +220,8 @@ def _validate_dataset(d: DictConfig) -> None:
     for key in ("use_chat_template", "train_on_prompt"):
         if key in d:
             _bool(f"dataset.{key}", d[key])
+    if d.get("system") is not None and not isinstance(d.system, str):
+        raise FinetuneError(f"dataset.system={d.system!r} must be a string (\"\" for an empty system prompt) or null")
     if d.task == "classification":
         for key in ("text_field", "label_field", "instruction"):
             if key in d:

@@ -45,6 +45,19 @@ def build_messages(row: Mapping, dcfg: Mapping) -> list[dict]:
     Raises:
         FinetuneError: unknown dataset kind or a ShareGPT role missing from ``dataset.role_map``.
     """
+    return with_system(_messages(row, dcfg), dcfg)
+
+
+def with_system(messages: list[dict], dcfg: Mapping) -> list[dict]:
+    """``messages`` led by ``dataset.system`` when it is set (a string, possibly empty) and they have no system
+    message of their own; ``null`` leaves the chat template's own default (SmolLM2's names the assistant)."""
+    system = dcfg.get("system") if dcfg else None
+    if system is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": str(system)}, *messages]
+
+
+def _messages(row: Mapping, dcfg: Mapping) -> list[dict]:
     kind = dataset_kind(dcfg)
     if kind == "chnsenticorp":
         text = row[dcfg.get("text_field", "text")]
@@ -100,6 +113,8 @@ def _render_plain(messages: list[dict], n: int, gen: bool, tokenizer) -> str:
     eos = tokenizer.eos_token or ""
     text = _plain_bos(tokenizer)
     for m in messages[:n]:
+        if m["role"] == "system" and not m["content"]:
+            continue  # an empty system prompt is nothing in the plain template
         header = headers.get(m["role"], m["role"].capitalize())
         text += f"### {header}:\n{m['content']}{eos if m['role'] == 'assistant' else ''}\n\n"
     if gen:
@@ -291,7 +306,7 @@ def label_word_ids(tokenizer, dcfg: Mapping) -> list[list[int]]:
         seen = []
         for review in ("A quiet room.", "房间很干净"):
             messages = build_messages({text_field: review, label_field: k}, dcfg)
-            prompt = _tok(tokenizer, _render(messages, 1, True, dcfg, tokenizer))
+            prompt = _tok(tokenizer, _render(messages, len(messages) - 1, True, dcfg, tokenizer))
             ids, mask = _encode_messages(messages, dcfg, tokenizer, keep_tail=False)
             span = [t for t, m in zip(ids[len(prompt):], mask[len(prompt):]) if m]
             if ids[:len(prompt)] != prompt:

@@ -91,9 +91,9 @@ def test_chnsenticorp_render_and_mask(smol_tokenizer):
     row = {"text": "房间很干净，服务很好。", "label": 1}
     enc = encode_train(row, dcfg, tok, 256)
     check_shape(enc, 256)
-    expected = (SMOL_SYSTEM + "<|im_start|>user\nIs the sentiment of this hotel review positive or negative?"
-                "\n\nReview: 房间很干净，服务很好。<|im_end|>\n<|im_start|>assistant\npositive<|im_end|>\n")
-    assert tok.decode(enc["input_ids"]) == expected
+    expected = ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nIs the sentiment of this hotel review positive or "
+                "negative?\n\nReview: 房间很干净，服务很好。<|im_end|>\n<|im_start|>assistant\npositive<|im_end|>\n")
+    assert tok.decode(enc["input_ids"]) == expected  # dataset.system="": an empty system prompt
     assert trained_spans(tok, enc) == ["positive<|im_end|>"]
     neg = encode_train({"text": "太差了", "label": "0"}, dcfg, tok, 256)
     assert trained_text(tok, neg) == "negative<|im_end|>"
@@ -272,3 +272,25 @@ def test_ensure_pad_token():
     assert ensure_pad_token(Stub(None, "<unk>")) == 0
     with pytest.raises(FinetuneError):
         ensure_pad_token(Stub(None, None))
+
+
+@pytest.mark.parametrize("system,chat,head", [
+    (None, True, SMOL_SYSTEM),  # null: the chat template's own default
+    ("", True, "<|im_start|>system\n<|im_end|>\n"),
+    ("Rate hotel reviews.", True, "<|im_start|>system\nRate hotel reviews.<|im_end|>\n"),
+    ("", False, "### Instruction:\n"),  # plain template: an empty system prompt renders as nothing
+    ("Rate hotel reviews.", False, "### System:\nRate hotel reviews.\n\n### Instruction:\n"),
+])
+def test_dataset_system_prompt(smol_tokenizer, system, chat, head):
+    from finetune.chat import render_ids
+
+    tok = smol_tokenizer
+    dcfg = make_dcfg("chnsenticorp", system=system, use_chat_template=chat)
+    row = {"text": "房间很干净。", "label": 1}
+    text = tok.decode(encode_prompt(row, dcfg, tok, 256))
+    first = text.lstrip(tok.bos_token or "") if not chat else text
+    assert first.startswith(head)
+    assert ("You are a helpful AI assistant" in text) == (system is None and chat)
+    # The chat command renders a conversation with the same system prompt the run was trained with.
+    chat_text = tok.decode(render_ids(tok, [{"role": "user", "content": "hi"}], dcfg))
+    assert (chat_text.lstrip(tok.bos_token or "") if not chat else chat_text).startswith(head)

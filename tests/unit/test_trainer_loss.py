@@ -131,3 +131,38 @@ def test_length_grouping_sorts_a_small_dataset_too():
     assert waste < 0.15 * sum(lengths)  # ungrouped (the stock rule at 48 rows): ~40%
     assert max(batches[0]) == ranked[-1]  # the longest batch first, as the stock sampler does
     assert order == list(SeededLengthGroupedSampler(8, lengths, seed=3))  # the same order for the same seed
+
+
+def test_right_padded_training_batches_attend_causally_without_the_mask():
+    """The equality above holds on the causal path: the mask is dropped only where it changes nothing."""
+    from finetune.trainer import causal_suffices, right_padded
+
+    model = lora(FAMILIES["llama"]()).eval()
+    batch = DataCollator(pad_token_id=0)(rows(4))
+    assert right_padded(batch["attention_mask"]) and (batch["attention_mask"] == 0).any()
+    assert causal_suffices(model, batch["attention_mask"])
+    seen = []
+    handle = model.get_base_model().model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    try:
+        # A hook on the model (QAT reads the mask) keeps the mask.
+        assert not causal_suffices(model, batch["attention_mask"])
+        label_position_loss(model, batch)
+        assert seen[-1] is not None
+    finally:
+        handle.remove()
+    left = batch["attention_mask"].flip(1)
+    assert not right_padded(left) and not causal_suffices(model, left)
+    calls = []
+    inner = model.get_base_model().model.forward
+
+    def spy(*args, **kw):
+        calls.append(kw.get("attention_mask"))
+        return inner(*args, **kw)
+
+    model.get_base_model().model.forward = spy
+    try:
+        label_position_loss(model, batch)
+    finally:
+        del model.get_base_model().model.forward
+    assert calls == [None]
