@@ -187,15 +187,22 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
                             f"the dataset has {len(rows)}")
     model, tok, _ = load_model(cfg.model, cfg.quantization, precision)
     ds = tokenize_split(rows, cfg.dataset, tok, max_len)
+    train_ds, arm_steps = ds, steps
+    if arm == "finetune" and tcfg.get("packing"):
+        from finetune.data.packing import pack_rows
+
+        # The same examples, fewer rows: as many steps as the packed rows fill.
+        train_ds = pack_rows(ds, max_len)
+        arm_steps = -(-len(train_ds) // bs)
     meter = _recorder(ThroughputCallback)
     clock = _StepClock()
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
-        acfg = _arm_config(cfg, steps, tmp)
+        acfg = _arm_config(cfg, arm_steps, tmp)
         if arm == "finetune":
             model = apply_lora(model, acfg.lora)
             args = training_arguments(acfg.trainer, precision, Path(tmp), int(cfg.seed), [], f"bench-{arm}",
                                       has_eval=False)
-            trainer = make_trainer(model=model, args=args, train_dataset=ds,
+            trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
                                    data_collator=DataCollator(pad_token_id=tok.pad_token_id),
                                    callbacks=[meter, clock], meter=meter)
         else:
@@ -224,19 +231,24 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
                                      disable_tqdm=True, dataloader_num_workers=0)
             trainer = CountingTrainer(model=model, args=args, train_dataset=padded, callbacks=[meter, clock])
         trainer.train()
-    if len(clock.ends) != steps or meter.tokens <= 0:
-        raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps timed of {steps}")
+    if len(clock.ends) != arm_steps or meter.tokens != sum(ds["length"]):
+        raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps of {arm_steps}, {meter.tokens} tokens of "
+                           f"{sum(ds['length'])}")
     shape = model_shape(model)
     # Every step, from the start of training: length grouping puts the longest batch first, so leaving out the
     # first step would flatter the grouped arm.
-    timed = meter.batches[:steps]
+    timed = meter.batches[:arm_steps]
     timed_tokens = sum(sum(lengths) for lengths, _ in timed)
     timed_s = clock.ends[-1] - clock.start
-    flops = sum(training_flops(shape, lengths, sup) for lengths, sup in timed)
-    return {"arm": arm, "steps": steps, "tokens": meter.tokens, "timed_tokens": timed_tokens, "timed_s": timed_s,
+    # The work the examples need, whatever the arm does with padding or packing.
+    supervised = [sum(1 for t in labels[1:] if t != -100) for labels in ds["labels"]]
+    flops = training_flops(shape, list(ds["length"]), supervised)
+    return {"arm": arm, "steps": arm_steps, "packing": bool(tcfg.get("packing")) and arm == "finetune",
+            "tokens": meter.tokens, "timed_tokens": timed_tokens, "timed_s": timed_s,
             "first_step_s": clock.ends[0] - clock.start,
             "step_tokens": [sum(lengths) for lengths, _ in timed],
-            "step_padded_tokens": [len(lengths) * meter.widths[i] for i, (lengths, _) in enumerate(timed)], "tokens_per_s": timed_tokens / timed_s,
+            "step_padded_tokens": [len(lengths) * meter.widths[i] for i, (lengths, _) in enumerate(timed)],
+            "tokens_per_s": timed_tokens / timed_s,
             "flops_needed": flops, "flops_per_s": flops / timed_s, "peak_memory_mb": round(peak_memory_mb(), 1),
             "memory_device": memory_device(), "precision": precision.name, "model_shape": shape}
 
@@ -287,7 +299,8 @@ def benchmark(cfg: DictConfig, arms: list[str], steps: int, rounds: int, peak: f
                                "precision": precision.name, "matmul_peak_flops": peak, "steps": steps,
                                "rounds": rounds, "batch_size": int(cfg.trainer.batch_size),
                                "max_length": int(cfg.trainer.max_length), "model": cfg.model.name_or_path,
-                               "quantization": cfg.quantization.mode,
+                               "quantization": cfg.quantization.mode, "dataset": cfg.dataset.name,
+                               "packing": bool(cfg.trainer.get("packing")),
                                "lora": {k: OmegaConf.to_container(cfg.lora, resolve=True).get(k)
                                         for k in ("r", "alpha", "dropout", "target_modules")},
                                "arms": {}}
@@ -332,7 +345,8 @@ def hardware(device: str) -> str:
 def markdown(s: dict) -> str:
     """The summary as a markdown table with its settings."""
     lines = [f"<!-- {COMMAND} -->",
-             f"{s['hardware']} ({s['device']}, {s['precision']}), model {s['model']}"
+             f"{s['hardware']} ({s['device']}, {s['precision']}), model {s['model']}, "
+             f"{s.get('dataset', '?')}{' packed (finetune arm)' if s.get('packing') else ''}"
              f"{'' if s['quantization'] == 'none' else ' ' + s['quantization']}, LoRA r={s['lora']['r']} on "
              f"{', '.join(s['lora']['target_modules'])}, {s['steps']} steps of {s['batch_size']}, max_length "
              f"{s['max_length']}, median of {s['rounds']} round(s); matmul peak "
@@ -384,11 +398,11 @@ def _body(argv: list[str]) -> int:
     out = Path(args.out)
     for name in ("bench.json", "bench.md"):
         check_out_path(str(out / name), key="--out", kind="file", command=COMMAND, owned_file=_owned)
+    if compose_config(list(args.overrides)).lora.method == "none":
+        raise FinetuneError("finetune-bench compares LoRA training paths; lora=none is not supported")
     cfg = compose_config([*args.overrides, f"trainer.max_length={args.max_length}",
                           f"trainer.batch_size={args.batch_size}", f"lora.target_modules=[{','.join(targets)}]",
                           "logger=none"])
-    if cfg.lora.method == "none":
-        raise FinetuneError("finetune-bench compares LoRA training paths; lora=none is not supported")
     from finetune.config import validate
 
     validate(cfg)

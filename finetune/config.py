@@ -168,6 +168,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_eval(cfg.eval)
     _validate_dataset(cfg.dataset)
     _validate_trainer(cfg.trainer)
+    if cfg.trainer.packing and cfg.dataset.task != "generation":
+        raise FinetuneError(f"trainer.packing=true applies to generation datasets (alpaca, sharegpt); "
+                            f"dataset={cfg.dataset.name} is {cfg.dataset.task}: leave trainer.packing=false")
 
     lg = cfg.logger
     _choice("logger.backend", lg.backend, ("wandb", "none"))
@@ -256,6 +259,7 @@ def _validate_trainer(t: DictConfig) -> None:
     _number("trainer.max_length", t.max_length, low=16, integer=True)
     _choice("trainer.precision", t.precision, PRECISIONS)
     _bool("trainer.gradient_checkpointing", t.gradient_checkpointing)
+    _bool("trainer.packing", _sub(t, "packing"))
     _number("trainer.logging_steps", t.logging_steps, low=1, integer=True)
     _choice("trainer.eval_strategy", t.eval_strategy, STRATEGIES)
     _number("trainer.eval_steps", t.eval_steps, low=1, integer=True)

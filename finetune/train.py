@@ -243,6 +243,13 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
         callbacks.append(QATCallback(qat_handle, int(cfg.qat.start_step)))
 
     train_ds = tokenize_split(splits.train, dcfg, tok, max_len)
+    if tcfg.get("packing"):
+        from finetune.data.packing import pack_rows
+
+        n_examples = len(train_ds)
+        train_ds = pack_rows(train_ds, max_len)
+        metrics["n_train_packed_rows"] = len(train_ds)
+        log.info("packing: %d examples in %d rows of up to %d tokens", n_examples, len(train_ds), max_len)
     val_ds = tokenize_split(splits.validation, dcfg, tok, max_len) if splits.validation else None
     meter = ThroughputCallback()
     collator = DataCollator(pad_token_id=tok.pad_token_id)

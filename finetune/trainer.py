@@ -114,7 +114,7 @@ def label_position_nll(model, inputs: dict):
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = supervised
     rest = {k: v for k, v in inputs.items() if k != "labels"}
-    if causal_suffices(model, rest.get("attention_mask")):
+    if "position_ids" not in rest and causal_suffices(model, rest.get("attention_mask")):
         del rest["attention_mask"]
     logits = model(**rest, logits_to_keep=keep).logits  # [n_supervised, vocab], row-major over (b, t)
     return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
@@ -198,6 +198,9 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
         _4bit_modules: list | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from finetune.data.packing import packed_forward_inputs
+
+            inputs = packed_forward_inputs(inputs)
             if self._label_positions is None:  # checked once, not on every step
                 self._label_positions = accepts_logits_to_keep(model)
             if return_outputs or "labels" not in inputs or not self._label_positions:

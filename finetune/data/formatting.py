@@ -386,7 +386,8 @@ class DataCollator:
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": self.label_pad_id}
+        # position_ids (packed rows): pads restart at 0 each, a segment of their own that no real token sees.
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": self.label_pad_id, "position_ids": 0}
         batch = {}
         for key, pad in pads.items():
             if key not in features[0]:

@@ -32,6 +32,18 @@ def test_generation_datasets_report_loss_and_perplexity(tmp_path, dataset, path)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("dataset,path", [("alpaca", ("alpaca", "alpaca_en_demo.json")),
+                                          ("sharegpt", ("sharegpt", "chitchat_en_1k.json"))])
+def test_packed_run_trains_every_token_in_fewer_rows(tmp_path, dataset, path):
+    common = (f"dataset={dataset}", f"dataset.path={shared(*path)}", "trainer.max_steps=-1", "trainer.max_length=1024")
+    plain, _ = _run(tmp_path, *common, name="plain")
+    packed, run_dir = _run(tmp_path, *common, "trainer.packing=true", name="packed")
+    assert packed["status"] == "ok" and packed["n_train_packed_rows"] < plain["n_train"]
+    assert packed["train_tokens"] == plain["train_tokens"]  # the same real tokens, fewer and fuller rows
+    assert packed["train_steps"] < plain["train_steps"]
+    assert math.isfinite(packed["eval_loss"]) and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_sharegpt_tool_roles_must_be_mapped(tmp_path):
     path = shared("sharegpt", "glaive_toolcall_en_demo.json")
     with pytest.raises(FinetuneError, match="role_map"):

@@ -204,9 +204,9 @@ def test_zero_shot_scores_are_cached_by_content(tiny, tmp_path, monkeypatch):
     from finetune.evaluate import zero_shot
     from finetune.model import resolve_model_path
 
-    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     cfg, model, tok, splits = tiny
-    resolved, _ = resolve_model_path(cfg.model)
+    resolved, _ = resolve_model_path(cfg.model)  # the cached tiny model; only the score cache goes to tmp_path
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     precision = resolve_precision("fp32", "float32")
     rows = splits.test[:6]
     calls, handle = _forward_counter(model)
@@ -236,9 +236,9 @@ def test_damaged_score_cache_is_recomputed(tiny, tmp_path, monkeypatch):
     from finetune.evaluate import zero_shot
     from finetune.model import resolve_model_path
 
-    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     cfg, model, tok, splits = tiny
-    resolved, _ = resolve_model_path(cfg.model)
+    resolved, _ = resolve_model_path(cfg.model)  # the cached tiny model; only the score cache goes to tmp_path
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     precision = resolve_precision("fp32", "float32")
     first = zero_shot(model, tok, splits.test[:4], cfg, resolved, 128, 4, precision)
     entries = [p for p in (tmp_path / "cache" / "scores").glob("*.json") if p.name != "file-digests.json"]
