@@ -19,7 +19,7 @@ N_LAYERS = 30  # SmolLM2-135M decoder layers
 @pytest.fixture(scope="module")
 def qat_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("qat_runs")
-    common = ("eval.zero_shot=false", "eval.num_samples=0")
+    common = ("eval.zero_shot=false", "eval.num_samples=0", "logger=none")  # W&B is covered in test_cli_e2e
     return {
         "attn": train(base / "attn", "qat_targets=[attn]", *common),
         "ffn": train(base / "ffn", "qat_targets=[ffn]", "qat.granularity=linear", *common),
