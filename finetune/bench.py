@@ -127,42 +127,39 @@ def _arm_config(cfg: DictConfig, steps: int, run_dir: str) -> DictConfig:
 
 
 def _recorder(base):
-    """A throughput meter that also keeps each trained batch's real row lengths and label-token counts."""
+    """A throughput meter that also keeps each trained batch's real row lengths and padded width."""
 
     class Recorder(base):
         def __init__(self):
             super().__init__()
-            self.batches: list[tuple[list[int], list[int]]] = []
+            self.batches: list[list[int]] = []
             self.widths: list[int] = []
 
         def count_batch(self, batch: dict) -> None:
             super().count_batch(batch)
-            mask, labels = batch["attention_mask"], batch["labels"]
+            mask = batch["attention_mask"]
             self.widths.append(int(mask.shape[1]))
-            self.batches.append(([int(n) for n in mask.sum(dim=1)],
-                                 [int(n) for n in (labels[:, 1:] != -100).sum(dim=1)]))
+            self.batches.append([int(n) for n in mask.sum(dim=1)])
 
     return Recorder()
 
 
-class _StepClock:
-    """Wall time at the end of every optimizer step (a TrainerCallback built lazily: transformers is slow to import)."""
+def _step_clock():
+    """A TrainerCallback noting the start of training and the end of every optimizer step."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.start = None
 
-        class Clock(TrainerCallback):
-            def __init__(self):
-                self.ends: list[float] = []
-                self.start = None
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
 
-            def on_train_begin(self, args, state, control, **kw):
-                self.start = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
 
-            def on_step_end(self, args, state, control, **kw):
-                self.ends.append(time.perf_counter())
-
-        return Clock()
+    return Clock()
 
 
 def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
@@ -195,7 +192,7 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
         train_ds = pack_rows(ds, max_len)
         arm_steps = -(-len(train_ds) // bs)
     meter = _recorder(ThroughputCallback)
-    clock = _StepClock()
+    clock = _step_clock()
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
         acfg = _arm_config(cfg, arm_steps, tmp)
         if arm == "finetune":
@@ -238,7 +235,7 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     # Every step, from the start of training: length grouping puts the longest batch first, so leaving out the
     # first step would flatter the grouped arm.
     timed = meter.batches[:arm_steps]
-    timed_tokens = sum(sum(lengths) for lengths, _ in timed)
+    timed_tokens = sum(sum(lengths) for lengths in timed)
     timed_s = clock.ends[-1] - clock.start
     # The work the examples need, whatever the arm does with padding or packing.
     supervised = [sum(1 for t in labels[1:] if t != -100) for labels in ds["labels"]]
@@ -246,8 +243,8 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     return {"arm": arm, "steps": arm_steps, "packing": bool(tcfg.get("packing")) and arm == "finetune",
             "tokens": meter.tokens, "timed_tokens": timed_tokens, "timed_s": timed_s,
             "first_step_s": clock.ends[0] - clock.start,
-            "step_tokens": [sum(lengths) for lengths, _ in timed],
-            "step_padded_tokens": [len(lengths) * meter.widths[i] for i, (lengths, _) in enumerate(timed)],
+            "step_tokens": [sum(lengths) for lengths in timed],
+            "step_padded_tokens": [len(lengths) * meter.widths[i] for i, lengths in enumerate(timed)],
             "tokens_per_s": timed_tokens / timed_s,
             "flops_needed": flops, "flops_per_s": flops / timed_s, "peak_memory_mb": round(peak_memory_mb(), 1),
             "memory_device": memory_device(), "precision": precision.name, "model_shape": shape}
