@@ -372,7 +372,7 @@ def _owned(path: Path) -> bool:
 
 
 def _body(argv: list[str]) -> int:
-    from finetune.bench_qat import compose_config
+    from finetune.bench_qat import compose_config, parse_choices
     from finetune.runs import atomic_write_json, atomic_write_text, check_out_path
 
     p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
@@ -390,10 +390,7 @@ def _body(argv: list[str]) -> int:
         raise FinetuneError("--steps and --rounds must be at least 1")
     if args.max_length < 8 or args.batch_size < 1:
         raise FinetuneError("--max-length must be at least 8 and --batch-size at least 1")
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ARMS]
-    if bad or not arms:
-        raise FinetuneError(f"--arms: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(ARMS)}")
+    arms = parse_choices("--arms", args.arms, ARMS)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets:
         raise FinetuneError("--targets: give at least one module name, e.g. q_proj,v_proj")

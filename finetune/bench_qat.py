@@ -42,6 +42,15 @@ log = logging.getLogger("finetune.bench")
 VARIANTS = ("sublayer", "linear", "linear+w", "static")
 
 
+def parse_choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated subset of ``allowed`` given to ``flag``; anything else is a one-line error."""
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in allowed]
+    if bad or not chosen:
+        raise FinetuneError(f"{flag}: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(allowed)}")
+    return chosen
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """conf/train.yaml plus ``overrides``, composed as finetune-train composes it (bad keys: one-line error)."""
     from hydra import compose, initialize_config_dir
@@ -213,10 +222,7 @@ def _body(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
         raise FinetuneError("--steps and --rounds must be at least 1")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise FinetuneError(f"--variants: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(VARIANTS)}")
+    variants = parse_choices("--variants", args.variants, VARIANTS)
     cfg = compose_config(args.overrides)
     out = args.out or Path("outputs") / "bench" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)

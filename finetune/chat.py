@@ -73,7 +73,8 @@ def render_ids(tok, messages: list[dict], dcfg=None) -> list[int]:
     from finetune.data.formatting import _render, with_system
 
     dcfg = dcfg if dcfg is not None else {}
-    text = _render(with_system(messages, dcfg), len(with_system(messages, dcfg)), True, dcfg, tok)
+    messages = with_system(messages, dcfg)
+    text = _render(messages, len(messages), True, dcfg, tok)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 

@@ -171,6 +171,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.packing and cfg.dataset.task != "generation":
         raise FinetuneError(f"trainer.packing=true applies to generation datasets (alpaca, sharegpt); "
                             f"dataset={cfg.dataset.name} is {cfg.dataset.task}: leave trainer.packing=false")
+    if cfg.trainer.packing and targets:
+        raise FinetuneError("trainer.packing=true cannot be combined with qat_targets: QAT's per-sequence scales "
+                            "need one example per row; leave trainer.packing=false for QAT runs")
 
     lg = cfg.logger
     _choice("logger.backend", lg.backend, ("wandb", "none"))

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from finetune.data import DataCollator, build_messages, encode_prompt, label_word_ids
-from finetune.trainer import accepts_logits_to_keep, label_position_nll
+from finetune.trainer import accepts_logits_to_keep, has_forward_hooks, label_position_nll
 
 log = logging.getLogger("finetune.evaluate")
 
@@ -105,7 +105,7 @@ def _shared_prefix(model, prompts: list[list[int]]) -> _SharedPrefix | None:
     take per-sequence statistics over the whole prompt)."""
     if len(prompts) < 2 or not _accepts_logits_to_keep(model):
         return None
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    if has_forward_hooks(model):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base.config, "use_cache", True) or getattr(base, "is_gradient_checkpointing", False):

@@ -138,9 +138,13 @@ def causal_suffices(model, mask) -> bool:
     unchanged; without a mask, SDPA takes its causal kernel, which skips the upper triangle (16% faster steps
     at 512 tokens on a 2-core CPU). Not when hooks on the model read the mask (QAT's per-sequence scales).
     """
-    if not right_padded(mask):
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return right_padded(mask) and not has_forward_hooks(model)
+
+
+def has_forward_hooks(model) -> bool:
+    """Whether any module of ``model`` has forward (pre-)hooks: QAT and simulated INT8 read the whole sequence
+    and its mask through them, so shortcuts that split a sequence or drop its mask must not apply."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 CHECKPOINT_STATE = "finetune_state.json"  # in each checkpoint: running loss sums and token count (exact resume)

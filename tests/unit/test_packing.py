@@ -119,3 +119,8 @@ def test_packing_is_for_generation_datasets():
     with pytest.raises(FinetuneError, match="trainer.packing=true applies to generation datasets"):
         validate(compose_cfg(["trainer.packing=true"]))
     validate(compose_cfg(["trainer.packing=true", "dataset=alpaca"]))
+    with pytest.raises(FinetuneError, match="cannot be combined with qat_targets"):
+        validate(compose_cfg(["trainer.packing=true", "dataset=alpaca", "qat_targets=[attn]"]))
+    for key, value in (("trainer.packing", "maybe"), ("eval.zero_shot_cache", "1"), ("dataset.system", "5")):
+        with pytest.raises(FinetuneError, match=key.replace(".", r"\.")):
+            validate(compose_cfg([f"{key}={value}"]))
