@@ -86,8 +86,8 @@ def apply_lora(model: nn.Module, lcfg: DictConfig):
 class FastDropout(nn.Module):
     """Dropout whose mask costs a quarter of the random numbers on CPU.
 
-    ``nn.Dropout`` on CPU draws one random float per element (``bernoulli_``, ~12 ns each on a 2-core AVX2
-    machine: a tenth of a LoRA training step on SmolLM2). This draws 64 random bits per four elements and
+    ``nn.Dropout`` on CPU draws one random float per element (``bernoulli_``, a visible share of a LoRA
+    training step in a CPU profile). This draws 64 random bits per four elements and
     drops an element when its 16 bits fall below ``p`` x 65536: the same independent Bernoulli mask, with
     the drop probability rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the kept values scaled by
     ``1 / (1 - p')`` so the expectation is unchanged. On other devices it is ``F.dropout`` (fused kernels).
