@@ -31,7 +31,9 @@ def autocast(model, bf16: bool):
 
 
 def _device(model) -> torch.device:
-    return next(p for p in model.parameters()).device
+    """The device of the model's first parameter (CPU for a model without torch parameters, e.g. an ONNX one)."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def _batches(seqs: list[list[int]], batch_size: int, desc: str = "scoring"):

@@ -1,50 +1,38 @@
-"""finetune-export: a real INT8 model from a (QAT) run, measured against its float and fake-quant versions.
+"""finetune-export: the run's INT8 deployment as an ONNX model, measured against its simulation and float32.
 
     finetune-export run=outputs/<date>/<time> format=int8 out=int8/
-    finetune-export run=... format=int8 out=int8/ max_samples=200 latency_tokens=32 overwrite=true
+    finetune-export run=... format=int8 out=int8/ max_samples=200 latency_tokens=32 threads=2 overwrite=true
+    finetune-export run=... format=int8 out=int8-linear/ granularity=linear scale=token     # another deployment
 
     from finetune.export import load_exported
-    model, tok, info = load_exported("int8/")            # CPU, float32 activations, INT8 linears
+    model, tok, info = load_exported("int8/")     # ONNX Runtime session; model(input_ids=...).logits
 
-Keys: ``run``, ``format`` (int8), ``out`` (required); ``max_samples`` (cap on the scored test rows; default:
-the run's whole test split), ``latency_tokens`` (16), ``latency_reps`` (3), ``threads`` (CPU threads for the
-whole export, timings included; default: torch's), ``scope`` (qat | all), ``engine`` (x86 | qnnpack | ...),
-``store_dtype`` (float16 | float32: on-disk dtype of the tensors that stay in floating point; default
-float16, loaded back as float32), ``overwrite`` (false).
+Keys: ``run``, ``format`` (int8), ``out`` (required); ``granularity`` (sublayer | linear) and ``scale``
+(tensor | token | static): the deployment, by default the run's ``qat.granularity`` / ``qat.scale``;
+``max_samples`` (cap on the scored test rows; default: the run's whole test split), ``latency_tokens`` (16),
+``latency_reps`` (3), ``threads`` (CPU threads for torch and ONNX Runtime; default: theirs),
+``float_reference`` (true: also export the float32 model to ONNX to time it in the same runtime),
+``overwrite`` (false).
 
-Why this format. A QAT run learned weights that tolerate INT8 rounding of the attention / FFN inputs and
-weights; what serves a user is a model that *runs* in INT8 on an ordinary CPU, loads with nothing beyond
-torch + transformers, and is measured honestly. So the adapter is merged in float32 (as finetune-merge),
-then ``torch.ao.quantization.quantize_dynamic`` turns linears of the run's QAT targets (attention and FFN
-for a non-QAT run: post-training quantization, warned) into dynamic INT8 linears: INT8 per-output-channel
-weights (the weight scheme QAT simulates), activations quantized per tensor at run time, int32
-accumulation, on fbgemm / oneDNN kernels. The state dict goes to ``torch.save`` and :func:`load_exported`
-rebuilds the model (``weights_only=True``).
+What is exported is :class:`finetune.deployment.Int8Deployment`, the definition the run's simulated INT8
+scores (``accuracy_int8``) and the PTQ baseline use: the adapter is merged in float32 (as finetune-merge; a
+QLoRA run into its de-quantized base, the model that was trained), the deployed linears get INT8
+per-channel weights and run-time INT8 inputs on the simulation's symmetric grid, and the model goes to ONNX
+(``MatMulInteger``, int32 accumulation) for ONNX Runtime, which runs it on CPU (and GPU builds) with nothing
+from this project installed. Why ONNX Runtime: it expresses every simulated mode exactly (per-sequence,
+per-token and static scales, the symmetric grid), where torch's dynamic quantization (deprecated) computes
+asymmetric 7-bit activations per tensor, and torchao's int8 path ran ~300x slower than float32 on this CPU.
+Modes the INT8 runtime cannot express are refused: ``qat.eval_bits`` other than 8, and non-``Linear``
+deployed layers (GPT-2's ``Conv1D``).
 
-* ``scope=qat`` (default): the linears whose *input* the run's QAT quantized: with
-  ``qat.granularity=sublayer`` the sub-layer entry linears (q/k/v, gate/up), with ``linear`` all of them;
-  ``scope=all``: every attention / FFN linear. The default follows QAT because the output projections'
-  inputs are where INT8 hurts: on SmolLM2 (2-step LoRA, 8 test reviews) quantizing ``down_proj``'s input
-  alone moved a label probability by up to 0.24, all seven linears by 0.63, the entry linears by 0.16, no
-  more than the sublayer fake-quant itself (0.15).
-* Embeddings, norms, attention score math and the tied ``lm_head`` stay in floating point: QAT never
-  simulated them, and quantizing the tied vocabulary projection costs accuracy for little speed.
-* Alternatives checked on torch 2.13: torchao 0.18 (``Int8DynamicActivationInt8WeightConfig``) installs on
-  this CPU, but its eager CPU path ran ~300x slower than fp32 on a 576x1536 linear (~35 ms vs ~0.12 ms), so
-  it is not used and not a dependency. ``torch.ao`` is deprecated upstream but shipped, and fast.
-* Differences from QAT's simulation, which is why INT8 quality is measured, not assumed: activations are
-  asymmetric, and on the default ``engine=x86`` (fbgemm / oneDNN) use a 7-bit range (an int16 overflow
-  guard): on a 576x1536 linear with an outlier channel the mean abs error was 1.5x the 8-bit simulation's
-  (0.21 vs 0.14) at 0.45x the fp32 time per call. ``engine=qnnpack`` uses all 8 bits (error 0.11) but ran
-  2x *slower* than fp32 here; x86 is the default because an INT8 export exists to be fast. With
-  ``scope=qat`` the linears QAT only weight-quantized (o_proj, down_proj under ``sublayer``) stay float32.
-
-Measured and written to ``out/export.json`` (and printed): weights on disk vs the same merged model saved
-as float32 and float16 safetensors; CPU latency per generated token (greedy, fixed prompt, median of
-``latency_reps``) vs the merged float32 model; and accuracy / F1 (classification) or perplexity
-(generation) of the INT8 artifact as loaded by :func:`load_exported` on the run's test split, beside the
-float32 merged model and the run's QAT fake-quant simulation on the same rows (all in float32, no
-autocast), and the run's own ``accuracy_int8`` / ``perplexity_int8`` from ``metrics.json``.
+Measured, printed and written to ``out/export.json``: ``runtime``, ``scheme``, ``size_mb`` (the ONNX model)
+against float32 (the float ONNX model) and float16 (the merged weights in float16 safetensors);
+``ms_per_token`` (greedy, one sequence, no KV cache in either graph) against the float32 ONNX model in the
+same runtime; ``accuracy`` / ``f1`` (classification) or ``perplexity`` (generation) of the ONNX model on the
+run's test rows, each row scored alone, against ``accuracy_simulated`` (:func:`finetune.qat.simulate_int8` on
+the same merged model and rows) and float32. The check: the label probabilities of ONNX Runtime and the
+simulation agree within :data:`PROB_TOLERANCE` on every row (generation: perplexity within
+:data:`PPL_RTOL`); otherwise nothing is written and the status is 1.
 """
 
 from __future__ import annotations
@@ -57,8 +45,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.deployment import Int8Deployment
 from finetune.errors import FinetuneError
-from finetune.runs import commit_dir, staging_dir
 from finetune.export_common import (
     as_bool,
     as_choice,
@@ -68,17 +56,18 @@ from finetune.export_common import (
     prepare_out_dir,
     run_cli,
 )
-from finetune.export_int8 import (
-    STORE_DTYPES,
-    compact_state,
+from finetune.export_onnx import (
+    MODEL_FILE,
+    OrtCausalLM,
     load_exported,
     ms_per_token,
-    quantize,
-    save_int8,
-    target_linears,
-    use_engine,
+    onnx_bytes,
+    save_onnx,
+    to_int8,
     write_info,
 )
+from finetune.qat_ops import GRANULARITIES, SCALE_MODES
+from finetune.runs import commit_dir, staging_dir
 
 __all__ = ["export_run", "load_exported", "main"]
 
@@ -86,21 +75,38 @@ log = logging.getLogger("finetune.export")
 
 FORMATS = ("int8",)
 ARGS = {"run": None, "format": None, "out": None, "max_samples": None, "latency_tokens": "16", "latency_reps": "3",
-        "store_dtype": "float16", "scope": "qat", "engine": "x86", "threads": None, "overwrite": "false"}
-SCOPES = ("qat", "all")
+        "threads": None, "granularity": None, "scale": None, "float_reference": "true", "overwrite": "false"}
 LATENCY_PROMPT = "Write a short story about a quiet hotel by the sea."
+# Tested on the tiny model for every scale mode and granularity (tests/unit/test_deployment.py): the same INT8
+# codes in two float32 engines; on SmolLM2 the measured maximum is in the README.
+PROB_TOLERANCE = 1e-3
+PPL_RTOL = 1e-3
 
 
 def float_sizes(model) -> dict:
-    """Bytes of weights of ``model`` saved as float32 and as float16 safetensors (written to a temp dir)."""
+    """Bytes of the weights of ``model`` saved as float32 and as float16 safetensors (written to a temp dir)."""
     sizes = {}
     with tempfile.TemporaryDirectory(prefix="finetune-export-size-") as tmp:
         for name, dtype in (("float32", torch.float32), ("float16", torch.float16)):
             folder = Path(tmp) / name
-            model.save_pretrained(folder, state_dict=compact_state(model, dtype))
+            model.save_pretrained(folder, state_dict=_cast_state(model, dtype))
             sizes[name] = dir_size_bytes(folder)
             shutil.rmtree(folder)
     return sizes
+
+
+def _cast_state(model, dtype: torch.dtype) -> dict:
+    """The state dict with float tensors cast to ``dtype``; tensors sharing storage (tied embeddings) stay shared."""
+    seen: dict[tuple, torch.Tensor] = {}
+    state = {}
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            tag = (value.data_ptr(), tuple(value.shape), value.dtype)
+            if tag not in seen:
+                seen[tag] = value.detach().to(dtype)
+            value = seen[tag]
+        state[key] = value
+    return state
 
 
 def quality(model, tok, rows: list[dict], cfg) -> dict:
@@ -120,20 +126,6 @@ def quality(model, tok, rows: list[dict], cfg) -> dict:
     return {"loss": lp["eval_loss"], "perplexity": lp["perplexity"]}
 
 
-def fake_quant_quality(model, tok, rows, cfg, groups: list[str]) -> dict | None:
-    """:func:`quality` under the run's INT8 fake-quant simulation (``finetune.qat.simulate_int8``), or None."""
-    try:
-        from finetune.qat import simulate_int8
-
-        with simulate_int8(model, groups, cfg.qat):
-            return quality(model, tok, rows, cfg)
-    except FinetuneError as exc:
-        log.warning("no fake-quant reference on these rows: %s", exc)
-    except (ImportError, AttributeError, RuntimeError) as exc:  # finetune.qat is still evolving
-        log.warning("no fake-quant reference on these rows (finetune.qat: %s: %s)", type(exc).__name__, exc)
-    return None
-
-
 def scored_rows(cfg, max_samples: int | None) -> tuple[list[dict], str]:
     """The run's test split (validation when it has none), reloaded exactly as the run split it; capped."""
     from finetune.data import load_splits
@@ -145,10 +137,45 @@ def scored_rows(cfg, max_samples: int | None) -> tuple[list[dict], str]:
     return rows[:max_samples] if max_samples else rows, name
 
 
+def static_absmax(path: Path, deployment: Int8Deployment) -> tuple[dict | None, str | None]:
+    """The calibrated input absmax of a ``scale=static`` deployment, and where it came from.
+
+    A static-QAT run's own scales (``qat_state.json``) when it trained the same targets at the same granularity;
+    otherwise a post-training calibration on the first training rows, as the run's PTQ baseline does.
+    """
+    import json
+
+    from finetune.int8_eval import CALIBRATION_ROWS
+
+    if deployment.scale != "static":
+        return None, None
+    state_file = path / "qat_state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        qat = state.get("config") or {}
+        if (state.get("static_absmax") and qat.get("scale") == "static"
+                and qat.get("granularity") == deployment.granularity
+                and list(state.get("targets") or []) == list(deployment.targets)):
+            return state["static_absmax"], "qat_state.json (the run's static-QAT observers)"
+    return None, f"calibration on the first {CALIBRATION_ROWS} training rows"
+
+
+def _calibrate(model, tok, cfg, deployment: Int8Deployment) -> dict:
+    from finetune.data import load_splits
+    from finetune.int8_eval import calibration_batches
+    from finetune.qat import simulate_int8
+
+    splits = load_splits(cfg.dataset, cfg.seed)
+    batches = calibration_batches(splits, cfg.dataset, tok, int(cfg.trainer.max_length), int(cfg.eval.batch_size))
+    qcfg = {"granularity": deployment.granularity, "scale": "static", "eval_bits": 8}
+    with simulate_int8(model, list(deployment.targets), qcfg, calibration=batches) as sim:
+        return sim.static_absmax()
+
+
 def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, latency_tokens: int = 16,
-               latency_reps: int = 3, store_dtype: str = "float16", overwrite: bool = False,
-               scope: str = "qat", engine: str = "x86") -> dict:
-    """Export a run as INT8 and measure it (module docstring); returns what ``out/export.json`` holds.
+               latency_reps: int = 3, overwrite: bool = False, granularity: str | None = None,
+               scale: str | None = None, threads: int | None = None, float_reference: bool = True) -> dict:
+    """Export a run's INT8 deployment as ONNX and measure it (module docstring); returns ``out/export.json``.
 
     Args:
         run: the run directory.
@@ -157,31 +184,32 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
         max_samples: cap on the scored test rows (None: all of the run's test split).
         latency_tokens: new tokens per latency measurement.
         latency_reps: timed repetitions (median reported).
-        store_dtype: on-disk dtype of the non-quantized tensors.
-        overwrite: replace a non-empty ``out``.
-        scope: ``qat`` (the linears whose input the run's QAT quantized) or ``all``.
-        engine: ``torch.backends.quantized`` engine (x86 | fbgemm | onednn | qnnpack); set process-wide.
-
-    Returns:
-        The export record: sizes, latency, quality and the run's fake-quant metrics.
+        overwrite: replace a non-empty ``out`` that finetune-export wrote.
+        granularity / scale: the deployment (default: the run's ``qat.granularity`` / ``qat.scale``).
+        threads: ONNX Runtime intra-op threads (default: its own choice).
+        float_reference: also export the float32 model to time it in the same runtime.
 
     Raises:
-        FinetuneError: unknown format, bad run or out directory, unsupported architecture.
+        FinetuneError: unknown format or mode, a mode the runtime cannot express, bad run or out directory.
+        ExportCheckFailed: the ONNX model's scores are not the simulation's (nothing is written).
     """
     from finetune.config import method_name, qat_targets
     from finetune.merge import merged_model
     from finetune.runs import run_config, run_kind, run_metrics
 
     as_choice("format", fmt, FORMATS)
-    as_choice("store_dtype", store_dtype, tuple(STORE_DTYPES))
-    as_choice("scope", scope, SCOPES)
-    use_engine(engine)
     path, cfg = run_config(run)
     run_kind(path)
+    granularity = as_choice("granularity", granularity or str(cfg.qat.get("granularity", "sublayer")), GRANULARITIES)
+    scale = as_choice("scale", scale or str(cfg.qat.get("scale", "tensor")), SCALE_MODES)
+    bits = cfg.qat.get("eval_bits")
+    if bits not in (None, 8):
+        raise FinetuneError(f"format=int8 runs 8-bit activations; run={path} was simulated with qat.eval_bits={bits}, "
+                            "which an INT8 runtime cannot express")
     target = prepare_out_dir(out, overwrite, path, "finetune-export")
     metrics = run_metrics(path)
     targets = qat_targets(cfg)
-    groups = targets or ["attn", "ffn"]
+    deployment = Int8Deployment(tuple(targets or ("attn", "ffn")), granularity, scale)
     if not targets:
         print(f"warning: run={path} was not trained with QAT (no qat_targets): this export is post-training "
               "quantization (PTQ) of attention and FFN linears; expect a larger drop than after QAT")
@@ -191,93 +219,149 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     model, tok, cfg, path, note = merged_model(path)
     if note["note"]:
         print(note["note"] + ".")
-    entry_only = scope == "qat" and str(cfg.qat.get("granularity", "sublayer")) == "sublayer"
-    modules = target_linears(model, groups, entry_only)
+    absmax, absmax_from = static_absmax(path, deployment)
+    if deployment.scale == "static" and absmax is None:
+        absmax = _calibrate(model, tok, cfg, deployment)
     info = {"format": fmt, "run": str(path), "method": method_name(cfg), "qat_targets": targets,
-            "ptq": not targets, "quantized_groups": groups, "scope": scope,
-            "qat_granularity": str(cfg.qat.get("granularity")), "torch": torch.__version__,
-            "engine": torch.backends.quantized.engine, "threads": torch.get_num_threads()}
-    sizes = float_sizes(model)
-    # Built beside ``out`` and renamed into place when complete: an earlier export is replaced only then.
+            "ptq": not targets, "base_weights": note.get("base_weights"), "static_scales_from": absmax_from,
+            "torch": torch.__version__, "threads": threads}
+    # Built beside ``out`` and renamed into place when complete and checked: an earlier export is replaced only then.
     stage = staging_dir(target)
     try:
-        record = _export_into(stage, target, model, tok, modules, store_dtype, info, sizes, entry_only, groups,
-                              cfg, metrics, max_samples, latency_tokens, latency_reps)
+        record = _export_into(stage, model, tok, cfg, deployment, absmax, info, metrics, max_samples,
+                              latency_tokens, latency_reps, threads, float_reference)
         commit_dir(stage, target, "finetune-export", {"run": str(path)})
     finally:
         if stage.exists():
             shutil.rmtree(stage)
+    print(f"wrote {target}")
     return record
 
 
-def _export_into(stage: Path, target: Path, model, tok, modules, store_dtype, info, sizes, entry_only, groups, cfg,
-                 metrics, max_samples, latency_tokens, latency_reps) -> dict:
-    """Write the INT8 model into ``stage``, measure it, and return the export record."""
-    int8_bytes, record = save_int8(quantize(model, modules), tok, stage, modules, store_dtype, info)
+CHECK = ("label probabilities of the ONNX model and of the simulation agree within {tol} on every row "
+         "(both float32 arithmetic on the same INT8 codes; they differ by float round-off, and by one code step "
+         "where round-off moves a value across a rounding boundary)")
 
-    # The artifact is INT8 linears plus every other tensor at store_dtype: its size against fp32 says so.
-    sizes.update(int8=int8_bytes, int8_vs_float32=int8_bytes / sizes["float32"],
-                 int8_vs_float16=int8_bytes / sizes["float16"], other_tensors_dtype=store_dtype)
-    which = "sub-layer entry linears" if entry_only else "linears"
-    print(f"wrote {target}: {len(modules)} INT8 {which} ({'+'.join(groups)}) and the other tensors in {store_dtype}, "
-          f"{int8_bytes / 2**20:.2f} MiB = {sizes['int8_vs_float32']:.3f} x float32 "
-          f"({sizes['float32'] / 2**20:.2f} MiB), {sizes['int8_vs_float16']:.3f} x float16 "
-          f"({sizes['float16'] / 2**20:.2f} MiB)")
 
-    qmodel, _, _ = load_exported(stage)
-    lat = ms_per_token({"float32": model, "int8": qmodel}, tok, LATENCY_PROMPT, latency_tokens, latency_reps)
-    fp_ms, q_ms = lat["float32"]["ms_per_token"], lat["int8"]["ms_per_token"]
-    latency = {"float32_ms_per_token": fp_ms, "int8_ms_per_token": q_ms, "int8_vs_float32": q_ms / fp_ms,
-               "new_tokens": latency_tokens, "reps": latency_reps, "threads": torch.get_num_threads(),
-               "prompt": LATENCY_PROMPT, "prompt_tokens": lat["prompt_tokens"],
-               "float32_runs": lat["float32"]["runs"], "int8_runs": lat["int8"]["runs"]}
-    print(f"latency (CPU, {latency['threads']} threads, greedy, {latency_tokens} tokens, median of {latency_reps}): "
-          f"INT8 {latency['int8_ms_per_token']:.2f} ms/token vs float32 {latency['float32_ms_per_token']:.2f} "
-          f"ms/token ({latency['int8_vs_float32']:.2f} x)")
+class ExportCheckFailed(Exception):
+    """The exported model does not compute the simulated deployment."""
+
+
+def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absmax, info: dict, metrics: dict,
+                 max_samples, latency_tokens: int, latency_reps: int, threads, float_reference: bool) -> dict:
+    """Write the INT8 ONNX model into ``stage``, measure it, and return the export record."""
+    import copy
+
+    from finetune.qat import simulate_int8
 
     rows, split = scored_rows(cfg, max_samples)
-    scores = {"split": split, "n": len(rows), "int8": quality(qmodel, tok, rows, cfg),
-              "float32": quality(model, tok, rows, cfg),
-              "fake_quant": fake_quant_quality(model, tok, rows, cfg, groups),
+    qcfg = {"granularity": deployment.granularity, "scale": deployment.scale, "eval_bits": 8}
+    with simulate_int8(model, list(deployment.targets), qcfg, static_absmax=absmax):
+        simulated = quality(model, tok, rows, cfg)
+    reference = quality(model, tok, rows, cfg)
+
+    qmodel = copy.deepcopy(model)
+    modules = to_int8(qmodel, deployment, absmax)
+    save_onnx(qmodel, stage / MODEL_FILE)
+    del qmodel
+    model.config.save_pretrained(stage)
+    tok.save_pretrained(stage)
+    size = onnx_bytes(stage)
+    sizes = {"int8_onnx": size, **float_sizes(model)}
+    session = OrtCausalLM(stage / MODEL_FILE, threads)
+    exported = quality(session, tok, rows, cfg)
+
+    lat_models = {"int8": session}
+    with tempfile.TemporaryDirectory(prefix="finetune-export-float-") as tmp:
+        if float_reference:
+            save_onnx(model, Path(tmp) / MODEL_FILE)
+            sizes["float32_onnx"] = onnx_bytes(Path(tmp))
+            lat_models["float32"] = OrtCausalLM(Path(tmp) / MODEL_FILE, threads)
+        from finetune.chat import render_ids
+
+        prompt = render_ids(tok, [{"role": "user", "content": LATENCY_PROMPT}])
+        lat = ms_per_token(lat_models, prompt, latency_tokens, latency_reps)
+    float_bytes = sizes.get("float32_onnx", sizes["float32"])
+
+    key = "accuracy" if "accuracy" in exported else "perplexity"
+    scores = {"split": split, "n": len(rows), "int8_onnx": exported, "simulated": simulated, "float32": reference,
               "run_metrics": {k: metrics.get(k) for k in ("accuracy", "f1", "accuracy_int8", "f1_int8", "perplexity",
                                                           "perplexity_int8", "n_test", "precision") if k in metrics}}
     _agreement(scores)
-    _print_quality(scores)
-    modules_list = record.pop("quantized_modules")  # keep the long list last in the file
-    record.update(sizes_bytes=sizes, latency=latency, quality=scores, quantized_modules=modules_list)
+    if key == "accuracy":
+        diff = scores["int8_onnx_vs_simulated_max_prob_diff"]
+        passed, tolerance = diff <= PROB_TOLERANCE, PROB_TOLERANCE
+        check = CHECK.format(tol=PROB_TOLERANCE)
+    else:
+        diff = abs(exported["perplexity"] / simulated["perplexity"] - 1)
+        passed, tolerance = diff <= PPL_RTOL, PPL_RTOL
+        check = f"perplexity of the ONNX model within {PPL_RTOL:g} (relative) of the simulation's"
+    record = {
+        **info,
+        "runtime": f"onnxruntime {_ort_version()} (CPUExecutionProvider)",
+        "scheme": "w8a8",
+        "deployment": deployment.describe(),
+        "size_mb": size / 2**20,
+        "size_vs_float32": size / float_bytes,
+        "size_vs_float16": size / sizes["float16"],
+        "ms_per_token": lat["int8"]["ms_per_token"],
+        "ms_per_token_float32": lat.get("float32", {}).get("ms_per_token"),
+        key: exported[key],
+        f"{key}_simulated": simulated[key],
+        f"{key}_float32": reference[key],
+        "simulation_check": {"passed": passed, "max_diff": diff, "tolerance": tolerance, "what": check},
+        "sizes_bytes": sizes,
+        "latency": {"new_tokens": latency_tokens, "reps": latency_reps, "threads": threads,
+                    "prompt": LATENCY_PROMPT, "prompt_tokens": len(prompt), "kv_cache": False,
+                    **{f"{name}_runs_ms_per_token": v["runs"] for name, v in lat.items()}},
+        "quality": scores,
+        "quantized_modules": modules,
+    }
     write_info(stage, record)
+    _print_summary(record, key)
+    if not passed:
+        raise ExportCheckFailed(f"the ONNX model does not compute the simulated deployment: {key} check "
+                                f"{diff:.3g} > tolerance {tolerance:g}")
     return record
 
 
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def _agreement(scores: dict) -> None:
-    """Classification: for each pair of (int8, fake_quant, float32), the share of rows with the same prediction
+    """Classification: for each pair of (int8_onnx, simulated, float32), the share of rows with the same prediction
     (``a_agrees_with_b``) and the max abs difference of the label probabilities (``a_vs_b_max_prob_diff``);
     the per-row probabilities are then dropped from the record."""
-    for a, b in (("int8", "fake_quant"), ("int8", "float32"), ("fake_quant", "float32")):
-        x, y = scores.get(a) or {}, scores.get(b) or {}
+    for a, b in (("int8_onnx", "simulated"), ("int8_onnx", "float32"), ("simulated", "float32")):
+        x, y = scores[a], scores[b]
         if "predictions" in x and "predictions" in y:
             scores[f"{a}_agrees_with_{b}"] = sum(p == q for p, q in zip(x["predictions"], y["predictions"])) / len(
                 x["predictions"])
             scores[f"{a}_vs_{b}_max_prob_diff"] = max(
                 abs(p - q) for rp, rq in zip(x["label_probs"], y["label_probs"]) for p, q in zip(rp, rq))
-    for part in ("int8", "float32", "fake_quant"):
-        (scores.get(part) or {}).pop("label_probs", None)
+    for part in ("int8_onnx", "float32", "simulated"):
+        scores[part].pop("label_probs", None)
 
 
-def _print_quality(scores: dict) -> None:
-    key = "accuracy" if "accuracy" in scores["int8"] else "perplexity"
-    fq = scores["fake_quant"][key] if scores["fake_quant"] else None
-    run = scores["run_metrics"]
-    print(f"{key} on {scores['n']} {scores['split']} rows (float32, no autocast): INT8 {scores['int8'][key]:.4f} | "
-          f"float32 {scores['float32'][key]:.4f} | fake-quant {'n/a' if fq is None else f'{fq:.4f}'}")
-    if "int8_agrees_with_fake_quant" in scores:
-        print(f"  INT8 vs fake-quant: same prediction on {scores['int8_agrees_with_fake_quant']:.0%} of rows, label "
-              f"probabilities within {scores['int8_vs_fake_quant_max_prob_diff']:.3g}; max distance to float32: "
-              f"INT8 {scores['int8_vs_float32_max_prob_diff']:.3g}, fake-quant "
-              f"{scores['fake_quant_vs_float32_max_prob_diff']:.3g}")
+def _print_summary(record: dict, key: str) -> None:
+    d, q, check = record["deployment"], record["quality"], record["simulation_check"]
+    print(f"INT8 ONNX model ({len(record['quantized_modules'])} INT8 linears, {'+'.join(d['targets'])}, "
+          f"{d['granularity']} granularity, {d['scale']} activation scales): {record['size_mb']:.2f} MiB = "
+          f"{record['size_vs_float32']:.3f} x float32, {record['size_vs_float16']:.3f} x float16")
+    fp_ms = record["ms_per_token_float32"]
+    print(f"latency ({record['runtime']}, greedy, {record['latency']['new_tokens']} tokens, no KV cache): INT8 "
+          f"{record['ms_per_token']:.2f} ms/token" + (f" vs float32 {fp_ms:.2f} ms/token "
+                                                     f"({record['ms_per_token'] / fp_ms:.2f} x)" if fp_ms else ""))
+    print(f"{key} on {q['n']} {q['split']} rows, each scored alone: INT8 ONNX {record[key]:.4f} | simulated "
+          f"{record[f'{key}_simulated']:.4f} | float32 {record[f'{key}_float32']:.4f}")
+    print(f"check: {check['what']}: max {check['max_diff']:.3g} -> {'passed' if check['passed'] else 'FAILED'}")
+    run = q["run_metrics"]
     if run.get(key) is not None and run.get(f"{key}_int8") is not None:
         print(f"  the run's own metrics.json ({run.get('n_test')} rows, {run.get('precision')}): {key} "
-              f"{run[key]:.4f}, fake-quant {key}_int8 {run[f'{key}_int8']:.4f}")
+              f"{run[key]:.4f}, simulated INT8 {key}_int8 {run[f'{key}_int8']:.4f}")
 
 
 def _body(argv: list[str]) -> int:
@@ -285,11 +369,15 @@ def _body(argv: list[str]) -> int:
     threads = as_number("threads", args["threads"], int, 1, optional=True)
     if threads:
         torch.set_num_threads(threads)
-    export_run(args["run"], as_choice("format", args["format"], FORMATS), args["out"],
-               as_number("max_samples", args["max_samples"], int, 1, optional=True),
-               as_number("latency_tokens", args["latency_tokens"], int, 1),
-               as_number("latency_reps", args["latency_reps"], int, 1), args["store_dtype"],
-               as_bool("overwrite", args["overwrite"]), args["scope"], args["engine"])
+    try:
+        export_run(args["run"], as_choice("format", args["format"], FORMATS), args["out"],
+                   as_number("max_samples", args["max_samples"], int, 1, optional=True),
+                   as_number("latency_tokens", args["latency_tokens"], int, 1),
+                   as_number("latency_reps", args["latency_reps"], int, 1), as_bool("overwrite", args["overwrite"]),
+                   args["granularity"], args["scale"], threads, as_bool("float_reference", args["float_reference"]))
+    except ExportCheckFailed as exc:
+        print(f"error: {exc}; nothing was written", file=sys.stderr)
+        return 1
     return 0
 
 

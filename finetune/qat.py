@@ -230,15 +230,18 @@ def simulate_int8(
     handle: QATHandle | None = None,
     cache_weights: bool = True,
     calibration=None,
+    static_absmax: Mapping[str, float] | None = None,
 ) -> Iterator[QATHandle]:
     """Simulated INT8 deployment inside the ``with`` block; the model is restored on exit.
 
-    INT8 (``qat.eval_bits``, 8 unless set: the deployment format, whatever ``qat.bits`` trained with)
-    activation fake-quant on the targets with the configured granularity and scale mode, plus 8-bit
-    per-output-channel weight quantization of the target linears (LoRA/DoRA: of the merged effective
-    weight; bitsandbytes bases: skipped, logged). ``scale=static`` uses the scales calibrated by a
-    static-QAT training handle and never updates them; without such scales it falls back to dynamic
-    per-tensor scales (logged). A training handle on the model is detached for the duration (no
+    The deployment is :class:`finetune.deployment.Int8Deployment` (the definition finetune-export shares):
+    activation fake-quant (``qat.eval_bits``, 8 unless set, whatever ``qat.bits`` trained with) on the
+    targets with the configured granularity and scale mode, and 8-bit per-output-channel weight quantization
+    of the linears that run as INT8 GEMMs (LoRA/DoRA: of the merged effective weight; bitsandbytes bases:
+    skipped, logged): at ``sublayer`` granularity the output projections, whose input is not quantized, keep
+    float weights. ``scale=static`` uses the scales calibrated by a static-QAT training handle (or given as
+    ``static_absmax``) and never updates them; without such scales it calibrates on ``calibration`` or falls
+    back to dynamic per-tensor scales (logged). A training handle on the model is detached for the duration (no
     double quantization) and re-attached afterwards. Works the same on a model never trained with
     QAT, which makes it the post-training-quantization baseline.
 
@@ -249,6 +252,8 @@ def simulate_int8(
         handle: the training handle; defaults to the one installed on ``model``, if any.
         cache_weights: quantize each weight once per block while parameters are unchanged (calls
             under ``torch.no_grad()``); costs one copy of the target weights in memory.
+        static_absmax: ``scale=static``: the calibrated absmax per input key (``layers.<i>.<path>``, as a training
+            handle's ``static_absmax()`` and a run's ``qat_state.json`` hold them); wins over the handle's.
         calibration: ``scale=static`` without calibrated scales (the post-training-quantization baseline of a
             static QAT run): batches (dicts of ``input_ids`` / ``attention_mask``) run once through the model,
             in eval mode and without gradients, to calibrate the static scales the same way QAT's observer
@@ -269,7 +274,9 @@ def simulate_int8(
     scale = config.scale
     calibrated: dict[str, Any] = {}
     if scale == "static":
-        if train_handle is not None and train_handle.scale == "static":
+        if static_absmax:
+            calibrated = {k: torch.tensor(float(v), dtype=torch.float32) for k, v in static_absmax.items()}
+        elif train_handle is not None and train_handle.scale == "static":
             calibrated = {q.key: q.ema for _, q in train_handle.activation_quantizers if q.ema is not None}
         if not calibrated and calibration is None:
             log.info(
@@ -284,7 +291,7 @@ def simulate_int8(
     sim, layers, skipped_bnb = build_handle(
         model, targets, sim_config,
         frozen=True, skip_bnb_weights=True, cache_weights=cache_weights,
-        cache_frozen_weights=cache_weights, stats_every=1,
+        cache_frozen_weights=cache_weights, stats_every=1, deployed_weights=True,
     )  # fmt: skip
     if skipped_bnb:
         log.info(

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from finetune.arch import ArchSpec, arch_spec, decoder_layers
+from finetune.deployment import gemm_rels
 from finetune.errors import FinetuneError
 from finetune.qat_ops import ActivationQuantizer, QATConfig
 from finetune.qat_weight import KIND_BNB, WeightQuantizer, classify_weight_module, lora_dropout_active
@@ -72,8 +73,15 @@ def model_type_of(model: nn.Module) -> str:
     return model_type
 
 
-def _select(model: nn.Module, targets: list[str], granularity: str) -> tuple[nn.ModuleList, list[tuple]]:
+def _select(
+    model: nn.Module, targets: list[str], granularity: str, deployed_weights: bool = False
+) -> tuple[nn.ModuleList, list[tuple]]:
     """Resolve the modules to hook.
+
+    Args:
+        deployed_weights: weight targets are the deployment's INT8 GEMM linears only
+            (:func:`finetune.deployment.gemm_rels`: at ``sublayer`` granularity the output projections, whose
+            input stays float, keep float weights); otherwise every linear of the target sub-layers.
 
     Returns:
         ``(layers, picks)`` with one pick per (layer, group, module path):
@@ -90,6 +98,7 @@ def _select(model: nn.Module, targets: list[str], granularity: str) -> tuple[nn.
                 acts = (spec.attn_block if group == "attn" else spec.ffn_entry,)
             else:
                 acts = linears
+            weights = gemm_rels(spec, group, granularity) if deployed_weights else linears
             for rel in dict.fromkeys(acts + linears):  # ordered union
                 try:
                     module = layer.get_submodule(rel)
@@ -98,7 +107,7 @@ def _select(model: nn.Module, targets: list[str], granularity: str) -> tuple[nn.
                         f"{spec.family} decoder layer {index} has no module '{rel}' (see finetune/arch.py)"
                     ) from None
                 key = f"layers.{index}.{rel}"
-                picks.append((group, key, qualified.get(id(module), key), module, rel in acts, rel in linears))
+                picks.append((group, key, qualified.get(id(module), key), module, rel in acts, rel in weights))
     return layers, picks
 
 
@@ -256,6 +265,11 @@ class QATHandle:
         """Calibrated static activation scales (``absmax_ema / qmax``) by qualified module name (host sync)."""
         return {q.name: float(q.ema) / q.qmax for _, q in self.activation_quantizers if q.ema is not None}
 
+    def static_absmax(self) -> dict[str, float]:
+        """The static observers' calibrated absmax (EMA) by layer-relative key ``layers.<i>.<path>``, the form
+        :func:`finetune.qat.simulate_int8` and finetune-export take (stable across PEFT wrapping and merging)."""
+        return {q.key: float(q.ema) for _, q in self.activation_quantizers if q.ema is not None}
+
     def reset_stats(self) -> None:
         """Forget the accumulated SNR statistics (e.g. before an evaluation pass)."""
         for _, q in self.activation_quantizers:
@@ -340,6 +354,7 @@ def build_handle(
     cache_weights: bool,
     cache_frozen_weights: bool,
     stats_every: int,
+    deployed_weights: bool = False,
 ) -> tuple[QATHandle, nn.Module, int]:
     """Create (not attach) the quantizers for ``targets`` of ``model``.
 
@@ -348,6 +363,7 @@ def build_handle(
         skip_bnb_weights: skip weight fake-quant on bitsandbytes layers instead of raising.
         cache_weights / cache_frozen_weights: see :class:`finetune.qat_weight.WeightQuantizer`.
         stats_every: training-mode SNR sampling interval.
+        deployed_weights: see :func:`_select` (the simulated deployment sets it).
 
     Returns:
         ``(handle, decoder layer list, number of bitsandbytes linears skipped)``.
@@ -355,7 +371,7 @@ def build_handle(
     Raises:
         FinetuneError: unmapped architecture, missing module, unsupported weight fake-quant target.
     """
-    layers, picks = _select(model, targets, config.granularity)
+    layers, picks = _select(model, targets, config.granularity, deployed_weights)
     handle = QATHandle(targets, config)
     handle._layers = layers
     handle._backbone = _backbone(model, layers)

@@ -292,7 +292,8 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     if qat_handle is not None:
         # Calibrated static scales (qat.scale=static) are what an INT8 export needs; the rest documents the run.
         write_json(writer.path("qat_state.json"), {"targets": targets, "config": OmegaConf.to_container(cfg.qat),
-                                                "static_scales": qat_handle.static_scales()})
+                                                "static_scales": qat_handle.static_scales(),
+                                                "static_absmax": qat_handle.static_absmax()})
 
     if val_ds is not None and len(val_ds):
         metrics.update(loss_and_perplexity(model, val_ds, tok.pad_token_id, eval_bs, bf16))

@@ -1,0 +1,136 @@
+"""The INT8 deployment: one definition that the simulation, the PTQ baseline and finetune-export share.
+
+A deployed INT8 linear computes ``y = s_x * s_w * (q_x @ q_w^T) + b`` with integer codes on one grid:
+
+* **grid**: symmetric, signed, no zero point: ``q = clamp(round(x / s), -127, 127)``, ``s = absmax / 127``
+  (floored at 1e-8); round half to even (torch and ONNX agree);
+* **weights**: one scale per output channel (``absmax`` of the row), of the effective weight (a LoRA / DoRA
+  adapter merged in);
+* **activations** (``qat.scale``): ``tensor``: one scale per sequence, over its real tokens only (what a
+  deployment serving one request computes; padding and other requests never change it); ``token``: one
+  scale per token; ``static``: one calibrated constant per quantized input;
+* **modules** (``qat_targets``, ``qat.granularity``): the linears whose *input* is quantized, because only
+  those can run as an INT8 GEMM: with ``linear`` every linear of the target sub-layers; with ``sublayer``
+  the linears reading the sub-layer's input (q/k/v and gate/up on Llama), whose input is quantized once;
+  the output projections (o_proj, down_proj) read a float input and stay float, weights included.
+
+Embeddings, norms, attention-score arithmetic and the output head stay float32.
+:func:`finetune.qat.simulate_int8` fake-quantizes exactly :meth:`Int8Deployment.gemm_linears` (weights) and
+their inputs; :mod:`finetune.export_onnx` writes the same linears as ONNX ``MatMulInteger`` on the same codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn as nn
+
+from finetune.arch import ArchSpec, arch_spec, decoder_layers
+from finetune.errors import FinetuneError
+
+BITS = 8  # activations and weights of the deployment
+GRID = "symmetric signed INT8, codes -127..127, no zero point, round half to even"
+WEIGHTS = "per output channel, scale = absmax(row) / 127, of the merged (adapter-included) weight"
+ACTIVATIONS = {
+    "tensor": "dynamic, one scale per sequence over its real tokens (absmax / 127)",
+    "token": "dynamic, one scale per token (absmax / 127)",
+    "static": "static, one calibrated scale per quantized input",
+}
+
+
+def gemm_rels(spec: ArchSpec, group: str, granularity: str) -> tuple[str, ...]:
+    """Paths (inside a decoder layer) of the linears of ``group`` that run as INT8 GEMMs at ``granularity``.
+
+    :mod:`finetune.arch` lists each group's output projection last; at ``sublayer`` granularity it reads an
+    input that is not quantized, so it is left out.
+    """
+    linears = spec.attn_linears if group == "attn" else spec.ffn_linears
+    return tuple(linears) if granularity == "linear" else tuple(linears[:-1])
+
+
+def input_key_rel(spec: ArchSpec, group: str, granularity: str, rel: str) -> str:
+    """The module (inside a decoder layer) whose input quantizer quantizes the input of linear ``rel``."""
+    if granularity == "linear":
+        return rel
+    return spec.attn_block if group == "attn" else spec.ffn_entry
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmLinear:
+    """One deployed INT8 linear.
+
+    Attributes:
+        name: qualified module name in the model it was resolved on.
+        rel: path inside its decoder layer (``self_attn.q_proj``).
+        layer: decoder-layer index.
+        group: ``attn`` or ``ffn``.
+        input_key: key ``layers.<i>.<path>`` of the activation quantizer that quantizes its input (the key
+            static scales are stored under).
+    """
+
+    name: str
+    rel: str
+    layer: int
+    group: str
+    input_key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Deployment:
+    """Which linears, which activation scale mode: with the module constants, the whole deployment.
+
+    Attributes:
+        targets: sub-layer groups, a sub-list of ``("attn", "ffn")``.
+        granularity: ``sublayer`` | ``linear``.
+        scale: ``tensor`` | ``token`` | ``static``.
+    """
+
+    targets: tuple[str, ...]
+    granularity: str
+    scale: str
+
+    def __post_init__(self) -> None:
+        from finetune.qat_ops import GRANULARITIES, SCALE_MODES
+
+        if self.granularity not in GRANULARITIES:
+            raise FinetuneError(f"qat.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.scale not in SCALE_MODES:
+            raise FinetuneError(f"qat.scale must be one of {', '.join(SCALE_MODES)}, got {self.scale!r}")
+
+    @classmethod
+    def from_cfg(cls, targets: Any, qcfg: Any) -> Int8Deployment:
+        """From ``qat_targets`` and the ``qat:`` node (``granularity``, ``scale``)."""
+        from finetune.qat_handle import validate_targets
+
+        get = qcfg.get if isinstance(qcfg, Mapping) else lambda k, d=None: getattr(qcfg, k, d)
+        return cls(tuple(validate_targets(targets)), str(get("granularity", "sublayer")), str(get("scale", "tensor")))
+
+    def gemm_linears(self, model: nn.Module) -> list[GemmLinear]:
+        """The deployed INT8 linears of ``model`` (a transformers causal LM or a PEFT model wrapping one).
+
+        Raises:
+            FinetuneError: the architecture has no entry in :mod:`finetune.arch`, or a listed module is missing.
+        """
+        from finetune.qat_handle import model_type_of
+
+        spec = arch_spec(model_type_of(model))
+        names = {id(m): n for n, m in model.named_modules()}
+        out = []
+        for index, layer in enumerate(decoder_layers(model, spec)):
+            for group in self.targets:
+                for rel in gemm_rels(spec, group, self.granularity):
+                    try:
+                        module = layer.get_submodule(rel)
+                    except AttributeError:
+                        raise FinetuneError(f"{spec.family} decoder layer {index} has no module '{rel}' "
+                                            "(see finetune/arch.py)") from None
+                    key = f"layers.{index}.{input_key_rel(spec, group, self.granularity, rel)}"
+                    out.append(GemmLinear(names.get(id(module), rel), rel, index, group, key))
+        return out
+
+    def describe(self) -> dict:
+        """The deployment in words, for metrics.json / export.json."""
+        return {"bits": BITS, "grid": GRID, "weights": WEIGHTS, "activations": ACTIVATIONS[self.scale],
+                "targets": list(self.targets), "granularity": self.granularity, "scale": self.scale}
