@@ -188,6 +188,9 @@ def quiet_libraries():
 
     bnb = logging.getLogger("bitsandbytes")
     verbosity, bars, bnb_level = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), bnb.level
+    # The ONNX exporter's own progress and optimizer notes (finetune-export prints what it did).
+    chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    chatty_levels = [lg.level for lg in chatty]
     with warnings.catch_warnings():
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category)
@@ -196,9 +199,13 @@ def quiet_libraries():
         hf_logging.disable_progress_bar()
         # bitsandbytes warns at import that its optional CPU kernels package is missing: not the user's concern.
         bnb.setLevel(logging.ERROR)
+        for lg in chatty:
+            lg.setLevel(logging.ERROR)
         try:
             yield
         finally:
+            for lg, level in zip(chatty, chatty_levels):
+                lg.setLevel(level)
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()

@@ -1,5 +1,5 @@
 """After training, end to end with the embedded SmolLM2-135M through the real CLIs: merge (logit check),
-chat (deterministic greedy text), export to INT8 (artifact loads, smaller, scored beside the fake-quant)."""
+chat (deterministic greedy text), export to INT8 ONNX (smaller, and the simulated deployment's scores)."""
 
 from __future__ import annotations
 
@@ -60,12 +60,10 @@ def test_smollm2_merge_chat_export(tmp_path: Path):
     export = json.loads((out / "export.json").read_text())
     assert not export["ptq"] and export["qat_targets"] == ["attn", "ffn"]
     assert export["quality"]["run_metrics"]["accuracy_int8"] is not None
-    assert export["sizes_bytes"]["int8_vs_float32"] < 0.5 and export["sizes_bytes"]["int8_vs_float16"] < 1.0
-    q = export["quality"]
-    # INT8 noise, not a broken export: on SmolLM2 every INT8 scheme tried (this export on each torch.ao engine,
-    # and the fake-quant simulation) moved label probabilities by 0.1-0.2 from float32 after 2 training steps,
-    # independently of each other, so INT8 and fake-quant are compared through their distance to float32. The
-    # x86 kernels quantize activations to 7 bits (1.5x the 8-bit simulation's error on one linear, ~2.2x on
-    # these 8 reviews), so the real INT8 model may be up to 3x as far from float32 as the simulation (+0.02).
-    assert q["int8_vs_float32_max_prob_diff"] <= 3 * q["fake_quant_vs_float32_max_prob_diff"] + 0.02
-    assert abs(q["int8"]["accuracy"] - q["fake_quant"]["accuracy"]) <= 0.25 + 1e-9  # at most 2 of 8 rows
+    # INT8: q/k/v and gate/up of 30 layers; float32: the embedding (tied with the head, 28M of SmolLM2's 135M
+    # parameters), o_proj and down_proj (their input is not quantized at sublayer granularity), the norms.
+    assert 0.5 < export["size_vs_float32"] < 0.7
+    # The ONNX Runtime model is the simulated deployment, within the simulation's own sensitivity to round-off
+    # (checked by the command itself, which would have exited 1; measured on these rows, not assumed).
+    check = export["simulation_check"]
+    assert check["passed"] and check["simulation_sensitivity"] > 0

@@ -256,13 +256,21 @@ def test_export_refuses_what_int8_cannot_express(runs, tmp_path, capsys):
     assert "scale=minmax" in line and "token" in line
 
 
-def test_a_failed_simulation_check_writes_nothing(runs, tmp_path, capsys, monkeypatch):
+def test_an_export_that_is_not_the_simulated_deployment_fails_and_writes_nothing(runs, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from finetune.deployment import Int8Deployment
+    from finetune.export_onnx import to_int8
+
+    def every_linear(model, deployment, absmax=None):  # the run simulates sublayer granularity
+        return to_int8(model, Int8Deployment(deployment.targets, "linear", deployment.scale), absmax)
+
     out = tmp_path / "kept"
     out.mkdir()
-    monkeypatch.setattr(export, "PROB_TOLERANCE", -1.0)
+    monkeypatch.setattr(export, "to_int8", every_linear)
     rc = export.main([f"run={runs['lora']}", "format=int8", f"out={out}", "overwrite=true", "latency_tokens=1",
-                      "latency_reps=1", "float_reference=false", "max_samples=2"])
-    assert rc == 1 and "does not compute the simulated deployment" in capsys.readouterr().err
+                      "latency_reps=1", "float_reference=false"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "does not compute the simulated deployment" in captured.err, captured.out
     assert list(out.iterdir()) == []
 
 
