@@ -362,14 +362,24 @@ def load_model(mcfg: DictConfig, qcfg: DictConfig, precision: Precision, *, grad
         model.config.pad_token_id = tok.pad_token_id
     if quant is not None and not torch.cuda.is_available():
         release_checkpoint_mapping(model)
-    if quant is not None and for_training:
-        from peft import prepare_model_for_kbit_training
+    if for_training:
+        prepare_for_training(model, quantized=quant is not None, gradient_checkpointing=gradient_checkpointing)
+    return model, tok, path
 
-        # Casts norms / embeddings to fp32 and enables input grads so adapters on a frozen k-bit base train.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing and for_training:
+
+def prepare_for_training(model, *, quantized: bool, gradient_checkpointing: bool) -> None:
+    """The same preparation for a LoRA base and a QLoRA (k-bit) base, so the two compare on their weights alone.
+
+    A k-bit base is frozen (its adapters train); nothing is upcast: embeddings, norms and head keep the run's
+    weight dtype as they do under LoRA (PEFT's ``prepare_model_for_kbit_training`` would cast them to float32
+    for QLoRA only, and enable reentrant checkpointing where LoRA uses the non-reentrant kind). Gradient
+    checkpointing, when on, is non-reentrant for both, with input gradients enabled so a frozen embedding
+    still lets gradients reach the adapters inside checkpointed layers.
+    """
+    if quantized:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if for_training:
-        model.config.use_cache = False
-    return model, tok, path
+    model.config.use_cache = False

@@ -250,3 +250,25 @@ def test_lora_dropout_layers_use_fast_dropout():
     kinds = {type(m.lora_dropout["default"]).__name__ for m in model.modules() if hasattr(m, "lora_dropout")}
     assert kinds == {"FastDropout"} and float(cfg.lora.dropout) > 0
     assert any(isinstance(m, FastDropout) for m in model.modules())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_and_qlora_bases_are_prepared_alike(checkpointing):
+    """Same dtype for every tensor that is not quantized, the same checkpointing mode: a LoRA-vs-QLoRA row
+    differs by the base's weights alone (PEFT's k-bit preparation upcast QLoRA's embeddings / norms to fp32
+    and enabled reentrant checkpointing for it only)."""
+    import functools
+
+    cfg = compose_cfg(["model=tiny"])
+    precision = resolve_precision("bf16", "auto")  # loading in bf16 only: nothing is computed here
+    prepared = {}
+    for mode in ("none", "nf4", "int8"):
+        qcfg = compose_cfg(["model=tiny", f"quantization={mode}"]).quantization
+        model, _, _ = load_model(cfg.model, qcfg, precision, gradient_checkpointing=checkpointing)
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if "norm" in n or "embed" in n}
+        fn = getattr(model.model, "_gradient_checkpointing_func", None)
+        reentrant = fn.keywords.get("use_reentrant") if isinstance(fn, functools.partial) else None
+        prepared[mode] = (dtypes, model.is_gradient_checkpointing, reentrant)
+    assert set(prepared["none"][0].values()) == {torch.bfloat16}
+    assert prepared["nf4"] == prepared["none"] == prepared["int8"]
+    assert prepared["none"][1] is checkpointing and prepared["none"][2] == (False if checkpointing else None)
