@@ -26,7 +26,7 @@ Modes the INT8 runtime cannot express are refused: ``qat.eval_bits`` other than 
 deployed layers (GPT-2's ``Conv1D``).
 
 Measured, printed and written to ``out/export.json``: ``runtime``, ``scheme``, ``size_mb`` (the ONNX model)
-against float32 (the float ONNX model) and float16 (the merged weights in float16 safetensors);
+against float32 (the float ONNX model) and float16 (the merged weights at 2 bytes per value);
 ``ms_per_token`` (greedy, one sequence, no KV cache in either graph) against the float32 ONNX model in the
 same runtime; ``accuracy`` / ``f1`` (classification) or ``perplexity`` (generation) of the ONNX model on the
 run's test rows, each row scored alone, against ``accuracy_simulated`` (:func:`finetune.qat.simulate_int8` on
@@ -61,7 +61,6 @@ from finetune.export_common import (
     as_bool,
     as_choice,
     as_number,
-    dir_size_bytes,
     parse_kv,
     prepare_out_dir,
     run_cli,
@@ -98,29 +97,14 @@ SENSITIVITY_FACTOR = 3.0
 
 
 def float_sizes(model) -> dict:
-    """Bytes of the weights of ``model`` saved as float32 and as float16 safetensors (written to a temp dir)."""
-    sizes = {}
-    with tempfile.TemporaryDirectory(prefix="finetune-export-size-") as tmp:
-        for name, dtype in (("float32", torch.float32), ("float16", torch.float16)):
-            folder = Path(tmp) / name
-            model.save_pretrained(folder, state_dict=_cast_state(model, dtype))
-            sizes[name] = dir_size_bytes(folder)
-            shutil.rmtree(folder)
-    return sizes
-
-
-def _cast_state(model, dtype: torch.dtype) -> dict:
-    """The state dict with float tensors cast to ``dtype``; tensors sharing storage (tied embeddings) stay shared."""
-    seen: dict[tuple, torch.Tensor] = {}
-    state = {}
-    for key, value in model.state_dict().items():
-        if value.is_floating_point():
-            tag = (value.data_ptr(), tuple(value.shape), value.dtype)
-            if tag not in seen:
-                seen[tag] = value.detach().to(dtype)
-            value = seen[tag]
-        state[key] = value
-    return state
+    """Bytes of the weights of ``model`` in float32 and in float16: every distinct tensor (tied ones once) at 4 and
+    2 bytes per value, what safetensors files of the merged model hold (their JSON headers aside)."""
+    seen, values = set(), 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point() and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            values += tensor.numel()
+    return {"float32": 4 * values, "float16": 2 * values}
 
 
 def quality(model, tok, rows: list[dict], cfg) -> dict:

@@ -82,6 +82,17 @@ def test_int8_linear_computes_the_fake_quant_linear():
         assert (got - expected).abs().max() < 1e-5, scale
 
 
+def _assert_int8_weights(path, n_linears: int) -> None:
+    """The file holds one MatMulInteger and one uint8 weight matrix per deployed linear, and no float copy of them."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == n_linears
+    u8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 2]
+    assert len(u8) == n_linears and all(np.prod(i.dims) >= 32 * 64 for i in u8)
+    assert not any(i.name.endswith(("q_proj.weight", "gate_proj.weight")) for i in graph.initializer)
+
+
 @pytest.mark.parametrize("granularity,scale", [("sublayer", "tensor"), ("linear", "token"), ("sublayer", "static")])
 def test_onnx_runtime_computes_the_simulation(model, tmp_path, granularity, scale):
     ids = [_ids(21, 1), _ids(7, 2)]
@@ -92,6 +103,7 @@ def test_onnx_runtime_computes_the_simulation(model, tmp_path, granularity, scal
     names = to_int8(quantized, Int8Deployment(tuple(TARGETS), granularity, scale), absmax)
     assert len(names) == 2 * (5 if granularity == "sublayer" else 7)
     save_onnx(quantized, tmp_path / "model.onnx")
+    _assert_int8_weights(tmp_path / "model.onnx", len(names))
     session = OrtCausalLM(tmp_path / "model.onnx", threads=1)
     effect = (simulated[0] - fp).abs().max()
     for row, sim in zip(ids, simulated):
@@ -113,15 +125,3 @@ def test_static_deployment_without_scales_and_non_linear_layers_are_refused(mode
         to_int8(copy.deepcopy(model), Int8Deployment(tuple(TARGETS), "sublayer", "static"), {})
     with pytest.raises(FinetuneError, match="qat.scale"):
         Int8Deployment(tuple(TARGETS), "sublayer", "minmax")
-
-
-def test_onnx_file_holds_int8_weights(model, tmp_path):
-    import onnx
-
-    quantized = copy.deepcopy(model)
-    to_int8(quantized, Int8Deployment(("ffn",), "linear", "token"))
-    save_onnx(quantized, tmp_path / "model.onnx")
-    graph = onnx.load(str(tmp_path / "model.onnx")).graph
-    assert sum(n.op_type == "MatMulInteger" for n in graph.node) == 2 * 3
-    u8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 2]
-    assert len(u8) == 2 * 3 and all(np.prod(i.dims) >= 64 * 128 for i in u8)
