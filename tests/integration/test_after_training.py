@@ -54,6 +54,14 @@ def test_smollm2_merge_chat_export(tmp_path: Path):
     first = cli("finetune.chat", f"run={run_dir}", prompt, "max_new_tokens=16").stdout
     assert first.strip() and cli("finetune.chat", f"run={run_dir}", prompt, "max_new_tokens=16").stdout == first
 
+
+@pytest.mark.slow
+def test_smollm2_export_is_its_simulated_deployment(tmp_path: Path):
+    """~100 s on 2 CPU cores (the ONNX export of 30 layers): outside the default run (`pytest -m slow`); the tiny
+    model's export tests in tests/unit cover the same code paths in the default run."""
+    run_dir = tmp_path / "run"
+    cli("finetune.train", f"dataset.path={shared('chnsenticorp')}", *FAST, "qat_targets=[attn,ffn]",
+        f"hydra.run.dir={run_dir}")
     out = tmp_path / "int8"
     # No float32 ONNX model to time against (float_reference=false): the unit tests cover it on the tiny model.
     cli("finetune.export", f"run={run_dir}", "format=int8", f"out={out}", "latency_tokens=1", "latency_reps=1",
