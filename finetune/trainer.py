@@ -148,6 +148,9 @@ def has_forward_hooks(model) -> bool:
 
 CHECKPOINT_STATE = "finetune_state.json"  # in each checkpoint: running loss sums and token count (exact resume)
 CHECKPOINT_MANIFEST = "finetune_manifest.json"  # written last: every file of the checkpoint with its size
+# In the checkpoints folder, written before the first checkpoint: every checkpoint of this run has a manifest, so
+# one without is half-written (killed between the Trainer's files and ours), never an older-format checkpoint.
+CHECKPOINT_FORMAT = "finetune_checkpoints.json"
 
 
 class SeededLengthGroupedSampler:
@@ -288,6 +291,12 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
                     cb.restore_checkpoint_state((st.get("callbacks") or {}).get(type(cb).__name__))
 
         def train(self, resume_from_checkpoint=None, **kw):
+            if self.args.should_save:
+                from finetune.runs import atomic_write_json
+
+                out = Path(self.args.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out / CHECKPOINT_FORMAT, {"manifest": CHECKPOINT_MANIFEST})
             self._resumed_state = read_checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint else None
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kw)
 
@@ -332,7 +341,8 @@ def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from (None when it is complete).
 
     A checkpoint written by this version has a manifest; every file must be there with its recorded size
-    (a truncated or missing file is named). Older checkpoints are checked for a readable trainer_state.json
+    (a truncated or missing file is named), and one without a manifest next to the folder's format marker was
+    interrupted after the Trainer's own files (its running loss sums are missing). Older checkpoints are checked for a readable trainer_state.json
     and readable safetensors headers.
     """
     manifest = folder / CHECKPOINT_MANIFEST
@@ -348,7 +358,8 @@ def checkpoint_problem(folder: Path) -> str | None:
             if path.stat().st_size != size:
                 return f"{name} has {path.stat().st_size} bytes, {size} were written"
         return None
-    if (folder / CHECKPOINT_STATE).is_file() or not (folder / "trainer_state.json").is_file():
+    if (folder / CHECKPOINT_STATE).is_file() or (folder.parent / CHECKPOINT_FORMAT).is_file() or \
+            not (folder / "trainer_state.json").is_file():
         return "it was not completely written (no manifest)"
     try:
         json.loads((folder / "trainer_state.json").read_text())

@@ -332,8 +332,10 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
     assert "checkpoint-3" in caplog.text and "adapter_model.safetensors" in caplog.text
     with pytest.raises(FinetuneError, match="checkpoint-3 cannot be resumed from: adapter_model.safetensors"):
         resolve_resume(str(run_dir / "checkpoints" / "checkpoint-3"), run_dir)
-    # a checkpoint interrupted before its manifest was written is skipped too
+    # a checkpoint interrupted before its manifest was written is skipped too, also when it was killed between
+    # the Trainer's files and ours (no running loss sums: resuming from it would change train_loss)
     (run_dir / "checkpoints" / "checkpoint-2" / "finetune_manifest.json").unlink()
+    (run_dir / "checkpoints" / "checkpoint-2" / "finetune_state.json").unlink()
     assert resolve_resume("auto", run_dir) == str(run_dir / "checkpoints" / "checkpoint-1")
     # and the resumed run from checkpoint-1 trains to the end
     again = run(_cfg(run_dir, "trainer.max_steps=3", "trainer.resume_from_checkpoint=auto"), run_dir)
