@@ -188,7 +188,11 @@ def validate(cfg: DictConfig) -> None:
 def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
     """``qat.*`` is checked whether or not a target is set: a typo there must not wait for the run that uses it."""
     _number("qat.bits", a.bits, low=4, high=8, integer=True)
-    _choice("qat.scale", a.scale, ("tensor", "token", "static"))
+    scheme = a.get("scheme", "a8")
+    _choice("qat.scheme", scheme, ("a8", "w8a8", "w4a8"))
+    _number("qat.group_size", a.get("group_size", 32), low=2, integer=True)
+    if a.scale is not None:
+        _choice("qat.scale", a.scale, ("tensor", "token", "static"))
     _choice("qat.granularity", a.granularity, ("sublayer", "linear"))
     if a.weight_bits is not None:
         _number("qat.weight_bits", a.weight_bits, low=4, high=8, integer=True)
@@ -203,6 +207,18 @@ def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
             f"qat.weight_bits with quantization={quant_mode} is not supported: the base weights are already "
             "bitsandbytes-quantized; drop qat.weight_bits (activation QAT still applies)"
         )
+    if targets and scheme != "a8" and quant_mode != "none":
+        raise FinetuneError(
+            f"qat.scheme={scheme} with quantization={quant_mode} is not supported: the base weights are already "
+            "bitsandbytes-quantized; use qat.scheme=a8 (activation QAT still applies)"
+        )
+    if scheme != "a8":
+        from finetune.qat_ops import QATConfig
+
+        QATConfig(scheme=scheme, bits=a.bits, weight_bits=a.weight_bits)  # the scheme's fixed widths
+        if a.get("eval_bits") not in (None, 8):
+            raise FinetuneError(f"qat.eval_bits={a.eval_bits} contradicts qat.scheme={scheme} (8-bit activations); "
+                                "use qat.scheme=a8 to simulate other activation widths")
 
 
 def _validate_eval(e: DictConfig) -> None:

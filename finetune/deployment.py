@@ -1,11 +1,13 @@
 """The INT8 deployment: one definition that the simulation, the PTQ baseline and finetune-export share.
 
-A deployed INT8 linear computes ``y = s_x * s_w * (q_x @ q_w^T) + b`` with integer codes on one grid:
+A deployed linear computes ``y = s_x * s_w * (q_x @ q_w^T) + b`` with integer codes, in one of two schemes
+(``scheme``; a run trained with ``qat.scheme=a8`` or ``w8a8`` deploys as ``w8a8``, one with ``w4a8`` as ``w4a8``):
 
-* **grid**: symmetric, signed, no zero point: ``q = clamp(round(x / s), -127, 127)``, ``s = absmax / 127``
-  (floored at 1e-8); round half to even (torch and ONNX agree);
-* **weights**: one scale per output channel (``absmax`` of the row), of the effective weight (a LoRA / DoRA
-  adapter merged in);
+* **activation grid**: symmetric, signed INT8, no zero point: ``q = clamp(round(x / s), -127, 127)``,
+  ``s = absmax / 127`` (floored at 1e-8); round half to even (torch and ONNX agree);
+* **weights** of the effective weight (a LoRA / DoRA adapter merged in): ``w8a8``: one scale per output
+  channel on the same grid; ``w4a8``: INT4, one scale per ``group_size`` input features of a row, torchao's
+  grid (codes -8..7, ``s = absmax / 7.5``);
 * **activations** (``qat.scale``): ``tensor``: one scale per sequence, over its real tokens only (what a
   deployment serving one request computes; padding and other requests never change it); ``token``: one
   scale per token; ``static``: one calibrated constant per quantized input;
@@ -22,7 +24,6 @@ their inputs; :mod:`finetune.export_onnx` writes the same linears as ONNX ``MatM
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import torch.nn as nn
@@ -30,9 +31,14 @@ import torch.nn as nn
 from finetune.arch import ArchSpec, arch_spec, decoder_layers
 from finetune.errors import FinetuneError
 
-BITS = 8  # activations and weights of the deployment
+BITS = 8  # activations of the deployment
+SCHEMES = ("w8a8", "w4a8")
 GRID = "symmetric signed INT8, codes -127..127, no zero point, round half to even"
-WEIGHTS = "per output channel, scale = absmax(row) / 127, of the merged (adapter-included) weight"
+WEIGHTS = {
+    "w8a8": "INT8 per output channel, scale = absmax(row) / 127, of the merged (adapter-included) weight",
+    "w4a8": "INT4 per group of {g} input features, codes -8..7, scale = absmax(group) / 7.5 (torchao's grid), of "
+            "the merged (adapter-included) weight",
+}
 ACTIVATIONS = {
     "tensor": "dynamic, one scale per sequence over its real tokens (absmax / 127)",
     "token": "dynamic, one scale per token (absmax / 127)",
@@ -79,21 +85,28 @@ class GemmLinear:
 
 @dataclasses.dataclass(frozen=True)
 class Int8Deployment:
-    """Which linears, which activation scale mode: with the module constants, the whole deployment.
+    """Which linears, which activation scale mode, which weight scheme: with the module constants, the whole
+    deployment.
 
     Attributes:
         targets: sub-layer groups, a sub-list of ``("attn", "ffn")``.
         granularity: ``sublayer`` | ``linear``.
         scale: ``tensor`` | ``token`` | ``static``.
+        scheme: ``w8a8`` | ``w4a8``.
+        group_size: input features per INT4 weight scale (``w4a8``).
     """
 
     targets: tuple[str, ...]
     granularity: str
     scale: str
+    scheme: str = "w8a8"
+    group_size: int = 32
 
     def __post_init__(self) -> None:
         from finetune.qat_ops import GRANULARITIES, SCALE_MODES
 
+        if self.scheme not in SCHEMES:
+            raise FinetuneError(f"deployment scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.granularity not in GRANULARITIES:
             raise FinetuneError(f"qat.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.scale not in SCALE_MODES:
@@ -101,11 +114,22 @@ class Int8Deployment:
 
     @classmethod
     def from_cfg(cls, targets: Any, qcfg: Any) -> Int8Deployment:
-        """From ``qat_targets`` and the ``qat:`` node (``granularity``, ``scale``)."""
+        """From ``qat_targets`` and the ``qat:`` node (``scheme``, ``granularity``, ``scale``, ``group_size``)."""
         from finetune.qat_handle import validate_targets
+        from finetune.qat_ops import QATConfig
 
-        get = qcfg.get if isinstance(qcfg, Mapping) else lambda k, d=None: getattr(qcfg, k, d)
-        return cls(tuple(validate_targets(targets)), str(get("granularity", "sublayer")), str(get("scale", "tensor")))
+        config = QATConfig.from_cfg(qcfg)
+        return cls(tuple(validate_targets(targets)), config.granularity, config.scale, deployed_scheme(config.scheme),
+                   config.group_size)
+
+    @property
+    def weight_bits(self) -> int:
+        return 4 if self.scheme == "w4a8" else 8
+
+    @property
+    def weight_group(self) -> int | None:
+        """Input features per weight scale, ``None`` for one scale per output channel."""
+        return self.group_size if self.scheme == "w4a8" else None
 
     def gemm_linears(self, model: nn.Module) -> list[GemmLinear]:
         """The deployed INT8 linears of ``model`` (a transformers causal LM or a PEFT model wrapping one).
@@ -132,5 +156,15 @@ class Int8Deployment:
 
     def describe(self) -> dict:
         """The deployment in words, for metrics.json / export.json."""
-        return {"bits": BITS, "grid": GRID, "weights": WEIGHTS, "activations": ACTIVATIONS[self.scale],
-                "targets": list(self.targets), "granularity": self.granularity, "scale": self.scale}
+        out = {"scheme": self.scheme, "bits": BITS, "grid": GRID,
+               "weights": WEIGHTS[self.scheme].format(g=self.group_size), "activations": ACTIVATIONS[self.scale],
+               "targets": list(self.targets), "granularity": self.granularity, "scale": self.scale}
+        if self.scheme == "w4a8":
+            out["group_size"] = self.group_size
+        return out
+
+
+def deployed_scheme(training_scheme: str) -> str:
+    """The deployment a run trained with ``qat.scheme`` is scored and exported as: ``a8`` (activation-only QAT)
+    and ``w8a8`` deploy as ``w8a8``, ``w4a8`` as ``w4a8``."""
+    return "w4a8" if training_scheme == "w4a8" else "w8a8"

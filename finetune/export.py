@@ -22,8 +22,9 @@ per-channel weights and run-time INT8 inputs on the simulation's symmetric grid,
 from this project installed. Why ONNX Runtime: it expresses every simulated mode exactly (per-sequence,
 per-token and static scales, the symmetric grid), where torch's dynamic quantization (deprecated) computes
 asymmetric 7-bit activations per tensor, and torchao's int8 path has no fast eager CPU kernel.
-Modes the INT8 runtime cannot express are refused: ``qat.eval_bits`` other than 8, and non-``Linear``
-deployed layers (GPT-2's ``Conv1D``).
+Modes the INT8 runtime cannot express are refused: ``qat.eval_bits`` other than 8, a run trained with
+``qat.scheme=w4a8`` (INT4 group-wise weights: ONNX Runtime's 4-bit ``MatMulNBits`` takes float activations,
+not the scheme's INT8 ones), and non-``Linear`` deployed layers (GPT-2's ``Conv1D``).
 
 Measured, printed and written to ``out/export.json``: ``runtime``, ``scheme``, ``size_mb`` (the ONNX model)
 against float32 (the float ONNX model) and float16 (the merged weights at 2 bytes per value);
@@ -55,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.deployment import Int8Deployment
+from finetune.deployment import Int8Deployment, deployed_scheme
 from finetune.errors import FinetuneError
 from finetune.export_common import (
     as_bool,
@@ -75,7 +76,7 @@ from finetune.export_onnx import (
     to_int8,
     write_info,
 )
-from finetune.qat_ops import GRANULARITIES, SCALE_MODES
+from finetune.qat_ops import GRANULARITIES, SCALE_MODES, QATConfig
 from finetune.runs import commit_dir, staging_dir
 
 __all__ = ["export_run", "load_exported", "main"]
@@ -198,8 +199,13 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     as_choice("format", fmt, FORMATS)
     path, cfg = run_config(run)
     run_kind(path)
-    granularity = as_choice("granularity", granularity or str(cfg.qat.get("granularity", "sublayer")), GRANULARITIES)
-    scale = as_choice("scale", scale or str(cfg.qat.get("scale", "tensor")), SCALE_MODES)
+    trained = QATConfig.from_cfg(cfg.qat)
+    if deployed_scheme(trained.scheme) != "w8a8":
+        raise FinetuneError(f"format=int8 writes w8a8 (ONNX MatMulInteger on INT8 weights); run={path} was trained "
+                            f"with qat.scheme={trained.scheme} (INT4 group-wise weights), which this runtime path "
+                            "cannot express; its simulated score (accuracy_int8) is the w4a8 deployment's")
+    granularity = as_choice("granularity", granularity or trained.granularity, GRANULARITIES)
+    scale = as_choice("scale", scale or trained.scale, SCALE_MODES)
     bits = cfg.qat.get("eval_bits")
     if bits not in (None, 8):
         raise FinetuneError(f"format=int8 runs 8-bit activations; run={path} was simulated with qat.eval_bits={bits}, "
@@ -322,7 +328,7 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
     record = {
         **info,
         "runtime": f"onnxruntime {_ort_version()} (CPUExecutionProvider)",
-        "scheme": "w8a8",
+        "scheme": deployment.scheme,
         "deployment": deployment.describe(),
         "size_mb": size / 2**20,
         "size_vs_float32": size / float_bytes,

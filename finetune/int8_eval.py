@@ -13,7 +13,9 @@ import logging
 from omegaconf import DictConfig
 
 from finetune.data import DataSplits, tokenize_split
+from finetune.deployment import deployed_scheme
 from finetune.evaluate import classify, loss_and_perplexity
+from finetune.qat_ops import QATConfig
 
 log = logging.getLogger("finetune.int8_eval")
 
@@ -53,21 +55,26 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     from finetune.qat import simulate_int8
 
     bits = int(qcfg.get("eval_bits") or 8)
+    config = QATConfig.from_cfg(qcfg)
     # Recorded so a QAT run is only ever paired with a PTQ run simulated the same way.
-    how = {"int8_eval_bits": bits, "int8_granularity": str(qcfg.granularity)}
+    how = {"int8_eval_bits": bits, "int8_granularity": str(qcfg.granularity),
+           "int8_scheme": deployed_scheme(config.scheme)}
+    if config.weight_group is not None:
+        how["int8_weight_group_size"] = config.weight_group
     if targets:
         with simulate_int8(model, targets, qcfg, handle=handle) as sim:
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
-        _log("QAT", targets, scores, bits)
+        _log("QAT", targets, scores, bits, _weights(how))
         return {**scores, "int8_eval": "qat", "int8_targets": list(targets), **how, "int8_scale": sim.config.scale}
     result: dict = {"int8_eval": "ptq", "int8_targets": ["attn", "ffn"], **how}
     # A static-scale PTQ baseline is calibrated on training rows, as QAT's observer is (never on test rows).
-    calibration = calibration_batches(splits, dcfg, tok, max_len, bs) if qcfg.scale == "static" else None
+    calibration = calibration_batches(splits, dcfg, tok, max_len, bs) if QATConfig.from_cfg(qcfg).scale == "static" \
+        else None
     for target_set in PTQ_TARGET_SETS:
         with simulate_int8(model, list(target_set), qcfg, calibration=calibration) as sim:
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
         result["int8_scale"] = sim.config.scale
-        _log("PTQ", target_set, scores, bits)
+        _log("PTQ", target_set, scores, bits, _weights(how))
         if len(target_set) == 2:
             result.update(scores)
         else:
@@ -75,7 +82,12 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     return result
 
 
-def _log(kind: str, targets, scores: dict, bits: int = 8) -> None:
+def _log(kind: str, targets, scores: dict, bits: int = 8, weights: str = "INT8") -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-    log.info("simulated deployment, %d-bit activations / INT8 weights (%s on %s): %s", bits, kind, "+".join(targets),
-             shown)
+    log.info("simulated deployment, %d-bit activations / %s weights (%s on %s): %s", bits, weights, kind,
+             "+".join(targets), shown)
+
+
+def _weights(how: dict) -> str:
+    group = how.get("int8_weight_group_size")
+    return f"INT4 group-{group}" if group else "INT8"

@@ -37,6 +37,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from finetune.arch import arch_spec, decoder_layers
+from finetune.deployment import deployed_scheme
 from finetune.errors import FinetuneError
 from finetune.qat_handle import (
     ACTIVE_HANDLES,
@@ -285,8 +286,16 @@ def simulate_int8(
             )
             scale = "tensor"
     eval_bits = qcfg.get("eval_bits") if isinstance(qcfg, Mapping) else getattr(qcfg, "eval_bits", None)
+    eval_bits = int(eval_bits or 8)
+    if config.scheme != "a8" and eval_bits != 8:
+        raise FinetuneError(f"qat.eval_bits={eval_bits} contradicts qat.scheme={config.scheme} (8-bit activations); "
+                            "use qat.scheme=a8 to simulate other activation widths")
+    deployed = deployed_scheme(config.scheme)
+    # The deployment's weights: INT8 per output channel (scheme a8 here, weight_bits 8), or w4a8's INT4 groups.
     sim_config = QATConfig(
-        bits=int(eval_bits or 8), scale=scale, granularity=config.granularity, weight_bits=8, start_step=0, ema_decay=config.ema_decay
+        scheme="w4a8" if deployed == "w4a8" else "a8", bits=eval_bits, scale=scale, granularity=config.granularity,
+        weight_bits=None if deployed == "w4a8" else 8, group_size=config.group_size, start_step=0,
+        ema_decay=config.ema_decay,
     )
     sim, layers, skipped_bnb = build_handle(
         model, targets, sim_config,

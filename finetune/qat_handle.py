@@ -279,7 +279,8 @@ class QATHandle:
         """What is quantized and how well (one host sync per module; call at logging time, not per step).
 
         Returns:
-            ``targets``, ``granularity``, ``bits``, ``scale``, ``weight_bits``, ``enabled``,
+            ``targets``, ``granularity``, ``bits``, ``scale``, ``scheme``, ``weight_bits``,
+            ``weight_group_size`` (``None``: per output channel), ``enabled``,
             ``enabled_at_step``, ``num_quantized_modules`` (``{"total", "attn", "ffn"}``; groups not
             targeted count 0), ``num_weight_quantized_modules`` (same shape), ``snr_db``
             (``{group: mean over that group's modules of 10 log10(sum x^2 / sum (x-q)^2)}``, the sums
@@ -294,7 +295,9 @@ class QATHandle:
             "granularity": self.granularity,
             "bits": self.bits,
             "scale": self.scale,
+            "scheme": self.config.scheme,
             "weight_bits": self.weight_bits,
+            "weight_group_size": self.config.weight_group,
             "enabled": self.enabled,
             "enabled_at_step": self.enabled_at_step,
             "num_quantized_modules": _counts([q.group for q in acts]),
@@ -400,7 +403,7 @@ def build_handle(
             handle.weight_quantizers.append(
                 WeightQuantizer(
                     module, name, key, group, kind, config.weight_bits, handle,
-                    cache=cache_weights, cache_frozen=cache_frozen_weights,
+                    cache=cache_weights, cache_frozen=cache_frozen_weights, group_size=config.weight_group,
                 )  # fmt: skip
             )
     if dropout_seen and not frozen:

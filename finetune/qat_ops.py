@@ -10,7 +10,9 @@ Quantization grid (symmetric, signed, no zero point)::
     q    = clamp(round(x / s), -qmax, qmax) * s
 
 The -2**(bits-1) code is deliberately unused so the grid is symmetric (what INT8 GEMM kernels with
-symmetric scales assume).
+symmetric scales assume). The one exception is the group-wise INT4 weight grid of ``qat.scheme=w4a8``, which
+is torchao's (codes -8..7, ``s = absmax / 7.5``): the grid its int8-dynamic-activation / int4-weight QAT trains
+and its converted models compute, pinned to torchao by a test.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ log = logging.getLogger(__name__)
 MIN_BITS, MAX_BITS = 4, 8
 SCALE_MODES = ("tensor", "token", "static")
 GRANULARITIES = ("sublayer", "linear")
+# qat.scheme: what trains with fake-quant and what the simulated deployment runs.
+#   a8    activations only (qat.bits wide); deployed as w8a8
+#   w8a8  + INT8 per-output-channel weights (symmetric, -127..127)
+#   w4a8  + INT4 group-wise weights (qat.group_size, torchao's grid), INT8 per-token activations by default
+SCHEMES = ("a8", "w8a8", "w4a8")
+SCHEME_WEIGHT_BITS = {"a8": None, "w8a8": 8, "w4a8": 4}
+SCHEME_SCALE = {"a8": "tensor", "w8a8": "tensor", "w4a8": "token"}  # qat.scale=null takes the scheme's
 
 # Smallest scale we ever divide by. 1e-8 is far below any real activation step; fp16 cannot even
 # represent it (it would flush to 0 and x / 0 = inf), so for fp16 the floor is fp16's smallest normal.
@@ -76,25 +85,57 @@ class QATConfig:
     """The validated ``qat:`` node of ``conf/train.yaml`` (``eval_int8`` is the caller's business).
 
     Attributes:
-        bits: activation bits, 4..8.
-        scale: ``tensor`` | ``token`` | ``static``.
+        scheme: ``a8`` | ``w8a8`` | ``w4a8`` (see :data:`SCHEMES`); it fixes ``weight_bits`` (and the weight
+            grouping) and, when ``scale`` is ``None``, the activation scale mode.
+        bits: activation bits, 4..8 (8 for the ``w*a8`` schemes).
+        scale: ``tensor`` | ``token`` | ``static``; ``None``: the scheme's (:data:`SCHEME_SCALE`).
         granularity: ``sublayer`` | ``linear``.
-        weight_bits: ``None`` or 4..8 (per-output-channel weight fake-quant of the target linears).
+        weight_bits: ``None`` or 4..8 (weight fake-quant of the target linears); set by the ``w*`` schemes,
+            free (per output channel) with ``a8``.
+        group_size: input features per weight scale with ``w4a8`` (``weight_group`` is ``None`` otherwise:
+            one scale per output channel).
         start_step: optimizer step from which fake-quant is on (0 = from the start).
         ema_decay: EMA decay of the static observer, in [0, 1).
     """
 
     bits: int = 8
-    scale: str = "tensor"
+    scale: str | None = None
     granularity: str = "sublayer"
     weight_bits: int | None = None
     start_step: int = 0
     ema_decay: float = 0.99
+    scheme: str = "a8"
+    group_size: int = 32
+
+    @property
+    def weight_group(self) -> int | None:
+        """Input features per weight scale (``w4a8``), or ``None`` (one scale per output channel)."""
+        return self.group_size if self.scheme == "w4a8" else None
 
     def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise FinetuneError(f"qat.scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         object.__setattr__(self, "bits", check_bits(self.bits, "qat.bits"))
         if self.weight_bits is not None:
             object.__setattr__(self, "weight_bits", check_bits(self.weight_bits, "qat.weight_bits"))
+        wanted = SCHEME_WEIGHT_BITS[self.scheme]
+        if wanted is not None:
+            if self.weight_bits not in (None, wanted):
+                raise FinetuneError(f"qat.weight_bits={self.weight_bits} contradicts qat.scheme={self.scheme} "
+                                    f"({wanted}-bit weights); leave qat.weight_bits=null")
+            if self.bits != 8:
+                raise FinetuneError(f"qat.bits={self.bits} contradicts qat.scheme={self.scheme} (8-bit activations); "
+                                    "use qat.scheme=a8 for other activation widths")
+            object.__setattr__(self, "weight_bits", wanted)
+        try:
+            group = operator.index(self.group_size)
+        except TypeError:
+            raise FinetuneError(f"qat.group_size must be an integer >= 2, got {self.group_size!r}") from None
+        if group < 2:
+            raise FinetuneError(f"qat.group_size must be an integer >= 2, got {group}")
+        object.__setattr__(self, "group_size", group)
+        if self.scale is None:
+            object.__setattr__(self, "scale", SCHEME_SCALE[self.scheme])
         if self.scale not in SCALE_MODES:
             raise FinetuneError(f"qat.scale must be one of {', '.join(SCALE_MODES)}, got {self.scale!r}")
         if self.granularity not in GRANULARITIES:
@@ -147,44 +188,52 @@ class _FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:  # noqa: ANN001
-        return _fake_quant_impl(x, scale, qmax)
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int,  # noqa: ANN001
+                reciprocal: bool) -> torch.Tensor:
+        return _fake_quant_impl(x, scale, qmax, qmin, reciprocal)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        return grad, None, None
+        return grad, None, None, None, None
 
 
-def _fake_quant_impl(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+def _fake_quant_impl(x: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int, reciprocal: bool = False
+                     ) -> torch.Tensor:
+    if reciprocal:  # torchao's arithmetic, x * (1 / s): it can round a value lying half-way between codes differently
+        return (x.float() * scale.float().reciprocal()).round_().clamp_(qmin, qmax).mul_(scale.float()).to(x.dtype)
     # In float32 whatever x's dtype: x / s rounded in bf16 lands on the wrong code for a few % of values
     # (bf16 keeps 8 significant bits, x / s needs up to 8 bits before the point plus the rounding bit).
     # One fresh tensor (x / s), then in-place round / clamp / rescale, then back to x's dtype (each result
     # rounds to the bf16 value nearest its grid point: round(out / s) still recovers the code, since bf16's
     # relative error 2^-9 is below half a step 1 / (2 qmax)).
     if x.dtype == torch.float32:
-        return torch.div(x, scale).round_().clamp_(-qmax, qmax).mul_(scale)
+        return torch.div(x, scale).round_().clamp_(qmin, qmax).mul_(scale)
     q = torch.div(x.float(), scale.float())
-    return q.round_().clamp_(-qmax, qmax).mul_(scale.float()).to(x.dtype)
+    return q.round_().clamp_(qmin, qmax).mul_(scale.float()).to(x.dtype)
 
 
-def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """THE fake-quant: symmetric grid with step ``scale``, straight-through (identity) gradient.
+def fake_quant_ste(x: torch.Tensor, scale: torch.Tensor, qmax: int, qmin: int | None = None,
+                   reciprocal: bool = False) -> torch.Tensor:
+    """THE fake-quant: grid with step ``scale``, straight-through (identity) gradient.
 
     Args:
         x: any floating tensor.
         scale: positive, broadcastable to ``x`` (``[]``, ``[..., 1]`` or ``[out, 1]``); cast to
             ``x.dtype`` here so the arithmetic stays in the input dtype.
         qmax: ``2**(bits-1) - 1``.
+        qmin: the lowest code; ``-qmax`` (the symmetric grid) unless given (``-2**(bits-1)``: torchao's grid).
+        reciprocal: compute ``x * (1 / scale)`` as torchao does, instead of ``x / scale``.
 
     Returns:
-        A tensor of ``x``'s shape and dtype whose values lie on ``scale * {-qmax..qmax}``.
+        A tensor of ``x``'s shape and dtype whose values lie on ``scale * {qmin..qmax}``.
     """
+    qmin = -qmax if qmin is None else qmin
     if x.dtype == torch.float32 and scale.dtype != x.dtype:
         scale = scale.to(x.dtype)
     if x.requires_grad and torch.is_grad_enabled():
-        return _FakeQuantSTE.apply(x, scale, qmax)
+        return _FakeQuantSTE.apply(x, scale, qmax, qmin, reciprocal)
     # No graph to build (eval / no_grad): skip the autograd.Function bookkeeping, same arithmetic.
-    return _fake_quant_impl(x, scale, qmax)
+    return _fake_quant_impl(x, scale, qmax, qmin, reciprocal)
 
 
 def absmax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -262,21 +311,36 @@ def fake_quant(x: torch.Tensor, bits: int = 8, mode: str = "tensor", scale: torc
     return fake_quant_ste(x, scale, qmax_of(bits))
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Per-output-channel symmetric fake-quant of a weight in ``[out, in]`` layout (STE).
+def fake_quant_weight(w: torch.Tensor, bits: int = 8, group_size: int | None = None) -> torch.Tensor:
+    """Weight fake-quant in ``[out, in]`` layout (STE).
 
     Args:
         w: ``[out_features, in_features]`` (transpose GPT-2 ``Conv1D`` weights first).
         bits: 4..8.
+        group_size: ``None``: one scale per output channel on the symmetric grid (``absmax / qmax``, codes
+            ``-qmax..qmax``). An int: one scale per ``group_size`` consecutive input features of a row, on
+            torchao's grid (``absmax / ((qmax - qmin) / 2)``, codes ``-2**(bits-1)..2**(bits-1)-1``) and
+            arithmetic (``x * (1 / s)``), exactly what torchao's ``IntxFakeQuantizeConfig(torch.int4,
+            group_size=g)`` computes.
 
     Returns:
-        ``w`` fake-quantized with one scale per row (shape ``[out, 1]``).
+        ``w`` fake-quantized, same shape and dtype.
 
     Raises:
-        FinetuneError: ``bits`` outside 4..8 (names ``qat.weight_bits``).
+        FinetuneError: ``bits`` outside 4..8 (names ``qat.weight_bits``), or ``group_size`` does not divide
+            ``in_features`` (names ``qat.group_size``).
     """
     bits = check_bits(bits, "qat.weight_bits")
-    return fake_quant_ste(w, dynamic_scale(w, bits, "token"), qmax_of(bits))
+    if group_size is None:
+        return fake_quant_ste(w, dynamic_scale(w, bits, "token"), qmax_of(bits))
+    rows, cols = w.shape
+    if cols % group_size:
+        raise FinetuneError(f"qat.group_size={group_size} does not divide the {cols} input features of a target "
+                            "linear; choose a divisor of every target's in_features (e.g. 32)")
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    grouped = w.reshape(rows, cols // group_size, group_size)
+    scale = (absmax(grouped, dim=-1) / ((qmax - qmin) / 2)).clamp_(min=scale_floor(w.dtype))
+    return fake_quant_ste(grouped, scale, qmax, qmin, reciprocal=True).reshape(rows, cols)
 
 
 class ActivationQuantizer:

