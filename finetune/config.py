@@ -117,10 +117,15 @@ def validate(cfg: DictConfig) -> None:
     for key in ("isolate_jobs", "overwrite_run"):
         if key in cfg:
             _bool(key, cfg[key])
+    if "gpus_per_job" in cfg:
+        _number("gpus_per_job", cfg.gpus_per_job, low=0, integer=True)
     _text("run_name", cfg.get("run_name"), optional=True)
     _text("sweep_name", cfg.get("sweep_name"), optional=True)
     if cfg.get("sweep_name") and ("/" in cfg.sweep_name or cfg.sweep_name.startswith(".")):
         raise FinetuneError(f"sweep_name={cfg.sweep_name!r} names a folder; use letters, digits, - and _ only")
+
+    if "distributed" in cfg:
+        _validate_distributed(cfg.distributed, cfg.quantization.mode)
 
     m = cfg.model
     if not isinstance(m.name_or_path, str) or not m.name_or_path.strip():
@@ -183,6 +188,31 @@ def validate(cfg: DictConfig) -> None:
         for key in ("entity", "group"):
             _text(f"logger.{key}", lg.get(key), optional=True)
         _text_list("logger.tags", lg.get("tags"), optional=True)
+
+
+def _validate_distributed(d: DictConfig, quant_mode: str) -> None:
+    """``distributed.*``; what a strategy needs that this machine lacks is named before anything runs."""
+    import importlib.util
+
+    import torch
+
+    _choice("distributed.strategy", d.get("strategy"), ("none", "ddp", "fsdp", "deepspeed"))
+    if d.strategy == "ddp":
+        _bool("distributed.find_unused_parameters", d.get("find_unused_parameters", False))
+    if d.strategy == "fsdp":
+        for key in ("reshard_after_forward", "cpu_offload", "activation_checkpointing"):
+            _bool(f"distributed.{key}", d.get(key, False))
+        if quant_mode == "int8":
+            raise FinetuneError("distributed=fsdp with quantization=int8 is not supported (bitsandbytes 8-bit weights "
+                                "cannot be sharded); use quantization=nf4 (QLoRA + FSDP) or distributed=ddp")
+    if d.strategy == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise FinetuneError("distributed=deepspeed_* needs the deepspeed package (pip install deepspeed) and CUDA "
+                                "GPUs; distributed=ddp or fsdp need neither")
+        if not torch.cuda.is_available():
+            raise FinetuneError("distributed=deepspeed_* needs CUDA GPUs; on CPU use distributed=ddp")
+        if not isinstance(d.get("config"), DictConfig):
+            raise FinetuneError("distributed.config must be a DeepSpeed config mapping (see conf/distributed/)")
 
 
 def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:

@@ -252,8 +252,12 @@ def bnb_compute_dtype(qcfg: DictConfig, precision: Precision) -> torch.dtype:
     return getattr(torch, qcfg.compute_dtype)
 
 
-def bnb_config(qcfg: DictConfig, precision: Precision):
-    """The one place a BitsAndBytesConfig is built from the ``quantization`` node (None for mode=none)."""
+def bnb_config(qcfg: DictConfig, precision: Precision, sharded: bool = False):
+    """The one place a BitsAndBytesConfig is built from the ``quantization`` node (None for mode=none).
+
+    ``sharded`` (FSDP / DeepSpeed ZeRO-3): 4-bit weights are stored in blocks typed as the run's weight dtype
+    (``bnb_4bit_quant_storage``), the same dtype as the rest of the model, which the sharding engines need.
+    """
     if qcfg.mode == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -272,6 +276,7 @@ def bnb_config(qcfg: DictConfig, precision: Precision):
         bnb_4bit_use_double_quant=bool(qcfg.double_quant),
         bnb_4bit_compute_dtype=bnb_compute_dtype(qcfg, precision),
         llm_int8_skip_modules=skip,
+        **({"bnb_4bit_quant_storage": precision.load_dtype} if sharded and precision.load_dtype else {}),
     )
 
 
@@ -328,8 +333,11 @@ def restore_trainable_4bit_layout(model) -> int:
 
 
 def load_model(mcfg: DictConfig, qcfg: DictConfig, precision: Precision, *, gradient_checkpointing: bool = False,
-               for_training: bool = True):
+               for_training: bool = True, sharded: bool = False):
     """Load tokenizer and model; quantize with bitsandbytes and prepare for k-bit training where asked.
+
+    ``sharded`` (``distributed=fsdp`` / DeepSpeed): the engine places and shards the weights, so no device map;
+    a 4-bit base stores its blocks in the weight dtype (:func:`bnb_config`).
 
     Returns:
         (model, tokenizer, resolved path or hub id)
@@ -346,10 +354,12 @@ def load_model(mcfg: DictConfig, qcfg: DictConfig, precision: Precision, *, grad
     )
     if mcfg.get("attn_implementation"):
         kwargs["attn_implementation"] = mcfg.attn_implementation
-    quant = bnb_config(qcfg, precision)
+    quant = bnb_config(qcfg, precision, sharded=sharded)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    if torch.cuda.is_available():
+    if sharded and quant is None:
+        pass  # FSDP / DeepSpeed move and shard the weights themselves
+    elif torch.cuda.is_available():
         # One process per GPU (torchrun / accelerate) puts the whole model on its own device.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     elif quant is not None:

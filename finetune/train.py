@@ -12,6 +12,7 @@ Returns the objective a sweeper optimises (accuracy, or minus eval loss for gene
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -138,6 +139,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     Raises:
         FinetuneError: a user error (bad value, file, combination); anything else a run can raise.
     """
+    from finetune import distributed
     from finetune.runs import RunWriter, holds_run
 
     from finetune.trainer import resolve_resume
@@ -147,11 +149,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     run_log = _RunLog()
     try:
         validate(cfg)
-        writer.check()
+        # Rank 0 checks the directory and picks the checkpoint; under torchrun every rank follows its decision.
+        distributed.agree(writer.check)
         # Resolved before anything is written: a bad path or a damaged checkpoint leaves the directory as it was.
-        resume = resolve_resume(cfg.trainer.get("resume_from_checkpoint"), Path(run_dir))
+        resume = distributed.agree(lambda: resolve_resume(cfg.trainer.get("resume_from_checkpoint"), Path(run_dir)))
         return _run(cfg, run_dir, writer, run_log, overrides or [], job, resume)
     except BaseException as exc:
+        if not distributed.is_main():  # rank 0 records the failure; the others only stop
+            raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, FinetuneError):
             log.error("run failed: %s", message)
@@ -178,13 +183,13 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     from transformers import set_seed
 
     from finetune.data import DataCollator, load_splits, tokenize_split
-    from finetune.evaluate import classify, loss_and_perplexity, sample_generations, zero_shot
+    from finetune.evaluate import zero_shot
     from finetune.lora import apply_lora, count_params
     from finetune.measure import (ThroughputCallback, bound_cpu_allocator, memory_breakdown_mb, memory_device,
                                   peak_memory_mb, reset_peak_memory)
     from finetune.model import load_model, resolve_precision
     from finetune.trainer import make_trainer, training_arguments
-    from finetune import tracking
+    from finetune import distributed, tracking
 
     targets = qat_targets(cfg)
     method = method_name(cfg)
@@ -197,9 +202,14 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     splits = load_splits(dcfg, cfg.seed)
     log.info("data: %s (train %d, validation %d, test %d)", splits.source, len(splits.train),
              len(splits.validation), len(splits.test))
-    # Config and data are good: from here on the run writes into its directory.
-    writer.begin(_early_files(cfg, overrides))
-    run_log.open(run_dir / "train.log")
+    main = distributed.is_main()
+    strategy = str(cfg.get("distributed", {}).get("strategy", "none"))
+    # FSDP / DeepSpeed shard the weights: every rank takes part in each forward pass, evaluation included.
+    sharded = strategy in ("fsdp", "deepspeed")
+    # Config and data are good: from here on the run writes into its directory (rank 0 alone).
+    if main:
+        writer.begin(_early_files(cfg, overrides))
+        run_log.open(run_dir / "train.log")
     metrics: dict = {
         "status": "running", "job": job, "method": method, "model": cfg.model.name_or_path,
         "dataset": dcfg.name, "task": dcfg.task, "data_source": splits.source,
@@ -215,13 +225,13 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
         metrics["cpu_allocator"] = bounded or "glibc default"
     reset_peak_memory()
     model, tok, resolved = load_model(cfg.model, cfg.quantization, precision,
-                                      gradient_checkpointing=bool(tcfg.gradient_checkpointing))
+                                      gradient_checkpointing=bool(tcfg.gradient_checkpointing), sharded=sharded)
     metrics["model_path"] = resolved
     metrics["model_memory_mb"] = round(model.get_memory_footprint() / 2**20, 2)
     eval_bs, max_len = int(cfg.eval.batch_size), int(tcfg.max_length)
     bf16 = precision.bf16
 
-    if classification and cfg.eval.zero_shot:
+    if classification and cfg.eval.zero_shot and (main or sharded):
         t0 = time.perf_counter()
         zs = zero_shot(model, tok, splits.test, cfg, resolved, max_len, eval_bs, precision)
         metrics.update(zero_shot_accuracy=zs["accuracy"], zero_shot_f1=zs["f1"], zero_shot_cached=zs["from_cache"])
@@ -256,9 +266,9 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     callbacks.append(meter)
 
     name = cfg.run_name or f"{method}-{dcfg.name}-{run_dir.name}"
-    wandb_run = tracking.init_run(cfg, run_dir, name, tags=[method, dcfg.name] + (overrides or []))
+    wandb_run = tracking.init_run(cfg, run_dir, name, tags=[method, dcfg.name] + (overrides or [])) if main else None
     args = training_arguments(tcfg, precision, run_dir, cfg.seed, ["wandb"] if wandb_run else [], name,
-                              has_eval=val_ds is not None)
+                              has_eval=val_ds is not None, dist_cfg=cfg.get("distributed"))
     trainer = make_trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                            data_collator=collator, callbacks=callbacks, meter=meter)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -269,20 +279,40 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
             wandb_run.log(qat_handle.metrics())
         qat_handle.enabled = False
     # Peak memory of loading + training (the comparison column); evaluation's own peak is recorded apart.
-    metrics["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    # Under a multi-process launch: the job's figures (sum of tokens, max of peaks and times) and each rank's.
+    ranks = distributed.gather({"rank": distributed.rank(), "tokens": meter.tokens, "train_runtime_s": meter.elapsed,
+                                "peak_memory_mb": round(peak_memory_mb(), 1)})
+    metrics["peak_memory_mb"] = max(r["peak_memory_mb"] for r in ranks)
     metrics["memory_breakdown_mb"] = memory_breakdown_mb(metrics["peak_memory_mb"], metrics["model_memory_mb"], model)
     reset_peak_memory()
+    elapsed = max(r["train_runtime_s"] for r in ranks)
+    tokens = sum(r["tokens"] for r in ranks)
     metrics.update(
         # Over the whole run, also after a resume (the checkpoint carries the running sums and the time).
-        train_runtime_s=round(meter.elapsed, 2),
+        train_runtime_s=round(elapsed, 2),
         train_steps=result.global_step,
         train_loss=round(trainer._total_loss_scalar / max(result.global_step, 1), 6),
-        train_tokens=meter.tokens,
-        train_tokens_per_s=round(meter.tokens_per_s, 2),
+        train_tokens=tokens,
+        train_tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
     )
+    if distributed.launched():
+        metrics["distributed"] = {**distributed.describe(strategy), "per_rank": [
+            {**r, "train_runtime_s": round(r["train_runtime_s"], 2),
+             "tokens_per_s": round(r["tokens"] / r["train_runtime_s"], 2) if r["train_runtime_s"] > 0 else 0.0}
+            for r in ranks]}
 
     # Artifacts: the adapter in PEFT format (or the full model), and the tokenizer.
-    if cfg.lora.method == "none":
+    weights_dir = "model" if cfg.lora.method == "none" else "adapter"
+    if sharded:  # the sharded weights are gathered by the engine (a collective: every rank calls it; rank 0 writes)
+        trainer.save_model(distributed.broadcast(str(writer.path(weights_dir)) if main else None))
+    if not main and not sharded:
+        return {"status": "ok", "rank": distributed.rank()}  # rank 0 evaluates and records
+    if not main:  # sharded: every forward pass needs every rank; rank 0 records
+        _evaluate(cfg, model, tok, splits, val_ds, {}, qat_handle, targets, bf16)
+        return {"status": "ok", "rank": distributed.rank()}
+    if sharded:
+        tok.save_pretrained(writer.path(weights_dir))
+    elif cfg.lora.method == "none":
         # A standalone checkpoint: AutoModelForCausalLM / AutoTokenizer.from_pretrained(run_dir / "model").
         model.save_pretrained(writer.path("model"))
         tok.save_pretrained(writer.path("model"))
@@ -295,6 +325,26 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
                                                 "static_scales": qat_handle.static_scales(),
                                                 "static_absmax": qat_handle.static_absmax()})
 
+    _evaluate(cfg, model, tok, splits, val_ds, metrics, qat_handle, targets, bf16)
+    metrics.update(eval_peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(), status="ok")
+    if torch.cuda.is_available():
+        metrics["gpu"] = torch.cuda.get_device_name()
+    writer.commit(metrics)
+    tracking.finish_run(wandb_run, metrics)
+    log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
+    return metrics
+
+
+def _evaluate(cfg: DictConfig, model, tok, splits, val_ds, metrics: dict, qat_handle, targets: list[str],
+              bf16: bool) -> None:
+    """Scores after training into ``metrics``: validation loss and selection score, test scores, simulated INT8
+    where asked, sample generations in the log."""
+    from finetune.data import tokenize_split
+    from finetune.evaluate import classify, loss_and_perplexity, sample_generations
+
+    dcfg = cfg.dataset
+    classification = dcfg.task == "classification"
+    eval_bs, max_len = int(cfg.eval.batch_size), int(cfg.trainer.max_length)
     if val_ds is not None and len(val_ds):
         metrics.update(loss_and_perplexity(model, val_ds, tok.pad_token_id, eval_bs, bf16))
     if classification and splits.validation:
@@ -320,14 +370,6 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
                                      int(cfg.eval.max_new_tokens), bf16, max_len):
         log.info("sample | prompt: %s | completion: %s | reference: %s", sample["prompt"].replace("\n", " "),
                  sample["completion"].replace("\n", " "), sample["reference"])
-
-    metrics.update(eval_peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(), status="ok")
-    if torch.cuda.is_available():
-        metrics["gpu"] = torch.cuda.get_device_name()
-    writer.commit(metrics)
-    tracking.finish_run(wandb_run, metrics)
-    log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
-    return metrics
 
 
 def _record_failure(run_dir: Path, job: str, overrides: list[str], message: str, error_type: str) -> None:
@@ -382,14 +424,31 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
     ``target`` replaces the job body (same arguments as :func:`_job_process`; tests).
     """
     import multiprocessing
+    import os
+
+    from finetune import distributed
 
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     path = run_dir / "metrics.json"
     before = path.read_bytes() if path.is_file() else None
     proc = multiprocessing.get_context("spawn").Process(
         target=target or _job_process, args=(cfg_yaml, str(run_dir), overrides, job), name=f"finetune-job-{job}")
-    proc.start()
-    proc.join()
+    # With CUDA, the job gets gpus_per_job GPUs no other running job of the sweep holds (jobs side by side under
+    # hydra/launcher=parallel); the sweep folder keeps the lease files.
+    with distributed.gpu_lease(run_dir.parent / ".gpu-lease", int(cfg.get("gpus_per_job") or 0)) as gpus:
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if gpus is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = distributed.visible_devices(gpus)
+            log.info("job %s on GPU(s) %s", job, os.environ["CUDA_VISIBLE_DEVICES"])
+        try:
+            proc.start()  # the child takes this environment
+        finally:
+            if gpus is not None:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        proc.join()
     after = path.read_bytes() if path.is_file() else None
     status = json.loads(after).get("status") if after is not None else None
     if after is None or (after == before and proc.exitcode != 0) or status == "running":
@@ -420,13 +479,31 @@ def _check_before_spawn(cfg: DictConfig, run_dir: Path, overrides: list[str], jo
 def run_and_record(cfg: DictConfig) -> float:
     """Run one job. A user error in a single run exits 2 with one line; in a sweep every failure is
     recorded in the job's metrics.json and the sweep goes on (``isolate_jobs``: each job in its own process)."""
+    from finetune import distributed
+
     multirun, overrides, job, group = _hydra_context()
     run_dir = Path(cfg.output_dir)
     if group and cfg.logger.get("backend") == "wandb" and not cfg.logger.get("group"):
         cfg.logger.group = group
+    distributed.adopt_slurm_tasks()
+    if distributed.launched():
+        if multirun and not _launcher_isolates():
+            print("error: a sweep (-m) cannot run inside torchrun / accelerate launch: launch single runs with them, "
+                  "or give each sweep job several processes with hydra/launcher=slurm (tasks_per_node)",
+                  file=sys.stderr)
+            sys.exit(2)
+        try:
+            return objective(_run_launched(cfg, run_dir, overrides, job))
+        except FinetuneError as exc:
+            if multirun:  # recorded in the job's metrics.json by rank 0
+                return float("nan")
+            print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            distributed.finish()
     if multirun:
         try:
-            if cfg.get("isolate_jobs", True):
+            if cfg.get("isolate_jobs", True) and not _launcher_isolates():
                 _check_before_spawn(cfg, run_dir, overrides, job)
                 metrics = run_isolated(cfg, run_dir, overrides, job)
             else:
@@ -442,6 +519,34 @@ def run_and_record(cfg: DictConfig) -> float:
     except FinetuneError as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         sys.exit(2)
+
+
+def _launcher_isolates() -> bool:
+    """True when the Hydra launcher already runs every job in a fresh process of its own (submitit: local and
+    SLURM); the basic launcher runs jobs in the sweep process and joblib reuses its workers, so there
+    ``isolate_jobs`` spawns one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return "submitit" in str(HydraConfig.get().launcher.get("_target_", ""))
+    except ValueError:
+        return False
+
+
+def _run_launched(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str) -> dict:
+    """One job over the processes of torchrun / accelerate launch: rank 0's run directory is everyone's (each
+    rank's Hydra picked a time-stamped one of its own; an empty one it made is removed)."""
+    import os
+
+    from finetune import distributed
+
+    distributed.init()
+    shared = Path(distributed.broadcast(os.path.abspath(run_dir)))
+    if shared != Path(os.path.abspath(run_dir)):
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if empty: never anything this rank did not create
+        cfg.output_dir = str(shared)
+    return run(cfg, shared, overrides, job)
 
 
 # An absolute path: console scripts and `python -m` both find the tree (the package installs editable).

@@ -18,13 +18,35 @@ from finetune.model import Precision
 log = logging.getLogger("finetune.trainer")
 
 
+def distributed_arguments(dist_cfg: DictConfig | None) -> dict:
+    """TrainingArguments for the ``distributed`` group: DDP settings, FSDP2, or a DeepSpeed config."""
+    from omegaconf import OmegaConf
+
+    strategy = dist_cfg.strategy if dist_cfg is not None else "none"
+    if strategy in ("none", "ddp"):
+        find_unused = bool(dist_cfg.get("find_unused_parameters", False)) if dist_cfg is not None else False
+        return {"ddp_find_unused_parameters": find_unused}
+    if strategy == "fsdp":
+        options = ["full_shard", "auto_wrap"] + (["offload"] if dist_cfg.get("cpu_offload") else [])
+        return {"fsdp": " ".join(options), "fsdp_config": {
+            "fsdp_version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": bool(dist_cfg.get("reshard_after_forward", True)),
+            "activation_checkpointing": bool(dist_cfg.get("activation_checkpointing", False)),
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        }}
+    return {"deepspeed": OmegaConf.to_container(dist_cfg.config, resolve=True)}
+
+
 def training_arguments(tcfg: DictConfig, precision: Precision, run_dir: Path, seed: int, report_to: list[str],
-                       run_name: str, has_eval: bool):
-    """The one place TrainingArguments is built from the ``trainer`` config node."""
+                       run_name: str, has_eval: bool, dist_cfg: DictConfig | None = None):
+    """The one place TrainingArguments is built from the ``trainer`` (and ``distributed``) config nodes."""
     from transformers import TrainingArguments
 
     eval_strategy = tcfg.eval_strategy if has_eval else "no"
     return TrainingArguments(
+        **distributed_arguments(dist_cfg),
         output_dir=str(run_dir / "checkpoints"),
         run_name=run_name,
         num_train_epochs=float(tcfg.epochs),
@@ -253,7 +275,10 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
             return super()._get_train_sampler(train_dataset)
 
         def _save_checkpoint(self, model, trial):
+            from finetune import distributed
+
             super()._save_checkpoint(model, trial)
+            tokens = distributed.gather(meter.tokens if meter else None)  # every rank's count (a collective)
             if not self.args.should_save:
                 return
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -267,6 +292,7 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
                 "pending_loss": float(self._tr_loss.item()) if hasattr(self, "_tr_loss") else 0.0,
                 "globalstep_last_logged": self._globalstep_last_logged,
                 "tokens": meter.tokens if meter else None,
+                "tokens_per_rank": tokens,
                 "elapsed_s": meter.elapsed_so_far() if meter else None,
                 # Callbacks with state of their own (QAT's static observers) save it alongside.
                 "callbacks": {type(cb).__name__: cb.checkpoint_state() for cb in self.callback_handler.callbacks
@@ -285,7 +311,11 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
             self._tr_loss = torch.tensor(st["pending_loss"], dtype=torch.float32, device=self.args.device)
             self._globalstep_last_logged = int(st["globalstep_last_logged"])
             if meter is not None and st.get("tokens") is not None:
-                meter.restore(int(st["tokens"]), float(st.get("elapsed_s") or 0.0))
+                from finetune import distributed
+
+                per_rank = st.get("tokens_per_rank") or []
+                own = per_rank[distributed.rank()] if distributed.rank() < len(per_rank) else st["tokens"]
+                meter.restore(int(own), float(st.get("elapsed_s") or 0.0))
             for cb in self.callback_handler.callbacks:
                 if hasattr(cb, "restore_checkpoint_state"):
                     cb.restore_checkpoint_state((st.get("callbacks") or {}).get(type(cb).__name__))

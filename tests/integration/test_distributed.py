@@ -1,0 +1,102 @@
+"""One job over several processes (torchrun, gloo on this CPU) and sweeps through a parallel Hydra launcher.
+
+DDP with 2 processes x batch 2 trains the same adapter as 1 process x batch 4 (same rows per step, same
+seed); rank 0 alone writes the run directory, the W&B run and metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY, shared
+
+# 24 rows, 3 steps of 4 rows per step; random (not length-grouped) order, no dropout: both layouts see the same
+# rows in each step, so only the order of float additions differs.
+COMMON = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.batch_size", "logger"))],
+          "trainer.max_steps=3", "trainer.sampling=random", "lora.dropout=0.0", "trainer.lr=5e-3",
+          "dataset.max_train_samples=24", "eval.num_samples=0"]
+
+
+def _env(**extra: str) -> dict:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _train(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = [*launcher, "-m", "finetune.train", f"dataset.path={shared('chnsenticorp')}", *COMMON, *args]
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def ddp_and_single(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ddp")
+    single = _train(["trainer.batch_size=4", "logger=none", f"hydra.run.dir={base / 'single'}"], base)
+    assert single.returncode == 0, single.stderr[-3000:]
+    # Each rank's Hydra gets a directory of its own (run-0, run-1); rank 0's is the job's.
+    ddp = _train(["trainer.batch_size=2", "distributed=ddp", "logger=wandb",
+                  f"hydra.run.dir={base}/run-${{oc.env:RANK,0}}"], base, nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return base, base / "single", base / "run-0"
+
+
+def test_ddp_two_processes_train_what_one_process_trains_with_twice_the_batch(ddp_and_single):
+    _, single, ddp = ddp_and_single
+    one = json.loads((single / "metrics.json").read_text())
+    two = json.loads((ddp / "metrics.json").read_text())
+    assert two["status"] == "ok" and two["train_steps"] == one["train_steps"] == 3
+    a = load_file(single / "adapter" / "adapter_model.safetensors")
+    b = load_file(ddp / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(float(t.abs().max()) for k, t in a.items() if "lora_B" in k)
+    assert moved > 1e-3  # training moved the adapters (lora_B starts at zero)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert abs(two["train_loss"] - one["train_loss"]) <= 1e-4 * abs(one["train_loss"])
+    assert abs(two["eval_loss"] - one["eval_loss"]) <= 1e-4 * abs(one["eval_loss"])
+    assert two["accuracy"] == one["accuracy"]
+
+
+def test_ddp_rank_0_alone_writes_the_run(ddp_and_single):
+    base, _, ddp = ddp_and_single
+    assert not (base / "run-1").exists()  # rank 1's own directory, empty, removed
+    assert sorted(p.name for p in base.iterdir()) == ["run-0", "single"]
+    m = json.loads((ddp / "metrics.json").read_text())
+    d = m["distributed"]
+    assert d["world_size"] == 2 and d["backend"] == "gloo" and d["strategy"] == "ddp"
+    assert [r["rank"] for r in d["per_rank"]] == [0, 1]
+    assert m["train_tokens"] == sum(r["tokens"] for r in d["per_rank"]) and all(r["tokens"] > 0 for r in d["per_rank"])
+    assert m["peak_memory_mb"] == max(r["peak_memory_mb"] for r in d["per_rank"])
+    assert len(list((ddp / "wandb").glob("offline-run-*"))) == 1
+    assert (ddp / "adapter" / "adapter_model.safetensors").is_file() and (ddp / "train.log").is_file()
+    assert not list(ddp.glob(".staging-*"))
+
+
+def test_a_sweep_inside_torchrun_is_refused(tmp_path):
+    out = _train(["-m", "lora.r=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}", "logger=none"], tmp_path, nproc=2)
+    assert out.returncode != 0 and "cannot run inside torchrun" in out.stderr
+    assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").rglob("metrics.json"))
+
+
+def test_two_sweep_jobs_run_side_by_side_and_the_report_is_written(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, "-m", "finetune.train", "-m", "hydra/launcher=parallel",
+                          "hydra.launcher.n_jobs=2", f"dataset.path={shared('chnsenticorp')}", *COMMON,
+                          "trainer.batch_size=2", "logger=none", "lora.r=4,8", f"hydra.sweep.dir={sweep}"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
+    assert [j["status"] for j in jobs] == ["ok", "ok"] and sorted(j["lora"]["r"] for j in jobs) == [4, 8]
+    assert (sweep / "comparison.md").is_file()
+    assert "Joblib.Parallel(n_jobs=2)" in out.stderr
