@@ -36,6 +36,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
+from finetune.qat_ops import SCHEME_SCALE
 
 log = logging.getLogger("finetune.bench")
 
@@ -70,6 +71,8 @@ def variant_config(base: DictConfig, variant: str) -> DictConfig:
     """The ``qat`` node for one variant, derived from the composed run's."""
     q = OmegaConf.to_container(base, resolve=True)
     q.update(start_step=0)
+    if q.get("scale") is None:  # the scheme's activation scale (qat.scale=null)
+        q["scale"] = SCHEME_SCALE[q.get("scheme") or "a8"]
     if variant == "sublayer":
         q.update(granularity="sublayer")
     elif variant == "linear":

@@ -202,6 +202,9 @@ def _validate_distributed(d: DictConfig, quant_mode: str) -> None:
     if d.strategy == "fsdp":
         for key in ("reshard_after_forward", "cpu_offload", "activation_checkpointing"):
             _bool(f"distributed.{key}", d.get(key, False))
+        if not torch.cuda.is_available():
+            raise FinetuneError("distributed=fsdp needs CUDA GPUs: on CPU the Trainer does not shard and would run "
+                                "plain DDP instead; use distributed=ddp here")
         if quant_mode == "int8":
             raise FinetuneError("distributed=fsdp with quantization=int8 is not supported (bitsandbytes 8-bit weights "
                                 "cannot be sharded); use quantization=nf4 (QLoRA + FSDP) or distributed=ddp")

@@ -13,6 +13,7 @@ Returns the objective a sweeper optimises (accuracy, or minus eval loss for gene
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -281,7 +282,10 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     # Peak memory of loading + training (the comparison column); evaluation's own peak is recorded apart.
     # Under a multi-process launch: the job's figures (sum of tokens, max of peaks and times) and each rank's.
     ranks = distributed.gather({"rank": distributed.rank(), "tokens": meter.tokens, "train_runtime_s": meter.elapsed,
-                                "peak_memory_mb": round(peak_memory_mb(), 1)})
+                                "peak_memory_mb": round(peak_memory_mb(), 1), "loss_sum": trainer._total_loss_scalar})
+    # The Trainer's running loss: the logged part is already averaged over ranks, the part since the last log is
+    # each rank's own; the mean over ranks is the job's loss (exact when the ranks' batches weigh alike).
+    loss_sum = sum(r.pop("loss_sum") for r in ranks) / len(ranks)
     metrics["peak_memory_mb"] = max(r["peak_memory_mb"] for r in ranks)
     metrics["memory_breakdown_mb"] = memory_breakdown_mb(metrics["peak_memory_mb"], metrics["model_memory_mb"], model)
     reset_peak_memory()
@@ -291,7 +295,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
         # Over the whole run, also after a resume (the checkpoint carries the running sums and the time).
         train_runtime_s=round(elapsed, 2),
         train_steps=result.global_step,
-        train_loss=round(trainer._total_loss_scalar / max(result.global_step, 1), 6),
+        train_loss=round(loss_sum / max(result.global_step, 1), 6),
         train_tokens=tokens,
         train_tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
     )
@@ -431,8 +435,11 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     path = run_dir / "metrics.json"
     before = path.read_bytes() if path.is_file() else None
+    # By module path: under ``python -m finetune.train`` this module is __main__, which a launcher's worker process
+    # (joblib) cannot import back by that name.
+    body = target or importlib.import_module("finetune.train")._job_process
     proc = multiprocessing.get_context("spawn").Process(
-        target=target or _job_process, args=(cfg_yaml, str(run_dir), overrides, job), name=f"finetune-job-{job}")
+        target=body, args=(cfg_yaml, str(run_dir), overrides, job), name=f"finetune-job-{job}")
     # With CUDA, the job gets gpus_per_job GPUs no other running job of the sweep holds (jobs side by side under
     # hydra/launcher=parallel); the sweep folder keeps the lease files.
     with distributed.gpu_lease(run_dir.parent / ".gpu-lease", int(cfg.get("gpus_per_job") or 0)) as gpus:
@@ -441,7 +448,13 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
             os.environ["CUDA_VISIBLE_DEVICES"] = distributed.visible_devices(gpus)
             log.info("job %s on GPU(s) %s", job, os.environ["CUDA_VISIBLE_DEVICES"])
         try:
-            proc.start()  # the child takes this environment
+            with _stdlib_start_method():
+                proc.start()  # the child takes this environment
+        except Exception as exc:  # noqa: BLE001 - the job could not start: recorded like any job failure
+            message = f"job process could not start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            _record_failure(run_dir, job, overrides, message, "JobProcessError")
+            return {"status": "failed", "job": job, "error": message, "error_type": "JobProcessError",
+                    "overrides": overrides}
         finally:
             if gpus is not None:
                 if saved is None:
@@ -460,6 +473,24 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
                         "overrides": overrides}
         return recorded
     return json.loads(after)
+
+
+@contextlib.contextmanager
+def _stdlib_start_method():
+    """A spawned child replays its parent's global start method; inside a joblib (loky) worker that is 'loky', which
+    the child cannot resolve. Switch to 'spawn' while starting the job process, then put the worker's back."""
+    import multiprocessing
+
+    current = multiprocessing.get_start_method(allow_none=True)
+    if current in (None, "spawn", "fork", "forkserver"):
+        yield
+        return
+    saved = multiprocessing.context._default_context._actual_context  # the worker's own (loky) context
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.context._default_context._actual_context = saved
 
 
 def _check_before_spawn(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str) -> None:

@@ -27,11 +27,11 @@ def distributed_arguments(dist_cfg: DictConfig | None) -> dict:
         find_unused = bool(dist_cfg.get("find_unused_parameters", False)) if dist_cfg is not None else False
         return {"ddp_find_unused_parameters": find_unused}
     if strategy == "fsdp":
-        options = ["full_shard", "auto_wrap"] + (["offload"] if dist_cfg.get("cpu_offload") else [])
-        return {"fsdp": " ".join(options), "fsdp_config": {
-            "fsdp_version": 2,
+        return {"fsdp": True, "fsdp_config": {
+            "version": 2,
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "reshard_after_forward": bool(dist_cfg.get("reshard_after_forward", True)),
+            "cpu_offload": bool(dist_cfg.get("cpu_offload", False)),
             "activation_checkpointing": bool(dist_cfg.get("activation_checkpointing", False)),
             "state_dict_type": "FULL_STATE_DICT",
             "cpu_ram_efficient_loading": False,

@@ -32,10 +32,11 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def _train(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.CompletedProcess:
+def _train(args: list[str], cwd: Path, nproc: int = 1, multirun: bool = False) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "finetune.train", f"dataset.path={shared('chnsenticorp')}", *COMMON, *args]
+    cmd = [*launcher, "-m", "finetune.train", *(["-m"] if multirun else []), f"dataset.path={shared('chnsenticorp')}",
+           *COMMON, *args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
 
 
@@ -84,7 +85,8 @@ def test_ddp_rank_0_alone_writes_the_run(ddp_and_single):
 
 
 def test_a_sweep_inside_torchrun_is_refused(tmp_path):
-    out = _train(["-m", "lora.r=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}", "logger=none"], tmp_path, nproc=2)
+    out = _train(["lora.r=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}", "logger=none"], tmp_path, nproc=2,
+                 multirun=True)
     assert out.returncode != 0 and "cannot run inside torchrun" in out.stderr
     assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").rglob("metrics.json"))
 
@@ -99,4 +101,15 @@ def test_two_sweep_jobs_run_side_by_side_and_the_report_is_written(tmp_path):
     jobs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     assert [j["status"] for j in jobs] == ["ok", "ok"] and sorted(j["lora"]["r"] for j in jobs) == [4, 8]
     assert (sweep / "comparison.md").is_file()
-    assert "Joblib.Parallel(n_jobs=2)" in out.stderr
+    assert "Joblib.Parallel(n_jobs=2," in out.stdout + out.stderr
+    # side by side: each job's log spans a time interval, and the two intervals overlap
+    spans = [_log_span(sweep / str(i) / "train.log") for i in (0, 1)]
+    assert max(s[0] for s in spans) < min(s[1] for s in spans), spans
+
+
+def _log_span(path: Path) -> tuple[float, float]:
+    from datetime import datetime
+
+    stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+              for line in path.read_text().splitlines() if line.startswith("[20")]
+    return stamps[0], stamps[-1]

@@ -56,7 +56,8 @@ def test_lease_without_cuda_and_device_names(tmp_path, monkeypatch, four_gpus):
 def test_each_strategy_sets_its_training_arguments():
     assert distributed_arguments(compose_cfg([]).distributed) == {"ddp_find_unused_parameters": False}
     fsdp = distributed_arguments(compose_cfg(["distributed=fsdp"]).distributed)
-    assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2
+    assert fsdp["fsdp_config"]["reshard_after_forward"] is True and fsdp["fsdp_config"]["cpu_offload"] is False
     zero3 = distributed_arguments(compose_cfg(["distributed=deepspeed_zero3"]).distributed)
     assert zero3["deepspeed"]["zero_optimization"]["stage"] == 3
 
@@ -70,7 +71,11 @@ def test_what_this_machine_cannot_run_is_named(monkeypatch):
         validate(compose_cfg(["distributed=deepspeed_zero2"]))
     with pytest.raises(FinetuneError, match="distributed.strategy='tp' is not allowed"):
         validate(compose_cfg(["distributed.strategy=tp"]))
+    with pytest.raises(FinetuneError, match="distributed=fsdp needs CUDA GPUs"):
+        validate(compose_cfg(["distributed=fsdp"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(FinetuneError, match="distributed=fsdp with quantization=int8"):
         validate(compose_cfg(["distributed=fsdp", "quantization=int8"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FinetuneError, match="gpus_per_job"):
         validate(compose_cfg(["gpus_per_job=-1"]))

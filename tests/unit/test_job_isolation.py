@@ -47,3 +47,12 @@ def test_user_error_inside_the_job_process_keeps_its_message(tmp_path):
 def test_exit_reasons_name_the_cause():
     assert _exit_reason(-9).startswith("job process killed by SIGKILL (the out-of-memory killer")
     assert _exit_reason(3) == "job process exited with status 3 before writing its metrics"
+
+
+def test_a_job_process_that_cannot_start_is_recorded_as_failed(tmp_path):
+    """A job body the spawn cannot hand to the child (here: a lambda, which does not pickle) fails that job,
+    recorded in its metrics.json, instead of leaving an empty job folder."""
+    m = run_isolated(compose_cfg(TINY, tmp_path), tmp_path / "job", ["lora.r=4"], "2", target=lambda *a: None)
+    recorded = json.loads((tmp_path / "job" / "metrics.json").read_text())
+    assert m["status"] == recorded["status"] == "failed" and "could not start" in recorded["error"]
+    assert recorded["job"] == "2" and recorded["overrides"] == ["lora.r=4"]

@@ -6,6 +6,9 @@ grids are pinned to torchao's fake-quantizers on the modes both have.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -22,6 +25,10 @@ peft = pytest.importorskip("peft")
 
 
 def _torchao_intx(**config):
+    """torchao's fake-quantizer, from the copy ./run installs beside the environment (.venv/pinned/torchao)."""
+    pinned = str(Path(sys.prefix) / "pinned" / "torchao")
+    if pinned not in sys.path and Path(pinned).is_dir():
+        sys.path.append(pinned)
     pytest.importorskip("torchao")
     from torchao.quantization.qat import IntxFakeQuantizeConfig
     from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
