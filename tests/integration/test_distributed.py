@@ -23,6 +23,8 @@ from tests.conftest import ROOT, TINY, shared
 COMMON = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.batch_size", "logger"))],
           "trainer.max_steps=3", "trainer.sampling=random", "lora.dropout=0.0", "trainer.lr=5e-3",
           "dataset.max_train_samples=24", "eval.num_samples=0"]
+# Static-scale QAT on the attention inputs: its observers must see every rank's batch to match one process.
+QAT = ["qat_targets=[attn]", "qat.scale=static", "qat.ema_decay=0.5"]
 
 
 def _env(**extra: str) -> dict:
@@ -43,10 +45,10 @@ def _train(args: list[str], cwd: Path, nproc: int = 1, multirun: bool = False) -
 @pytest.fixture(scope="module")
 def ddp_and_single(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
-    single = _train(["trainer.batch_size=4", "logger=none", f"hydra.run.dir={base / 'single'}"], base)
+    single = _train(["trainer.batch_size=4", "logger=none", *QAT, f"hydra.run.dir={base / 'single'}"], base)
     assert single.returncode == 0, single.stderr[-3000:]
     # Each rank's Hydra gets a directory of its own (run-0, run-1); rank 0's is the job's.
-    ddp = _train(["trainer.batch_size=2", "distributed=ddp", "logger=wandb",
+    ddp = _train(["trainer.batch_size=2", "distributed=ddp", "logger=wandb", *QAT,
                   f"hydra.run.dir={base}/run-${{oc.env:RANK,0}}"], base, nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return base, base / "single", base / "run-0"
@@ -66,7 +68,12 @@ def test_ddp_two_processes_train_what_one_process_trains_with_twice_the_batch(dd
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
     assert abs(two["train_loss"] - one["train_loss"]) <= 1e-4 * abs(one["train_loss"])
     assert abs(two["eval_loss"] - one["eval_loss"]) <= 1e-4 * abs(one["eval_loss"])
-    assert two["accuracy"] == one["accuracy"]
+    assert two["accuracy"] == one["accuracy"] and two["accuracy_int8"] == one["accuracy_int8"]
+    # every rank's static QAT scales were calibrated on the max over all ranks' batches: one process's scales
+    scales = [json.loads((d / "qat_state.json").read_text())["static_absmax"] for d in (single, ddp)]
+    assert scales[0].keys() == scales[1].keys() and len(scales[0]) == 2
+    for key, value in scales[0].items():
+        assert scales[1][key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_ddp_rank_0_alone_writes_the_run(ddp_and_single):
@@ -85,9 +92,12 @@ def test_ddp_rank_0_alone_writes_the_run(ddp_and_single):
 
 
 def test_a_sweep_inside_torchrun_is_refused(tmp_path):
-    out = _train(["lora.r=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}", "logger=none"], tmp_path, nproc=2,
-                 multirun=True)
-    assert out.returncode != 0 and "cannot run inside torchrun" in out.stderr
+    """What torchrun's environment says (one of two ranks) is enough: refused before any rank does anything."""
+    cmd = [sys.executable, "-m", "finetune.train", "-m", f"dataset.path={shared('chnsenticorp')}", *COMMON,
+           "lora.r=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}", "logger=none"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    assert out.returncode == 2 and "cannot run inside torchrun" in out.stderr
     assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").rglob("metrics.json"))
 
 

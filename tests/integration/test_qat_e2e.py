@@ -23,7 +23,6 @@ def qat_runs(tmp_path_factory):
     return {
         "attn": train(base / "attn", "qat_targets=[attn]", *common),
         "ffn": train(base / "ffn", "qat_targets=[ffn]", "qat.granularity=linear", *common),
-        "none": train(base / "none", "qat.eval_int8=true", *common),
     }
 
 
@@ -47,8 +46,9 @@ def test_single_target_run_writes_fp_and_int8_metrics(qat_runs, target):
     assert other not in q["snr_db"]
 
 
-def test_run_without_qat_records_the_ptq_baseline_per_target_set(qat_runs):
-    m = qat_runs["none"]
+@pytest.mark.slow  # the PTQ baseline's logic runs in the default suite on the tiny model (test_tiny_runs.py)
+def test_run_without_qat_records_the_ptq_baseline_per_target_set(tmp_path):
+    m = train(tmp_path / "none", "qat.eval_int8=true", "eval.zero_shot=false", "eval.num_samples=0", "logger=none")
     assert m["qat_targets"] == [] and "qat" not in m and m["int8_eval"] == "ptq"
     for key in ("accuracy_int8", "accuracy_int8_attn", "accuracy_int8_ffn", "f1_int8_attn", "f1_int8_ffn"):
         assert 0.0 <= m[key] <= 1.0, key
