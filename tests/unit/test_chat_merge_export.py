@@ -231,10 +231,12 @@ def test_export_generation_run_reports_perplexity(runs, tmp_path, capsys):
 
 
 def test_export_of_a_static_qat_run_uses_its_own_scales(tmp_path, capsys):
-    run_dir = _train(tmp_path, "qat", "qat_targets=[attn,ffn]", "qat.scale=static")
+    """A w8a8 QAT run (INT8 weights trained too) with static scales: exported as the deployment it was scored in."""
+    run_dir = _train(tmp_path, "qat", "qat_targets=[attn,ffn]", "qat.scale=static", "qat.scheme=w8a8")
     info = export.export_run(str(run_dir), "int8", str(tmp_path / "q"), latency_tokens=2, latency_reps=1,
                              float_reference=False)
     assert not info["ptq"] and info["qat_targets"] == ["attn", "ffn"]
+    assert info["scheme"] == info["deployment"]["scheme"] == "w8a8" and info["runtime"].startswith("onnxruntime")
     assert info["static_scales_from"].startswith("qat_state.json") and info["deployment"]["scale"] == "static"
     assert info["simulation_check"]["passed"]
     assert "accuracy_int8" in info["quality"]["run_metrics"]  # the run's own simulated figure is carried over
