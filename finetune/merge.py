@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from finetune.errors import FinetuneError
 from finetune.runs import commit_dir, staging_dir
 from finetune.export_common import (
     CHECK_PROMPTS,
