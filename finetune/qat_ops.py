@@ -127,13 +127,7 @@ class QATConfig:
                 raise FinetuneError(f"qat.bits={self.bits} contradicts qat.scheme={self.scheme} (8-bit activations); "
                                     "use qat.scheme=a8 for other activation widths")
             object.__setattr__(self, "weight_bits", wanted)
-        try:
-            group = operator.index(self.group_size)
-        except TypeError:
-            raise FinetuneError(f"qat.group_size must be an integer >= 2, got {self.group_size!r}") from None
-        if group < 2:
-            raise FinetuneError(f"qat.group_size must be an integer >= 2, got {group}")
-        object.__setattr__(self, "group_size", group)
+        object.__setattr__(self, "group_size", _int_at_least("qat.group_size", self.group_size, 2))
         if self.scale is None:
             object.__setattr__(self, "scale", SCHEME_SCALE[self.scheme])
         if self.scale not in SCALE_MODES:
@@ -142,13 +136,7 @@ class QATConfig:
             raise FinetuneError(
                 f"qat.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}"
             )
-        try:
-            start = operator.index(self.start_step)
-        except TypeError:
-            raise FinetuneError(f"qat.start_step must be an integer >= 0, got {self.start_step!r}") from None
-        if start < 0:
-            raise FinetuneError(f"qat.start_step must be an integer >= 0, got {start}")
-        object.__setattr__(self, "start_step", start)
+        object.__setattr__(self, "start_step", _int_at_least("qat.start_step", self.start_step, 0))
         try:
             decay = float(self.ema_decay)
         except (TypeError, ValueError):
@@ -174,6 +162,17 @@ class QATConfig:
         else:
             values = {k: getattr(qcfg, k) for k in fields if hasattr(qcfg, k)}
         return cls(**values)
+
+
+def _int_at_least(key: str, value: Any, low: int) -> int:
+    """``value`` as an int >= ``low``, or a :class:`FinetuneError` naming ``key``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise FinetuneError(f"{key} must be an integer >= {low}, got {value!r}") from None
+    if number < low:
+        raise FinetuneError(f"{key} must be an integer >= {low}, got {number}")
+    return number
 
 
 class _FakeQuantSTE(torch.autograd.Function):
