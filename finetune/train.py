@@ -397,8 +397,13 @@ def _job_process(cfg_yaml: str, run_dir: str, overrides: list[str], job: str) ->
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(fmt)
     root.addHandler(handler)
+    import os
+
+    start = time.perf_counter()
+    log.info("job %s: process %d started", job, os.getpid())
     try:
         run(OmegaConf.create(cfg_yaml), Path(run_dir), overrides, job)
+        log.info("job %s: process %d finished after %.1f s", job, os.getpid(), time.perf_counter() - start)
     except FinetuneError as exc:  # recorded in metrics.json; the job's log says why too
         log.error("job %s failed: %s", job, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         sys.exit(1)

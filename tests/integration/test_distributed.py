@@ -112,14 +112,16 @@ def test_two_sweep_jobs_run_side_by_side_and_the_report_is_written(tmp_path):
     assert [j["status"] for j in jobs] == ["ok", "ok"] and sorted(j["lora"]["r"] for j in jobs) == [4, 8]
     assert (sweep / "comparison.md").is_file()
     assert "Joblib.Parallel(n_jobs=2," in out.stdout + out.stderr
-    # side by side: each job's log spans a time interval, and the two intervals overlap
-    spans = [_log_span(sweep / str(i) / "train.log") for i in (0, 1)]
+    # side by side: each job process's lifetime (from its start to its end, as it logs them) overlaps the other's
+    spans = [_process_span(out.stderr, job) for job in ("0", "1")]
     assert max(s[0] for s in spans) < min(s[1] for s in spans), spans
 
 
-def _log_span(path: Path) -> tuple[float, float]:
+def _process_span(log: str, job: str) -> tuple[float, float]:
     from datetime import datetime
 
-    stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-              for line in path.read_text().splitlines() if line.startswith("[20")]
-    return stamps[0], stamps[-1]
+    def stamp(event: str) -> float:
+        line = next(li for li in log.splitlines() if f"job {job}: process" in li and event in li)
+        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    return stamp("started"), stamp("finished")
