@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from finetune.distributed import max_across_ranks
 from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
@@ -416,8 +417,6 @@ class ActivationQuantizer:
             mask = self._mask_for(x)
             amax = absmax(x) if mask is None else sequence_absmax(x, mask).max()  # padding is never observed
             if training:  # data parallel: every rank observes the max over all ranks' batches, so all quantize alike
-                from finetune.distributed import max_across_ranks
-
                 amax = max_across_ranks(amax)
             if self.ema is None:
                 self.ema = amax  # first observation initialises the EMA (no bias towards 0)

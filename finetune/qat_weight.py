@@ -197,7 +197,7 @@ class WeightQuantizer:
     ) -> None:
         self.module, self.name, self.key, self.group, self.kind = module, name, key, group, kind
         self.bits, self.group_size = bits, group_size
-        in_features = effective_weight(module, kind)[0].shape[1]
+        in_features = effective_weight(module, kind)[0].shape[1] if group_size is not None else 0
         if group_size is not None and in_features % group_size:
             raise FinetuneError(f"qat.group_size={group_size} does not divide the {in_features} input features of "
                                 f"'{name}'; choose a divisor of every target's in_features (e.g. 32)")
