@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from finetune.report_collect import ok_rows
 from finetune.report_format import cell_text, fmt_metric, is_fraction_metric, metric_label
-from finetune.report_qat import low_bit_label, mean_and_se, qat_scores, replicated
+from finetune.report_qat import by_scheme, low_bit_label, mean_and_se, qat_scores, replicated
 from finetune.report_tables import GRID_AXES, METHOD_ORDER, TARGET_ORDER, Comparison, sort_by_order
 
 DPI = 120
@@ -126,7 +126,8 @@ def plot_qat(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
     if not fp or fp not in ok_rows(df).columns:
         return None
     generation = not is_fraction_metric(fp)
-    scores = qat_scores(sort_by_order(df, "qat_targets", TARGET_ORDER), generation).dropna(subset=["fp"])
+    ordered = sort_by_order(df, "qat_targets", TARGET_ORDER)
+    scores = by_scheme(ordered, qat_scores(ordered, generation), TARGET_ORDER)[0].dropna(subset=["fp"])
     if scores.empty:
         return None
     low = low_bit_label(df)

@@ -94,6 +94,19 @@ def qat_scores(df: pd.DataFrame, generation: bool) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
+def by_scheme(df: pd.DataFrame, scores: pd.DataFrame, order: tuple[str, ...]) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """``scores`` of a sweep over deployment schemes (``int8_scheme`` varies) with each target set named by its
+    scheme (``W8A8 ffn``), so that means, pairs and bars never pool schemes, rows ordered scheme by scheme; and
+    ``order`` spelt the same way. Unchanged for a single-scheme sweep."""
+    if scores.empty or not varies(ok_rows(df), "int8_scheme"):
+        return scores, order
+    scheme_of = ok_rows(df)["int8_scheme"].astype(str).str.upper().reindex(scores.index)
+    named = scores.assign(targets=scheme_of + " " + scores["targets"])
+    spelt = tuple(f"{s} {t}" for s in sorted(set(scheme_of)) for t in order)
+    rank = {t: i for i, t in enumerate(spelt)}
+    return named.iloc[sorted(range(len(named)), key=lambda i: rank.get(named["targets"].iloc[i], len(spelt)))], spelt
+
+
 def qat_wins(diffs: pd.Series, generation: bool) -> int:
     """How many QAT-minus-PTQ differences say QAT matched or beat PTQ (accuracy not lower, perplexity not
     higher); NaN (no baseline) never counts."""

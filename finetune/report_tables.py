@@ -15,8 +15,8 @@ import pandas as pd
 
 from finetune.errors import FinetuneError
 from finetune.report_collect import ok_rows, varies
-from finetune.report_qat import (display_number, low_bit_label, plus_minus, qat_scores, qat_takeaway, qat_wins,
-                                 replicated, seed_summary, summary_table)
+from finetune.report_qat import (by_scheme as by_scheme_scores, display_number, low_bit_label, plus_minus, qat_scores,
+                                 qat_takeaway, qat_wins, replicated, seed_summary, summary_table)
 from finetune.report_format import (
     NA, cell_text, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta, metric_label,
     metric_text,
@@ -226,13 +226,18 @@ def _first(r: pd.Series, *keys: str):
 
 
 def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
-    sort_keys = ["seed"] if varies(df, "seed") else []
+    # A sweep over deployment schemes (qat.scheme: w8a8, w4a8, ...) compares targets within each scheme: every
+    # table row, mean and takeaway is per scheme ("W8A8 ffn"), never pooled across schemes.
+    by_scheme = varies(df, "int8_scheme")
+    sort_keys = (["int8_scheme"] if by_scheme else []) + (["seed"] if varies(df, "seed") else [])
     df = sort_by_order(df.sort_values(sort_keys, kind="stable") if sort_keys else df, "qat_targets", TARGET_ORDER)
+    if by_scheme:
+        df = df.sort_values("int8_scheme", kind="stable", key=lambda c: c.astype(str))
     generation = "perplexity" in (metric or "") or (not _has(df, "accuracy") and _has(df, "perplexity"))
     fp = "perplexity" if generation else "accuracy"
     low = low_bit_label(df)
-    scores = qat_scores(df, generation)
-    by_seed = bool(sort_keys)
+    scores, order = by_scheme_scores(df, qat_scores(df, generation), TARGET_ORDER)
+    by_seed = "seed" in sort_keys
     if generation:
         metric_heads = ["Perplexity", f"{low} perplexity", f"{low} increase (ppl)", f"PTQ {low} perplexity",
                         "QAT vs PTQ (ppl)"]
@@ -241,12 +246,13 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
         metric_heads = ["Accuracy (%)", f"{low} accuracy (%)", f"{low} drop (pts)", f"PTQ {low} accuracy (%)",
                         "QAT vs PTQ (pts)", "F1 (%)", f"{low} F1 (%)", f"PTQ {low} F1 (%)", "QAT vs PTQ F1 (pts)"]
         columns = ["fp", "q", "gap", "ptq", "vs_ptq", "f1", "f1_q", "ptq_f1", "vs_ptq_f1"]
-    lead = ["Targets"] + (["Seed"] if by_seed else [])
+    lead = (["Scheme"] if by_scheme else []) + ["Targets"] + (["Seed"] if by_seed else [])
     headers = lead + metric_heads + ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
     rows, label_of = [], {}
     for label, (index, r) in zip(_labels(df, "qat_targets", within=tuple(sort_keys)), df.iterrows()):
-        label_of[index] = label
-        cells = [label] + ([cell_text(r.get("seed"))] if by_seed else [])
+        label_of[index] = f"{str(r.get('int8_scheme')).upper()} {label}" if by_scheme else label
+        cells = ([str(r.get("int8_scheme")).upper()] if by_scheme else []) + [label] \
+            + ([cell_text(r.get("seed"))] if by_seed else [])
         if r["status"] != "ok":
             rows.append(cells + [_failed_cell(r)] + [""] * (len(headers) - len(cells) - 1))
             continue
@@ -257,25 +263,52 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
     if scores.empty:
         return Comparison("qat_targets", fp, not generation, _table(rows, headers),
                           qat_takeaway({}, {}, 0, low, generation))
+    # One takeaway per scheme (the only one when the sweep has a single scheme), over its own target sets.
+    schemes = sorted(set(ok_rows(df)["int8_scheme"].astype(str))) if by_scheme else [""]
+
+    def own(keys, scheme: str) -> dict:
+        """``{target set: value}`` of one scheme's entries, the scheme prefix dropped."""
+        prefix = f"{scheme.upper()} " if scheme else ""
+        return {k[len(prefix):]: v for k, v in keys if k.startswith(prefix)}
+
+    def per_scheme(make) -> str:
+        parts = []
+        for scheme in schemes:
+            scheme_low = low_bit_label(df[df["int8_scheme"].astype(str) == scheme]) if scheme else low
+            parts.append((f"{scheme.upper()}: " if scheme else "") + make(scheme, scheme_low))
+        return ". ".join(parts)
+
     if not replicated(scores):
         paired = scores.dropna(subset=["vs_ptq"])
-        diffs = {label_of[i]: display_number(d, generation, signed=True) for i, d in paired["vs_ptq"].items()}
-        takeaway = qat_takeaway({label_of[i]: g for i, g in scores["gap"].items()}, diffs,
-                                qat_wins(paired["vs_ptq"], generation), low, generation)
-        return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway)
-    summary = seed_summary(scores, generation, TARGET_ORDER)
+
+        def single(scheme: str, scheme_low: str) -> str:
+            diffs = own(((label_of[i], display_number(d, generation, signed=True))
+                         for i, d in paired["vs_ptq"].items()), scheme)
+            wins = qat_wins(pd.Series(own(((label_of[i], d) for i, d in paired["vs_ptq"].items()), scheme),
+                                      dtype=float), generation)
+            return qat_takeaway(own(((label_of[i], g) for i, g in scores["gap"].items()), scheme), diffs, wins,
+                                scheme_low, generation)
+        return Comparison("qat_targets", fp, not generation, _table(rows, headers), per_scheme(single))
+    summary = seed_summary(scores, generation, order)
     seeds = scores["seed"].dropna().astype(str).nunique()
-    paired = summary[summary["paired"] > 0]
-    diffs = {t: plus_minus(r["vs_ptq"], r["vs_ptq_se"], generation) for t, r in paired.iterrows()}
-    takeaway = qat_takeaway(summary["gap"].to_dict(), diffs, qat_wins(paired["vs_ptq"], generation), low, generation,
-                            lead="mean ")
-    if not generation and len(paired):  # accuracy alone flatters a run that settled on the majority class
-        takeaway += "; F1 " + ", ".join(f"{t} {plus_minus(r['vs_ptq_f1'], r['vs_ptq_f1_se'], False)}"
+
+    def replicated_takeaway(scheme: str, scheme_low: str) -> str:
+        prefix = f"{scheme.upper()} " if scheme else ""
+        sub = summary.loc[[t for t in summary.index if t.startswith(prefix)]].rename(index=lambda t: t[len(prefix):])
+        paired = sub[sub["paired"] > 0]
+        diffs = {t: plus_minus(r["vs_ptq"], r["vs_ptq_se"], generation) for t, r in paired.iterrows()}
+        text = qat_takeaway(sub["gap"].to_dict(), diffs, qat_wins(paired["vs_ptq"], generation), scheme_low,
+                            generation, lead="mean ")
+        if not generation and len(paired):  # accuracy alone flatters a run that settled on the majority class
+            text += "; F1 " + ", ".join(f"{t} {plus_minus(r['vs_ptq_f1'], r['vs_ptq_f1_se'], False)}"
                                         for t, r in paired.iterrows()) + " pts"
-    takeaway = f"Over {seeds} seeds (mean ± standard error of the paired difference): {takeaway}"
-    notes = [f"Means over {seeds} seeds: each QAT run is paired with the no-QAT run of its own seed (its PTQ "
-             "baseline) and the differences are averaged over those pairs; a QAT run whose seed has no finished "
-             "no-QAT run is left out of the paired columns."]
+        return text
+
+    takeaway = f"Over {seeds} seeds (mean ± standard error of the paired difference): " \
+        + per_scheme(replicated_takeaway)
+    notes = [f"Means over {seeds} seeds: each QAT run is paired with the no-QAT run of its own seed "
+             + ("and scheme " if by_scheme else "") + "(its PTQ baseline) and the differences are averaged over those "
+             "pairs; a QAT run whose seed has no finished no-QAT run is left out of the paired columns."]
     return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway, notes,
                       summary=summary_table(summary, low, generation))
 

@@ -569,3 +569,35 @@ def test_qat_runs_pair_only_with_ptq_simulated_the_same_way(tmp_path: Path) -> N
         base = ptq_baseline(df, row)
         assert base is not None
         assert (base["int8_scale"], base["int8_granularity"]) == (row["int8_scale"], row["int8_granularity"])
+
+
+def test_qat_report_over_schemes_never_pools_them(tmp_path: Path) -> None:
+    """A sweep over qat.scheme (the qat_regime preset): means, pairs, plot bars and takeaways are per scheme. Pooled,
+    W8A8's broken PTQ (40%) and W4A8's mild one (80%) would average into a number neither scheme has."""
+    root = tmp_path / "qat_regime" / "2025-01-05_09-00-00"
+    num = 0
+    for seed in (1, 2):
+        for scheme, ptq_acc, qat_acc in (("w8a8", 0.40, 0.78), ("w4a8", 0.80, 0.82)):
+            how = {"int8_scheme": scheme, "int8_granularity": "linear"}
+            ptq = qat_metrics([], 0.85, ptq_acc, seed=seed)
+            ptq.update(int8_eval="ptq", accuracy_int8_attn=0.84, accuracy_int8_ffn=ptq_acc + 0.01 * seed,
+                       f1_int8_attn=0.83, f1_int8_ffn=ptq_acc, **how)
+            write_job(root, num, ["qat_targets=[]", f"qat.scheme={scheme}", f"seed={seed}"], ptq)
+            write_job(root, num + 1, ["qat_targets=[ffn]", f"qat.scheme={scheme}", f"seed={seed}"],
+                      {**qat_metrics(["ffn"], 0.80, qat_acc, seed=seed), **how})
+            num += 2
+    report = generate_report(root)
+    comp = report.comparison
+    summary = comp.summary.set_index("Targets")
+    assert list(summary.index) == ["W4A8 none", "W4A8 ffn", "W8A8 none", "W8A8 ffn"]
+    # Each scheme's ffn run against its own scheme's and seed's PTQ: W8A8 (41, 42) -> +37.0 and +36.0, mean 36.5.
+    assert summary.loc["W8A8 ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+36.5 ± 0.5"
+    assert summary.loc["W4A8 ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+0.5 ± 0.5"
+    assert summary.loc["W8A8 ffn", "Runs"] == "2" and summary.loc["W8A8 none", "low-bit accuracy (%)"] == "40.0"
+    runs = comp.table
+    assert list(runs["Scheme"]) == ["W4A8"] * 4 + ["W8A8"] * 4
+    assert list(runs["Targets"]) == ["none", "none", "ffn", "ffn"] * 2
+    assert "W4A8: ffn QAT" in comp.takeaway and "W8A8: ffn QAT" in comp.takeaway
+    assert "in W4A8, QAT matches or beats PTQ" in comp.takeaway and "in INT8, QAT matches" in comp.takeaway
+    assert "own seed and scheme" in " ".join(comp.notes)
+    assert_png(report.paths["plot"])
