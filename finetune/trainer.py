@@ -78,6 +78,7 @@ def training_arguments(tcfg: DictConfig, precision: Precision, run_dir: Path, se
         report_to=report_to,
         remove_unused_columns=False,
         disable_tqdm=False,
+        torch_compile=bool(tcfg.get("torch_compile", False)),
     )
 
 

@@ -79,6 +79,7 @@ def test_public_keys_exist():
     ("qat.eval_int8=true qat.eval_bits=9", "qat.eval_bits"),
     ("isolate_jobs=maybe", "isolate_jobs"),
     ("model.dtype=int4", "model.dtype"),
+    ("trainer.torch_compile=sometimes", "trainer.torch_compile"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     cfg = compose_cfg(override.split())
@@ -118,3 +119,15 @@ def test_bounded_cpu_allocator_applies_in_its_own_process(tmp_path):
     code = "from finetune.measure import bound_cpu_allocator as b; print(b())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "glibc mmap_threshold=1 MiB", out.stderr
+
+
+def test_torch_compile_switch_reaches_the_trainer(tmp_path):
+    from finetune.model import resolve_precision
+    from finetune.trainer import training_arguments
+
+    for value in (False, True):
+        cfg = compose_cfg(["model=tiny", f"trainer.torch_compile={str(value).lower()}"])
+        validate(cfg)
+        args = training_arguments(cfg.trainer, resolve_precision("fp32", "float32"), tmp_path, 0, [], "t",
+                                  has_eval=False)
+        assert args.torch_compile is value
