@@ -39,7 +39,7 @@ log = logging.getLogger("finetune.chat")
 
 ARGS = {"run": None, "prompt": None, "prompts_file": None, "out": None, "max_new_tokens": "128",
         "temperature": "0", "top_p": "1.0", "load_in_4bit": "false", "load_in_8bit": "false", "seed": "0"}
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 
 

@@ -586,7 +586,8 @@ def _run_launched(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str
 
 
 # An absolute path: console scripts and `python -m` both find the tree (the package installs editable).
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# Package data: a normal (non-editable) install carries the configs with the code.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "finetune" / "conf"
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 # Tests never talk to a hub or to a W&B server.

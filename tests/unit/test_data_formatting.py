@@ -27,7 +27,7 @@ SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, 
 
 def make_dcfg(name: str, **overrides):
     """The dataset config node of conf/dataset/<name>.yaml with overrides, without Hydra."""
-    cfg = OmegaConf.load(ROOT / "conf" / "dataset" / f"{name}.yaml")
+    cfg = OmegaConf.load(ROOT / "finetune" / "conf" / "dataset" / f"{name}.yaml")
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     return cfg

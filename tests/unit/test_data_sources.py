@@ -20,7 +20,7 @@ SHARED = ROOT / ".." / "shared" / "data"
 
 def make_dcfg(name: str, **overrides):
     """The dataset config node of conf/dataset/<name>.yaml with overrides, without Hydra."""
-    cfg = OmegaConf.load(ROOT / "conf" / "dataset" / f"{name}.yaml")
+    cfg = OmegaConf.load(ROOT / "finetune" / "conf" / "dataset" / f"{name}.yaml")
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     return cfg
