@@ -6,11 +6,17 @@ selection (``qat_targets``), so both always agree on what "attention" and "FFN" 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 
 from finetune.errors import FinetuneError
+
+# The sub-layer groups every architecture below names: the vocabulary of qat_targets and of LoRA's group presets.
+GROUPS = ("attn", "ffn")
+ALLOWED_TARGETS = GROUPS
 
 
 @dataclass(frozen=True)
@@ -101,3 +107,43 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise FinetuneError(f"expected decoder layers at '{spec.layers_path}', found {type(layers).__name__}")
     return layers
+
+
+def validate_targets(targets: Any) -> list[str]:
+    """Normalise ``qat_targets`` to a sub-list of ``["attn", "ffn"]`` in that order.
+
+    Accepts a list of names, one name, or a mapping of flags as the ``qat_targets`` config group
+    composes it (``{attn: true, ffn: true}``).
+
+    Raises:
+        FinetuneError: an unknown name (the allowed ones are listed) or no target at all.
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    elif isinstance(targets, Mapping):
+        targets = [name for name, on in targets.items() if on]
+    names = [str(t) for t in (targets or [])]
+    unknown = sorted(set(names) - set(ALLOWED_TARGETS))
+    if unknown:
+        raise FinetuneError(
+            f"unknown QAT target(s) {', '.join(unknown)} in qat_targets; allowed: {', '.join(ALLOWED_TARGETS)}"
+        )
+    if not names:
+        raise FinetuneError(f"no QAT targets given; choose from {', '.join(ALLOWED_TARGETS)}")
+    return [t for t in ALLOWED_TARGETS if t in names]  # canonical order, duplicates dropped
+
+
+def model_type_of(model: nn.Module) -> str:
+    """``config.model_type`` of a transformers model, or of the base model inside a PEFT wrapper.
+
+    Raises:
+        FinetuneError: the model has no ``config.model_type``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        raise FinetuneError(
+            f"cannot apply QAT to a {type(base).__name__}: it has no config.model_type to look up its sub-layers"
+        )
+    return model_type

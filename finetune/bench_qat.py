@@ -58,7 +58,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from finetune.train import CONF_DIR
+    from finetune.config import CONF_DIR
 
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -112,7 +112,7 @@ def _time_steps(model, optimizer, batches: list[dict], autocast) -> float:
     """Seconds per training step (forward + backward + optimizer step), averaged over ``batches``."""
     import torch
 
-    from finetune.trainer import accepts_logits_to_keep, label_position_loss
+    from finetune.loss import accepts_logits_to_keep, label_position_loss
 
     device = next(p for p in model.parameters()).device
     label_positions = accepts_logits_to_keep(model)  # the loss finetune-train's Trainer computes

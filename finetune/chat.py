@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from finetune.config import CONF_DIR
+from finetune.data.formatting import prompt_ids
 from finetune.errors import FinetuneError
 from finetune.export_common import as_bool, as_number, open_run, parse_kv, run_cli
 
@@ -39,7 +41,6 @@ log = logging.getLogger("finetune.chat")
 
 ARGS = {"run": None, "prompt": None, "prompts_file": None, "out": None, "max_new_tokens": "128",
         "temperature": "0", "top_p": "1.0", "load_in_4bit": "false", "load_in_8bit": "false", "seed": "0"}
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 
 
@@ -60,22 +61,9 @@ def quantization_node(load_in_4bit: bool, load_in_8bit: bool):
 
 
 def render_ids(tok, messages: list[dict], dcfg=None) -> list[int]:
-    """Token ids of ``messages`` followed by the assistant generation prompt, as the run was trained.
-
-    Args:
-        tok: the run's tokenizer.
-        messages: ``[{"role", "content"}, ...]``.
-        dcfg: the run's ``dataset`` node (``use_chat_template``); None: the chat template when there is one.
-
-    Returns:
-        The prompt's token ids (the rendered text holds its special tokens; none are added).
-    """
-    from finetune.data.formatting import _render, with_system
-
-    dcfg = dcfg if dcfg is not None else {}
-    messages = with_system(messages, dcfg)
-    text = _render(messages, len(messages), True, dcfg, tok)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    """Token ids of ``messages`` followed by the assistant generation prompt, as the run was trained
+    (:func:`finetune.data.formatting.prompt_ids`)."""
+    return prompt_ids(tok, messages, dcfg)
 
 
 @torch.no_grad()

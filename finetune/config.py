@@ -6,11 +6,16 @@ combinations, and says in one line which key is wrong, what it holds and what is
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
+
+# The Hydra config tree, package data (a normal, non-editable install carries it with the code); absolute, so
+# console scripts, `python -m` and every other command find it from any directory.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 QAT_TARGETS = ("attn", "ffn")
 LORA_METHODS = ("lora", "dora", "none")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from finetune.arch import ArchSpec, arch_spec, decoder_layers
+from finetune.arch import ArchSpec, arch_spec, decoder_layers, model_type_of, validate_targets
 from finetune.errors import FinetuneError
 
 BITS = 8  # activations of the deployment
@@ -115,7 +115,6 @@ class Int8Deployment:
     @classmethod
     def from_cfg(cls, targets: Any, qcfg: Any) -> Int8Deployment:
         """From ``qat_targets`` and the ``qat:`` node (``scheme``, ``granularity``, ``scale``, ``group_size``)."""
-        from finetune.qat_handle import validate_targets
         from finetune.qat_ops import QATConfig
 
         config = QATConfig.from_cfg(qcfg)
@@ -137,7 +136,6 @@ class Int8Deployment:
         Raises:
             FinetuneError: the architecture has no entry in :mod:`finetune.arch`, or a listed module is missing.
         """
-        from finetune.qat_handle import model_type_of
 
         spec = arch_spec(model_type_of(model))
         names = {id(m): n for n, m in model.named_modules()}

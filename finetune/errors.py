@@ -1,6 +1,11 @@
-"""User-facing errors: one clear line, non-zero exit, never a bare traceback."""
+"""User-facing output: errors (one clear line, exit status 2, never a bare traceback) and the log line format."""
 
 from __future__ import annotations
+
+import sys
+
+# Every command's log lines (console and run.log), the same as Hydra's own.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 class FinetuneError(Exception):
@@ -8,3 +13,10 @@ class FinetuneError(Exception):
 
     The CLI entrypoints catch it, print ``error: <message>`` to stderr and exit with status 2.
     """
+
+
+def print_error(error: BaseException | str, suffix: str = "") -> None:
+    """The one ``error: <first line>`` a command prints on stderr for a user's mistake (then it exits with 2)."""
+    text = str(error)
+    line = text.splitlines()[0] if text else type(error).__name__
+    print(f"error: {line}{suffix}", file=sys.stderr)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from finetune.errors import FinetuneError
+from finetune.errors import LOG_FORMAT, FinetuneError, print_error
 from finetune.runs import atomic_write_json
 
 log = logging.getLogger("finetune.eval")
@@ -114,7 +114,7 @@ def check_eval_out(own: dict, default_name: str | None = None) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         out = check_eval_out(own)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}", file=sys.stderr)
         return 0
     except FinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from finetune.data import DataCollator, build_messages, encode_prompt, label_word_ids
-from finetune.trainer import accepts_logits_to_keep, has_forward_hooks, label_position_nll
+from finetune.loss import accepts_logits_to_keep, has_forward_hooks, label_position_nll
 
 log = logging.getLogger("finetune.evaluate")
 

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from finetune.deployment import Int8Deployment, deployed_scheme
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, print_error
 from finetune.export_common import (
     as_bool,
     as_choice,
@@ -301,9 +301,9 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
             save_onnx(model, Path(tmp) / MODEL_FILE)
             sizes["float32_onnx"] = onnx_bytes(Path(tmp))
             lat_models["float32"] = OrtCausalLM(Path(tmp) / MODEL_FILE, threads)
-        from finetune.chat import render_ids
+        from finetune.data.formatting import prompt_ids
 
-        prompt = render_ids(tok, [{"role": "user", "content": LATENCY_PROMPT}])
+        prompt = prompt_ids(tok, [{"role": "user", "content": LATENCY_PROMPT}])
         lat = ms_per_token(lat_models, prompt, latency_tokens, latency_reps)
     float_bytes = sizes.get("float32_onnx", sizes["float32"])
 
@@ -409,7 +409,7 @@ def _body(argv: list[str]) -> int:
                    as_number("latency_reps", args["latency_reps"], int, 1), as_bool("overwrite", args["overwrite"]),
                    args["granularity"], args["scale"], threads, as_bool("float_reference", args["float_reference"]))
     except ExportCheckFailed as exc:
-        print(f"error: {exc}; nothing was written", file=sys.stderr)
+        print_error(exc, "; nothing was written")
         return 1
     return 0
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import LOG_FORMAT, FinetuneError, print_error
 
 # Fixed prompts for the logit comparisons (merge check): a review prompt in the ChnSentiCorp layout, an
 # instruction and a question, so Latin and CJK tokens and both short and longer sequences are covered.
@@ -223,11 +223,10 @@ def run_cli(body: Callable[[list[str]], int], argv: list[str] | None, level: int
     Returns:
         The exit status: ``body``'s, or 2 on a user error.
     """
-    logging.basicConfig(level=level, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     try:
         with quiet_libraries():
             return body(sys.argv[1:] if argv is None else list(argv))
     except FinetuneError as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print_error(exc)
         return 2

@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from finetune.data.formatting import prompt_ids
+from finetune.errors import print_error
 from finetune.runs import commit_dir, staging_dir
 from finetune.export_common import (
     CHECK_PROMPTS,
@@ -79,7 +81,7 @@ def prompt_logits(model, tok, prompts: tuple[str, ...] = CHECK_PROMPTS) -> list[
 
     Args:
         model: a causal LM (PEFT or plain).
-        tok: its tokenizer; prompts are wrapped in its chat template when it has one.
+        tok: its tokenizer; prompts are rendered as training rendered them (its chat template when it has one).
         prompts: the texts.
 
     Returns:
@@ -88,11 +90,7 @@ def prompt_logits(model, tok, prompts: tuple[str, ...] = CHECK_PROMPTS) -> list[
     device = next(model.parameters()).device
     out = []
     for text in prompts:
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = tok(text, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": text}])])
         out.append(model(input_ids=ids.to(device)).logits[0].float().cpu())
     return out
 
@@ -352,7 +350,7 @@ def _body(argv: list[str]) -> int:
         merge_run(args["run"], args["out"], args["dtype"], as_bool("check", args["check"]),
                   as_bool("overwrite", args["overwrite"]), as_choice("base", args["base"], BASES))
     except MergeCheckError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     return 0
 

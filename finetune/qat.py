@@ -36,18 +36,15 @@ import torch
 import torch.nn as nn
 from transformers import TrainerCallback
 
-from finetune.arch import arch_spec, decoder_layers
+from finetune.arch import ALLOWED_TARGETS, arch_spec, decoder_layers, model_type_of, validate_targets
 from finetune.deployment import deployed_scheme
 from finetune.errors import FinetuneError
 from finetune.qat_handle import (
     ACTIVE_HANDLES,
-    ALLOWED_TARGETS,
     SIMULATING,
     DEFAULT_STATS_EVERY,
     QATHandle,
     build_handle,
-    model_type_of,
-    validate_targets,
 )
 from finetune.qat_ops import QATConfig, check_bits, fake_quant, fake_quant_weight
 

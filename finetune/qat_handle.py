@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from finetune.arch import ArchSpec, arch_spec, decoder_layers
+from finetune.arch import ALLOWED_TARGETS, ArchSpec, arch_spec, decoder_layers, model_type_of
 from finetune.deployment import gemm_rels
 from finetune.errors import FinetuneError
 from finetune.qat_ops import ActivationQuantizer, QATConfig
@@ -22,7 +21,6 @@ from finetune.qat_weight import KIND_BNB, WeightQuantizer, classify_weight_modul
 
 log = logging.getLogger("finetune.qat")  # one logger name for the whole feature
 
-ALLOWED_TARGETS = ("attn", "ffn")
 DEFAULT_STATS_EVERY = 16
 
 # decoder-layer ModuleList -> the training QATHandle installed on it. Keyed by the layer list (not the
@@ -31,46 +29,6 @@ DEFAULT_STATS_EVERY = 16
 ACTIVE_HANDLES: weakref.WeakKeyDictionary[nn.Module, QATHandle] = weakref.WeakKeyDictionary()
 # decoder-layer ModuleList -> the handle of a running simulate_int8 block (no nesting, no apply_qat inside).
 SIMULATING: weakref.WeakKeyDictionary[nn.Module, QATHandle] = weakref.WeakKeyDictionary()
-
-
-def validate_targets(targets: Any) -> list[str]:
-    """Normalise ``qat_targets`` to a sub-list of ``["attn", "ffn"]`` in that order.
-
-    Accepts a list of names, one name, or a mapping of flags as the ``qat_targets`` config group
-    composes it (``{attn: true, ffn: true}``).
-
-    Raises:
-        FinetuneError: an unknown name (the allowed ones are listed) or no target at all.
-    """
-    if isinstance(targets, str):
-        targets = [targets]
-    elif isinstance(targets, Mapping):
-        targets = [name for name, on in targets.items() if on]
-    names = [str(t) for t in (targets or [])]
-    unknown = sorted(set(names) - set(ALLOWED_TARGETS))
-    if unknown:
-        raise FinetuneError(
-            f"unknown QAT target(s) {', '.join(unknown)} in qat_targets; allowed: {', '.join(ALLOWED_TARGETS)}"
-        )
-    if not names:
-        raise FinetuneError(f"no QAT targets given; choose from {', '.join(ALLOWED_TARGETS)}")
-    return [t for t in ALLOWED_TARGETS if t in names]  # canonical order, duplicates dropped
-
-
-def model_type_of(model: nn.Module) -> str:
-    """``config.model_type`` of a transformers model, or of the base model inside a PEFT wrapper.
-
-    Raises:
-        FinetuneError: the model has no ``config.model_type``.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if not model_type:
-        raise FinetuneError(
-            f"cannot apply QAT to a {type(base).__name__}: it has no config.model_type to look up its sub-layers"
-        )
-    return model_type
 
 
 def _select(

@@ -10,7 +10,7 @@ Usage::
 
     finetune-report multirun_sweeps/lora_vs_qlora/2025-01-01_12-00-00 [--kind K] [--metric M]
 
-The same report is built automatically at the end of a sweep by :class:`ReportCallback`
+The same report is built automatically at the end of a sweep by :class:`finetune.report_hydra.ReportCallback`
 (registered under ``hydra.callbacks`` by the sweep configs).
 """
 
@@ -25,16 +25,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, print_error
 from finetune.report_collect import collect_runs, ok_rows
-from finetune.report_hydra import ReportCallback, log_table_to_wandb
 from finetune.report_plots import write_plots
 from finetune.report_format import markdown_table
 from finetune.report_tables import KINDS, Comparison, compare, detect_kind
 
 __all__ = [
-    "KINDS", "Report", "ReportCallback", "build_report", "collect_runs", "detect_kind",
-    "generate_report", "log_table_to_wandb", "main", "markdown_table",
+    "KINDS", "Report", "build_report", "collect_runs", "detect_kind",
+    "generate_report", "main", "markdown_table",
 ]
 
 MARKDOWN_FILE, CSV_FILE = "comparison.md", "comparison.csv"
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = generate_report(args.sweep_dir, args.kind, args.metric)
     except FinetuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     print(f"Takeaway: {report.comparison.takeaway}\n")
     if report.comparison.summary is not None:

@@ -5,7 +5,7 @@ Register the callback in a sweep config::
     hydra:
       callbacks:
         report:
-          _target_: finetune.report.ReportCallback
+          _target_: finetune.report_hydra.ReportCallback
 
 Neither the callback nor :func:`log_table_to_wandb` ever raises: a report is a convenience,
 so a problem with it is logged as a warning and the sweep's own result stands.
@@ -13,11 +13,8 @@ so a problem with it is logged as a warning and the sweep's own result stands.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +22,10 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.report import generate_report
+from finetune.tracking import wandb_credentials
+
 log = logging.getLogger(__name__)
-
-
-def _wandb_credentials(wandb: Any) -> bool:
-    """Whether a W&B API key is configured (env, ~/.netrc, or wandb's own lookup), without prompting."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        if netrc.is_file() and "api.wandb.ai" in netrc.read_text(encoding="utf-8", errors="ignore"):
-            return True
-    except OSError:
-        pass
-    try:
-        # wandb.api is deprecated and says so on stderr: keep that out of the sweep's output.
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            return bool(wandb.api.api_key)
-    except Exception:  # noqa: BLE001 - any failure means "no usable credentials"
-        return False
 
 
 def _wandb_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -89,8 +70,8 @@ def log_table_to_wandb(df: pd.DataFrame, config: DictConfig | dict | None, table
         except Exception:  # noqa: BLE001 - wandb absent or broken: nothing to log to
             return False
         if mode not in ("online", "offline"):
-            mode = "online" if _wandb_credentials(wandb) else "offline"
-        elif mode == "online" and not _wandb_credentials(wandb):
+            mode = "online" if wandb_credentials(wandb) else "offline"
+        elif mode == "online" and not wandb_credentials(wandb):
             mode = "offline"
         folder = Path(sweep_dir or OmegaConf.select(cfg, "hydra.sweep.dir", default=None) or ".")
         group = OmegaConf.select(cfg, "logger.group", default=None) or "/".join(folder.resolve().parts[-2:])
@@ -148,8 +129,6 @@ class ReportCallback(Callback):
             **kwargs: unused (Hydra passes ``config_name``).
         """
         try:
-            from finetune.report import generate_report
-
             sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
             if not sweep_dir:
                 log.warning("comparison report skipped: the config has no hydra.sweep.dir")

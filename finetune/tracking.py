@@ -2,25 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import netrc
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("finetune.tracking")
 
 
-def wandb_credentials() -> bool:
-    """True when an API key is configured (env or ~/.netrc), i.e. an online run could authenticate."""
+def wandb_credentials(wandb: Any = None) -> bool:
+    """True when an API key is configured (env or ~/.netrc; with the imported ``wandb`` module given, also its own
+    settings lookup, without prompting), i.e. an online run could authenticate."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
         rc = netrc.netrc(os.environ.get("NETRC") or Path.home() / ".netrc")
         host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://", 1)[-1].split("/")[0]
-        return rc.authenticators(host) is not None
+        if rc.authenticators(host) is not None:
+            return True
     except (OSError, netrc.NetrcParseError):
+        pass
+    if wandb is None:
+        return False
+    try:
+        # wandb.api is deprecated and says so on stderr: keep that out of the command's output.
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return bool(wandb.api.api_key)
+    except Exception:  # noqa: BLE001 - any failure means "no usable credentials"
         return False
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import method_name, qat_targets, validate
-from finetune.errors import FinetuneError
+from finetune.config import CONF_DIR as CONFIG_TREE, method_name, qat_targets, validate
+from finetune.errors import LOG_FORMAT, FinetuneError, print_error
 
 log = logging.getLogger("finetune.train")
 
@@ -106,7 +106,7 @@ class _RunLog:
 
     def open(self, path: Path) -> None:
         self.file = logging.FileHandler(path, mode="a", encoding="utf-8")
-        self.file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        self.file.setFormatter(logging.Formatter(LOG_FORMAT))
         self.buffer.setTarget(self.file)
         self.buffer.flush()
         self.root.removeHandler(self.buffer)
@@ -391,7 +391,7 @@ def _record_failure(run_dir: Path, job: str, overrides: list[str], message: str,
 def _job_process(cfg_yaml: str, run_dir: str, overrides: list[str], job: str) -> None:
     """Body of an isolated sweep job (a spawned process): log to stderr like Hydra does, run (which keeps
     train.log), record."""
-    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    fmt = logging.Formatter(LOG_FORMAT)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
@@ -524,16 +524,15 @@ def run_and_record(cfg: DictConfig) -> float:
     distributed.adopt_slurm_tasks()
     if distributed.launched():
         if multirun and not _launcher_isolates():
-            print("error: a sweep (-m) cannot run inside torchrun / accelerate launch: launch single runs with them, "
-                  "or give each sweep job several processes with hydra/launcher=slurm (tasks_per_node)",
-                  file=sys.stderr)
+            print_error("a sweep (-m) cannot run inside torchrun / accelerate launch: launch single runs with them, "
+                        "or give each sweep job several processes with hydra/launcher=slurm (tasks_per_node)")
             sys.exit(2)
         try:
             return objective(_run_launched(cfg, run_dir, overrides, job))
         except FinetuneError as exc:
             if multirun:  # recorded in the job's metrics.json by rank 0
                 return float("nan")
-            print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+            print_error(exc)
             sys.exit(2)
         finally:
             distributed.finish()
@@ -553,7 +552,7 @@ def run_and_record(cfg: DictConfig) -> float:
     try:
         return objective(run(cfg, run_dir, overrides, job))
     except FinetuneError as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print_error(exc)
         sys.exit(2)
 
 
@@ -585,9 +584,7 @@ def _run_launched(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str
     return run(cfg, shared, overrides, job)
 
 
-# An absolute path: console scripts and `python -m` both find the tree (the package installs editable).
-# Package data: a normal (non-editable) install carries the configs with the code.
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+CONF_DIR = str(CONFIG_TREE)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -603,7 +600,7 @@ def main() -> None:
     try:
         precheck(sys.argv[1:], CONF_DIR, "train")
     except FinetuneError as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print_error(exc)
         sys.exit(2)
     hydra_main()
 

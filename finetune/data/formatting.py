@@ -104,6 +104,21 @@ def _render(messages: list[dict], n: int, gen: bool, dcfg: Mapping, tokenizer) -
     return _render_plain(messages, n, gen, tokenizer)
 
 
+def prompt_ids(tokenizer, messages: list[dict], dcfg: Mapping | None = None) -> list[int]:
+    """Token ids of ``messages`` (led by ``dataset.system`` when set) and the assistant generation prompt, rendered
+    exactly as training rendered its prompts: the one renderer chat, export and scoring share.
+
+    Args:
+        tokenizer: the run's tokenizer.
+        messages: ``[{"role", "content"}, ...]``, ending with a user turn.
+        dcfg: the run's ``dataset`` node (``use_chat_template``, ``system``); None: the chat template when there
+            is one.
+    """
+    dcfg = dcfg if dcfg is not None else {}
+    messages = with_system(messages, dcfg)
+    return _tok(tokenizer, _render(messages, len(messages), True, dcfg, tokenizer))
+
+
 def _render_plain(messages: list[dict], n: int, gen: bool, tokenizer) -> str:
     # The header style depends on the whole conversation, not on messages[:n]: otherwise the prefix for
     # turn 1 would be rendered differently from the same text inside the full conversation.

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from finetune.data import DataCollator
 from finetune.data.packing import pack_rows, packed_forward_inputs
 from finetune.errors import FinetuneError
-from finetune.trainer import label_position_nll
+from finetune.loss import label_position_nll
 
 peft = pytest.importorskip("peft")
 VOCAB = 128

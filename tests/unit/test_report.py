@@ -15,10 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.report import (
-    ReportCallback, build_report, collect_runs, detect_kind, generate_report, log_table_to_wandb, main,
-    markdown_table,
-)
+from finetune.report import build_report, collect_runs, detect_kind, generate_report, main, markdown_table
+from finetune.report_hydra import ReportCallback, log_table_to_wandb
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOTAL = 134_515_008
@@ -489,7 +487,7 @@ def test_hydra_multirun_calls_the_callback(tmp_path: Path) -> None:
         hydra:
           sweep: {dir: "sweeps/${now:%H-%M-%S}", subdir: "${hydra.job.num}"}
           callbacks:
-            report: {_target_: finetune.report.ReportCallback}
+            report: {_target_: finetune.report_hydra.ReportCallback}
     """))
     (tmp_path / "app.py").write_text(textwrap.dedent("""
         import json, hydra

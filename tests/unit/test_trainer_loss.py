@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from finetune.data import DataCollator
-from finetune.trainer import accepts_logits_to_keep, label_position_loss, make_trainer
+from finetune.loss import accepts_logits_to_keep, label_position_loss
+from finetune.trainer import make_trainer
 from tests.unit.test_qat import FAMILIES, VOCAB
 
 peft = pytest.importorskip("peft")
@@ -135,7 +136,7 @@ def test_length_grouping_sorts_a_small_dataset_too():
 
 def test_right_padded_training_batches_attend_causally_without_the_mask():
     """The equality above holds on the causal path: the mask is dropped only where it changes nothing."""
-    from finetune.trainer import causal_suffices, right_padded
+    from finetune.loss import causal_suffices, right_padded
 
     model = lora(FAMILIES["llama"]()).eval()
     batch = DataCollator(pad_token_id=0)(rows(4))
