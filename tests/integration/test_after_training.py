@@ -39,7 +39,10 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_smollm2_merge_chat_export(tmp_path: Path):
+    """~75 s on 2 CPU cores: outside the default run for the suite's time budget (`pytest -m slow`); the tiny
+    model's merge and chat tests in tests/unit cover the same code paths in the default run."""
     qat = ["qat_targets=[attn,ffn]"]
     run_dir = tmp_path / "run"
     cli("finetune.train", f"dataset.path={shared('chnsenticorp')}", *FAST, *qat, f"hydra.run.dir={run_dir}")
