@@ -71,6 +71,22 @@ def _bool(key: str, value: Any) -> None:
         raise FinetuneError(f"{key}={value!r} is not allowed; allowed: true, false")
 
 
+def _template(key: str, value: Any) -> None:
+    """A prompt template: a string with ``{text}`` and at most ``{instruction}`` besides."""
+    import string
+
+    if not isinstance(value, str):
+        raise FinetuneError(f"{key}={value!r} must be a string with {{text}} (and optionally {{instruction}})")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as exc:
+        raise FinetuneError(f"{key}={value!r} is not a valid template ({exc}); write literal braces as {{{{ }}}}") from None
+    unknown = sorted(fields - {"text", "instruction"})
+    if unknown or "text" not in fields:
+        raise FinetuneError(f"{key}={value!r}: " + (f"unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
+                            if unknown else "") + "allowed: {text} (required) and {instruction}")
+
+
 def _text(key: str, value: Any, *, optional: bool = False) -> None:
     """A non-empty string (or null when ``optional``)."""
     if optional and value is None:
@@ -286,6 +302,8 @@ def _validate_dataset(d: DictConfig) -> None:
         for key in ("text_field", "label_field", "instruction"):
             if key in d:
                 _text(f"dataset.{key}", d[key])
+        if d.get("template") is not None:
+            _template("dataset.template", d.template)
         words = d.label_words
         if not OmegaConf.is_list(words) or len(words) < 2 or not all(isinstance(w, str) and w.strip() for w in words):
             raise FinetuneError(f"dataset.label_words={words!r} must list at least two non-empty words")

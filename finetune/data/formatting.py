@@ -57,11 +57,16 @@ def with_system(messages: list[dict], dcfg: Mapping) -> list[dict]:
     return [{"role": "system", "content": str(system)}, *messages]
 
 
+# The classification user turn when ``dataset.template`` is not set (runs recorded before the key existed).
+CLASSIFICATION_TEMPLATE = "{instruction}\n\nReview: {text}"
+
+
 def _messages(row: Mapping, dcfg: Mapping) -> list[dict]:
     kind = dataset_kind(dcfg)
     if kind == "chnsenticorp":
         text = row[dcfg.get("text_field", "text")]
-        messages = [{"role": "user", "content": f"{dcfg.get('instruction')}\n\nReview: {text}"}]
+        template = dcfg.get("template") or CLASSIFICATION_TEMPLATE
+        messages = [{"role": "user", "content": template.format(instruction=dcfg.get("instruction"), text=text)}]
         words = list(to_container(dcfg.get("label_words")))
         label = coerce_label(row.get(dcfg.get("label_field", "label")), len(words))
         if label is not None:

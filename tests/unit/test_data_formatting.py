@@ -99,6 +99,29 @@ def test_chnsenticorp_render_and_mask(smol_tokenizer):
     assert trained_text(tok, neg) == "negative<|im_end|>"
 
 
+def test_chnsenticorp_prompt_template_comes_from_the_config(smol_tokenizer):
+    """dataset.template is the user turn; its default is the prompt above, and a run recorded before the key
+    existed renders the same."""
+    from finetune.config import validate
+    from tests.conftest import compose_cfg
+
+    tok, row = smol_tokenizer, {"text": "房间很干净。", "label": 1}
+    default = encode_train(row, make_dcfg("chnsenticorp"), tok, 256)
+    legacy = make_dcfg("chnsenticorp")
+    del legacy["template"]
+    assert encode_train(row, legacy, tok, 256) == default
+    custom = encode_train(row, make_dcfg("chnsenticorp", template="Hotel review: {text}\n{instruction}"), tok, 256)
+    assert ("<|im_start|>user\nHotel review: 房间很干净。\nIs the sentiment of this hotel review positive or "
+            "negative?<|im_end|>") in tok.decode(custom["input_ids"])
+    assert trained_text(tok, custom) == "positive<|im_end|>"
+    validate(compose_cfg(["model=tiny", 'dataset.template="{text}"']))
+    for bad, fragment in (("{review}", "unknown field(s) {review}"), ("{instruction}", "{text} (required)"),
+                          ("{text", "not a valid template")):
+        with pytest.raises(FinetuneError, match="dataset.template") as err:
+            validate(compose_cfg(["model=tiny", f"dataset.template='{bad}'"]))
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
 def test_alpaca_render_and_mask(smol_tokenizer):
     tok, dcfg = smol_tokenizer, make_dcfg("alpaca")
     row = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
