@@ -60,12 +60,6 @@ def quantization_node(load_in_4bit: bool, load_in_8bit: bool):
     return OmegaConf.load(CONF_DIR / "quantization" / ("nf4.yaml" if load_in_4bit else "int8.yaml"))
 
 
-def render_ids(tok, messages: list[dict], dcfg=None) -> list[int]:
-    """Token ids of ``messages`` followed by the assistant generation prompt, as the run was trained
-    (:func:`finetune.data.formatting.prompt_ids`)."""
-    return prompt_ids(tok, messages, dcfg)
-
-
 @torch.no_grad()
 def generate(model, tok, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, streamer=None, dcfg=None, bf16: bool = False) -> str:
@@ -87,7 +81,7 @@ def generate(model, tok, messages: list[dict], max_new_tokens: int = 128, temper
     """
     from finetune.evaluate import autocast
 
-    ids = torch.tensor([render_ids(tok, messages, dcfg)], device=next(model.parameters()).device)  # [1, prompt_len]
+    ids = torch.tensor([prompt_ids(tok, messages, dcfg)], device=next(model.parameters()).device)  # [1, prompt_len]
     sampling = temperature > 0
     kwargs = dict(do_sample=True, temperature=float(temperature), top_p=float(top_p)) if sampling else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)

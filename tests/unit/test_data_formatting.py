@@ -305,7 +305,7 @@ def test_ensure_pad_token():
     ("Rate hotel reviews.", False, "### System:\nRate hotel reviews.\n\n### Instruction:\n"),
 ])
 def test_dataset_system_prompt(smol_tokenizer, system, chat, head):
-    from finetune.chat import render_ids
+    from finetune.data.formatting import prompt_ids
 
     tok = smol_tokenizer
     dcfg = make_dcfg("chnsenticorp", system=system, use_chat_template=chat)
@@ -315,5 +315,5 @@ def test_dataset_system_prompt(smol_tokenizer, system, chat, head):
     assert first.startswith(head)
     assert ("You are a helpful AI assistant" in text) == (system is None and chat)
     # The chat command renders a conversation with the same system prompt the run was trained with.
-    chat_text = tok.decode(render_ids(tok, [{"role": "user", "content": "hi"}], dcfg))
+    chat_text = tok.decode(prompt_ids(tok, [{"role": "user", "content": "hi"}], dcfg))
     assert (chat_text.lstrip(tok.bos_token or "") if not chat else chat_text).startswith(head)
