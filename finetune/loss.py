@@ -29,7 +29,7 @@ def accepts_logits_to_keep(model) -> bool:
     return has_arg and hasattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep")
 
 
-def label_position_loss(model, inputs: dict, num_items_in_batch=None):
+def label_position_loss(model, inputs: dict, num_items_in_batch=None, share_prefix: bool = True):
     """Causal-LM cross-entropy computed from the logits of the supervised positions only.
 
     The output head is applied only where the next token is a label (``labels[:, t + 1] != -100``):
@@ -39,17 +39,26 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None):
     unsupervised positions saves both. The loss is the one the model computes itself (sum over label tokens
     / ``num_items_in_batch``, else their mean).
 
+    With ``share_prefix`` the prompt prefix every row of the batch starts with is computed once (see
+    :func:`shared_prefix_length`).
+
     Returns:
         ``(loss, normalised_by_num_items)``.
     """
-    loss, n_tokens = label_position_nll(model, inputs)
+    loss, n_tokens = label_position_nll(model, inputs, share_prefix)
     if num_items_in_batch is not None:
         return loss / num_items_in_batch, True
     return loss / n_tokens.clamp(min=1), False
 
 
-def label_position_nll(model, inputs: dict):
+def label_position_nll(model, inputs: dict, share_prefix: bool = True):
     """Summed next-token cross-entropy over the label tokens, from the supervised positions' logits only.
+
+    With ``share_prefix``, a right-padded batch whose rows all start with the same unsupervised tokens (the
+    system prompt and instruction of a classification prompt) runs them once, as a one-row pass whose keys and
+    values every row then attends to: the loss and every gradient are those of the whole batch (the gradients of
+    the shared part summed over the rows), without computing the prefix once per row. See
+    :func:`shared_prefix_length` for when it applies.
 
     Returns:
         ``(nll_sum, n_tokens)``: scalar tensors, the summed loss (differentiable) and the number of label tokens.
@@ -64,9 +73,90 @@ def label_position_nll(model, inputs: dict):
     keep[:, :-1] = supervised
     rest = {k: v for k, v in inputs.items() if k != "labels"}
     if "position_ids" not in rest and causal_suffices(model, rest.get("attention_mask")):
-        del rest["attention_mask"]
+        mask = rest.pop("attention_mask")
+        length = shared_prefix_length(rest["input_ids"], mask, keep) if share_prefix and can_share_prefix(model) else 0
+        if length:
+            logits = prefix_shared_logits(model, rest, keep, length)
+            return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
     logits = model(**rest, logits_to_keep=keep).logits  # [n_supervised, vocab], row-major over (b, t)
     return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
+
+
+MIN_SHARED_PREFIX = 8  # tokens; below this a second forward call costs more than it saves
+
+
+def shared_prefix_length(input_ids, mask, keep) -> int:
+    """How many leading tokens every row of a right-padded batch shares before its first supervised position,
+    leaving every row at least one token of its own; 0 when fewer than :data:`MIN_SHARED_PREFIX` or one row.
+
+    Args:
+        input_ids: ``[B, T]`` token ids.
+        mask: ``[B, T]`` attention mask, ones then zeros.
+        keep: ``[B, T]`` bool, the positions whose logits the loss reads.
+    """
+    import torch
+
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    if keep.any():
+        same[int(keep.any(dim=0).nonzero()[0]):] = False  # the first position whose logits are needed
+    same[max(int(mask.sum(dim=1).min()) - 1, 0):] = False  # every row keeps a token of its own
+    length = int(torch.cumprod(same.int(), dim=0).sum())
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def can_share_prefix(model) -> bool:
+    """Whether a forward may be split into a shared prefix pass and a suffix pass with the same result: a
+    PEFT or plain transformers model that takes a KV cache and position ids, not wrapped for DDP / FSDP / compile
+    (one forward per backward there), without gradient checkpointing (which turns the cache off) and without
+    hooks that read the whole sequence (QAT, simulated INT8)."""
+    import inspect
+
+    from torch import nn
+
+    if isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base.config, "use_cache", False) or getattr(base, "is_gradient_checkpointing", False):
+        return False
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" in params and cache_argument(base) is not None and not has_forward_hooks(model)
+
+
+def cache_argument(model) -> str | None:
+    """The name under which the model's forward takes a KV cache: ``cache`` (transformers 5.2x renamed it for
+    some families), ``past_key_values``, or ``None``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either of its names."""
+    cache = output.get("cache")
+    return output.get("past_key_values") if cache is None else cache
+
+
+def prefix_shared_logits(model, inputs: dict, keep, length: int):
+    """The logits at ``keep`` of a right-padded, mask-free batch whose rows share their first ``length`` tokens,
+    the prefix run once (one row) and its keys and values repeated for every row (a differentiable repeat: the
+    rows' gradients reach the prefix and sum there, as they would from ``B`` identical copies)."""
+    import torch
+
+    ids = inputs["input_ids"]
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    cache = output_cache(model(input_ids=ids[:1, :length], use_cache=True, logits_to_keep=1, **rest))
+    cache.batch_repeat_interleave(ids.shape[0])
+    positions = torch.arange(length, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    rest[cache_argument(model)] = cache
+    return model(input_ids=ids[:, length:], position_ids=positions, use_cache=True, logits_to_keep=keep[:, length:],
+                 **rest).logits
 
 
 def right_padded(mask) -> bool:

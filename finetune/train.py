@@ -271,7 +271,8 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     args = training_arguments(tcfg, precision, run_dir, cfg.seed, ["wandb"] if wandb_run else [], name,
                               has_eval=val_ds is not None, dist_cfg=cfg.get("distributed"))
     trainer = make_trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                           data_collator=collator, callbacks=callbacks, meter=meter)
+                           data_collator=collator, callbacks=callbacks, meter=meter,
+                           share_prefix=bool(tcfg.get("share_prefix", True)))
     result = trainer.train(resume_from_checkpoint=resume)
     if qat_handle is not None:
         # Quantization statistics of training; then fake-quant off so the fp scores below are full precision.

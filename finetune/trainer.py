@@ -123,13 +123,15 @@ class SeededLengthGroupedSampler:
         return iter(get_length_grouped_indices(self.lengths, size, mega_batch_mult=mult, generator=generator))
 
 
-def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
+def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool = True, **kwargs):
     """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
     whose length-grouped order is seeded, and whose checkpoints resume exactly.
 
     Args:
         meter: the run's throughput meter; its token count and time are saved in every checkpoint and restored
             on resume, so ``train_tokens`` covers the whole run.
+        share_prefix: compute the prompt prefix all rows of a batch share once per batch
+            (``trainer.share_prefix``; :func:`finetune.loss.label_position_nll`).
     """
     from transformers import Trainer
 
@@ -149,7 +151,7 @@ def make_trainer(*, meter: ThroughputCallback | None = None, **kwargs):
             if return_outputs or "labels" not in inputs or not self._label_positions:
                 self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, scaled = label_position_loss(model, inputs, num_items_in_batch)
+            loss, scaled = label_position_loss(model, inputs, num_items_in_batch, share_prefix)
             if scaled and self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every process's tokens; DDP averages the gradients.
                 loss = loss * self.accelerator.num_processes

@@ -4,6 +4,7 @@ included)."""
 
 from __future__ import annotations
 
+import functools
 import pytest
 import torch
 import torch.nn as nn
@@ -167,3 +168,74 @@ def test_right_padded_training_batches_attend_causally_without_the_mask():
     finally:
         del model.get_base_model().model.forward
     assert calls == [None]
+
+
+def prompted_rows(n: int, prefix: int = 10) -> list[dict]:
+    """Rows that all start with the same unsupervised prompt prefix (a system prompt and instruction)."""
+    shared = torch.randint(0, VOCAB, (prefix,), generator=torch.Generator().manual_seed(7)).tolist()
+    out = []
+    for r in rows(n, seed=3):
+        ids = shared + r["input_ids"]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prefix + r["labels"]})
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_shared_prompt_prefix_computed_once_gives_the_same_loss_and_gradients(family):
+    from finetune.loss import shared_prefix_length
+
+    model = lora(FAMILIES[family]()).eval()
+    batch = DataCollator(pad_token_id=0)(prompted_rows(4))
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = batch["labels"][:, 1:] != -100
+    # The 10 shared tokens, or fewer where the first row's own tokens happen to agree: never more than the
+    # prompt before the first supervised position.
+    assert shared_prefix_length(batch["input_ids"], batch["attention_mask"], keep) >= 10
+
+    reference, _ = label_position_loss(model, batch, share_prefix=False)
+    reference.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+    calls = []
+    inner = model.get_base_model().forward
+
+    @functools.wraps(inner)  # the same signature: what decides whether the prefix can be shared
+    def spy(*args, **kw):
+        calls.append(kw["input_ids"].shape)
+        return inner(*args, **kw)
+
+    model.get_base_model().forward = spy
+    try:
+        loss, _ = label_position_loss(model, batch, share_prefix=True)
+    finally:
+        del model.get_base_model().forward
+    loss.backward()
+    assert len(calls) == 2 and calls[0][0] == 1 and calls[1][0] == 4  # the prefix once, then the rows' rest
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(loss, model(**batch).loss * (batch["labels"][:, 1:] != -100).sum() /
+                               (batch["labels"][:, 1:] != -100).sum())
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+
+
+def test_the_prefix_is_not_shared_where_it_would_change_the_result():
+    from finetune.loss import can_share_prefix, shared_prefix_length
+
+    batch = DataCollator(pad_token_id=0)(prompted_rows(3))
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = batch["labels"][:, 1:] != -100
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert shared_prefix_length(ids[:1], mask[:1], keep[:1]) == 0  # one row: nothing to share
+    early = keep.clone()
+    early[0, 4] = True  # a supervised position inside the prefix: its logits are needed
+    assert shared_prefix_length(ids, mask, early) == 0  # 4 < the 8-token minimum
+    short = mask.clone()
+    short[1, 9:] = 0  # a row of 9 real tokens keeps its last one for the second pass
+    assert shared_prefix_length(ids, short, keep) == 8
+    model = lora(FAMILIES["llama"]())
+    assert can_share_prefix(model)
+    handle = model.get_base_model().model.layers[0].register_forward_hook(lambda *a: None)
+    assert not can_share_prefix(model)  # QAT / simulated INT8 read every token through hooks
+    handle.remove()
+    model.get_base_model().gradient_checkpointing_enable()
+    assert not can_share_prefix(model)  # the cache is off under gradient checkpointing
