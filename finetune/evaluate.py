@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from finetune.data import DataCollator, build_messages, encode_prompt, label_word_ids
-from finetune.loss import accepts_logits_to_keep, has_forward_hooks, label_position_nll
+from finetune.data import DataCollator, build_messages, encode_prompt, encode_train, label_word_ids
+from finetune.loss import accepts_logits_to_keep, has_forward_hooks, kept_logits, label_position_nll, labelled_next
 
 log = logging.getLogger("finetune.evaluate")
 
@@ -174,6 +174,55 @@ def label_scores(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_lengt
                         scores[i, j] = logp[b, positions, targets].sum().cpu()
     model.train(was_training)
     return scores
+
+
+@torch.no_grad()
+def scores_and_loss(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_length: int, batch_size: int,
+                    bf16: bool = False) -> tuple[torch.Tensor, dict] | None:
+    """:func:`label_scores` and :func:`loss_and_perplexity` of labelled classification rows from one forward
+    pass over each row's training sequence (prompt, gold label word, end of turn): the next-token distribution
+    at the prompt's last token scores every single-token label word, exactly as a pass over the prompt alone
+    would (causal attention: the prompt never sees what follows it), and the label positions give the loss.
+
+    Returns:
+        ``(scores [len(rows), num_labels], {"eval_loss", "perplexity", "eval_tokens"})``, or ``None`` where one
+        pass cannot give both exactly: a label word of several tokens, a model without ``logits_to_keep``, or
+        hooks that read the whole sequence (QAT, simulated INT8: the response would enter their statistics).
+    """
+    words = label_word_ids(tokenizer, dcfg)
+    if not all(len(w) == 1 for w in words) or not accepts_logits_to_keep(model) or has_forward_hooks(model):
+        return None
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    first = torch.tensor([w[0] for w in words], device=device)
+    encoded = [encode_train(row, dcfg, tokenizer, max_length) for row in rows]
+    prompt_ends = [len(encode_prompt(row, dcfg, tokenizer, max_length)) - 1 for row in rows]
+    collate = DataCollator(pad_token_id=tokenizer.pad_token_id)
+    scores = torch.zeros(len(rows), len(words))
+    total_nll, total_tokens = 0.0, 0
+    with autocast(model, bf16):
+        for idx in _batches([e["input_ids"] for e in encoded], batch_size, "scoring labels and loss"):
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx]).items()
+                     if k in ("input_ids", "attention_mask", "labels")}
+            labelled = labelled_next(batch["labels"])
+            keep = labelled.clone()
+            rows_at = torch.arange(len(idx), device=device)
+            ends = torch.tensor([prompt_ends[i] for i in idx], device=device)
+            keep[rows_at, ends] = True
+            logits = kept_logits(model, batch, keep).float()  # [keep.sum(), vocab], row-major over (b, t)
+            order = keep.flatten().cumsum(0) - 1
+            at_end = order[rows_at * keep.shape[1] + ends]
+            scores[idx] = F.log_softmax(logits[at_end], dim=-1)[:, first].cpu()
+            labelled_rows = labelled.flatten()[keep.flatten()]
+            targets = batch["labels"][:, 1:][labelled[:, :-1]]
+            total_nll += F.cross_entropy(logits[labelled_rows], targets, reduction="sum").item()
+            total_tokens += int(labelled.sum())
+    model.train(was_training)
+    if total_tokens == 0:
+        return scores, {"eval_loss": float("nan"), "perplexity": float("nan"), "eval_tokens": 0}
+    loss = total_nll / total_tokens
+    return scores, {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
 
 
 def classify(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_length: int, batch_size: int,

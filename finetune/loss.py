@@ -63,23 +63,34 @@ def label_position_nll(model, inputs: dict, share_prefix: bool = True):
     Returns:
         ``(nll_sum, n_tokens)``: scalar tensors, the summed loss (differentiable) and the number of label tokens.
     """
-    import torch
     import torch.nn.functional as F
 
     labels = inputs["labels"]
-    targets = labels[:, 1:]
-    supervised = targets != -100  # [B, T-1]: position t predicts token t+1
+    keep = labelled_next(labels)
+    logits = kept_logits(model, inputs, keep, share_prefix)  # [n_supervised, vocab], row-major over (b, t)
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum"), keep.sum()
+
+
+def labelled_next(labels):
+    """``[B, T]`` bool: the positions whose next token is a label (position t predicts token t+1)."""
+    import torch
+
     keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = supervised
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+def kept_logits(model, inputs: dict, keep, share_prefix: bool = True):
+    """The model's logits at the ``keep`` positions only (``[keep.sum(), vocab]``, row-major over (b, t)):
+    the output head runs nowhere else, a right-padded batch attends causally without its mask, and with
+    ``share_prefix`` the rows' common prompt prefix is computed once (:func:`shared_prefix_length`)."""
     rest = {k: v for k, v in inputs.items() if k != "labels"}
     if "position_ids" not in rest and causal_suffices(model, rest.get("attention_mask")):
         mask = rest.pop("attention_mask")
         length = shared_prefix_length(rest["input_ids"], mask, keep) if share_prefix and can_share_prefix(model) else 0
         if length:
-            logits = prefix_shared_logits(model, rest, keep, length)
-            return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
-    logits = model(**rest, logits_to_keep=keep).logits  # [n_supervised, vocab], row-major over (b, t)
-    return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
+            return prefix_shared_logits(model, rest, keep, length)
+    return model(**rest, logits_to_keep=keep).logits
 
 
 MIN_SHARED_PREFIX = 8  # tokens; below this a second forward call costs more than it saves

@@ -113,6 +113,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+PATH_KEYS = ("dataset.path", "trainer.resume_from_checkpoint")
+
+
+def resolved_config(cfg: DictConfig) -> DictConfig:
+    """The config a run directory records (config.yaml): every local path made absolute (against the directory
+    the command ran from), so the run works from any current directory (``finetune-eval run=R`` finds its data)."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in PATH_KEYS:
+        value = OmegaConf.select(out, key)
+        if isinstance(value, str) and value not in ("auto",):
+            OmegaConf.update(out, key, os.path.abspath(os.path.expanduser(value)))
+    name = out.model.name_or_path
+    if isinstance(name, str) and (name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir()):
+        out.model.name_or_path = os.path.abspath(os.path.expanduser(name))
+    return out
+
+
 def atomic_write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 

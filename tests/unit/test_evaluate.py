@@ -288,3 +288,26 @@ def test_prefix_is_not_shared_under_hooks(tiny):
     finally:
         handle.remove()
     assert ev._shared_prefix(model, prompts) is not None
+
+
+def test_one_pass_validation_scores_and_loss_equal_the_separate_passes(tiny):
+    from finetune.evaluate import scores_and_loss
+
+    cfg, model, tok, splits = tiny
+    rows = splits.test
+    scores, loss = scores_and_loss(model, tok, rows, cfg.dataset, 128, batch_size=5)
+    torch.testing.assert_close(scores, label_scores(model, tok, rows, cfg.dataset, 128, batch_size=4), atol=1e-4,
+                               rtol=0)
+    separate = loss_and_perplexity(model, tokenize_split(rows, cfg.dataset, tok, 128), tok.pad_token_id, batch_size=3)
+    assert loss["eval_tokens"] == separate["eval_tokens"] == 2 * len(rows)
+    assert loss["eval_loss"] == pytest.approx(separate["eval_loss"], rel=1e-5)
+    assert loss["perplexity"] == pytest.approx(separate["perplexity"], rel=1e-5)
+    # Where one pass cannot give both exactly, the caller scores and measures apart.
+    dcfg = cfg.dataset.copy()
+    dcfg.label_words = ["very negative indeed", "positive"]
+    assert scores_and_loss(model, tok, rows, dcfg, 128, batch_size=5) is None
+    handle = model.model.register_forward_pre_hook(lambda *_: None)
+    try:
+        assert scores_and_loss(model, tok, rows, cfg.dataset, 128, batch_size=5) is None
+    finally:
+        handle.remove()

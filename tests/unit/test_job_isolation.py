@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from finetune.train import _exit_reason, run_isolated
+from finetune.sweep_jobs import _exit_reason, run_isolated
 from tests.conftest import TINY, compose_cfg
 
 
