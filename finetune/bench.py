@@ -4,24 +4,7 @@
     finetune-bench --steps 4 --rounds 2 model=qwen2.5-0.5b quantization=nf4
     finetune-bench --arms finetune dataset.path=...                     # one arm only
 
-Two arms train LoRA (the configured r / alpha / dropout, on ``--targets``, default q_proj,v_proj) on the same
-``steps x batch_size`` training rows, encoded the same way, at the same ``max_length``, batch size and
-precision, with the Hugging Face ``Trainer``:
-
-    finetune   this framework's path: batches padded to their longest row, length-grouped order, the
-               loss computed from the supervised positions' logits only (``finetune.trainer.make_trainer``)
-    plain      the original design's recipe: every row padded to ``max_length``, random order, the stock
-               full-vocabulary loss of the model
-
-Each arm runs in a fresh process (its peak memory is its own), arms alternate over ``--rounds``, and each
-arm's figures are the median over rounds. tokens/s counts the real (non-padding) tokens of every step over the
-time from the start of training to the end of the last step. ``fraction_of_peak`` is the rate of the training FLOPs the
-rows need (every real token through every layer, causal attention over real lengths, the output head at the
-supervised positions, forward and backward) against this machine's measured matmul rate (best of five
-2048-cube matmuls on CPU, 8192 on GPU, in the run's precision): how much of the hardware limit the arm turns
-into useful work.
-
-Writes ``bench.json`` and ``bench.md`` under ``--out`` (default ``outputs/bench``) and prints the table.
+More: docs/modules.md, section ``finetune.bench``.
 """
 
 from __future__ import annotations

@@ -4,21 +4,7 @@
     finetune-bench-qat --steps 4 --rounds 3 model=qwen2.5-0.5b trainer.batch_size=4
     finetune-bench-qat --variants sublayer,linear dataset.path=...           # a subset of the variants
 
-One process, one model, one LoRA adapter, one fixed set of training batches drawn from the configured
-dataset. The baseline (no QAT) and each QAT variant train on exactly those batches: forward, backward and
-an AdamW step, under the run's precision. Variants are timed in interleaved rounds (base, v1, v2, ..., base,
-v1, ...) so drift in the machine's speed hits all of them alike; each variant's time is the median over
-rounds of its mean seconds per step, and the overhead is that median over the baseline's. The fake-quant
-is attached for a variant's turn and removed after it, so every variant starts from the same model.
-
-Variants (all on the targets of ``qat_targets``, attn+ffn when none are given, at ``qat.bits``):
-    sublayer   the hidden state entering each attention / FFN block (``qat.granularity=sublayer``)
-    linear     the input of every linear layer in them (``qat.granularity=linear``)
-    linear+w   ``linear`` plus per-channel weight fake-quant at ``qat.weight_bits`` (8 when unset)
-    static     ``sublayer`` with the EMA-calibrated static scale
-
-Writes ``qat_overhead.json`` and ``qat_overhead.md`` under ``--out`` (default outputs/bench/<time>) and
-prints the table. Timing belongs here, not in the tests.
+More: docs/modules.md, section ``finetune.bench_qat``.
 """
 
 from __future__ import annotations

@@ -5,21 +5,7 @@
     finetune-chat run=... prompts_file=prompts.txt out=answers.jsonl  # batch: {"prompt", "response"} lines
     finetune-chat run=... load_in_4bit=true temperature=0.7 top_p=0.9 seed=1
 
-Keys: ``run`` (required), ``prompt``, ``prompts_file`` (.txt: one prompt per non-empty line; .jsonl: objects
-with a ``prompt`` key, or strings), ``out`` (batch output, default ``<prompts_file stem>.answers.jsonl``
-beside the file), ``max_new_tokens`` (128), ``temperature`` (0 = greedy), ``top_p`` (1.0), ``load_in_4bit`` /
-``load_in_8bit`` (the base through bitsandbytes, as ``quantization=nf4`` / ``int8``; default: the base as
-the run trained it), ``seed`` (0; re-applied before every prompt, so a sampled answer does not depend on
-what came before).
-
-Prompts are rendered exactly as in training: the tokenizer's chat template (or the plain template when the
-run's ``dataset.use_chat_template`` is false or the tokenizer has none). The interactive session keeps the
-conversation (``/reset`` forgets it; ``exit``, ``quit`` or end of input leaves).
-
-Classification runs (``dataset.task=classification``) do not generate: a prompt is the review text, and the
-answer is the label the evaluator would predict (the most likely label word after the run's prompt, scored
-by :func:`finetune.evaluate.label_scores` at the run's ``trainer.max_length`` and precision), printed with the
-label probabilities (softmax over the label words' log-likelihoods).
+More: docs/modules.md, section ``finetune.chat``.
 """
 
 from __future__ import annotations

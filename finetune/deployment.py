@@ -1,24 +1,8 @@
 """The INT8 deployment: one definition that the simulation, the PTQ baseline and finetune-export share.
 
-A deployed linear computes ``y = s_x * s_w * (q_x @ q_w^T) + b`` with integer codes, in one of two schemes
-(``scheme``; a run trained with ``qat.scheme=a8`` or ``w8a8`` deploys as ``w8a8``, one with ``w4a8`` as ``w4a8``):
-
-* **activation grid**: symmetric, signed INT8, no zero point: ``q = clamp(round(x / s), -127, 127)``,
-  ``s = absmax / 127`` (floored at 1e-8); round half to even (torch and ONNX agree);
-* **weights** of the effective weight (a LoRA / DoRA adapter merged in): ``w8a8``: one scale per output
-  channel on the same grid; ``w4a8``: INT4, one scale per ``group_size`` input features of a row, torchao's
-  grid (codes -8..7, ``s = absmax / 7.5``);
-* **activations** (``qat.scale``): ``tensor``: one scale per sequence, over its real tokens only (what a
-  deployment serving one request computes; padding and other requests never change it); ``token``: one
-  scale per token; ``static``: one calibrated constant per quantized input;
-* **modules** (``qat_targets``, ``qat.granularity``): the linears whose *input* is quantized, because only
-  those can run as an INT8 GEMM: with ``linear`` every linear of the target sub-layers; with ``sublayer``
-  the linears reading the sub-layer's input (q/k/v and gate/up on Llama), whose input is quantized once;
-  the output projections (o_proj, down_proj) read a float input and stay float, weights included.
-
-Embeddings, norms, attention-score arithmetic and the output head stay float32.
-:func:`finetune.qat.simulate_int8` fake-quantizes exactly :meth:`Int8Deployment.gemm_linears` (weights) and
-their inputs; :mod:`finetune.export_onnx` writes the same linears as ONNX ``MatMulInteger`` on the same codes.
+A deployed linear computes ``y = s_x * s_w * (q_x @ q_w^T) + b`` on integer codes; because the simulated INT8
+scores, the PTQ baseline and the ONNX export all read this one definition, their numbers describe one model.
+More: docs/modules.md, section ``finetune.deployment``.
 """
 
 from __future__ import annotations

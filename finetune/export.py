@@ -4,45 +4,7 @@
     finetune-export run=... format=int8 out=int8/ max_samples=200 latency_tokens=32 threads=2 overwrite=true
     finetune-export run=... format=int8 out=int8-linear/ granularity=linear scale=token     # another deployment
 
-    from finetune.export import load_exported
-    model, tok, info = load_exported("int8/")     # ONNX Runtime session; model(input_ids=...).logits
-
-Keys: ``run``, ``format`` (int8), ``out`` (required); ``granularity`` (sublayer | linear) and ``scale``
-(tensor | token | static): the deployment, by default the run's ``qat.granularity`` / ``qat.scale``;
-``max_samples`` (cap on the scored test rows; default: the run's whole test split), ``latency_tokens`` (16),
-``latency_reps`` (3), ``threads`` (CPU threads for torch and ONNX Runtime; default: theirs),
-``float_reference`` (true: also export the float32 model to ONNX to time it in the same runtime),
-``overwrite`` (false).
-
-What is exported is :class:`finetune.deployment.Int8Deployment`, the definition the run's simulated INT8
-scores (``accuracy_int8``) and the PTQ baseline use: the adapter is merged in float32 (as finetune-merge; a
-QLoRA run into its de-quantized base, the model that was trained), the deployed linears get INT8
-per-channel weights and run-time INT8 inputs on the simulation's symmetric grid, and the model goes to ONNX
-(``MatMulInteger``, int32 accumulation) for ONNX Runtime, which runs it on CPU (and GPU builds) with nothing
-from this project installed. Why ONNX Runtime: it expresses every simulated mode exactly (per-sequence,
-per-token and static scales, the symmetric grid), where torch's dynamic quantization (deprecated) computes
-asymmetric 7-bit activations per tensor, and torchao's int8 path has no fast eager CPU kernel.
-Modes the INT8 runtime cannot express are refused: ``qat.eval_bits`` other than 8, a run trained with
-``qat.scheme=w4a8`` (INT4 group-wise weights: ONNX Runtime's 4-bit ``MatMulNBits`` takes float activations,
-not the scheme's INT8 ones), and non-``Linear`` deployed layers (GPT-2's ``Conv1D``).
-
-Measured, printed and written to ``out/export.json``: ``runtime``, ``scheme``, ``size_mb`` (the ONNX model)
-against float32 (the float ONNX model) and float16 (the merged weights at 2 bytes per value);
-``ms_per_token`` (greedy, one sequence, no KV cache in either graph) against the float32 ONNX model in the
-same runtime; ``accuracy`` / ``f1`` (classification) or ``perplexity`` (generation) of the ONNX model on the
-run's test rows, each row scored alone, against ``accuracy_simulated`` (:func:`finetune.qat.simulate_int8` on
-the same merged model and rows) and float32.
-
-The check (``simulation_check``): the same INT8 codes computed by two float32 engines agree to round-off
-(~1e-6, tested per scale mode and granularity), but an INT8 network is discontinuous, so round-off that moves
-one value across a rounding boundary changes a code, and through many layers such changes grow: on SmolLM2 a
-1e-6 relative perturbation of the input embeddings moved the simulation's own label probabilities by 0.080 on
-average (per-tensor scales; README, "How precise a simulated INT8 score is"). No engine can agree with the simulation more closely than that, so
-the export measures this sensitivity on the scored rows every time and requires the mean per-row label-probability
-difference between ONNX Runtime and the simulation to be at most :data:`PROB_TOLERANCE` +
-:data:`SENSITIVITY_FACTOR` x the simulation's own (generation: the same on perplexity). A model that does not
-compute the deployment (a wrong grid, scale or module) misses it by far; then nothing is written and the status
-is 1.
+More: docs/modules.md, section ``finetune.export``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
 """The INT8 artifact of finetune-export: an ONNX model that ONNX Runtime runs, on the simulation's own codes.
 
-The deployment is :class:`finetune.deployment.Int8Deployment`. Each of its INT8 GEMM linears becomes
-:class:`Int8GemmLinear`: INT8 per-output-channel weight codes, the input quantized at run time with the run's
-scale mode on the same symmetric grid, and one ONNX ``MatMulInteger`` with int32 accumulation. The codes
-travel as ``uint8`` with zero point 128 (``code + 128``): ONNX Runtime's u8u8 kernel is exact on every x86 CPU,
-while its u8s8 kernel can saturate int16 intermediate sums on AVX2 and its s8s8 kernel has no fast AVX2 path.
-Everything else (embeddings, norms, attention scores, the output head) is float32, as in the simulation.
-
-Files (``out/``): ``model.onnx`` (input ``input_ids`` ``[1, seq]``: one request, no padding, so the
-per-sequence scale is taken over the request's tokens; output ``logits``), ``config.json``, the tokenizer, and
-``export.json``. :func:`load_exported` returns an :class:`OrtCausalLM` that the project's scorers call like a
-transformers model.
+More: docs/modules.md, section ``finetune.export_onnx``.
 """
 
 from __future__ import annotations

@@ -4,31 +4,7 @@
     finetune-merge run=... out=merged-bf16/ dtype=bfloat16 overwrite=true
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('merged/')"   # no peft
 
-Keys: ``run`` and ``out`` (required), ``dtype`` (float32 | bfloat16 | float16, default float32), ``check``
-(default true), ``overwrite`` (default false: a non-empty ``out`` is an error).
-
-How:
-  * The merge always happens in float32 (``merge_and_unload``: W' = W + scale * B @ A) on the base loaded
-    in float32 (also where the run held its frozen base in bfloat16: the original weights keep their
-    precision), then the merged weights are cast to ``dtype`` and saved with ``save_pretrained``
-    (safetensors), with the tokenizer.
-  * QLoRA (a 4-bit / 8-bit base): the base is reloaded *without* quantization (``quantization.mode=none``,
-    the original full-precision weights) and the adapter merged into it. The result is never re-quantized,
-    and it differs from the QLoRA model as trained by the base's 4-bit / 8-bit rounding error; both facts
-    are printed, with that difference measured (informational, not checked).
-  * A full fine-tune run has nothing to merge: its ``model/`` is re-saved at ``dtype`` into ``out`` (with the
-    tokenizer) so every run type gives the same kind of output; a note says so.
-  * The check (``check=true``), two stages, on fixed prompts, as the max abs logit difference relative to
-    the logits' scale ``max(1, max |reference logit|)``:
-      1. the merge itself, in float32: the merged model vs the unmerged adapter model (for QLoRA: the adapter
-         on the de-quantized base), tolerance 1e-4 (fp32 round-off through all layers is ~5e-6 on SmolLM2,
-         a dropped or mis-scaled adapter moves logits by the adapter's effect, also printed: ~5e-2 there);
-      2. the written checkpoint, reloaded with plain ``AutoModelForCausalLM.from_pretrained(out)`` at
-         ``dtype``, vs the same float32 reference: 1e-4 for float32 (the file round-trips exactly),
-         5e-2 for bfloat16 and 1e-2 for float16. These bound the cast error: casting SmolLM2 to bfloat16
-         alone moves its logits by ~3e-2 of their scale, as much as a small adapter's effect, which is why
-         the merge is verified in float32 (stage 1), never after the cast.
-    Above tolerance: exit status 1 (the checkpoint is kept for inspection).
+More: docs/modules.md, section ``finetune.merge``.
 """
 
 from __future__ import annotations

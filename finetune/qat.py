@@ -1,28 +1,8 @@
 """Quantization-aware training (QAT): INT8 fake-quant of attention / FFN sub-layer inputs.
 
-What is quantized (``qat_targets`` ⊆ {attn, ffn}, ``qat.granularity``), per decoder layer, using the
-:mod:`finetune.arch` table:
-
-* ``sublayer``: the hidden state entering the attention block (``spec.attn_block``) and/or the FFN
-  (``spec.ffn_entry``) — one fake-quant per group per layer;
-* ``linear``: the input of every linear of the chosen sub-layers (``spec.attn_linears`` /
-  ``spec.ffn_linears``). With PEFT LoRA applied the hooked module *is* the ``lora.Linear``, so the
-  input of the whole adapted linear (base + adapter path) is quantized.
-
-Activation fake-quant is a forward pre-hook (positional or ``hidden_states=`` input); optional
-per-output-channel weight fake-quant (``qat.weight_bits``) shadows the target linears' forward with
-``F.linear(x, fq(W_eff), b)`` where ``W_eff`` is the merged LoRA/DoRA weight. Both are undone by
-:meth:`QATHandle.remove`, leaving the model bit-identical. The arithmetic lives in
-:mod:`finetune.qat_ops` (one STE fake-quant for everything) and :mod:`finetune.qat_weight`.
-
-Typical use::
-
-    handle = apply_qat(model, ["attn", "ffn"], cfg.qat)
-    trainer = Trainer(..., callbacks=[QATCallback(handle)])
-    trainer.train()
-    metrics.update(handle.summary())
-    with simulate_int8(model, ["attn", "ffn"], cfg.qat) as sim:   # also for a non-QAT (PTQ) run
-        evaluate(model); metrics.update(sim.summary())
+Fake quantization with a straight-through estimator, attached as hooks to the sub-layers that
+:mod:`finetune.arch` names, so the model learns the deployment's rounding; removing them leaves the model
+bit-identical. More: docs/modules.md, section ``finetune.qat``.
 """
 
 from __future__ import annotations

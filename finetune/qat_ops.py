@@ -1,18 +1,6 @@
 """Fake-quantization primitives shared by every QAT mode: config, STE fake-quant, scales, observer.
 
-There is exactly one fake-quant implementation (:func:`fake_quant_ste`); activations (per tensor,
-per token, static), weights (per output channel) and simulated INT8 inference all go through it, so
-"what trains" and "what is evaluated as INT8" can never drift apart.
-
-Quantization grid (symmetric, signed, no zero point)::
-
-    qmax = 2**(bits-1) - 1                      # 127 for 8 bits, 7 for 4 bits
-    q    = clamp(round(x / s), -qmax, qmax) * s
-
-The -2**(bits-1) code is deliberately unused so the grid is symmetric (what INT8 GEMM kernels with
-symmetric scales assume). The one exception is the group-wise INT4 weight grid of ``qat.scheme=w4a8``, which
-is torchao's (codes -8..7, ``s = absmax / 7.5``): the grid its int8-dynamic-activation / int4-weight QAT trains
-and its converted models compute, pinned to torchao by a test.
+More: docs/modules.md, section ``finetune.qat_ops``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """``finetune-report``: compare the jobs of a sweep (LoRA vs QLoRA, QAT targets, LoRA grids).
 
-Reads every job's ``metrics.json`` below a sweep directory and writes, beside the jobs:
-
-* ``comparison.md``: title, device, model, dataset, the comparison table and a one-line takeaway;
-* ``comparison.csv``: every collected column of every job (failed ones included);
-* a PNG plot whose title states the result (failed jobs left out).
-
-Usage::
-
-    finetune-report multirun_sweeps/lora_vs_qlora/2025-01-01_12-00-00 [--kind K] [--metric M]
-
-The same report is built automatically at the end of a sweep by :class:`finetune.report_hydra.ReportCallback`
-(registered under ``hydra.callbacks`` by the sweep configs).
+More: docs/modules.md, section ``finetune.report``.
 """
 
 from __future__ import annotations
