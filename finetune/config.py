@@ -17,6 +17,37 @@ from finetune.errors import FinetuneError
 # console scripts, `python -m` and every other command find it from any directory.
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
+# The QAT vocabulary (qat.scheme / qat.scale / qat.granularity); finetune.qat implements it.
+SCALE_MODES = ("tensor", "token", "static")
+GRANULARITIES = ("sublayer", "linear")
+# qat.scheme: what trains with fake-quant and what the simulated deployment runs.
+#   a8    activations only (qat.bits wide); deployed as w8a8
+#   w8a8  + INT8 per-output-channel weights (symmetric, -127..127)
+#   w4a8  + INT4 group-wise weights (qat.group_size, torchao's grid), INT8 per-token activations by default
+SCHEMES = ("a8", "w8a8", "w4a8")
+SCHEME_WEIGHT_BITS = {"a8": None, "w8a8": 8, "w4a8": 4}
+SCHEME_SCALE = {"a8": "tensor", "w8a8": "tensor", "w4a8": "token"}  # qat.scale=null takes the scheme's
+
+
+def scheme_widths(scheme: str, bits: int, weight_bits: int | None) -> int | None:
+    """The weight width a QAT scheme trains with, checked against ``qat.bits`` / ``qat.weight_bits``.
+
+    Raises:
+        FinetuneError: the widths contradict the scheme (the ``w*a8`` schemes fix both).
+    """
+    wanted = SCHEME_WEIGHT_BITS[scheme]
+    if wanted is None:
+        return weight_bits
+    if weight_bits not in (None, wanted):
+        raise FinetuneError(f"qat.weight_bits={weight_bits} contradicts qat.scheme={scheme} "
+                            f"({wanted}-bit weights); leave qat.weight_bits=null")
+    if bits != 8:
+        raise FinetuneError(f"qat.bits={bits} contradicts qat.scheme={scheme} (8-bit activations); "
+                            "use qat.scheme=a8 for other activation widths")
+    return wanted
+
+
+# The sub-layer groups of qat_targets and LoRA presets; finetune.model.arch maps each to every family's modules.
 QAT_TARGETS = ("attn", "ffn")
 LORA_METHODS = ("lora", "dora", "none")
 TARGET_PRESETS = ("qv", "attn", "ffn", "all-linear", "auto")
@@ -243,11 +274,11 @@ def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
     """``qat.*`` is checked whether or not a target is set: a typo there must not wait for the run that uses it."""
     _number("qat.bits", a.bits, low=4, high=8, integer=True)
     scheme = a.get("scheme", "a8")
-    _choice("qat.scheme", scheme, ("a8", "w8a8", "w4a8"))
+    _choice("qat.scheme", scheme, SCHEMES)
     _number("qat.group_size", a.get("group_size", 32), low=2, integer=True)
     if a.scale is not None:
-        _choice("qat.scale", a.scale, ("tensor", "token", "static"))
-    _choice("qat.granularity", a.granularity, ("sublayer", "linear"))
+        _choice("qat.scale", a.scale, SCALE_MODES)
+    _choice("qat.granularity", a.granularity, GRANULARITIES)
     if a.weight_bits is not None:
         _number("qat.weight_bits", a.weight_bits, low=4, high=8, integer=True)
     _number("qat.start_step", a.start_step, low=0, integer=True)
@@ -267,9 +298,7 @@ def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
             "bitsandbytes-quantized; use qat.scheme=a8 (activation QAT still applies)"
         )
     if scheme != "a8":
-        from finetune.qat_ops import QATConfig
-
-        QATConfig(scheme=scheme, bits=a.bits, weight_bits=a.weight_bits)  # the scheme's fixed widths
+        scheme_widths(scheme, a.bits, a.weight_bits)  # the scheme's fixed widths
         if a.get("eval_bits") not in (None, 8):
             raise FinetuneError(f"qat.eval_bits={a.eval_bits} contradicts qat.scheme={scheme} (8-bit activations); "
                                 "use qat.scheme=a8 to simulate other activation widths")

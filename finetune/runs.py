@@ -55,39 +55,6 @@ def run_kind(run_dir: Path) -> str:
     raise FinetuneError(f"run={run_dir}: no adapter/ or model/ directory: the run did not finish training{hint}")
 
 
-def load_run(run_dir: str | Path, *, quantization: DictConfig | None = None, for_training: bool = False,
-             merge: bool = False):
-    """Load a finished run for inference.
-
-    Args:
-        run_dir: a finetune-train run directory.
-        quantization: a ``quantization`` node for the base (default: what the run trained with).
-        merge: fold the adapter into the base weights (``merge_and_unload``).
-
-    Returns:
-        (model, tokenizer, cfg, run_dir)
-    """
-    from finetune.model import load_model, load_tokenizer, resolve_precision
-
-    path, cfg = run_config(run_dir)
-    kind = run_kind(path)
-    precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
-    qcfg = quantization if quantization is not None else cfg.quantization
-    if kind == "model":
-        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path / "model")})
-        model, _, _ = load_model(mcfg, qcfg, precision, for_training=for_training)
-    else:
-        from peft import PeftModel
-
-        base, _, _ = load_model(cfg.model, qcfg, precision, for_training=for_training)
-        model = PeftModel.from_pretrained(base, path / "adapter", is_trainable=for_training)
-        if merge:
-            model = model.merge_and_unload()
-    tok = load_tokenizer(str(path / "tokenizer"), cfg.model, local_only=True)
-    model.eval()
-    return model, tok, cfg, path
-
-
 # Entries a finetune-train run writes; an ``out=`` path may not land on (or inside) any of them.
 ARTIFACTS = ("config.yaml", "metrics.json", "adapter", "model", "tokenizer", "checkpoints", "qat_state.json",
              "train.log", ".hydra", "wandb")

@@ -21,7 +21,7 @@ side() {  # name, PYTHONPATH, extra overrides...
   local start end
   start=$(date +%s.%N)
   (cd "$out" && PYTHONPATH="$path" WANDB_MODE=disabled "$py" -c \
-    "import finetune, sys; assert finetune.__file__.startswith('$path'), finetune.__file__; from finetune.train import main; main()" \
+    "import finetune, sys; assert finetune.__file__.startswith('$path'), finetune.__file__; import importlib.util as u; m = 'finetune.cli.train' if u.find_spec('finetune.cli') else 'finetune.train'; __import__(m, fromlist=['main']).main()" \
     "${common[@]}" "hydra.run.dir=$out/$name" "$@" > "$out/$name.log" 2>&1)
   end=$(date +%s.%N)
   python3 -c "print(f'$name: {($end - $start):.1f} s wall')" | tee "$out/$name.wall"

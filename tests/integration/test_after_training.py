@@ -45,17 +45,17 @@ def test_smollm2_merge_chat_export(tmp_path: Path):
     model's merge and chat tests in tests/unit cover the same code paths in the default run."""
     qat = ["qat_targets=[attn,ffn]"]
     run_dir = tmp_path / "run"
-    cli("finetune.train", f"dataset.path={shared('chnsenticorp')}", *FAST, *qat, f"hydra.run.dir={run_dir}")
+    cli("finetune.cli.train", f"dataset.path={shared('chnsenticorp')}", *FAST, *qat, f"hydra.run.dir={run_dir}")
 
     merged = tmp_path / "merged"
-    proc = cli("finetune.merge", f"run={run_dir}", f"out={merged}")
+    proc = cli("finetune.export.merge", f"run={run_dir}", f"out={merged}")
     info = json.loads((merged / "merge.json").read_text())
     assert info["passed"] and "check 1 (merge, float32)" in proc.stdout
     assert info["merge_max_abs_diff"] <= info["merge_tolerance"] < info["adapter_effect"]
 
     prompt = "prompt=Write one sentence about hotels."
-    first = cli("finetune.chat", f"run={run_dir}", prompt, "max_new_tokens=16").stdout
-    assert first.strip() and cli("finetune.chat", f"run={run_dir}", prompt, "max_new_tokens=16").stdout == first
+    first = cli("finetune.cli.chat", f"run={run_dir}", prompt, "max_new_tokens=16").stdout
+    assert first.strip() and cli("finetune.cli.chat", f"run={run_dir}", prompt, "max_new_tokens=16").stdout == first
 
 
 @pytest.mark.slow
@@ -63,11 +63,11 @@ def test_smollm2_export_is_its_simulated_deployment(tmp_path: Path):
     """~100 s on 2 CPU cores (the ONNX export of 30 layers): outside the default run (`pytest -m slow`); the tiny
     model's export tests in tests/unit cover the same code paths in the default run."""
     run_dir = tmp_path / "run"
-    cli("finetune.train", f"dataset.path={shared('chnsenticorp')}", *FAST, "qat_targets=[attn,ffn]",
+    cli("finetune.cli.train", f"dataset.path={shared('chnsenticorp')}", *FAST, "qat_targets=[attn,ffn]",
         f"hydra.run.dir={run_dir}")
     out = tmp_path / "int8"
     # No float32 ONNX model to time against (float_reference=false): the unit tests cover it on the tiny model.
-    cli("finetune.export", f"run={run_dir}", "format=int8", f"out={out}", "latency_tokens=1", "latency_reps=1",
+    cli("finetune.export.int8", f"run={run_dir}", "format=int8", f"out={out}", "latency_tokens=1", "latency_reps=1",
         "threads=2", "float_reference=false")
     export = json.loads((out / "export.json").read_text())
     assert not export["ptq"] and export["qat_targets"] == ["attn", "ffn"]

@@ -41,7 +41,7 @@ def cli(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.Complete
 
 def train(run_dir: Path, *overrides: str) -> dict:
     data = shared("chnsenticorp")
-    cli("finetune.train", f"dataset.path={data}", *FAST, *overrides, f"hydra.run.dir={run_dir}")
+    cli("finetune.cli.train", f"dataset.path={data}", *FAST, *overrides, f"hydra.run.dir={run_dir}")
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -98,13 +98,13 @@ def test_saved_adapter_reloads_and_reproduces_its_eval(runs, tmp_path):
 
     assert PeftModel is not None
     out = tmp_path / "eval.json"
-    cli("finetune.eval_cli", f"run={run_dir}", "split=test", f"out={out}")
+    cli("finetune.cli.evaluate", f"run={run_dir}", "split=test", f"out={out}")
     again = json.loads(out.read_text())
     assert again["n"] == m["n_scored"]
     assert again["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
     assert again["f1"] == pytest.approx(m["f1"], abs=1e-9)
     val = tmp_path / "val.json"
-    cli("finetune.eval_cli", f"run={run_dir}", "split=validation", f"out={val}")
+    cli("finetune.cli.evaluate", f"run={run_dir}", "split=validation", f"out={val}")
     assert json.loads(val.read_text())["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-3)
 
 
@@ -114,7 +114,7 @@ def test_eval_on_a_single_file(runs, tmp_path):
     f = tmp_path / "ten.jsonl"
     f.write_text("\n".join(rows) + "\n")
     out = tmp_path / "ten.json"
-    cli("finetune.eval_cli", f"run={run_dir}", f"dataset.path={f}", f"out={out}")
+    cli("finetune.cli.evaluate", f"run={run_dir}", f"dataset.path={f}", f"out={out}")
     result = json.loads(out.read_text())
     assert result["n"] == 10 and 0 <= result["accuracy"] <= 1 and result["data_source"] == f"file:{f}"
 
@@ -140,16 +140,16 @@ def test_user_errors_exit_2_with_one_line_and_touch_nothing(runs, tmp_path):
     bad_rows.write_text('{"text": "好", "label": 1}\n{"review": "差"}\n')
     cases.append(([f"dataset.path={bad_rows}"], "bad.jsonl"))
     for i, (overrides, fragment) in enumerate(cases):
-        proc = cli("finetune.train", *overrides, "logger=none", f"hydra.run.dir={tmp_path}/err{i}", check=False)
+        proc = cli("finetune.cli.train", *overrides, "logger=none", f"hydra.run.dir={tmp_path}/err{i}", check=False)
         assert fragment in _one_line_error(proc)
-    proc = cli("finetune.eval_cli", f"run={tmp_path}/nowhere", check=False)
+    proc = cli("finetune.cli.evaluate", f"run={tmp_path}/nowhere", check=False)
     assert "no such run directory" in _one_line_error(proc)
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     assert after == before
 
 
 def test_unknown_group_option_fails_before_anything_runs(tmp_path):
-    proc = cli("finetune.train", "quantization=int4", f"hydra.run.dir={tmp_path}/x", check=False)
+    proc = cli("finetune.cli.train", "quantization=int4", f"hydra.run.dir={tmp_path}/x", check=False)
     assert proc.returncode != 0
     assert "quantization" in proc.stderr and "nf4" in proc.stderr  # names the allowed options
     assert not (tmp_path / "x" / "metrics.json").exists()

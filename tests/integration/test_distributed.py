@@ -37,7 +37,7 @@ def _env(**extra: str) -> dict:
 def _train(args: list[str], cwd: Path, nproc: int = 1, multirun: bool = False) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "finetune.train", *(["-m"] if multirun else []), f"dataset.path={shared('chnsenticorp')}",
+    cmd = [*launcher, "-m", "finetune.cli.train", *(["-m"] if multirun else []), f"dataset.path={shared('chnsenticorp')}",
            *COMMON, *args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
 
@@ -93,7 +93,7 @@ def test_ddp_rank_0_alone_writes_the_run(ddp_and_single):
 
 def test_a_sweep_inside_torchrun_is_refused(tmp_path):
     """What torchrun's environment says (one of two ranks) is enough: refused before any rank does anything."""
-    cmd = [sys.executable, "-m", "finetune.train", "-m", f"dataset.path={shared('chnsenticorp')}", *COMMON,
+    cmd = [sys.executable, "-m", "finetune.cli.train", "-m", f"dataset.path={shared('chnsenticorp')}", *COMMON,
            "lora.r=4,8", f"hydra.sweep.dir={tmp_path / 'sweep'}", "logger=none"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
@@ -103,7 +103,7 @@ def test_a_sweep_inside_torchrun_is_refused(tmp_path):
 
 def test_two_sweep_jobs_run_side_by_side_and_the_report_is_written(tmp_path):
     sweep = tmp_path / "sweep"
-    out = subprocess.run([sys.executable, "-m", "finetune.train", "-m", "hydra/launcher=parallel",
+    out = subprocess.run([sys.executable, "-m", "finetune.cli.train", "-m", "hydra/launcher=parallel",
                           "hydra.launcher.n_jobs=2", f"dataset.path={shared('chnsenticorp')}", *COMMON,
                           "trainer.batch_size=2", "logger=none", "lora.r=4,8", f"hydra.sweep.dir={sweep}"],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)

@@ -21,7 +21,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from finetune.errors import FinetuneError
-from finetune.train import run
+from finetune.cli.train import run
 from tests.conftest import ROOT, TINY, compose_cfg, shared
 
 CKPT = ["trainer.save_strategy=steps", "trainer.save_steps=1"]
@@ -56,8 +56,7 @@ def bad_files(tmp_path_factory):
 
 def _train_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
     """finetune-train's console entrypoint in this process: (exit status, stderr lines)."""
-    from finetune import train
-
+    from finetune.cli import train
     import logging
 
     GlobalHydra.instance().clear()
@@ -190,7 +189,7 @@ def test_bad_input_from_the_real_command(extra, needle, good_run, bad_files):
     before = snapshot(good_run)
     args = [a.format(data=bad_files) for a in extra]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from finetune.train import main; main()", *_tiny(good_run), *args],
+    proc = subprocess.run([sys.executable, "-c", "from finetune.cli.train import main; main()", *_tiny(good_run), *args],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and needle in err[0], proc.stderr
@@ -215,7 +214,7 @@ def test_failure_never_replaces_a_finished_run(good_run, tmp_path):
     kept = {k: v for k, v in before.items() if not k.startswith(("checkpoints", "train.log"))}
     # max_steps grows so training runs on; eval.batch_size is corrupted after validation to fail after training.
     cfg = _cfg(run_dir, "trainer.resume_from_checkpoint=auto", "trainer.max_steps=3", "eval.num_samples=1")
-    import finetune.evaluate as ev
+    import finetune.evaluation.scoring as ev
 
     original = ev.sample_generations
 
@@ -245,7 +244,7 @@ def test_overwrite_run_replaces_and_restores_on_failure(good_run, tmp_path):
         run(_cfg(run_dir), run_dir)
     assert snapshot(run_dir) == before
     # overwrite_run with a data error after the run started: the old run comes back whole
-    import finetune.evaluate as ev
+    import finetune.evaluation.scoring as ev
 
     original = ev.classify
 
@@ -272,8 +271,7 @@ def test_config_records_absolute_paths(good_run, tmp_path, monkeypatch):
     cfg = OmegaConf.load(good_run / "config.yaml")
     assert Path(cfg.dataset.path).is_absolute() and Path(cfg.dataset.path).is_dir()
     # finetune-eval from another directory finds the run's data
-    from finetune import eval_cli
-
+    from finetune.cli import evaluate as eval_cli
     monkeypatch.chdir(tmp_path)
     assert eval_cli.main([f"run={good_run}", f"out={tmp_path / 'scores.json'}"]) == 0
 
@@ -290,7 +288,7 @@ COMPARED = ("train_steps", "train_loss", "train_tokens", "eval_loss", "accuracy"
 def _train_process(run_dir: Path, *extra: str) -> subprocess.Popen:
     args = [*RESUME, f"dataset.path={shared('chnsenticorp')}", f"hydra.run.dir={run_dir}", *extra]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", "from finetune.train import main; main()", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-c", "from finetune.cli.train import main; main()", *args], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -319,7 +317,7 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
 
 
 def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
-    from finetune.trainer import resolve_resume
+    from finetune.training.trainer import resolve_resume
 
     run_dir = tmp_path / "run"
     m = run(_cfg(run_dir, "trainer.max_steps=3", "trainer.save_total_limit=3"), run_dir)
@@ -348,7 +346,7 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
 def test_same_result_whether_or_not_this_process_built_the_tiny_model(tmp_path, monkeypatch):
     """The tiny model's builder must not reseed the global RNG: a run that builds it (empty cache) and one that
     finds it cached give identical metrics."""
-    import finetune.model as fm
+    import finetune.model.load as fm
 
     # the embedded tokenizer is reused from the real cache (looked up before the cache moves); only the random
     # model is rebuilt
@@ -368,7 +366,6 @@ def test_unreachable_wandb_server_costs_at_most_10_s(tmp_path, monkeypatch, capl
     from omegaconf import OmegaConf
 
     from finetune import tracking
-
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)

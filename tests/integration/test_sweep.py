@@ -15,7 +15,7 @@ def test_multirun_records_failures_and_writes_the_report(tmp_path):
     data = shared("chnsenticorp")
     # The third value passes validation (a list of module names) but fails inside its job, when LoRA is applied.
     proc = cli(
-        "finetune.train", "-m", *[o for o in TINY if not o.startswith("logger=")], "logger=wandb",
+        "finetune.cli.train", "-m", *[o for o in TINY if not o.startswith("logger=")], "logger=wandb",
         f"dataset.path={data}", "lora.r=4,8", "lora.target_modules=attn,[no_such_proj]", "sweep_name=test_grid",
         f"hydra.sweep.dir={sweep_dir}",
     )
@@ -38,5 +38,5 @@ def test_multirun_records_failures_and_writes_the_report(tmp_path):
     assert list(sweep_dir.glob("*.png")), "no plot written"
 
     first = (sweep_dir / "comparison.csv").read_text()
-    cli("finetune.report", str(sweep_dir))
+    cli("finetune.report.compare", str(sweep_dir))
     assert (sweep_dir / "comparison.csv").read_text() == first

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from finetune.errors import FinetuneError
-from finetune.train import run
+from finetune.cli.train import run
 from tests.conftest import TINY, compose_cfg, shared
 
 

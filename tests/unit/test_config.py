@@ -116,14 +116,14 @@ def test_bounded_cpu_allocator_applies_in_its_own_process(tmp_path):
     import subprocess
     import sys
 
-    code = "from finetune.measure import bound_cpu_allocator as b; print(b())"
+    code = "from finetune.training.measure import bound_cpu_allocator as b; print(b())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "glibc mmap_threshold=1 MiB", out.stderr
 
 
 def test_torch_compile_switch_reaches_the_trainer(tmp_path):
-    from finetune.model import resolve_precision
-    from finetune.trainer import training_arguments
+    from finetune.model.load import resolve_precision
+    from finetune.training.trainer import training_arguments
 
     for value in (False, True):
         cfg = compose_cfg(["model=tiny", f"trainer.torch_compile={str(value).lower()}"])

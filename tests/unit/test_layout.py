@@ -76,5 +76,34 @@ def test_the_cycle_finder_finds_a_lazy_cycle() -> None:
 
 def test_no_import_cycles_in_the_package() -> None:
     graph = import_graph()
-    assert "finetune.report_hydra" in graph and "finetune.report" in graph["finetune.report_hydra"]
+    assert "finetune.report.hydra_callback" in graph and "finetune.report.compare" in graph["finetune.report.hydra_callback"]
     assert cycles(graph) == []
+
+
+# The layers, lowest first: a module imports only its own layer and those below it.
+LAYERS = [
+    ("finetune.config", "finetune.runs", "finetune.errors", "finetune.hub"),  # contracts
+    ("finetune.model", "finetune.data", "finetune.qat"),  # components
+    ("finetune.evaluation", "finetune.export", "finetune.report"),  # what uses a model or a finished run
+    ("finetune.training",),  # the stages of a run
+    ("finetune.cli",),  # entrypoints
+]
+
+
+def layer_of(module: str) -> int | None:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [m for m in import_graph() if m != "finetune" and layer_of(m) is None] == []
+
+
+def test_imports_run_one_way_down_the_layers() -> None:
+    graph = import_graph()
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                    if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m))
+    assert upward == []
+    assert layer_of("finetune.cli.train") > layer_of("finetune.training.stages") > layer_of("finetune.model.load")

@@ -1,0 +1,1 @@
+"""Command-line entrypoints: finetune-train, -eval, -chat, -bench, -bench-qat, and the override pre-check."""

@@ -1,0 +1,411 @@
+"""finetune-bench: this framework's training path against the plain Hugging Face recipe, on the same rows.
+
+    finetune-bench dataset.path=../shared/data/chnsenticorp            # SmolLM2, 6 steps of 8, max_length 512
+    finetune-bench --steps 4 --rounds 2 model=qwen2.5-0.5b quantization=nf4
+    finetune-bench --arms finetune dataset.path=...                     # one arm only
+
+More: docs/modules.md, section ``finetune.cli.bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune.cli.bench")
+
+ARMS = ("finetune", "plain")
+COMMAND = "finetune-bench"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs and the machine's matmul rate
+
+
+def matmul_peak_flops(device: str, dtype_name: str) -> float:
+    """Best-of-five FLOP/s of a square matmul (2048 on CPU, 8192 on GPU) in ``dtype_name``."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(7):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # two warm-up products
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def model_shape(model) -> dict:
+    """The sizes the FLOP count needs: frozen and trainable linear parameters inside the decoder, attention
+    width, layers, vocabulary and hidden size."""
+    from torch import nn
+
+    frozen = trainable = 0
+    for name, module in model.named_modules():
+        if "lm_head" in name or not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+            continue
+        if any(True for _ in module.children()):  # a wrapper (PEFT LoRA layer): its leaves are counted
+            continue
+        weight = getattr(module, "weight", None)
+        params = int(module.in_features) * int(module.out_features)
+        if isinstance(weight, nn.Parameter) and weight.requires_grad:
+            trainable += params
+        else:
+            frozen += params
+    config = model.config
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return {"frozen_linear": frozen, "trainable_linear": trainable, "layers": int(config.num_hidden_layers),
+            "attn_width": heads * head_dim, "vocab": int(config.vocab_size), "hidden": int(config.hidden_size)}
+
+
+def training_flops(shape: dict, lengths: list[int], supervised: list[int]) -> float:
+    """FLOPs a training step needs for rows of real ``lengths`` with ``supervised`` label tokens each.
+
+    Linear layers: forward 2 and input gradient 2 per parameter and token; trainable ones also their weight
+    gradient (2). Attention: causal, over each row's real length (2 L^2 d forward per layer, twice that
+    backward). Output head: only where a label is predicted, forward and input gradient.
+    """
+    tokens = sum(lengths)
+    linear = (4 * shape["frozen_linear"] + 6 * shape["trainable_linear"]) * tokens
+    attention = sum(3 * 2 * length**2 * shape["attn_width"] * shape["layers"] for length in lengths)
+    head = 4 * shape["vocab"] * shape["hidden"] * sum(supervised)
+    return float(linear + attention + head)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One arm, in its own process
+
+
+def _arm_config(cfg: DictConfig, steps: int, run_dir: str) -> DictConfig:
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    cfg.trainer.max_steps = steps
+    cfg.trainer.save_strategy = "no"
+    cfg.trainer.eval_strategy = "no"
+    cfg.trainer.logging_steps = max(steps, 1)
+    cfg.trainer.grad_accum = 1
+    cfg.output_dir = run_dir
+    return cfg
+
+
+def _recorder(base):
+    """A throughput meter that also keeps each trained batch's real row lengths and padded width."""
+
+    class Recorder(base):
+        def __init__(self):
+            super().__init__()
+            self.batches: list[list[int]] = []
+            self.widths: list[int] = []
+
+        def count_batch(self, batch: dict) -> None:
+            super().count_batch(batch)
+            mask = batch["attention_mask"]
+            self.widths.append(int(mask.shape[1]))
+            self.batches.append([int(n) for n in mask.sum(dim=1)])
+
+    return Recorder()
+
+
+def _step_clock():
+    """A TrainerCallback noting the start of training and the end of every optimizer step."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.start = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+
+    return Clock()
+
+
+def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
+    """Train ``steps`` steps with ``arm``'s recipe; return tokens, time, peak memory and the FLOPs needed."""
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from finetune.data import DataCollator, load_splits, tokenize_split
+    from finetune.model.lora import apply_lora
+    from finetune.training.measure import ThroughputCallback, memory_device, peak_memory_mb
+    from finetune.model.load import load_model, resolve_precision
+    from finetune.training.trainer import make_trainer, training_arguments
+
+    set_seed(cfg.seed)
+    tcfg = cfg.trainer
+    bs, max_len = int(tcfg.batch_size), int(tcfg.max_length)
+    precision = resolve_precision(tcfg.precision, cfg.model.dtype)
+    splits = load_splits(cfg.dataset, cfg.seed)
+    rows = splits.train[: steps * bs]
+    if len(rows) < steps * bs:
+        raise FinetuneError(f"--steps {steps} x trainer.batch_size={bs} needs {steps * bs} training rows; "
+                            f"the dataset has {len(rows)}")
+    model, tok, _ = load_model(cfg.model, cfg.quantization, precision)
+    ds = tokenize_split(rows, cfg.dataset, tok, max_len)
+    train_ds, arm_steps = ds, steps
+    if arm == "finetune" and tcfg.get("packing"):
+        from finetune.data.packing import pack_rows
+
+        # The same examples, fewer rows: as many steps as the packed rows fill.
+        train_ds = pack_rows(ds, max_len)
+        arm_steps = -(-len(train_ds) // bs)
+    meter = _recorder(ThroughputCallback)
+    clock = _step_clock()
+    with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
+        acfg = _arm_config(cfg, arm_steps, tmp)
+        if arm == "finetune":
+            model = apply_lora(model, acfg.lora)
+            args = training_arguments(acfg.trainer, precision, Path(tmp), int(cfg.seed), [], f"bench-{arm}",
+                                      has_eval=False)
+            trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
+                                   data_collator=DataCollator(pad_token_id=tok.pad_token_id),
+                                   callbacks=[meter, clock], meter=meter)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            lcfg = acfg.lora
+            model = get_peft_model(model, LoraConfig(r=int(lcfg.r), lora_alpha=int(lcfg.alpha),
+                                                     lora_dropout=float(lcfg.dropout),
+                                                     target_modules=list(lcfg.target_modules),
+                                                     task_type="CAUSAL_LM"))
+            padded = ds.map(lambda r: {
+                "input_ids": r["input_ids"] + [tok.pad_token_id] * (max_len - len(r["input_ids"])),
+                "attention_mask": r["attention_mask"] + [0] * (max_len - len(r["attention_mask"])),
+                "labels": r["labels"] + [-100] * (max_len - len(r["labels"]))}, remove_columns=["length"])
+
+            class CountingTrainer(Trainer):
+                def training_step(self, model, inputs, num_items_in_batch=None):
+                    meter.count_batch(inputs)
+                    return super().training_step(model, inputs, num_items_in_batch)
+
+            args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=bs, max_steps=steps,
+                                     learning_rate=float(tcfg.lr), lr_scheduler_type=str(tcfg.scheduler),
+                                     warmup_steps=float(tcfg.warmup_ratio), logging_steps=max(steps, 1),
+                                     save_strategy="no", report_to=[], bf16=precision.bf16, fp16=precision.fp16,
+                                     use_cpu=not torch.cuda.is_available(), seed=int(cfg.seed),
+                                     disable_tqdm=True, dataloader_num_workers=0)
+            trainer = CountingTrainer(model=model, args=args, train_dataset=padded, callbacks=[meter, clock])
+        trainer.train()
+    if len(clock.ends) != arm_steps or meter.tokens != sum(ds["length"]):
+        raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps of {arm_steps}, {meter.tokens} tokens of "
+                           f"{sum(ds['length'])}")
+    shape = model_shape(model)
+    # Every step, from the start of training: length grouping puts the longest batch first, so leaving out the
+    # first step would flatter the grouped arm.
+    timed = meter.batches[:arm_steps]
+    timed_tokens = sum(sum(lengths) for lengths in timed)
+    timed_s = clock.ends[-1] - clock.start
+    # The work the examples need, whatever the arm does with padding or packing.
+    supervised = [sum(1 for t in labels[1:] if t != -100) for labels in ds["labels"]]
+    flops = training_flops(shape, list(ds["length"]), supervised)
+    return {"arm": arm, "steps": arm_steps, "packing": bool(tcfg.get("packing")) and arm == "finetune",
+            "tokens": meter.tokens, "timed_tokens": timed_tokens, "timed_s": timed_s,
+            "first_step_s": clock.ends[0] - clock.start,
+            "step_tokens": [sum(lengths) for lengths in timed],
+            "step_padded_tokens": [len(lengths) * meter.widths[i] for i, lengths in enumerate(timed)],
+            "tokens_per_s": timed_tokens / timed_s,
+            "flops_needed": flops, "flops_per_s": flops / timed_s, "peak_memory_mb": round(peak_memory_mb(), 1),
+            "memory_device": memory_device(), "precision": precision.name, "model_shape": shape}
+
+
+def _child(arm: str, spec_path: str) -> int:
+    """Entry of an arm's process: read the composed config, train, write the result beside the spec."""
+    from finetune.export.common import run_cli
+
+    def body(_argv):
+        spec = json.loads(Path(spec_path).read_text())
+        result = run_arm(arm, OmegaConf.create(spec["config"]), int(spec["steps"]))
+        Path(spec_path + f".{arm}.json").write_text(json.dumps(result))
+        return 0
+
+    return run_cli(body, [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def benchmark(cfg: DictConfig, arms: list[str], steps: int, rounds: int, peak: float | None = None) -> dict:
+    """Run every arm ``rounds`` times, alternating, each in a fresh process; return the summary."""
+    import torch
+
+    from finetune.model.load import resolve_precision
+
+    precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    measured_peak = peak is None
+    if measured_peak:
+        peak = matmul_peak_flops(device, precision.name)
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "steps": steps}))
+        for r in range(rounds):
+            for arm in arms:
+                log.info("round %d/%d: %s", r + 1, rounds, arm)
+                proc = subprocess.run([sys.executable, "-m", "finetune.cli.bench", "--child", arm, str(spec)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                out = Path(f"{spec}.{arm}.json")
+                if proc.returncode != 0 or not out.exists():
+                    print("\n".join(proc.stdout.strip().splitlines()[-15:]), file=sys.stderr)
+                    raise FinetuneError(f"arm {arm} failed (exit status {proc.returncode}); its output is above")
+                runs[arm].append(json.loads(out.read_text()))
+                out.unlink()
+    if measured_peak:
+        # Measured again after the arms, the better of the two: on a shared machine one measurement can catch a
+        # slow moment (81 vs 118 GFLOP/s for the same product an hour apart here).
+        peak = max(peak, matmul_peak_flops(device, precision.name))
+    summary: dict[str, Any] = {"command": COMMAND, "device": device, "hardware": hardware(device),
+                               "precision": precision.name, "matmul_peak_flops": peak, "steps": steps,
+                               "rounds": rounds, "batch_size": int(cfg.trainer.batch_size),
+                               "max_length": int(cfg.trainer.max_length), "model": cfg.model.name_or_path,
+                               "quantization": cfg.quantization.mode, "dataset": cfg.dataset.name,
+                               "packing": bool(cfg.trainer.get("packing")),
+                               "lora": {k: OmegaConf.to_container(cfg.lora, resolve=True).get(k)
+                                        for k in ("r", "alpha", "dropout", "target_modules")},
+                               "arms": {}}
+    for arm, results in runs.items():
+        summary["arms"][arm] = {
+            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in results),
+            "peak_memory_mb": max(x["peak_memory_mb"] for x in results),
+            "fraction_of_peak": statistics.median(x["flops_per_s"] for x in results) / peak,
+            "flops_needed_per_token": results[0]["flops_needed"] / max(results[0]["timed_tokens"], 1),
+            "rounds": results,
+        }
+    if "finetune" in runs and "plain" in runs:
+        ours, plain = summary["arms"]["finetune"], summary["arms"]["plain"]
+        summary["tokens_per_s_ratio"] = ours["tokens_per_s"] / plain["tokens_per_s"]
+        summary["peak_memory_ratio"] = ours["peak_memory_mb"] / plain["peak_memory_mb"]
+    first = summary["arms"][arms[0]]
+    summary["fraction_of_peak"] = summary["arms"].get("finetune", first)["fraction_of_peak"]
+    return summary
+
+
+def hardware(device: str) -> str:
+    """The CPU model (with its bf16 capability) or the GPU name."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = "unknown CPU"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown CPU":
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else \
+        "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {os.cpu_count()} cores, {isa}"
+
+
+def markdown(s: dict) -> str:
+    """The summary as a markdown table with its settings."""
+    lines = [f"<!-- {COMMAND} -->",
+             f"{s['hardware']} ({s['device']}, {s['precision']}), model {s['model']}, "
+             f"{s.get('dataset', '?')}{' packed (finetune arm)' if s.get('packing') else ''}"
+             f"{'' if s['quantization'] == 'none' else ' ' + s['quantization']}, LoRA r={s['lora']['r']} on "
+             f"{', '.join(s['lora']['target_modules'])}, {s['steps']} steps of {s['batch_size']}, max_length "
+             f"{s['max_length']}, median of {s['rounds']} round(s); matmul peak "
+             f"{s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", "",
+             "| arm | real tokens/s | peak memory (MB) | useful FLOP/s / matmul peak |", "|---|---|---|---|"]
+    for arm, a in s["arms"].items():
+        lines.append(f"| {arm} | {a['tokens_per_s']:.1f} | {a['peak_memory_mb']:,.0f} | {a['fraction_of_peak']:.0%} |")
+    if "tokens_per_s_ratio" in s:
+        lines.append(f"| finetune / plain | **{s['tokens_per_s_ratio']:.2f}x** | **{s['peak_memory_ratio']:.2f}x** | |")
+    return "\n".join(lines) + "\n"
+
+
+def _owned(path: Path) -> bool:
+    """Whether an existing bench.json / bench.md was written by this command."""
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text()).get("command") == COMMAND
+        return path.read_text().startswith(f"<!-- {COMMAND} -->")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _body(argv: list[str]) -> int:
+    from finetune.cli.bench_qat import compose_config, parse_choices
+    from finetune.runs import atomic_write_json, atomic_write_text, check_out_path
+
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6, help="training steps per arm and round (default 6)")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians are reported (default 1)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    p.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules of both arms (default q_proj,v_proj)")
+    p.add_argument("--max-length", type=int, default=512, help="trainer.max_length of both arms (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
+    p.add_argument("--out", default="outputs/bench", help="output folder (default outputs/bench)")
+    p.add_argument("overrides", nargs="*", help="finetune-train config overrides (key=value)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        raise FinetuneError("--steps and --rounds must be at least 1")
+    if args.max_length < 8 or args.batch_size < 1:
+        raise FinetuneError("--max-length must be at least 8 and --batch-size at least 1")
+    arms = parse_choices("--arms", args.arms, ARMS)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets:
+        raise FinetuneError("--targets: give at least one module name, e.g. q_proj,v_proj")
+    out = Path(args.out)
+    for name in ("bench.json", "bench.md"):
+        check_out_path(str(out / name), key="--out", kind="file", command=COMMAND, owned_file=_owned)
+    if compose_config(list(args.overrides)).lora.method == "none":
+        raise FinetuneError("finetune-bench compares LoRA training paths; lora=none is not supported")
+    cfg = compose_config([*args.overrides, f"trainer.max_length={args.max_length}",
+                          f"trainer.batch_size={args.batch_size}", f"lora.target_modules=[{','.join(targets)}]",
+                          "logger=none"])
+    from finetune.config import validate
+
+    validate(cfg)
+    result = benchmark(cfg, arms, args.steps, args.rounds)
+    result["cli"] = " ".join([COMMAND, *argv])
+    atomic_write_json(out / "bench.json", result)
+    table = markdown(result)
+    atomic_write_text(out / "bench.md", table)
+    print(table)
+    print(f"written: {out / 'bench.json'}, {out / 'bench.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune.export.common import run_cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"] and len(argv) == 3:
+        return _child(argv[1], argv[2])
+    return run_cli(_body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

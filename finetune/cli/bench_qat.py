@@ -1,0 +1,235 @@
+"""finetune-bench-qat: what INT8 fake-quantization adds to the training step time of a LoRA run.
+
+    finetune-bench-qat dataset.path=../shared/data/chnsenticorp              # SmolLM2, the default LoRA run
+    finetune-bench-qat --steps 4 --rounds 3 model=qwen2.5-0.5b trainer.batch_size=4
+    finetune-bench-qat --variants sublayer,linear dataset.path=...           # a subset of the variants
+
+More: docs/modules.md, section ``finetune.cli.bench_qat``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import FinetuneError
+from finetune.config import SCHEME_SCALE
+
+log = logging.getLogger("finetune.cli.bench")
+
+VARIANTS = ("sublayer", "linear", "linear+w", "static")
+
+
+def parse_choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated subset of ``allowed`` given to ``flag``; anything else is a one-line error."""
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in allowed]
+    if bad or not chosen:
+        raise FinetuneError(f"{flag}: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(allowed)}")
+    return chosen
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml plus ``overrides``, composed as finetune-train composes it (bad keys: one-line error)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from finetune.config import CONF_DIR
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=["output_dir=.", *overrides])
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise FinetuneError(f"bad override: {str(exc).splitlines()[0]}") from exc
+
+
+def variant_config(base: DictConfig, variant: str) -> DictConfig:
+    """The ``qat`` node for one variant, derived from the composed run's."""
+    q = OmegaConf.to_container(base, resolve=True)
+    q.update(start_step=0)
+    if q.get("scale") is None:  # the scheme's activation scale (qat.scale=null)
+        q["scale"] = SCHEME_SCALE[q.get("scheme") or "a8"]
+    if variant == "sublayer":
+        q.update(granularity="sublayer")
+    elif variant == "linear":
+        q.update(granularity="linear", weight_bits=None)
+    elif variant == "linear+w":
+        q.update(granularity="linear", weight_bits=q.get("weight_bits") or 8)
+    elif variant == "static":
+        q.update(granularity="sublayer", scale="static")
+    else:
+        raise FinetuneError(f"--variants: unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    if variant != "linear+w":
+        q["weight_bits"] = None
+    if variant not in ("static",) and q.get("scale") == "static":
+        q["scale"] = "tensor"
+    return OmegaConf.create(q)
+
+
+def _batches(cfg: DictConfig, tok, n_steps: int) -> list[dict]:
+    """``n_steps`` padded training batches drawn at random (seeded) from the configured training split."""
+    import random
+
+    from finetune.data import DataCollator, load_splits, tokenize_split
+
+    splits = load_splits(cfg.dataset, cfg.seed)
+    bs = int(cfg.trainer.batch_size)
+    need = n_steps * bs
+    if len(splits.train) < need:
+        raise FinetuneError(f"--steps {n_steps} x trainer.batch_size {bs} needs {need} training rows; "
+                            f"the dataset has {len(splits.train)} (raise dataset.max_train_samples)")
+    rows = random.Random(cfg.seed).sample(list(splits.train), need)
+    ds = tokenize_split(rows, cfg.dataset, tok, int(cfg.trainer.max_length))
+    collate = DataCollator(pad_token_id=tok.pad_token_id)
+    return [collate([ds[i] for i in range(s * bs, (s + 1) * bs)]) for s in range(n_steps)]
+
+
+def _time_steps(model, optimizer, batches: list[dict], autocast) -> float:
+    """Seconds per training step (forward + backward + optimizer step), averaged over ``batches``."""
+    import torch
+
+    from finetune.model.loss import accepts_logits_to_keep, label_position_loss
+
+    device = next(p for p in model.parameters()).device
+    label_positions = accepts_logits_to_keep(model)  # the loss finetune-train's Trainer computes
+    start = time.perf_counter()
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            loss = label_position_loss(model, batch)[0] if label_positions else model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / len(batches)
+
+
+def benchmark(cfg: DictConfig, variants: list[str], steps: int, rounds: int) -> dict[str, Any]:
+    """Time the baseline and each QAT variant on the same model and batches; see the module docstring."""
+    import torch
+    from transformers import set_seed
+
+    from finetune.config import qat_targets, validate
+    from finetune.model.lora import apply_lora
+    from finetune.model.load import load_model, resolve_precision
+    from finetune.qat.attach import apply_qat
+
+    validate(cfg)
+    if cfg.lora.method == "none":
+        raise FinetuneError("finetune-bench-qat measures a LoRA run: lora=none (full fine-tuning) is not supported")
+    targets = qat_targets(cfg) or ["attn", "ffn"]
+    set_seed(cfg.seed)
+    precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype)
+    model, tok, resolved = load_model(cfg.model, cfg.quantization, precision,
+                                      gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing))
+    model = apply_lora(model, cfg.lora)
+    model.train()
+    batches = _batches(cfg, tok, steps)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # lr 0: the weights never move, so every variant and round computes on the same model.
+    optimizer = torch.optim.AdamW(params, lr=0.0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else None
+    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype is not None else nullcontext
+
+    names = ["none", *variants]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    modules: dict[str, int] = {}
+
+    def one(name: str, timed: bool) -> None:
+        handle = None
+        if name != "none":
+            handle = apply_qat(model, targets, variant_config(cfg.qat, name))
+            modules[name] = len(handle.module_names()) + len(handle.weight_module_names())
+        try:
+            sec = _time_steps(model, optimizer, batches if timed else batches[:1], autocast)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if timed:
+            times[name].append(sec)
+            log.info("round %d  %-9s %.3f s/step", len(times[name]), name, sec)
+
+    log.info("warm-up: one step per variant")
+    for name in names:
+        one(name, timed=False)
+    for r in range(rounds):
+        # Rotate the order each round so no variant always runs right after the same neighbour.
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            one(name, timed=True)
+
+    base = statistics.median(times["none"])
+    rows = []
+    for name in names:
+        med = statistics.median(times[name])
+        rows.append({"variant": name, "sec_per_step": round(med, 4), "ratio": round(med / base, 4),
+                     "overhead_pct": round(100 * (med / base - 1), 2), "tokens_per_s": round(tokens / steps / med, 1),
+                     "quantized_modules": modules.get(name, 0),
+                     "rounds_sec_per_step": [round(t, 4) for t in times[name]]})
+    return {
+        "model": resolved, "method": "lora", "targets": targets, "bits": int(cfg.qat.bits),
+        "precision": precision.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(), "batch_size": int(cfg.trainer.batch_size), "steps_per_round": steps,
+        "rounds": rounds, "tokens_per_step": round(tokens / steps, 1), "results": rows,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"QAT overhead on {result['model']} ({result['device']}, {result['threads']} threads, "
+             f"{result['precision']}, LoRA, batch {result['batch_size']}, ~{result['tokens_per_step']:.0f} tokens/step, "
+             f"median of {result['rounds']} rounds x {result['steps_per_round']} steps; targets "
+             f"{'+'.join(result['targets'])}, {result['bits']}-bit)", "",
+             "| Variant | s/step | vs no QAT | Overhead | Tokens/s | Quantized modules |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        lines.append(f"| {r['variant']} | {r['sec_per_step']:.3f} | {r['ratio']:.3f}x | {r['overhead_pct']:+.1f}% | "
+                     f"{r['tokens_per_s']:.0f} | {r['quantized_modules']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _body(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="finetune-bench-qat", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=4, help="training steps per variant per round (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
+    p.add_argument("--variants", default=",".join(VARIANTS[:3]),
+                   help=f"comma-separated subset of {', '.join(VARIANTS)} (default: sublayer,linear,linear+w)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default outputs/bench/<time>)")
+    p.add_argument("overrides", nargs="*", help="finetune-train config overrides (key=value)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        raise FinetuneError("--steps and --rounds must be at least 1")
+    variants = parse_choices("--variants", args.variants, VARIANTS)
+    cfg = compose_config(args.overrides)
+    out = args.out or Path("outputs") / "bench" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    result = benchmark(cfg, variants, args.steps, args.rounds)
+    result["command"] = "finetune-bench-qat " + " ".join(argv)
+    (out / "qat_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (out / "qat_overhead.md").write_text(table)
+    print(table)
+    print(f"written: {out / 'qat_overhead.json'}, {out / 'qat_overhead.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune.export.common import run_cli
+
+    return run_cli(_body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

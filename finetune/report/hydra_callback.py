@@ -1,0 +1,145 @@
+"""Build the comparison report when a Hydra sweep ends, and (optionally) log it to W&B.
+
+Register the callback in a sweep config::
+
+    hydra:
+      callbacks:
+        report:
+          _target_: finetune.report.hydra_callback.ReportCallback
+
+Neither the callback nor :func:`log_table_to_wandb` ever raises: a report is a convenience,
+so a problem with it is logged as a warning and the sweep's own result stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.report.compare import generate_report
+from finetune.tracking import wandb_credentials
+
+log = logging.getLogger(__name__)
+
+
+def _wandb_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy W&B can serialise: object columns as strings, missing values as empty strings."""
+    out = df.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            out[column] = out[column].map(lambda v: "" if v is None or v != v else str(v))
+    return out
+
+
+def log_table_to_wandb(df: pd.DataFrame, config: DictConfig | dict | None, table: pd.DataFrame | None = None,
+                       images: list[Path] | None = None, sweep_dir: str | os.PathLike | None = None,
+                       summary: pd.DataFrame | None = None) -> bool:
+    """Best effort: log the comparison to a small W&B run in the sweep's group.
+
+    Does nothing unless ``wandb`` imports and ``config.logger.backend == "wandb"``. Runs offline
+    (``WANDB_MODE=offline``) when no credentials are configured or ``logger.mode`` says so;
+    ``logger.mode: disabled`` skips it. Never raises; bounded by W&B's init/finish timeouts.
+
+    Args:
+        df: the collected runs (logged as table ``runs``).
+        config: the sweep's config (``logger.*``; ``hydra.sweep.dir`` names the group when
+            ``logger.group`` is null).
+        table: the display comparison table (logged as table ``comparison``).
+        images: PNG files to log as images.
+        sweep_dir: where the W&B files go (default: ``hydra.sweep.dir`` or the current dir).
+        summary: the means over seeds, when the comparison has them (logged as table ``comparison_mean``).
+
+    Returns:
+        True when the run was logged, False when skipped or when anything went wrong.
+    """
+    try:
+        cfg = OmegaConf.create(config) if isinstance(config, dict) else config
+        if cfg is None or OmegaConf.select(cfg, "logger.backend", default=None) != "wandb":
+            return False
+        mode = str(OmegaConf.select(cfg, "logger.mode", default="auto") or "auto")
+        if mode == "disabled":
+            return False
+        try:
+            import wandb
+        except Exception:  # noqa: BLE001 - wandb absent or broken: nothing to log to
+            return False
+        if mode not in ("online", "offline"):
+            mode = "online" if wandb_credentials(wandb) else "offline"
+        elif mode == "online" and not wandb_credentials(wandb):
+            mode = "offline"
+        folder = Path(sweep_dir or OmegaConf.select(cfg, "hydra.sweep.dir", default=None) or ".")
+        group = OmegaConf.select(cfg, "logger.group", default=None) or "/".join(folder.resolve().parts[-2:])
+        previous = os.environ.get("WANDB_MODE")
+        if mode == "offline":
+            os.environ["WANDB_MODE"] = "offline"  # no credentials: never try the network
+        try:
+            run = wandb.init(
+                project=OmegaConf.select(cfg, "logger.project", default=None) or "finetune",
+                entity=OmegaConf.select(cfg, "logger.entity", default=None),
+                group=str(group), job_type="report", name=f"report-{folder.resolve().name}",
+                dir=str(folder), mode=mode, reinit="create_new",
+                settings=wandb.Settings(init_timeout=60, finish_timeout=60, silent=True, console="off",
+                                        x_disable_stats=True, disable_git=True, save_code=False),
+            )
+        finally:
+            if previous is None:
+                os.environ.pop("WANDB_MODE", None)
+            else:
+                os.environ["WANDB_MODE"] = previous
+        try:
+            payload: dict[str, Any] = {"runs": wandb.Table(dataframe=_wandb_frame(df))}
+            if table is not None:
+                payload["comparison"] = wandb.Table(dataframe=_wandb_frame(table))
+            if summary is not None:
+                payload["comparison_mean"] = wandb.Table(dataframe=_wandb_frame(summary))
+            for image in images or []:
+                payload[f"plot/{Path(image).stem}"] = wandb.Image(str(image))
+            run.log(payload)
+        finally:
+            run.finish()
+        return True
+    except Exception as exc:  # noqa: BLE001 - best effort by contract
+        log.warning("could not log the comparison table to W&B: %s", exc)
+        return False
+
+
+class ReportCallback(Callback):
+    """Hydra callback: write comparison.md / .csv / PNG into the sweep dir when a multirun ends.
+
+    Args:
+        kind: force a report kind (default: detected from the jobs).
+        metric: column to rank on (default: the task's main metric).
+        wandb: also log the table to W&B when ``logger.backend == "wandb"``.
+    """
+
+    def __init__(self, kind: str | None = None, metric: str | None = None, wandb: bool = True) -> None:
+        self.kind, self.metric, self.wandb = kind, metric, wandb
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Build the report for ``config.hydra.sweep.dir``; failures become a logged warning.
+
+        Args:
+            config: the sweep's composed config (with its ``hydra`` node).
+            **kwargs: unused (Hydra passes ``config_name``).
+        """
+        try:
+            sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+            if not sweep_dir:
+                log.warning("comparison report skipped: the config has no hydra.sweep.dir")
+                return
+            report = generate_report(sweep_dir, self.kind, self.metric)
+            log.info("comparison report: %s", report.comparison.takeaway)
+            log.info("wrote %s", ", ".join(str(p) for p in report.paths.values()))
+        except Exception as exc:  # noqa: BLE001 - a report must never fail the sweep
+            log.warning("comparison report not built: %s", exc)
+            return
+        if self.wandb:
+            images = [report.paths["plot"]] if "plot" in report.paths else []
+            log_table_to_wandb(report.runs, config, table=report.comparison.table, images=images,
+                               sweep_dir=sweep_dir, summary=report.comparison.summary)

@@ -1,0 +1,206 @@
+"""QAT against post-training quantization, run by run and over seeds: the numbers behind the QAT report.
+
+A QAT run is scored under simulated INT-n inference on its own targets (``accuracy_int8`` / ``f1_int8`` or
+``perplexity_int8``). Its baseline is post-training quantization (PTQ): the run *without* QAT, trained with the
+same settings and seed, scored the same way on the same targets (``accuracy_int8_attn``, ``..._ffn`` and, for
+attn+ffn, ``accuracy_int8``; see :mod:`finetune.evaluation.int8`). When a sweep repeats the comparison over seeds, each
+QAT run is paired with the no-QAT run of its own seed, and the summary states the mean paired difference with
+its standard error and how many seeds QAT won: one seed of a short run is mostly noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from finetune.report.collect import ok_rows, varies
+from finetune.report.format import NA, to_float
+
+# Where a no-QAT run keeps its post-training-quantization score for each target set (finetune.evaluation.int8).
+PTQ_SUFFIX = {"attn": "_attn", "ffn": "_ffn", "attn+ffn": ""}
+# Settings a QAT run shares with its PTQ baseline whenever they vary across the sweep (seed above all: a
+# seed also picks the training and test rows, so runs of different seeds are not comparable one to one).
+PAIR_KEYS = ("seed", "model", "dataset", "quantization", "lr", "lora.r", "lora.alpha", "lora.dropout",
+             "lora.target_modules", "int8_eval_bits", "int8_granularity", "int8_scale", "int8_scheme", "int8_weight_group_size",
+             "n_train", "n_test")
+
+
+def low_bit_label(df: pd.DataFrame) -> str:
+    """The simulated deployment's name in headings: ``INT8`` (8-bit activations, INT8 weights), ``INT4`` etc. when
+    the sweep simulated another activation width (``qat.eval_bits``), ``W4A8`` for ``qat.scheme=w4a8`` (INT4
+    group-wise weights); ``low-bit`` when the sweep mixes them."""
+    col = df["int8_eval_bits"] if "int8_eval_bits" in df.columns else pd.Series(dtype=float)
+    bits = {int(b) for b in pd.to_numeric(col, errors="coerce").dropna()}
+    schemes = {str(v) for v in df["int8_scheme"].dropna()} if "int8_scheme" in df.columns else set()
+    if "w4a8" in schemes:
+        return "W4A8" if schemes == {"w4a8"} and bits <= {8} else "low-bit"
+    return f"INT{bits.pop()}" if len(bits) == 1 else "INT8" if not bits else "INT<n>"
+
+
+def ptq_baseline(df: pd.DataFrame, row: pd.Series) -> pd.Series | None:
+    """The finished no-QAT run that ``row`` is compared with: the first one that matches it on every
+    :data:`PAIR_KEYS` setting that varies across the sweep; ``None`` when there is none."""
+    ok = ok_rows(df)
+    if "qat_targets" not in ok.columns:
+        return None
+    pool = ok[ok["qat_targets"].astype(str) == "none"]
+    for key in PAIR_KEYS:
+        if varies(ok, key):
+            pool = pool[pool[key].astype(str) == str(row.get(key))]
+    return pool.iloc[0] if len(pool) else None
+
+
+def ptq_score(df: pd.DataFrame, row: pd.Series, key: str) -> float | None:
+    """The PTQ score ``key`` (``accuracy_int8``, ``f1_int8``, ``perplexity_int8``) for the targets of QAT run
+    ``row``: its baseline's score on the same target set; ``None`` for a no-QAT row or a missing baseline."""
+    label = str(row.get("qat_targets"))
+    if label not in PTQ_SUFFIX:
+        return None
+    base = ptq_baseline(df, row)
+    return None if base is None else to_float(base.get(key + PTQ_SUFFIX[label]))
+
+
+def qat_scores(df: pd.DataFrame, generation: bool) -> pd.DataFrame:
+    """One row per finished run (same index as ``df``), in display units (percent / points, or perplexity).
+
+    Columns: ``targets``, ``seed``, ``fp``, ``q`` (simulated INT-n), ``gap`` (what INT-n loses: points of
+    accuracy, or perplexity added), ``ptq`` (the baseline's INT-n score on the same targets; NaN for the
+    no-QAT row) and ``vs_ptq`` (QAT minus PTQ; positive = better for accuracy, negative for perplexity).
+    Classification adds ``f1``, ``f1_q``, ``ptq_f1`` and ``vs_ptq_f1``.
+    """
+    fp, q = ("perplexity", "perplexity_int8") if generation else ("accuracy", "accuracy_int8")
+    scale = 1.0 if generation else 100.0
+    ok = ok_rows(df)
+
+    def value(r: pd.Series, key: str) -> float:
+        v = to_float(r.get(key))
+        return math.nan if v is None else v * scale
+
+    def ptq(r: pd.Series, key: str) -> float:
+        v = ptq_score(df, r, key)
+        return math.nan if v is None else v * scale
+
+    records = []
+    for index, r in ok.iterrows():
+        rec = {"targets": str(r.get("qat_targets")), "seed": r.get("seed"), "fp": value(r, fp), "q": value(r, q),
+               "ptq": ptq(r, q)}
+        rec["gap"] = rec["q"] - rec["fp"] if generation else rec["fp"] - rec["q"]
+        rec["vs_ptq"] = rec["q"] - rec["ptq"]
+        if not generation:
+            rec.update(f1=value(r, "f1"), f1_q=value(r, "f1_int8"), ptq_f1=ptq(r, "f1_int8"))
+            rec["vs_ptq_f1"] = rec["f1_q"] - rec["ptq_f1"]
+        records.append(pd.Series(rec, name=index))
+    return pd.DataFrame(records)
+
+
+def by_scheme(df: pd.DataFrame, scores: pd.DataFrame, order: tuple[str, ...]) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """``scores`` of a sweep over deployment schemes (``int8_scheme`` varies) with each target set named by its
+    scheme (``W8A8 ffn``), so that means, pairs and bars never pool schemes, rows ordered scheme by scheme; and
+    ``order`` spelt the same way. Unchanged for a single-scheme sweep."""
+    if scores.empty or not varies(ok_rows(df), "int8_scheme"):
+        return scores, order
+    scheme_of = ok_rows(df)["int8_scheme"].astype(str).str.upper().reindex(scores.index)
+    named = scores.assign(targets=scheme_of + " " + scores["targets"])
+    spelt = tuple(f"{s} {t}" for s in sorted(set(scheme_of)) for t in order)
+    rank = {t: i for i, t in enumerate(spelt)}
+    return named.iloc[sorted(range(len(named)), key=lambda i: rank.get(named["targets"].iloc[i], len(spelt)))], spelt
+
+
+def qat_wins(diffs: pd.Series, generation: bool) -> int:
+    """How many QAT-minus-PTQ differences say QAT matched or beat PTQ (accuracy not lower, perplexity not
+    higher); NaN (no baseline) never counts."""
+    return int((diffs <= 0).sum() if generation else (diffs >= 0).sum())
+
+
+def replicated(scores: pd.DataFrame) -> bool:
+    """Whether some target set was run with several seeds: then means over seeds are what to compare."""
+    return varies(scores, "seed") and bool(scores.groupby("targets").size().gt(1).any())
+
+
+def mean_and_se(values: pd.Series) -> tuple[float, float]:
+    """Mean and standard error of the mean (NaN values dropped; SE is NaN below two values)."""
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    if v.empty:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+
+
+def seed_summary(scores: pd.DataFrame, generation: bool, order: tuple[str, ...]) -> pd.DataFrame:
+    """Per target set, over its runs (seeds): ``runs``, the mean of every column of :func:`qat_scores`,
+    ``vs_ptq_se`` (standard error of the paired difference), ``paired`` (runs with a baseline) and ``wins``
+    (paired runs where QAT matched or beat PTQ); classification adds ``vs_ptq_f1_se`` and ``wins_f1``.
+    Rows in ``order`` (unknown target sets after)."""
+    rows = {}
+    for targets, group in scores.groupby("targets", sort=False):
+        rec: dict = {"runs": len(group)}
+        for column in group.columns.drop(["targets", "seed"]):
+            rec[column] = mean_and_se(group[column])[0]
+        for diff, suffix in (("vs_ptq", ""),) + (() if generation else (("vs_ptq_f1", "_f1"),)):
+            paired = group[diff].dropna()
+            rec[f"{diff}_se"] = mean_and_se(paired)[1]
+            rec[f"paired{suffix}"], rec[f"wins{suffix}"] = len(paired), qat_wins(paired, generation)
+        rows[targets] = rec
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    rank = {t: i for i, t in enumerate(order)}
+    return out.loc[sorted(out.index, key=lambda t: (rank.get(t, len(order)), t))] if len(out) else out
+
+
+def display_number(value: float, generation: bool, signed: bool = False) -> str:
+    """A display-unit number (points / percent, or perplexity); NaN -> ``n/a``."""
+    if value != value:
+        return NA
+    return f"{value:{'+' if signed else ''}.{2 if generation else 1}f}"
+
+
+def qat_takeaway(gaps: dict[str, float], diffs: dict[str, str], wins: int, low: str, generation: bool,
+                 lead: str = "") -> str:
+    """One line: which target set loses least in INT-n, and how QAT fares against PTQ of the same targets."""
+    what, unit = (f"{low} perplexity increase", "ppl") if generation else (f"{low} accuracy drop", "pts")
+    gaps = {t: g for t, g in gaps.items() if g == g}
+    if not gaps:
+        return "No finished run has both fp and INT8 results; nothing to compare."
+    best = min(gaps, key=gaps.get)
+    if best == "none":
+        takeaway = f"QAT does not help here: the run without QAT has the smallest {lead}{what}, " \
+                   f"{display_number(gaps[best], generation)} {unit}"
+    else:
+        takeaway = f"{best} QAT has the smallest {lead}{what}: {display_number(gaps[best], generation)} {unit}"
+        if "none" in gaps:
+            takeaway += f" vs {display_number(gaps['none'], generation)} {unit} without QAT"
+    if diffs:
+        # In INT-n, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
+        takeaway += (f"; in {low}, QAT matches or beats PTQ of the same targets {'on average ' if lead else ''}"
+                     f"on {wins} of {len(diffs)} target sets ("
+                     + ", ".join(f"{t} {d}" for t, d in diffs.items()) + f" {unit})")
+    return takeaway
+
+
+def plus_minus(mean: float, se: float, generation: bool) -> str:
+    """``+3.0 ± 1.2``: a signed mean difference and its standard error (the error left out when unknown)."""
+    return display_number(mean, generation, signed=True) + ("" if se != se else f" ± {display_number(se, generation)}")
+
+
+def summary_table(summary: pd.DataFrame, low: str, generation: bool) -> pd.DataFrame:
+    """Display cells of :func:`seed_summary`: per target set, the runs, the mean fp / INT-n / PTQ scores, the
+    mean paired QAT-vs-PTQ difference ± its standard error, and how many paired runs QAT matched or beat PTQ."""
+    def won(r: pd.Series, suffix: str = "") -> str:
+        return NA if not r[f"paired{suffix}"] else f"{int(r[f'wins{suffix}'])}/{int(r[f'paired{suffix}'])}"
+
+    def cells(r: pd.Series, columns: tuple[str, ...]) -> list[str]:
+        return [display_number(r[c], generation) for c in columns]
+
+    if generation:
+        headers = ["Targets", "Runs", "Perplexity", f"{low} perplexity", f"PTQ {low} perplexity",
+                   "QAT vs PTQ (ppl, mean ± SE)", "QAT ≤ PTQ (runs)"]
+        rows = [[t, str(int(r["runs"]))] + cells(r, ("fp", "q", "ptq"))
+                + [plus_minus(r["vs_ptq"], r["vs_ptq_se"], True), won(r)] for t, r in summary.iterrows()]
+    else:
+        headers = ["Targets", "Runs", "Accuracy (%)", f"{low} accuracy (%)", f"PTQ {low} accuracy (%)",
+                   "QAT vs PTQ (pts, mean ± SE)", "QAT ≥ PTQ (runs)", "F1 (%)", f"{low} F1 (%)",
+                   f"PTQ {low} F1 (%)", "QAT vs PTQ F1 (pts, mean ± SE)", "QAT ≥ PTQ F1 (runs)"]
+        rows = [[t, str(int(r["runs"]))] + cells(r, ("fp", "q", "ptq"))
+                + [plus_minus(r["vs_ptq"], r["vs_ptq_se"], False), won(r)] + cells(r, ("f1", "f1_q", "ptq_f1"))
+                + [plus_minus(r["vs_ptq_f1"], r["vs_ptq_f1_se"], False), won(r, "_f1")]
+                for t, r in summary.iterrows()]
+    return pd.DataFrame(rows, columns=headers, dtype=object)

@@ -1,0 +1,329 @@
+"""The stages of one training run, in order: prepare, baseline, adapt, fit, save, score, record.
+
+Each stage reads and extends one :class:`Job` (the config, the run's writer, the model and data as far as the
+run has got, and the metrics dict), so ``finetune.cli.train`` reads as the list of stages and a test can call one
+stage alone. Under torchrun every rank runs every stage up to ``save``; rank 0 alone scores and records (every
+rank scores when FSDP / DeepSpeed shard the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.config import method_name, qat_targets
+
+log = logging.getLogger("finetune.cli.train")
+
+
+@dataclass
+class Job:
+    """What the stages of one run share."""
+
+    cfg: DictConfig
+    run_dir: Path
+    writer: Any  # finetune.runs.RunWriter
+    overrides: list[str]
+    job: str
+    resume: str | None = None
+    metrics: dict = field(default_factory=dict)
+    splits: Any = None
+    model: Any = None
+    tok: Any = None
+    precision: Any = None
+    main: bool = True
+    sharded: bool = False
+    qat_handle: Any = None
+    callbacks: list = field(default_factory=list)
+    val_ds: Any = None
+    trainer: Any = None
+    wandb_run: Any = None
+
+    @property
+    def classification(self) -> bool:
+        return self.cfg.dataset.task == "classification"
+
+    @property
+    def max_length(self) -> int:
+        return int(self.cfg.trainer.max_length)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return int(self.cfg.eval.batch_size)
+
+
+def _early_files(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
+    """config.yaml (resolved, absolute paths) and Hydra's .hydra/ trio, written by the run itself."""
+    from finetune.runs import resolved_config
+
+    files = {"config.yaml": OmegaConf.to_yaml(resolved_config(cfg)),
+             ".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+             ".hydra/overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(overrides)))}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        files[".hydra/hydra.yaml"] = OmegaConf.to_yaml(OmegaConf.create({"hydra": HydraConfig.get()}))
+    except ValueError:  # not under Hydra (tests, isolated jobs)
+        pass
+    return files
+
+
+def prepare(job: Job, run_log) -> None:
+    """Rows first (a missing file or a bad row is reported before any weights load), then the run directory is
+    opened (rank 0), the metrics start, and the model loads."""
+    from transformers import set_seed
+
+    from finetune.training import distributed
+    from finetune.data import load_splits
+    from finetune.training.measure import bound_cpu_allocator, memory_device, reset_peak_memory
+    from finetune.model.load import load_model, resolve_precision
+
+    cfg, dcfg, tcfg = job.cfg, job.cfg.dataset, job.cfg.trainer
+    set_seed(cfg.seed)
+    job.precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
+    job.splits = splits = load_splits(dcfg, cfg.seed)
+    log.info("data: %s (train %d, validation %d, test %d)", splits.source, len(splits.train),
+             len(splits.validation), len(splits.test))
+    job.main = distributed.is_main()
+    # FSDP / DeepSpeed shard the weights: every rank takes part in each forward pass, evaluation included.
+    job.sharded = str(cfg.get("distributed", {}).get("strategy", "none")) in ("fsdp", "deepspeed")
+    if job.main:  # config and data are good: from here on the run writes into its directory (rank 0 alone)
+        job.writer.begin(_early_files(cfg, job.overrides))
+        run_log.open(job.run_dir / "train.log")
+    job.metrics = {
+        "status": "running", "job": job.job, "method": method_name(cfg), "model": cfg.model.name_or_path,
+        "dataset": dcfg.name, "task": dcfg.task, "data_source": splits.source,
+        "quantization": cfg.quantization.mode, "qat_targets": qat_targets(cfg), "precision": job.precision.name,
+        "seed": cfg.seed, "overrides": job.overrides,
+        "n_train": len(splits.train), "n_validation": len(splits.validation), "n_test": len(splits.test),
+    }
+    if cfg.lora.method != "none":
+        lora = OmegaConf.to_container(cfg.lora, resolve=True)
+        job.metrics["lora"] = {k: lora.get(k) for k in ("r", "alpha", "dropout", "target_modules")}
+    if memory_device() == "cpu":
+        bounded = bound_cpu_allocator() if cfg.get("cpu_allocator") == "bounded" else None
+        job.metrics["cpu_allocator"] = bounded or "glibc default"
+    reset_peak_memory()
+    job.model, job.tok, resolved = load_model(cfg.model, cfg.quantization, job.precision,
+                                              gradient_checkpointing=bool(tcfg.gradient_checkpointing),
+                                              sharded=job.sharded)
+    job.metrics["model_path"] = resolved
+    job.metrics["model_memory_mb"] = round(job.model.get_memory_footprint() / 2**20, 2)
+
+
+def baseline(job: Job) -> None:
+    """Zero-shot accuracy of the base model on the test rows (classification; scores cached by content)."""
+    from finetune.evaluation.scoring import zero_shot
+
+    if not (job.classification and job.cfg.eval.zero_shot and (job.main or job.sharded)):
+        return
+    t0 = time.perf_counter()
+    zs = zero_shot(job.model, job.tok, job.splits.test, job.cfg, job.metrics["model_path"], job.max_length,
+                   job.eval_batch_size, job.precision)
+    job.metrics.update(zero_shot_accuracy=zs["accuracy"], zero_shot_f1=zs["f1"], zero_shot_cached=zs["from_cache"])
+    log.info("zero-shot on %d test rows: accuracy %.4f, F1 %.4f (%.0f s%s)", zs["n"], zs["accuracy"], zs["f1"],
+             time.perf_counter() - t0, ", cached scores" if zs["from_cache"] else "")
+
+
+def adapt(job: Job) -> None:
+    """LoRA (or full fine-tuning) and fake quantization on the chosen sub-layers."""
+    from finetune.model.lora import apply_lora, count_params
+    from finetune.training.measure import reset_peak_memory
+
+    # peak_memory_mb covers the weights already loaded plus everything training adds, not zero-shot scoring.
+    reset_peak_memory()
+    job.model = apply_lora(job.model, job.cfg.lora)
+    trainable, total = count_params(job.model)
+    job.metrics.update(trainable_params=trainable, total_params=total, trainable_pct=round(100 * trainable / total, 4))
+    log.info("%s: %s trainable of %s parameters (%.3f%%)", job.metrics["method"], f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
+    targets = job.metrics["qat_targets"]
+    if targets:
+        from finetune.qat.attach import QATCallback, apply_qat
+
+        job.qat_handle = apply_qat(job.model, targets, job.cfg.qat)
+        job.callbacks.append(QATCallback(job.qat_handle, int(job.cfg.qat.start_step)))
+
+
+def _datasets(job: Job):
+    """The tokenized training rows (packed where asked) and validation rows."""
+    from finetune.data import tokenize_split
+
+    cfg, dcfg = job.cfg, job.cfg.dataset
+    train_ds = tokenize_split(job.splits.train, dcfg, job.tok, job.max_length)
+    if cfg.trainer.get("packing"):
+        from finetune.data.packing import pack_rows
+
+        n_examples = len(train_ds)
+        train_ds = pack_rows(train_ds, job.max_length)
+        job.metrics["n_train_packed_rows"] = len(train_ds)
+        log.info("packing: %d examples in %d rows of up to %d tokens", n_examples, len(train_ds), job.max_length)
+    job.val_ds = tokenize_split(job.splits.validation, dcfg, job.tok, job.max_length) if job.splits.validation else None
+    return train_ds
+
+
+def fit(job: Job) -> None:
+    """Train with the Hugging Face Trainer; record the training figures of the whole job (all ranks)."""
+    from finetune import tracking
+    from finetune.data import DataCollator
+    from finetune.training.measure import ThroughputCallback
+    from finetune.training.trainer import make_trainer, training_arguments
+
+    cfg, tcfg = job.cfg, job.cfg.trainer
+    train_ds = _datasets(job)
+    meter = ThroughputCallback()
+    name = cfg.run_name or f"{job.metrics['method']}-{cfg.dataset.name}-{job.run_dir.name}"
+    if job.main:
+        job.wandb_run = tracking.init_run(cfg, job.run_dir, name,
+                                          tags=[job.metrics["method"], cfg.dataset.name] + job.overrides)
+    args = training_arguments(tcfg, job.precision, job.run_dir, cfg.seed, ["wandb"] if job.wandb_run else [], name,
+                              has_eval=job.val_ds is not None, dist_cfg=cfg.get("distributed"))
+    trainer = make_trainer(model=job.model, args=args, train_dataset=train_ds, eval_dataset=job.val_ds,
+                           data_collator=DataCollator(pad_token_id=job.tok.pad_token_id),
+                           callbacks=job.callbacks + [meter], meter=meter,
+                           share_prefix=bool(tcfg.get("share_prefix", True)))
+    result = trainer.train(resume_from_checkpoint=job.resume)
+    job.trainer = trainer
+    if job.qat_handle is not None:
+        # Quantization statistics of training; then fake-quant off so the fp scores below are full precision.
+        job.metrics["qat"] = job.qat_handle.summary()
+        if job.wandb_run is not None:
+            job.wandb_run.log(job.qat_handle.metrics())
+        job.qat_handle.enabled = False
+    _training_figures(job, meter, trainer, result.global_step)
+
+
+def _training_figures(job: Job, meter, trainer, steps: int) -> None:
+    """Peak memory of loading + training (the comparison column; evaluation's own peak is recorded apart),
+    tokens/s and the loss; under a multi-process launch the job's figures (sum of tokens, max of peaks and
+    times) and each rank's."""
+    from finetune.training import distributed
+    from finetune.training.measure import memory_breakdown_mb, peak_memory_mb, reset_peak_memory
+
+    m = job.metrics
+    ranks = distributed.gather({"rank": distributed.rank(), "tokens": meter.tokens, "train_runtime_s": meter.elapsed,
+                                "peak_memory_mb": round(peak_memory_mb(), 1), "loss_sum": trainer._total_loss_scalar})
+    # The Trainer's running loss: the logged part is already averaged over ranks, the part since the last log is
+    # each rank's own; the mean over ranks is the job's loss (exact when the ranks' batches weigh alike).
+    loss_sum = sum(r.pop("loss_sum") for r in ranks) / len(ranks)
+    m["peak_memory_mb"] = max(r["peak_memory_mb"] for r in ranks)
+    m["memory_breakdown_mb"] = memory_breakdown_mb(m["peak_memory_mb"], m["model_memory_mb"], job.model)
+    reset_peak_memory()
+    elapsed = max(r["train_runtime_s"] for r in ranks)
+    tokens = sum(r["tokens"] for r in ranks)
+    m.update(
+        # Over the whole run, also after a resume (the checkpoint carries the running sums and the time).
+        train_runtime_s=round(elapsed, 2),
+        train_steps=steps,
+        train_loss=round(loss_sum / max(steps, 1), 6),
+        train_tokens=tokens,
+        train_tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
+    )
+    if distributed.launched():
+        strategy = str(job.cfg.get("distributed", {}).get("strategy", "none"))
+        m["distributed"] = {**distributed.describe(strategy), "per_rank": [
+            {**r, "train_runtime_s": round(r["train_runtime_s"], 2),
+             "tokens_per_s": round(r["tokens"] / r["train_runtime_s"], 2) if r["train_runtime_s"] > 0 else 0.0}
+            for r in ranks]}
+
+
+def save(job: Job) -> bool:
+    """The adapter in PEFT format (or the full model), the tokenizer and the QAT state. Returns whether this
+    process goes on to score: rank 0 always, every rank where the weights are sharded."""
+    from finetune.training import distributed
+    from finetune.runs import atomic_write_json
+
+    cfg, writer = job.cfg, job.writer
+    weights_dir = "model" if cfg.lora.method == "none" else "adapter"
+    if job.sharded:  # the sharded weights are gathered by the engine (a collective: every rank calls it; rank 0 writes)
+        job.trainer.save_model(distributed.broadcast(str(writer.path(weights_dir)) if job.main else None))
+    if not job.main:
+        return job.sharded
+    if job.sharded:
+        job.tok.save_pretrained(writer.path(weights_dir))
+    elif cfg.lora.method == "none":
+        # A standalone checkpoint: AutoModelForCausalLM / AutoTokenizer.from_pretrained(run_dir / "model").
+        job.model.save_pretrained(writer.path("model"))
+        job.tok.save_pretrained(writer.path("model"))
+    else:
+        job.model.save_pretrained(writer.path("adapter"))
+    job.tok.save_pretrained(writer.path("tokenizer"))
+    if job.qat_handle is not None:
+        # Calibrated static scales (qat.scale=static) are what an INT8 export needs; the rest documents the run.
+        atomic_write_json(writer.path("qat_state.json"), {
+            "targets": job.metrics["qat_targets"], "config": OmegaConf.to_container(cfg.qat),
+            "static_scales": job.qat_handle.static_scales(), "static_absmax": job.qat_handle.static_absmax()})
+    return True
+
+
+def score(job: Job) -> None:
+    """Scores after training into the metrics (a sharded rank's forward passes only serve rank 0's): the
+    validation loss and selection score, test scores, simulated INT8 where asked, sample generations in the log."""
+    from finetune.evaluation.scoring import classify, loss_and_perplexity, scores_and_loss, scores_to_metrics
+
+    metrics = job.metrics if job.main else {}
+    model, tok, splits, dcfg = job.model, job.tok, job.splits, job.cfg.dataset
+    eval_bs, max_len, bf16 = job.eval_batch_size, job.max_length, job.precision.bf16
+    # The validation loss and, for classification, the selection score (objective, report ranking): the
+    # validation split scored like test; one pass gives both where it can (scores_and_loss).
+    both = None
+    if job.classification and splits.validation and job.val_ds is not None:
+        both = scores_and_loss(model, tok, splits.validation, dcfg, max_len, eval_bs, bf16)
+    if both is not None:
+        metrics.update(both[1])
+    elif job.val_ds is not None and len(job.val_ds):
+        metrics.update(loss_and_perplexity(model, job.val_ds, tok.pad_token_id, eval_bs, bf16))
+    if job.classification and splits.validation:
+        val = (scores_to_metrics(both[0], splits.validation, dcfg) if both is not None
+               else classify(model, tok, splits.validation, dcfg, max_len, eval_bs, bf16))
+        metrics.update(val_accuracy=val["accuracy"], val_f1=val["f1"], n_val_scored=val["n"])
+        log.info("validation: accuracy %.4f, F1 %.4f on %d rows", val["accuracy"], val["f1"], val["n"])
+    if job.classification:
+        scored = classify(model, tok, splits.test, dcfg, max_len, eval_bs, bf16)
+        metrics.update(accuracy=scored["accuracy"], f1=scored["f1"], n_scored=scored["n"])
+        log.info("test: accuracy %.4f, F1 %.4f on %d rows", scored["accuracy"], scored["f1"], scored["n"])
+    elif splits.test:
+        from finetune.data import tokenize_split
+
+        test = loss_and_perplexity(model, tokenize_split(splits.test, dcfg, tok, max_len), tok.pad_token_id, eval_bs,
+                                   bf16)
+        metrics.update(test_loss=test["eval_loss"], perplexity=test["perplexity"])
+    _int8_and_samples(job, metrics)
+
+
+def _int8_and_samples(job: Job, metrics: dict) -> None:
+    from finetune.evaluation.scoring import sample_generations
+
+    cfg, bf16 = job.cfg, job.precision.bf16
+    if job.qat_handle is not None or cfg.qat.get("eval_int8") is True:
+        from finetune.evaluation.int8 import int8_metrics
+
+        metrics.update(int8_metrics(job.model, job.tok, job.splits, cfg.dataset, cfg.qat, job.metrics["qat_targets"],
+                                    job.qat_handle, job.max_length, job.eval_batch_size, bf16))
+    for sample in sample_generations(job.model, job.tok, job.splits.test or job.splits.validation, cfg.dataset,
+                                     int(cfg.eval.num_samples), int(cfg.eval.max_new_tokens), bf16, job.max_length):
+        log.info("sample | prompt: %s | completion: %s | reference: %s", sample["prompt"].replace("\n", " "),
+                 sample["completion"].replace("\n", " "), sample["reference"])
+
+
+def record(job: Job) -> dict:
+    """metrics.json (the run's last file: it marks the run finished) and the W&B summary."""
+    import torch
+
+    from finetune import tracking
+    from finetune.training.measure import memory_device, peak_memory_mb
+
+    metrics = job.metrics
+    metrics.update(eval_peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(), status="ok")
+    if torch.cuda.is_available():
+        metrics["gpu"] = torch.cuda.get_device_name()
+    job.writer.commit(metrics)
+    tracking.finish_run(job.wandb_run, metrics)
+    log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
+    return metrics

@@ -1,0 +1,359 @@
+"""Hugging Face Trainer set-up: TrainingArguments from the ``trainer`` node, token counting, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transformers import TrainerCallback
+
+from finetune.errors import FinetuneError
+from finetune.model.loss import accepts_logits_to_keep, label_position_loss
+from finetune.training.measure import ThroughputCallback
+from finetune.model.load import Precision
+
+log = logging.getLogger("finetune.training.trainer")
+
+
+def distributed_arguments(dist_cfg: DictConfig | None) -> dict:
+    """TrainingArguments for the ``distributed`` group: DDP settings, FSDP2, or a DeepSpeed config."""
+    from omegaconf import OmegaConf
+
+    strategy = dist_cfg.strategy if dist_cfg is not None else "none"
+    if strategy in ("none", "ddp"):
+        find_unused = bool(dist_cfg.get("find_unused_parameters", False)) if dist_cfg is not None else False
+        return {"ddp_find_unused_parameters": find_unused}
+    if strategy == "fsdp":
+        return {"fsdp": True, "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": bool(dist_cfg.get("reshard_after_forward", True)),
+            "cpu_offload": bool(dist_cfg.get("cpu_offload", False)),
+            "activation_checkpointing": bool(dist_cfg.get("activation_checkpointing", False)),
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        }}
+    return {"deepspeed": OmegaConf.to_container(dist_cfg.config, resolve=True)}
+
+
+def training_arguments(tcfg: DictConfig, precision: Precision, run_dir: Path, seed: int, report_to: list[str],
+                       run_name: str, has_eval: bool, dist_cfg: DictConfig | None = None):
+    """The one place TrainingArguments is built from the ``trainer`` (and ``distributed``) config nodes."""
+    from transformers import TrainingArguments
+
+    eval_strategy = tcfg.eval_strategy if has_eval else "no"
+    return TrainingArguments(
+        **distributed_arguments(dist_cfg),
+        output_dir=str(run_dir / "checkpoints"),
+        run_name=run_name,
+        num_train_epochs=float(tcfg.epochs),
+        max_steps=int(tcfg.max_steps),
+        per_device_train_batch_size=int(tcfg.batch_size),
+        per_device_eval_batch_size=int(tcfg.eval_batch_size),
+        gradient_accumulation_steps=int(tcfg.grad_accum),
+        learning_rate=float(tcfg.lr),
+        weight_decay=float(tcfg.weight_decay),
+        lr_scheduler_type=tcfg.scheduler,
+        warmup_steps=float(tcfg.warmup_ratio),  # a float < 1 is a ratio of the total steps
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=not _cuda(),
+        logging_steps=int(tcfg.logging_steps),
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=int(tcfg.eval_steps) if eval_strategy == "steps" else None,
+        save_strategy=tcfg.save_strategy,
+        save_steps=int(tcfg.save_steps),
+        save_total_limit=tcfg.get("save_total_limit"),
+        train_sampling_strategy=tcfg.sampling,
+        length_column_name="length",
+        dataloader_num_workers=int(tcfg.dataloader_num_workers),
+        optim=tcfg.optim,
+        max_grad_norm=float(tcfg.max_grad_norm),
+        seed=seed,
+        data_seed=seed,
+        report_to=report_to,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        torch_compile=bool(tcfg.get("torch_compile", False)),
+    )
+
+
+CHECKPOINT_STATE = "finetune_state.json"  # in each checkpoint: running loss sums and token count (exact resume)
+CHECKPOINT_MANIFEST = "finetune_manifest.json"  # written last: every file of the checkpoint with its size
+# In the checkpoints folder, written before the first checkpoint: every checkpoint of this run has a manifest, so
+# one without is half-written (killed between the Trainer's files and ours), never an older-format checkpoint.
+CHECKPOINT_FORMAT = "finetune_checkpoints.json"
+
+
+class SeededLengthGroupedSampler:
+    """``LengthGroupedSampler`` whose order depends only on ``seed`` and the epoch, never on the global RNG.
+
+    The stock sampler draws its permutation from the process's global RNG when an epoch starts; a run resumed
+    mid-epoch reaches that point with a different RNG state, so it skipped the already-trained batches of a
+    *different* order and trained on other data than the uninterrupted run. Here epoch ``e`` is always the
+    permutation of generator seed ``seed + e``.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, list(lengths), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        # The stock rule (mega-batches of up to 50 batches, at least four mega-batches) leaves a small dataset
+        # ungrouped: under 32 rows per mega-batch it sorts single batches. Below four batches per mega-batch,
+        # one sorted mega-batch of everything instead.
+        n, size = len(self.lengths), self.batch_size
+        mult = min(n // (size * 4), 50)
+        if mult < 4:
+            mult = max(1, -(-n // size))
+        return iter(get_length_grouped_indices(self.lengths, size, mega_batch_mult=mult, generator=generator))
+
+
+def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool = True, **kwargs):
+    """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
+    whose length-grouped order is seeded, and whose checkpoints resume exactly.
+
+    Args:
+        meter: the run's throughput meter; its token count and time are saved in every checkpoint and restored
+            on resume, so ``train_tokens`` covers the whole run.
+        share_prefix: compute the prompt prefix all rows of a batch share once per batch
+            (``trainer.share_prefix``; :func:`finetune.model.loss.label_position_nll`).
+    """
+    from transformers import Trainer
+
+    class LabelPositionTrainer(Trainer):
+        """Trainer whose training loss projects only the supervised positions onto the vocabulary."""
+
+        _label_positions: bool | None = None
+        _resumed_state: dict | None = None
+        _4bit_modules: list | None = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from finetune.data.packing import packed_forward_inputs
+
+            inputs = packed_forward_inputs(inputs)
+            if self._label_positions is None:  # checked once, not on every step
+                self._label_positions = accepts_logits_to_keep(model)
+            if return_outputs or "labels" not in inputs or not self._label_positions:
+                self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, scaled = label_position_loss(model, inputs, num_items_in_batch, share_prefix)
+            if scaled and self.args.average_tokens_across_devices:
+                # num_items_in_batch counts every process's tokens; DDP averages the gradients.
+                loss = loss * self.accelerator.num_processes
+            self.loss_is_scaled_for_ga = scaled
+            return loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Counted here, in the main process, for the batches that are trained on: not at collation, where
+            # evaluation batches, a data loader's read-ahead batch (re-read after a resume) and worker processes
+            # would distort the count.
+            if meter is not None:
+                meter.count_batch(inputs)
+            if self._4bit_modules is None:  # found once; then a flag check per module and step
+                self._4bit_modules = [m for m in model.modules()
+                                      if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+            if self._4bit_modules:
+                from finetune.model.load import restore_trainable_4bit_layout
+
+                restore_trainable_4bit_layout(self._4bit_modules)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def evaluate(self, *args, **kwargs):
+            # Evaluation during training (eval_strategy=steps) is not training time: tokens/s covers training.
+            start = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                if meter is not None:
+                    meter.exclude(time.perf_counter() - start)
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy == "group_by_length" and dataset is not None and \
+                    self.args.length_column_name in getattr(dataset, "column_names", ()):
+                return SeededLengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                    dataset[self.args.length_column_name], self.args.data_seed or self.args.seed)
+            return super()._get_train_sampler(train_dataset)
+
+        def _save_checkpoint(self, model, trial):
+            from finetune.training import distributed
+            super()._save_checkpoint(model, trial)
+            tokens = distributed.gather(meter.tokens if meter else None)  # every rank's count (a collective)
+            if not self.args.should_save:
+                return
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            state = {
+                "global_step": self.state.global_step,
+                # The Trainer's running loss: drained sum + the float32 sum not yet logged, restored as they were
+                # so train_loss and the logged losses after a resume equal the uninterrupted run's.
+                "total_loss_scalar": self._total_loss_scalar,
+                "pending_loss": float(self._tr_loss.item()) if hasattr(self, "_tr_loss") else 0.0,
+                "globalstep_last_logged": self._globalstep_last_logged,
+                "tokens": meter.tokens if meter else None,
+                "tokens_per_rank": tokens,
+                "elapsed_s": meter.elapsed_so_far() if meter else None,
+                # Callbacks with state of their own (QAT's static observers) save it alongside.
+                "callbacks": {type(cb).__name__: cb.checkpoint_state() for cb in self.callback_handler.callbacks
+                              if hasattr(cb, "checkpoint_state")},
+            }
+            write_checkpoint_state(folder, state)
+
+        def restore_resumed_state(self) -> None:
+            """Called at train begin: put back the running sums of the checkpoint being resumed."""
+            import torch
+
+            st = self._resumed_state
+            if not st:
+                return
+            self._total_loss_scalar = float(st["total_loss_scalar"])
+            self._tr_loss = torch.tensor(st["pending_loss"], dtype=torch.float32, device=self.args.device)
+            self._globalstep_last_logged = int(st["globalstep_last_logged"])
+            if meter is not None and st.get("tokens") is not None:
+                from finetune.training import distributed
+                per_rank = st.get("tokens_per_rank") or []
+                own = per_rank[distributed.rank()] if distributed.rank() < len(per_rank) else st["tokens"]
+                meter.restore(int(own), float(st.get("elapsed_s") or 0.0))
+            for cb in self.callback_handler.callbacks:
+                if hasattr(cb, "restore_checkpoint_state"):
+                    cb.restore_checkpoint_state((st.get("callbacks") or {}).get(type(cb).__name__))
+
+        def train(self, resume_from_checkpoint=None, **kw):
+            if self.args.should_save:
+                from finetune.runs import atomic_write_json
+
+                out = Path(self.args.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out / CHECKPOINT_FORMAT, {"manifest": CHECKPOINT_MANIFEST})
+            self._resumed_state = read_checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint else None
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kw)
+
+    callbacks = list(kwargs.pop("callbacks", None) or [])
+    trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, _ResumeStateCallback):
+            cb.trainer = trainer
+    return trainer
+
+
+class _ResumeStateCallback(TrainerCallback):
+    """Restores the running loss sums at ``on_train_begin``, after the Trainer has zeroed them."""
+
+    trainer = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is not None:
+            self.trainer.restore_resumed_state()
+
+
+def write_checkpoint_state(folder: Path, state: dict) -> None:
+    """Our state file, then the manifest (every file with its size), written last: a checkpoint without a
+    manifest was interrupted while being written."""
+    from finetune.runs import atomic_write_json
+
+    atomic_write_json(folder / CHECKPOINT_STATE, state)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != CHECKPOINT_MANIFEST and not p.name.startswith(".")}
+    atomic_write_json(folder / CHECKPOINT_MANIFEST, {"files": files})
+
+
+def read_checkpoint_state(folder) -> dict | None:
+    path = Path(str(folder)) / CHECKPOINT_STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (None when it is complete).
+
+    A checkpoint written by this version has a manifest; every file must be there with its recorded size
+    (a truncated or missing file is named), and one without a manifest next to the folder's format marker was
+    interrupted after the Trainer's own files (its running loss sums are missing). Older checkpoints are checked for a readable trainer_state.json
+    and readable safetensors headers.
+    """
+    manifest = folder / CHECKPOINT_MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{CHECKPOINT_MANIFEST} is unreadable"
+        for name, size in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        return None
+    if (folder / CHECKPOINT_STATE).is_file() or (folder.parent / CHECKPOINT_FORMAT).is_file() or \
+            not (folder / "trainer_state.json").is_file():
+        return "it was not completely written (no manifest)"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is unreadable"
+    for weights in folder.glob("*.safetensors"):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as fh:
+                fh.keys()
+        except Exception:  # noqa: BLE001 - any failure to parse the header means a damaged file
+            return f"{weights.name} is unreadable"
+    return None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_resume(value, run_dir: Path):
+    """``trainer.resume_from_checkpoint``: null, ``auto`` (latest complete checkpoint in this run dir), or a path.
+
+    With ``auto`` a damaged or half-written checkpoint is reported by name and the previous complete one used.
+
+    Raises:
+        FinetuneError: a given path does not exist or is damaged.
+    """
+    if value in (None, False, "", "null"):
+        return None
+    if value == "auto":
+        ckpt_dir = run_dir / "checkpoints"
+        found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]), reverse=True) if ckpt_dir.is_dir() else []
+        for folder in found:
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                log.info("resuming from %s", folder)
+                return str(folder)
+            log.warning("checkpoint %s cannot be resumed from: %s; trying the previous one", folder, problem)
+        log.info("trainer.resume_from_checkpoint=auto: no complete checkpoint in %s, starting fresh", ckpt_dir)
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise FinetuneError(f"trainer.resume_from_checkpoint={value}: no such checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FinetuneError(f"trainer.resume_from_checkpoint={value}: checkpoint {path} cannot be resumed from: "
+                            f"{problem}")
+    return str(path)

@@ -1,0 +1,100 @@
+"""finetune-bench on the tiny model: both arms train the same rows and count the same real tokens, the FLOP
+count follows its formula, the command writes bench.json / bench.md, and bad input is one line with status 2.
+No timing is asserted (that is the benchmark's job, not a test's)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.cli import bench
+from finetune.cli.bench_qat import compose_config
+from tests.conftest import TINY, shared
+
+
+def _cfg(*extra: str):
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_length", "trainer.batch_size"))]
+    return compose_config([*overrides, f"dataset.path={shared('chnsenticorp')}", "trainer.max_length=256",
+                           "trainer.batch_size=2", "lora.target_modules=[q_proj,v_proj]", *extra])
+
+
+def test_both_arms_train_the_same_rows():
+    cfg = _cfg()
+    ours, plain = bench.run_arm("finetune", cfg, 3), bench.run_arm("plain", cfg, 3)
+    # The same rows, so the same real tokens and the same FLOPs needed; only the padding differs.
+    assert ours["tokens"] == plain["tokens"] == ours["timed_tokens"] > 0
+    assert ours["flops_needed"] == pytest.approx(plain["flops_needed"])
+    assert sum(ours["step_tokens"]) == sum(plain["step_tokens"]) == ours["tokens"]
+    assert all(p == 2 * 256 for p in plain["step_padded_tokens"])  # the plain recipe pads every row to max_length
+    assert all(p <= 2 * 256 for p in ours["step_padded_tokens"])
+    assert sum(ours["step_padded_tokens"]) < sum(plain["step_padded_tokens"])
+    for result in (ours, plain):
+        assert result["tokens_per_s"] > 0 and result["peak_memory_mb"] > 0 and len(result["step_tokens"]) == 3
+
+
+def test_training_flops_formula():
+    shape = {"frozen_linear": 100, "trainable_linear": 10, "layers": 2, "attn_width": 4, "vocab": 50, "hidden": 8}
+    # Linear: (4 x 100 + 6 x 10) per token; attention: 3 x 2 L^2 x 4 x 2 layers; head: 4 x 50 x 8 per label.
+    expected = (4 * 100 + 6 * 10) * 7 + 3 * 2 * (3**2 + 4**2) * 4 * 2 + 4 * 50 * 8 * 2
+    assert bench.training_flops(shape, [3, 4], [1, 1]) == expected
+
+
+def test_model_shape_counts_frozen_and_lora_linears():
+    from finetune.model.lora import apply_lora
+    from finetune.model.load import load_model, resolve_precision
+
+    cfg = _cfg()
+    model, _, _ = load_model(cfg.model, cfg.quantization, resolve_precision("fp32", "float32"))
+    h, kv, ffn, layers = 64, 32, 128, 2  # conf/model/tiny.yaml
+    frozen = layers * (h * h + 2 * h * kv + h * h + 3 * h * ffn)
+    assert bench.model_shape(model)["trainable_linear"] == frozen  # before LoRA every weight trains
+    model = apply_lora(model, cfg.lora)
+    shape = bench.model_shape(model)
+    assert shape["frozen_linear"] == frozen
+    assert shape["trainable_linear"] == layers * 8 * ((h + h) + (h + kv))  # r=8 on q and v: A and B
+    assert shape["layers"] == layers and shape["vocab"] > 1000
+
+
+def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def fake_benchmark(cfg, arms, steps, rounds):
+        calls.append((arms, steps, rounds, int(cfg.trainer.max_length), list(cfg.lora.target_modules)))
+        return {"command": bench.COMMAND, "device": "cpu", "hardware": "cpu", "precision": "fp32",
+                "matmul_peak_flops": 1e11, "steps": steps, "rounds": rounds, "batch_size": 8, "max_length": 512,
+                "model": "m", "quantization": "none", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+                "arms": {"finetune": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "fraction_of_peak": 0.5},
+                         "plain": {"tokens_per_s": 20.0, "peak_memory_mb": 2000.0, "fraction_of_peak": 0.1}},
+                "tokens_per_s_ratio": 5.0, "peak_memory_ratio": 0.5, "fraction_of_peak": 0.5}
+
+    monkeypatch.setattr(bench, "benchmark", fake_benchmark)
+    out = tmp_path / "bench"
+    assert bench.main(["--out", str(out), "--steps", "2", *TINY]) == 0
+    assert calls == [(["finetune", "plain"], 2, 1, 512, ["q_proj", "v_proj"])]
+    data = json.loads((out / "bench.json").read_text())
+    assert data["tokens_per_s_ratio"] == 5.0 and data["cli"].startswith("finetune-bench")
+    table = (out / "bench.md").read_text()
+    assert "| finetune / plain | **5.00x** | **0.50x** |" in table and table in capsys.readouterr().out
+    assert bench.main(["--out", str(out), "--steps", "2", *TINY]) == 0  # its own earlier output is replaced
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--arms", "fast"], "--arms: unknown fast"),
+    (["--steps", "0"], "--steps and --rounds must be at least 1"),
+    (["--targets", ","], "--targets"),
+    (["lora=none"], "lora=none is not supported"),
+    (["trainer.lr=-1"], "trainer.lr"),
+])
+def test_bad_input_is_one_line(argv, message, capsys, tmp_path):
+    assert bench.main(["--out", str(tmp_path / "b"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_foreign_bench_json_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text('{"mine": 1}')
+    assert bench.main(["--out", str(tmp_path), *TINY]) == 2
+    assert "not written by finetune-bench" in capsys.readouterr().err
+    assert (tmp_path / "bench.json").read_text() == '{"mine": 1}'

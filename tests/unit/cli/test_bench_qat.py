@@ -1,0 +1,53 @@
+"""finetune-bench-qat on the tiny model: it times the baseline and every variant on the same batches and
+writes its table; bad input is one line. No timing is asserted (that is the benchmark's job, not a test's)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.cli.bench_qat import main, variant_config
+from tests.conftest import TINY, compose_cfg, shared
+
+
+def test_benchmark_writes_every_variant(tmp_path, capsys):
+    data = shared("chnsenticorp")
+    overrides = [o for o in TINY if not o.startswith("dataset.max_train")] + [
+        f"dataset.path={data}", "dataset.max_train_samples=8", "qat_targets=[attn,ffn]"]
+    code = main(["--steps", "2", "--rounds", "2", "--variants", "sublayer,linear,linear+w,static",
+                 "--out", str(tmp_path), *overrides])
+    assert code == 0
+    result = json.loads((tmp_path / "qat_overhead.json").read_text())
+    rows = {r["variant"]: r for r in result["results"]}
+    assert list(rows) == ["none", "sublayer", "linear", "linear+w", "static"]
+    assert rows["none"]["ratio"] == 1.0 and rows["none"]["quantized_modules"] == 0
+    layers = 2  # the tiny model
+    assert rows["sublayer"]["quantized_modules"] == rows["static"]["quantized_modules"] == 2 * layers
+    assert rows["linear"]["quantized_modules"] == 7 * layers  # q, k, v, o + gate, up, down
+    assert rows["linear+w"]["quantized_modules"] == 2 * 7 * layers  # + their weights
+    for r in rows.values():
+        assert len(r["rounds_sec_per_step"]) == 2 and r["sec_per_step"] > 0 and r["tokens_per_s"] > 0
+    assert result["targets"] == ["attn", "ffn"] and result["steps_per_round"] == 2
+    table = (tmp_path / "qat_overhead.md").read_text()
+    assert table in capsys.readouterr().out and "| linear+w |" in table
+
+
+def test_variant_configs_derive_from_the_run():
+    q = compose_cfg(["qat.weight_bits=6", "qat.bits=4"]).qat
+    assert variant_config(q, "linear+w").weight_bits == 6 and variant_config(q, "linear+w").bits == 4
+    assert variant_config(q, "linear").weight_bits is None and variant_config(q, "linear").granularity == "linear"
+    assert variant_config(q, "static").scale == "static" and variant_config(q, "sublayer").scale == "tensor"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--variants", "fast"], "--variants: unknown fast"),
+    (["--steps", "0"], "--steps and --rounds"),
+    (["lora=none"], "lora=none"),
+    (["lora.rank=4"], "bad override"),
+    (["--steps", "50", "model=tiny", "dataset.max_train_samples=8"], "needs 400 training rows"),
+])
+def test_bad_input_is_one_line(args, fragment, capsys, tmp_path):
+    assert main(["--out", str(tmp_path), *args, f"dataset.path={shared('chnsenticorp')}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and fragment in err and "\n" not in err

@@ -1,0 +1,241 @@
+"""The training loss computed from the supervised positions only equals the model's own loss, gradients
+included, and a Trainer using it takes the same optimizer steps as the stock Trainer (gradient accumulation
+included)."""
+
+from __future__ import annotations
+
+import functools
+import pytest
+import torch
+import torch.nn as nn
+
+from finetune.data import DataCollator
+from finetune.model.loss import accepts_logits_to_keep, label_position_loss
+from finetune.training.trainer import make_trainer
+from tests.unit.qat.test_qat import FAMILIES, VOCAB
+
+peft = pytest.importorskip("peft")
+
+
+def lora(model: nn.Module) -> nn.Module:
+    targets = {"LlamaForCausalLM": ["q_proj", "v_proj"], "OPTForCausalLM": ["q_proj", "v_proj"],
+               "GPT2LMHeadModel": ["c_attn"]}[type(model).__name__]
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                                       init_lora_weights=False))
+    model.train()
+    return model
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+    """Sequences of different lengths whose labels cover only a suffix (prompt masked, like the real data)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 6 + (i * 5) % 11
+        ids = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+        answer = 1 + i % 3
+        labels = [-100] * (length - answer) + ids[length - answer:]
+        out.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
+    return out
+
+
+def lora_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_same_loss_and_gradients_as_the_model(family):
+    model = lora(FAMILIES[family]()).eval()  # no dropout: both passes see the same network
+    assert accepts_logits_to_keep(model)
+    batch = DataCollator(pad_token_id=0)(rows(4))
+    assert (batch["labels"] == -100).float().mean() > 0.5  # mostly unsupervised positions and padding
+
+    reference = model(**batch).loss
+    reference.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+
+    loss, scaled = label_position_loss(model, batch)
+    loss.backward()
+    assert not scaled
+    torch.testing.assert_close(loss, reference)
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+
+    n_items = int((batch["labels"][:, 1:] != -100).sum()) * 3  # as if 3 micro-batches were accumulated
+    summed, scaled = label_position_loss(model, batch, num_items_in_batch=n_items)
+    assert scaled
+    torch.testing.assert_close(summed, model(**batch, num_items_in_batch=n_items).loss)
+
+
+def test_models_without_the_mask_argument_fall_back():
+    class Plain(nn.Module):
+        def forward(self, input_ids, labels=None):
+            return None
+
+    assert not accepts_logits_to_keep(Plain())
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_trainer_takes_the_same_steps_as_the_stock_trainer(tmp_path, grad_accum):
+    from transformers import Trainer, TrainingArguments
+
+    data = rows(8, seed=3)
+    final = {}
+    for kind in ("stock", "label_positions"):
+        model = lora(FAMILIES["llama"]())
+        args = TrainingArguments(output_dir=str(tmp_path / kind), max_steps=2, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=grad_accum, learning_rate=5e-2, use_cpu=True,
+                                 report_to=[], save_strategy="no", logging_steps=1, seed=0, data_seed=0,
+                                 remove_unused_columns=False, disable_tqdm=True, lr_scheduler_type="constant")
+        kwargs = dict(model=model, args=args, train_dataset=data, data_collator=DataCollator(pad_token_id=0))
+        trainer = Trainer(**kwargs) if kind == "stock" else make_trainer(**kwargs)
+        result = trainer.train()
+        final[kind] = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                       result.training_loss)
+    (stock, stock_loss), (ours, our_loss) = final["stock"], final["label_positions"]
+    assert any(not torch.equal(p, lora(FAMILIES["llama"]()).get_parameter(n)) for n, p in ours.items())  # it trained
+    torch.testing.assert_close(our_loss, stock_loss)
+    # Adam turns float round-off in near-zero gradient entries into visible steps; the updates are ~lr = 5e-2.
+    for name, value in ours.items():
+        torch.testing.assert_close(value, stock[name], atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_label_position_loss_stays_on_under_ddp(tmp_path):
+    """DistributedDataParallel hides the model's forward signature behind ``.module``; the check unwraps it, so
+    the label-position loss is not silently replaced by the stock loss under DDP (gloo, one process)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = lora(FAMILIES["llama"]())
+    assert accepts_logits_to_keep(model)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert accepts_logits_to_keep(DistributedDataParallel(model))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_length_grouping_sorts_a_small_dataset_too():
+    from finetune.training.trainer import SeededLengthGroupedSampler
+
+    import random
+
+    lengths = [random.Random(i).randint(20, 500) for i in range(48)]
+    order = list(SeededLengthGroupedSampler(8, lengths, seed=3))
+    assert sorted(order) == list(range(48))
+    batches = [[lengths[i] for i in order[s:s + 8]] for s in range(0, 48, 8)]
+    # Grouped: each batch holds neighbours in length order, so padding to its longest row wastes little.
+    ranked = sorted(lengths)
+    waste = sum(max(b) * len(b) - sum(b) for b in batches)
+    assert waste < 0.15 * sum(lengths)  # ungrouped (the stock rule at 48 rows): ~40%
+    assert max(batches[0]) == ranked[-1]  # the longest batch first, as the stock sampler does
+    assert order == list(SeededLengthGroupedSampler(8, lengths, seed=3))  # the same order for the same seed
+
+
+def test_right_padded_training_batches_attend_causally_without_the_mask():
+    """The equality above holds on the causal path: the mask is dropped only where it changes nothing."""
+    from finetune.model.loss import causal_suffices, right_padded
+
+    model = lora(FAMILIES["llama"]()).eval()
+    batch = DataCollator(pad_token_id=0)(rows(4))
+    assert right_padded(batch["attention_mask"]) and (batch["attention_mask"] == 0).any()
+    assert causal_suffices(model, batch["attention_mask"])
+    seen = []
+    handle = model.get_base_model().model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    try:
+        # A hook on the model (QAT reads the mask) keeps the mask.
+        assert not causal_suffices(model, batch["attention_mask"])
+        label_position_loss(model, batch)
+        assert seen[-1] is not None
+    finally:
+        handle.remove()
+    left = batch["attention_mask"].flip(1)
+    assert not right_padded(left) and not causal_suffices(model, left)
+    calls = []
+    inner = model.get_base_model().model.forward
+
+    def spy(*args, **kw):
+        calls.append(kw.get("attention_mask"))
+        return inner(*args, **kw)
+
+    model.get_base_model().model.forward = spy
+    try:
+        label_position_loss(model, batch)
+    finally:
+        del model.get_base_model().model.forward
+    assert calls == [None]
+
+
+def prompted_rows(n: int, prefix: int = 10) -> list[dict]:
+    """Rows that all start with the same unsupervised prompt prefix (a system prompt and instruction)."""
+    shared = torch.randint(0, VOCAB, (prefix,), generator=torch.Generator().manual_seed(7)).tolist()
+    out = []
+    for r in rows(n, seed=3):
+        ids = shared + r["input_ids"]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * prefix + r["labels"]})
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_shared_prompt_prefix_computed_once_gives_the_same_loss_and_gradients(family):
+    from finetune.model.loss import shared_prefix_length
+
+    model = lora(FAMILIES[family]()).eval()
+    batch = DataCollator(pad_token_id=0)(prompted_rows(4))
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = batch["labels"][:, 1:] != -100
+    # The 10 shared tokens, or fewer where the first row's own tokens happen to agree: never more than the
+    # prompt before the first supervised position.
+    assert shared_prefix_length(batch["input_ids"], batch["attention_mask"], keep) >= 10
+
+    reference, _ = label_position_loss(model, batch, share_prefix=False)
+    reference.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+    calls = []
+    inner = model.get_base_model().forward
+
+    @functools.wraps(inner)  # the same signature: what decides whether the prefix can be shared
+    def spy(*args, **kw):
+        calls.append(kw["input_ids"].shape)
+        return inner(*args, **kw)
+
+    model.get_base_model().forward = spy
+    try:
+        loss, _ = label_position_loss(model, batch, share_prefix=True)
+    finally:
+        del model.get_base_model().forward
+    loss.backward()
+    assert len(calls) == 2 and calls[0][0] == 1 and calls[1][0] == 4  # the prefix once, then the rows' rest
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(loss, model(**batch).loss * (batch["labels"][:, 1:] != -100).sum() /
+                               (batch["labels"][:, 1:] != -100).sum())
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+
+
+def test_the_prefix_is_not_shared_where_it_would_change_the_result():
+    from finetune.model.loss import can_share_prefix, shared_prefix_length
+
+    batch = DataCollator(pad_token_id=0)(prompted_rows(3))
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = batch["labels"][:, 1:] != -100
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert shared_prefix_length(ids[:1], mask[:1], keep[:1]) == 0  # one row: nothing to share
+    early = keep.clone()
+    early[0, 4] = True  # a supervised position inside the prefix: its logits are needed
+    assert shared_prefix_length(ids, mask, early) == 0  # 4 < the 8-token minimum
+    short = mask.clone()
+    short[1, 9:] = 0  # a row of 9 real tokens keeps its last one for the second pass
+    assert shared_prefix_length(ids, short, keep) == 8
+    model = lora(FAMILIES["llama"]())
+    assert can_share_prefix(model)
+    handle = model.get_base_model().model.layers[0].register_forward_hook(lambda *a: None)
+    assert not can_share_prefix(model)  # QAT / simulated INT8 read every token through hooks
+    handle.remove()
+    model.get_base_model().gradient_checkpointing_enable()
+    assert not can_share_prefix(model)  # the cache is off under gradient checkpointing
