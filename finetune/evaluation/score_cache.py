@@ -45,7 +45,7 @@ def _file_digest(path: Path, memo: dict) -> str:
 
 
 def _memo_path() -> Path:
-    from finetune.model.load import cache_root
+    from finetune.model.checkpoints import cache_root
 
     return cache_root() / "scores" / "file-digests.json"
 
@@ -110,7 +110,7 @@ def cached_scores(key: str | None, n_rows: int, compute: Callable[[], list[list[
     """
     if key is None:
         return compute(), False
-    from finetune.model.load import cache_root
+    from finetune.model.checkpoints import cache_root
     from finetune.runs import atomic_write_json
 
     path = cache_root() / "scores" / f"{key}.json"

@@ -16,7 +16,8 @@ import torch.nn as nn
 from finetune.model.arch import ALLOWED_TARGETS, ArchSpec, arch_spec, decoder_layers, model_type_of
 from finetune.qat.deployment import gemm_rels
 from finetune.errors import FinetuneError
-from finetune.qat.ops import ActivationQuantizer, QATConfig
+from finetune.qat.observer import ActivationQuantizer
+from finetune.qat.ops import QATConfig
 from finetune.qat.weight import KIND_BNB, WeightQuantizer, classify_weight_module, lora_dropout_active
 
 log = logging.getLogger("finetune.qat.attach")  # one logger name for the whole feature

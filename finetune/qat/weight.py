@@ -168,7 +168,7 @@ class WeightQuantizer:
 
     Args:
         module: the target linear.
-        name / key / group: as for :class:`finetune.qat.ops.ActivationQuantizer`.
+        name / key / group: as for :class:`finetune.qat.observer.ActivationQuantizer`.
         kind: from :func:`classify_weight_module` (not ``bnb``).
         bits: 4..8.
         group_size: ``None`` (one scale per output channel) or input features per scale (``qat.scheme=w4a8``);

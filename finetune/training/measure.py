@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -141,3 +142,90 @@ class ThroughputCallback(TrainerCallback):
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+
+# The FLOPs a training step needs and this machine's matmul rate (finetune-bench's fraction of peak).
+
+
+def matmul_peak_flops(device: str, dtype_name: str) -> float:
+    """Best-of-five FLOP/s of a square matmul (2048 on CPU, 8192 on GPU) in ``dtype_name``."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(7):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # two warm-up products
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def model_shape(model) -> dict:
+    """The sizes the FLOP count needs: frozen and trainable linear parameters inside the decoder, attention
+    width, layers, vocabulary and hidden size."""
+    from torch import nn
+
+    frozen = trainable = 0
+    for name, module in model.named_modules():
+        if "lm_head" in name or not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+            continue
+        if any(True for _ in module.children()):  # a wrapper (PEFT LoRA layer): its leaves are counted
+            continue
+        weight = getattr(module, "weight", None)
+        params = int(module.in_features) * int(module.out_features)
+        if isinstance(weight, nn.Parameter) and weight.requires_grad:
+            trainable += params
+        else:
+            frozen += params
+    config = model.config
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return {"frozen_linear": frozen, "trainable_linear": trainable, "layers": int(config.num_hidden_layers),
+            "attn_width": heads * head_dim, "vocab": int(config.vocab_size), "hidden": int(config.hidden_size)}
+
+
+def training_flops(shape: dict, lengths: list[int], supervised: list[int]) -> float:
+    """FLOPs a training step needs for rows of real ``lengths`` with ``supervised`` label tokens each.
+
+    Linear layers: forward 2 and input gradient 2 per parameter and token; trainable ones also their weight
+    gradient (2). Attention: causal, over each row's real length (2 L^2 d forward per layer, twice that
+    backward). Output head: only where a label is predicted, forward and input gradient.
+    """
+    tokens = sum(lengths)
+    linear = (4 * shape["frozen_linear"] + 6 * shape["trainable_linear"]) * tokens
+    attention = sum(3 * 2 * length**2 * shape["attn_width"] * shape["layers"] for length in lengths)
+    head = 4 * shape["vocab"] * shape["hidden"] * sum(supervised)
+    return float(linear + attention + head)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One arm, in its own process
+
+
+def hardware(device: str) -> str:
+    """The CPU model (with its bf16 capability) or the GPU name."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = "unknown CPU"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown CPU":
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    isa = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else \
+        "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {os.cpu_count()} cores, {isa}"

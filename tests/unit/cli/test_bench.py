@@ -10,6 +10,7 @@ import pytest
 
 from finetune.cli import bench
 from finetune.cli.bench_qat import compose_config
+from finetune.training import measure
 from tests.conftest import TINY, shared
 
 
@@ -37,7 +38,7 @@ def test_training_flops_formula():
     shape = {"frozen_linear": 100, "trainable_linear": 10, "layers": 2, "attn_width": 4, "vocab": 50, "hidden": 8}
     # Linear: (4 x 100 + 6 x 10) per token; attention: 3 x 2 L^2 x 4 x 2 layers; head: 4 x 50 x 8 per label.
     expected = (4 * 100 + 6 * 10) * 7 + 3 * 2 * (3**2 + 4**2) * 4 * 2 + 4 * 50 * 8 * 2
-    assert bench.training_flops(shape, [3, 4], [1, 1]) == expected
+    assert measure.training_flops(shape, [3, 4], [1, 1]) == expected
 
 
 def test_model_shape_counts_frozen_and_lora_linears():
@@ -48,9 +49,9 @@ def test_model_shape_counts_frozen_and_lora_linears():
     model, _, _ = load_model(cfg.model, cfg.quantization, resolve_precision("fp32", "float32"))
     h, kv, ffn, layers = 64, 32, 128, 2  # conf/model/tiny.yaml
     frozen = layers * (h * h + 2 * h * kv + h * h + 3 * h * ffn)
-    assert bench.model_shape(model)["trainable_linear"] == frozen  # before LoRA every weight trains
+    assert measure.model_shape(model)["trainable_linear"] == frozen  # before LoRA every weight trains
     model = apply_lora(model, cfg.lora)
-    shape = bench.model_shape(model)
+    shape = measure.model_shape(model)
     assert shape["frozen_linear"] == frozen
     assert shape["trainable_linear"] == layers * 8 * ((h + h) + (h + kv))  # r=8 on q and v: A and B
     assert shape["layers"] == layers and shape["vocab"] > 1000

@@ -202,7 +202,7 @@ def _forward_counter(model):
 
 def test_zero_shot_scores_are_cached_by_content(tiny, tmp_path, monkeypatch):
     from finetune.evaluation.scoring import zero_shot
-    from finetune.model.load import resolve_model_path
+    from finetune.model.checkpoints import resolve_model_path
 
     cfg, model, tok, splits = tiny
     resolved, _ = resolve_model_path(cfg.model)  # the cached tiny model; only the score cache goes to tmp_path
@@ -234,7 +234,7 @@ def test_zero_shot_scores_are_cached_by_content(tiny, tmp_path, monkeypatch):
 
 def test_damaged_score_cache_is_recomputed(tiny, tmp_path, monkeypatch):
     from finetune.evaluation.scoring import zero_shot
-    from finetune.model.load import resolve_model_path
+    from finetune.model.checkpoints import resolve_model_path
 
     cfg, model, tok, splits = tiny
     resolved, _ = resolve_model_path(cfg.model)  # the cached tiny model; only the score cache goes to tmp_path

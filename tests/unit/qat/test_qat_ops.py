@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.qat.observer import ActivationQuantizer
 from finetune.qat.ops import (
-    ActivationQuantizer,
     QATConfig,
     check_bits,
     dynamic_scale,
