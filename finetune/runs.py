@@ -14,6 +14,7 @@ Rules (README, "Nothing lost"):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune.runs")
 
 
 def run_config(run_dir: str | Path) -> tuple[Path, DictConfig]:
@@ -304,6 +307,10 @@ class RunWriter:
                 replace_path(entry, self.run_dir / entry.name)
 
     def commit(self, metrics: dict) -> None:
+        from finetune.metrics import problems
+
+        for problem in problems(metrics):  # a writer's mistake: reported, never a reason to lose the finished run
+            log.warning("metrics.json: %s", problem)
         self._move_in()
         self.stage.rmdir()
         atomic_write_json(self.run_dir / "metrics.json", metrics)

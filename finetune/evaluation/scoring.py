@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from finetune.data import DataCollator, build_messages, encode_prompt, encode_train, label_word_ids
-from finetune.model.loss import accepts_logits_to_keep, has_forward_hooks, kept_logits, label_position_nll, labelled_next
+from finetune.model.loss import (accepts_logits_to_keep, cache_argument, can_share_prefix, has_forward_hooks, kept_logits,
+                                 label_position_nll, labelled_next, output_cache)
 
 log = logging.getLogger("finetune.evaluation.scoring")
 
@@ -85,8 +86,7 @@ class _SharedPrefix:
     def __init__(self, model, ids: list[int]):
         self.length = len(ids)
         device = _device(model)
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        self.cache = output_cache(model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1))
 
     def last_token_logits(self, model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits after each left-padded suffix row, the prefix before it: [batch, vocab]."""
@@ -96,8 +96,8 @@ class _SharedPrefix:
         cache.batch_repeat_interleave(ids.shape[0])
         full_mask = torch.cat([torch.ones(ids.shape[0], self.length, dtype=mask.dtype, device=mask.device), mask], 1)
         positions = self.length + (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_argument(model): cache}).logits
         return logits[:, -1].float()
 
 
@@ -109,8 +109,7 @@ def _shared_prefix(model, prompts: list[list[int]]) -> _SharedPrefix | None:
         return None
     if has_forward_hooks(model):
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(base.config, "use_cache", True) or getattr(base, "is_gradient_checkpointing", False):
+    if not can_share_prefix(model):  # config.use_cache may be off (a model loaded for training): asked per call
         return None
     shortest = min(len(p) for p in prompts)
     first = prompts[0]

@@ -119,9 +119,10 @@ def shared_prefix_length(input_ids, mask, keep) -> int:
 
 def can_share_prefix(model) -> bool:
     """Whether a forward may be split into a shared prefix pass and a suffix pass with the same result: a
-    PEFT or plain transformers model that takes a KV cache and position ids, not wrapped for DDP / FSDP / compile
-    (one forward per backward there), without gradient checkpointing (which turns the cache off) and without
-    hooks that read the whole sequence (QAT, simulated INT8)."""
+    PEFT or plain transformers model whose forward takes a KV cache and position ids (whatever its
+    ``config.use_cache``), not wrapped for DDP / FSDP / compile (one forward per backward there), without gradient
+    checkpointing (which turns the cache off) and without hooks that read the whole sequence (QAT, simulated
+    INT8)."""
     import inspect
 
     from torch import nn
@@ -129,7 +130,8 @@ def can_share_prefix(model) -> bool:
     if isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(base.config, "use_cache", False) or getattr(base, "is_gradient_checkpointing", False):
+    # config.use_cache is off for training (load_model): the two passes ask for the cache themselves.
+    if getattr(base, "is_gradient_checkpointing", False):
         return False
     try:
         params = inspect.signature(base.forward).parameters

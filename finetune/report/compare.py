@@ -32,7 +32,7 @@ _TITLES = {
     "lora_grid": "LoRA hyper-parameter grid",
     "generic": "Sweep comparison",
 }
-_DEVICE_NAME_COLUMNS = ("device_name", "gpu_name", "hardware")
+_DEVICE_NAME_COLUMNS = ("hardware", "gpu")  # the first the runs have (runs before "hardware" name only a GPU)
 
 
 @dataclass
@@ -61,8 +61,8 @@ def _values(df: pd.DataFrame, column: str) -> str:
 
 def _hardware(df: pd.DataFrame) -> str:
     ok = ok_rows(df) if not ok_rows(df).empty else df
-    names = [_values(ok, c) for c in _DEVICE_NAME_COLUMNS if c in ok.columns]
-    return _values(ok, "memory_device") + (f" ({', '.join(names)})" if names else "")
+    names = [_values(ok, c) for c in _DEVICE_NAME_COLUMNS if c in ok.columns][:1]
+    return _values(ok, "memory_device") + (f" ({names[0]})" if names else "")
 
 
 def render_markdown(df: pd.DataFrame, comp: Comparison, sweep_dir: Path, paths: dict[str, Path]) -> str:

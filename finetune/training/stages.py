@@ -317,10 +317,11 @@ def record(job: Job) -> dict:
     import torch
 
     from finetune import tracking
-    from finetune.training.measure import memory_device, peak_memory_mb
+    from finetune.training.measure import hardware, memory_device, peak_memory_mb
 
     metrics = job.metrics
-    metrics.update(eval_peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(), status="ok")
+    metrics.update(eval_peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(),
+                   hardware=hardware(memory_device()), status="ok")
     if torch.cuda.is_available():
         metrics["gpu"] = torch.cuda.get_device_name()
     job.writer.commit(metrics)

@@ -269,6 +269,7 @@ def test_shared_prompt_prefix_scores_equal_whole_prompt_scores(tiny, monkeypatch
     cfg, model, tok, splits = tiny
     rows = splits.test
     prompts = [encode_prompt(r, cfg.dataset, tok, 128) for r in rows]
+    monkeypatch.setattr(model.config, "use_cache", False)  # as load_model leaves a model it loads for training
     prefix = ev._shared_prefix(model, prompts)
     assert prefix is not None and prefix.length >= ev.MIN_SHARED_PREFIX  # the instruction is shared
     shared_scores = label_scores(model, tok, rows, cfg.dataset, 128, batch_size=5)

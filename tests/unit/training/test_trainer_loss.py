@@ -185,6 +185,7 @@ def test_a_shared_prompt_prefix_computed_once_gives_the_same_loss_and_gradients(
     from finetune.model.loss import shared_prefix_length
 
     model = lora(FAMILIES[family]()).eval()
+    model.get_base_model().config.use_cache = False  # as load_model leaves a model it loads for training
     batch = DataCollator(pad_token_id=0)(prompted_rows(4))
     keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
     keep[:, :-1] = batch["labels"][:, 1:] != -100

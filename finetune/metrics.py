@@ -1,0 +1,127 @@
+"""metrics.json: the one schema of what a run records, shared by its writers and its readers.
+
+Every key a finished (or failed) run writes is named here with its type and meaning; ``RunWriter.commit``
+checks a run's metrics against it before writing, and the report reads its columns by these names, so a key
+is spelt in one place. The README's "metrics.json" table is generated from :data:`FIELDS`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+NUMBER = (int, float)
+TEXT = (str,)
+FLAG = (bool,)
+LIST = (list,)
+MAPPING = (dict,)
+OPTIONAL_TEXT = (str, type(None))
+
+# name -> (allowed types, meaning)
+FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    # what ran
+    "status": (TEXT, "running | ok | failed (written last: ok marks a finished run)"),
+    "job": (TEXT, "job number within a sweep (0 for a single run)"),
+    "method": (TEXT, "LoRA | DoRA | QLoRA-int8 | QLoRA-nf4 | full, with a QAT suffix where trained with QAT"),
+    "model": (TEXT, "model.name_or_path as given"),
+    "model_path": (TEXT, "the resolved checkpoint directory or hub id"),
+    "dataset": (TEXT, "dataset.name"),
+    "task": (TEXT, "classification | generation"),
+    "data_source": (TEXT, "where the rows came from (file or folder, hub id, embedded corpus)"),
+    "quantization": (TEXT, "quantization.mode of the base: none | int8 | nf4"),
+    "qat_targets": (LIST, "the QAT sub-layer groups trained with fake quantization ([] = none)"),
+    "precision": (TEXT, "the compute precision training and scoring used: fp32 | bf16 | fp16"),
+    "seed": (NUMBER, "the run's seed"),
+    "overrides": (LIST, "the command-line overrides of this job"),
+    "lora": (MAPPING, "r, alpha, dropout and target_modules of the adapter"),
+    "cpu_allocator": (TEXT, "glibc default, or the bounded allocator's settings (cpu_allocator=bounded)"),
+    "gpu": (TEXT, "the GPU's name, where one was used"),
+    "hardware": (TEXT, "the machine the figures were measured on: the CPU model, cores and vector ISA, or the GPU"),
+    "distributed": (MAPPING, "how a multi-process job ran, and each rank's tokens, time and peak memory"),
+    # rows
+    "n_train": (NUMBER, "training rows"),
+    "n_train_packed_rows": (NUMBER, "rows after packing (trainer.packing=true)"),
+    "n_validation": (NUMBER, "validation rows"),
+    "n_test": (NUMBER, "test rows"),
+    "n_scored": (NUMBER, "test rows scored for accuracy / F1"),
+    "n_val_scored": (NUMBER, "validation rows scored for val_accuracy / val_f1"),
+    # parameters and memory
+    "trainable_params": (NUMBER, "parameters that train"),
+    "total_params": (NUMBER, "all parameters"),
+    "trainable_pct": (NUMBER, "trainable share of all parameters, in percent"),
+    "model_memory_mb": (NUMBER, "the loaded model's weights and buffers, MiB"),
+    "peak_memory_mb": (NUMBER, "peak memory of loading and training (RSS on CPU, allocated on GPU), MiB"),
+    "memory_breakdown_mb": (MAPPING, "peak_memory_mb split into weights, trainable + optimizer state, rest"),
+    "eval_peak_memory_mb": (NUMBER, "peak memory of the scoring after training, MiB"),
+    "memory_device": (TEXT, "cpu | cuda: what the memory figures measure"),
+    # training
+    "train_runtime_s": (NUMBER, "training time over the whole run (a resumed run included), s"),
+    "train_steps": (NUMBER, "optimizer steps"),
+    "train_loss": (NUMBER, "mean training loss over the steps"),
+    "train_tokens": (NUMBER, "real (non-padding) tokens trained on"),
+    "train_tokens_per_s": (NUMBER, "train_tokens / train_runtime_s"),
+    "qat": (MAPPING, "the QAT settings and statistics of training (per-group SNR, scales)"),
+    # scores
+    "zero_shot_accuracy": (NUMBER, "the base model's test accuracy before training"),
+    "zero_shot_f1": (NUMBER, "the base model's test macro-F1 before training"),
+    "zero_shot_cached": (FLAG, "whether the zero-shot scores came from the score cache"),
+    "eval_loss": (NUMBER, "validation loss over the response tokens"),
+    "perplexity": (NUMBER, "exp(eval_loss) for classification; exp(test_loss) for generation"),
+    "eval_tokens": (NUMBER, "response tokens in eval_loss"),
+    "test_loss": (NUMBER, "test loss over the response tokens (generation)"),
+    "val_accuracy": (NUMBER, "validation accuracy: the selection score (the sweep objective)"),
+    "val_f1": (NUMBER, "validation macro-F1"),
+    "accuracy": (NUMBER, "test accuracy after training"),
+    "f1": (NUMBER, "test macro-F1 after training"),
+    # simulated INT8 deployment (QAT runs, qat.eval_int8=true)
+    "int8_eval": (TEXT, "qat | ptq: which model the simulated INT8 scores are of"),
+    "int8_targets": (LIST, "the sub-layer groups quantized in the simulation"),
+    "int8_eval_bits": (NUMBER, "activation bits of the simulation"),
+    "int8_granularity": (TEXT, "sublayer | linear"),
+    "int8_scheme": (TEXT, "the deployed scheme: w8a8 | w4a8"),
+    "int8_scale": (TEXT, "tensor | token | static: the simulation's activation scales"),
+    "int8_weight_group_size": (NUMBER, "INT4 weight group size (w4a8)"),
+    # failures
+    "error": (TEXT, "the failure's first line"),
+    "error_type": (TEXT, "the failure's exception type"),
+}
+
+# Families of keys: the simulated INT8 scores, on both groups and (PTQ) on each alone.
+PATTERNS: list[tuple[re.Pattern, tuple[type, ...], str]] = [
+    (re.compile(r"(accuracy|f1|loss|perplexity)_int8(_(attn|ffn))?"), NUMBER,
+     "simulated INT8 score of the deployment; _attn / _ffn: PTQ of that group alone"),
+]
+
+
+def field(key: str) -> tuple[tuple[type, ...], str] | None:
+    """The types and meaning of a metrics.json key, or ``None`` for a key the schema does not know."""
+    if key in FIELDS:
+        return FIELDS[key]
+    for pattern, types, meaning in PATTERNS:
+        if pattern.fullmatch(key):
+            return types, meaning
+    return None
+
+
+def problems(metrics: dict[str, Any]) -> list[str]:
+    """What in ``metrics`` the schema does not allow: unknown keys and values of the wrong type."""
+    out = []
+    for key, value in metrics.items():
+        spec = field(key)
+        if spec is None:
+            out.append(f"{key}: not in the metrics.json schema (finetune.metrics.FIELDS)")
+        elif value is not None and not isinstance(value, spec[0]) or isinstance(value, bool) and spec[0] == NUMBER:
+            out.append(f"{key}: {type(value).__name__} where the schema has {'/'.join(t.__name__ for t in spec[0])}")
+    return out
+
+
+def check(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` if the schema allows every key and value.
+
+    Raises:
+        ValueError: a key the schema does not name or a value of the wrong type (a writer's mistake).
+    """
+    found = problems(metrics)
+    if found:
+        raise ValueError("metrics.json does not follow its schema: " + "; ".join(found))
+    return metrics
