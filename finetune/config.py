@@ -158,11 +158,32 @@ def _optimizers() -> tuple[str, ...]:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every value and combination a run depends on: every key declared in conf/.
+    """Check every value and combination a run depends on: every key declared in conf/, group by group.
 
     Raises:
         FinetuneError: naming the first bad key, its value and what is allowed.
     """
+    _validate_top(cfg)
+    if "distributed" in cfg:
+        _validate_distributed(cfg.distributed, cfg.quantization.mode)
+    _validate_model(cfg.model)
+    _validate_quantization(cfg.quantization)
+    _validate_lora(cfg.lora, cfg.quantization.mode)
+    targets = qat_targets(cfg)
+    _validate_qat(cfg.qat, targets, cfg.quantization.mode)
+    _validate_eval(cfg.eval)
+    _validate_dataset(cfg.dataset)
+    _validate_trainer(cfg.trainer)
+    if cfg.trainer.packing and cfg.dataset.task != "generation":
+        raise FinetuneError(f"trainer.packing=true applies to generation datasets (alpaca, sharegpt); "
+                            f"dataset={cfg.dataset.name} is {cfg.dataset.task}: leave trainer.packing=false")
+    if cfg.trainer.packing and targets:
+        raise FinetuneError("trainer.packing=true cannot be combined with qat_targets: QAT's per-sequence scales "
+                            "need one example per row; leave trainer.packing=false for QAT runs")
+    _validate_logger(cfg.logger)
+
+
+def _validate_top(cfg: DictConfig) -> None:
     _number("seed", cfg.seed, low=0, integer=True)
     if "cpu_allocator" in cfg:
         _choice("cpu_allocator", cfg.cpu_allocator, ("default", "bounded"))
@@ -176,10 +197,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.get("sweep_name") and ("/" in cfg.sweep_name or cfg.sweep_name.startswith(".")):
         raise FinetuneError(f"sweep_name={cfg.sweep_name!r} names a folder; use letters, digits, - and _ only")
 
-    if "distributed" in cfg:
-        _validate_distributed(cfg.distributed, cfg.quantization.mode)
 
-    m = cfg.model
+def _validate_model(m: DictConfig) -> None:
     if not isinstance(m.name_or_path, str) or not m.name_or_path.strip():
         raise FinetuneError("model.name_or_path must be a hub id, a local directory, or embedded:<name>")
     _choice("model.dtype", m.dtype, DTYPES)
@@ -188,7 +207,8 @@ def validate(cfg: DictConfig) -> None:
     if m.get("attn_implementation") is not None:
         _choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
 
-    q = cfg.quantization
+
+def _validate_quantization(q: DictConfig) -> None:
     _choice("quantization.mode", q.mode, QUANT_MODES)
     if q.mode == "nf4":
         _choice("quantization.quant_type", q.quant_type, ("nf4", "fp4"))
@@ -199,40 +219,31 @@ def validate(cfg: DictConfig) -> None:
     if q.mode != "none":
         _text_list("quantization.skip_modules", q.get("skip_modules"), optional=True)
 
-    lo = cfg.lora
+
+def _validate_lora(lo: DictConfig, quant_mode: str) -> None:
     _choice("lora.method", lo.method, LORA_METHODS)
-    if lo.method != "none":
-        _number("lora.r", lo.r, low=0, low_open=True, integer=True)
-        _number("lora.alpha", lo.alpha, low=0, low_open=True)
-        _number("lora.dropout", lo.dropout, low=0, high=1, high_open=True)
-        _choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
-        _bool("lora.use_rslora", lo.get("use_rslora", False))
-        tm = lo.target_modules
-        if isinstance(tm, str):
-            _choice("lora.target_modules", tm, TARGET_PRESETS)
-        elif not OmegaConf.is_list(tm) or not tm or not all(isinstance(t, str) and t for t in tm):
+    if lo.method == "none":
+        if quant_mode != "none":
             raise FinetuneError(
-                f"lora.target_modules={tm!r}: use a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of module names"
+                f"quantization={quant_mode} with lora=none is not possible: quantized base weights cannot be "
+                "trained; use lora=default (QLoRA) or quantization=none (full fine-tuning)"
             )
-    elif q.mode != "none":
+        return
+    _number("lora.r", lo.r, low=0, low_open=True, integer=True)
+    _number("lora.alpha", lo.alpha, low=0, low_open=True)
+    _number("lora.dropout", lo.dropout, low=0, high=1, high_open=True)
+    _choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
+    _bool("lora.use_rslora", lo.get("use_rslora", False))
+    tm = lo.target_modules
+    if isinstance(tm, str):
+        _choice("lora.target_modules", tm, TARGET_PRESETS)
+    elif not OmegaConf.is_list(tm) or not tm or not all(isinstance(t, str) and t for t in tm):
         raise FinetuneError(
-            f"quantization={q.mode} with lora=none is not possible: quantized base weights cannot be trained; "
-            "use lora=default (QLoRA) or quantization=none (full fine-tuning)"
+            f"lora.target_modules={tm!r}: use a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of module names"
         )
 
-    targets = qat_targets(cfg)
-    _validate_qat(cfg.qat, targets, q.mode)
-    _validate_eval(cfg.eval)
-    _validate_dataset(cfg.dataset)
-    _validate_trainer(cfg.trainer)
-    if cfg.trainer.packing and cfg.dataset.task != "generation":
-        raise FinetuneError(f"trainer.packing=true applies to generation datasets (alpaca, sharegpt); "
-                            f"dataset={cfg.dataset.name} is {cfg.dataset.task}: leave trainer.packing=false")
-    if cfg.trainer.packing and targets:
-        raise FinetuneError("trainer.packing=true cannot be combined with qat_targets: QAT's per-sequence scales "
-                            "need one example per row; leave trainer.packing=false for QAT runs")
 
-    lg = cfg.logger
+def _validate_logger(lg: DictConfig) -> None:
     _choice("logger.backend", lg.backend, ("wandb", "none"))
     if lg.backend == "wandb":
         _choice("logger.mode", lg.mode, ("auto", "online", "offline", "disabled"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from finetune.errors import FinetuneError
 from finetune.model.loss import accepts_logits_to_keep, label_position_loss
@@ -123,6 +123,119 @@ class SeededLengthGroupedSampler:
         return iter(get_length_grouped_indices(self.lengths, size, mega_batch_mult=mult, generator=generator))
 
 
+class LabelPositionTrainer(Trainer):
+    """Trainer whose training loss projects only the supervised positions onto the vocabulary."""
+
+    meter: ThroughputCallback | None = None  # the run's throughput meter (make_trainer)
+    share_prefix: bool = True  # trainer.share_prefix (make_trainer)
+    _label_positions: bool | None = None
+    _resumed_state: dict | None = None
+    _4bit_modules: list | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from finetune.data.packing import packed_forward_inputs
+
+        inputs = packed_forward_inputs(inputs)
+        if self._label_positions is None:  # checked once, not on every step
+            self._label_positions = accepts_logits_to_keep(model)
+        if return_outputs or "labels" not in inputs or not self._label_positions:
+            self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, scaled = label_position_loss(model, inputs, num_items_in_batch, self.share_prefix)
+        if scaled and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every process's tokens; DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+        self.loss_is_scaled_for_ga = scaled
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Counted here, in the main process, for the batches that are trained on: not at collation, where
+        # evaluation batches, a data loader's read-ahead batch (re-read after a resume) and worker processes
+        # would distort the count.
+        if self.meter is not None:
+            self.meter.count_batch(inputs)
+        if self._4bit_modules is None:  # found once; then a flag check per module and step
+            self._4bit_modules = [m for m in model.modules()
+                                  if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+        if self._4bit_modules:
+            from finetune.model.load import restore_trainable_4bit_layout
+
+            restore_trainable_4bit_layout(self._4bit_modules)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def evaluate(self, *args, **kwargs):
+        # Evaluation during training (eval_strategy=steps) is not training time: tokens/s covers training.
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            if self.meter is not None:
+                self.meter.exclude(time.perf_counter() - start)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and dataset is not None and \
+                self.args.length_column_name in getattr(dataset, "column_names", ()):
+            return SeededLengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                dataset[self.args.length_column_name], self.args.data_seed or self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def _save_checkpoint(self, model, trial):
+        from finetune.training import distributed
+        super()._save_checkpoint(model, trial)
+        tokens = distributed.gather(self.meter.tokens if self.meter else None)  # every rank's count (a collective)
+        if not self.args.should_save:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        state = {
+            "global_step": self.state.global_step,
+            # The Trainer's running loss: drained sum + the float32 sum not yet logged, restored as they were
+            # so train_loss and the logged losses after a resume equal the uninterrupted run's.
+            "total_loss_scalar": self._total_loss_scalar,
+            "pending_loss": float(self._tr_loss.item()) if hasattr(self, "_tr_loss") else 0.0,
+            "globalstep_last_logged": self._globalstep_last_logged,
+            "tokens": self.meter.tokens if self.meter else None,
+            "tokens_per_rank": tokens,
+            "elapsed_s": self.meter.elapsed_so_far() if self.meter else None,
+            # Callbacks with state of their own (QAT's static observers) save it alongside.
+            "callbacks": {type(cb).__name__: cb.checkpoint_state() for cb in self.callback_handler.callbacks
+                          if hasattr(cb, "checkpoint_state")},
+        }
+        write_checkpoint_state(folder, state)
+
+    def restore_resumed_state(self) -> None:
+        """Called at train begin: put back the running sums of the checkpoint being resumed."""
+        import torch
+
+        st = self._resumed_state
+        if not st:
+            return
+        self._total_loss_scalar = float(st["total_loss_scalar"])
+        self._tr_loss = torch.tensor(st["pending_loss"], dtype=torch.float32, device=self.args.device)
+        self._globalstep_last_logged = int(st["globalstep_last_logged"])
+        if self.meter is not None and st.get("tokens") is not None:
+            from finetune.training import distributed
+            per_rank = st.get("tokens_per_rank") or []
+            own = per_rank[distributed.rank()] if distributed.rank() < len(per_rank) else st["tokens"]
+            self.meter.restore(int(own), float(st.get("elapsed_s") or 0.0))
+        for cb in self.callback_handler.callbacks:
+            if hasattr(cb, "restore_checkpoint_state"):
+                cb.restore_checkpoint_state((st.get("callbacks") or {}).get(type(cb).__name__))
+
+    def train(self, resume_from_checkpoint=None, **kw):
+        if self.args.should_save:
+            from finetune.runs import atomic_write_json
+
+            out = Path(self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / CHECKPOINT_FORMAT, {"manifest": CHECKPOINT_MANIFEST})
+        self._resumed_state = read_checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kw)
+
+
 def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool = True, **kwargs):
     """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
     whose length-grouped order is seeded, and whose checkpoints resume exactly.
@@ -133,120 +246,9 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
         share_prefix: compute the prompt prefix all rows of a batch share once per batch
             (``trainer.share_prefix``; :func:`finetune.model.loss.label_position_nll`).
     """
-    from transformers import Trainer
-
-    class LabelPositionTrainer(Trainer):
-        """Trainer whose training loss projects only the supervised positions onto the vocabulary."""
-
-        _label_positions: bool | None = None
-        _resumed_state: dict | None = None
-        _4bit_modules: list | None = None
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from finetune.data.packing import packed_forward_inputs
-
-            inputs = packed_forward_inputs(inputs)
-            if self._label_positions is None:  # checked once, not on every step
-                self._label_positions = accepts_logits_to_keep(model)
-            if return_outputs or "labels" not in inputs or not self._label_positions:
-                self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, scaled = label_position_loss(model, inputs, num_items_in_batch, share_prefix)
-            if scaled and self.args.average_tokens_across_devices:
-                # num_items_in_batch counts every process's tokens; DDP averages the gradients.
-                loss = loss * self.accelerator.num_processes
-            self.loss_is_scaled_for_ga = scaled
-            return loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            # Counted here, in the main process, for the batches that are trained on: not at collation, where
-            # evaluation batches, a data loader's read-ahead batch (re-read after a resume) and worker processes
-            # would distort the count.
-            if meter is not None:
-                meter.count_batch(inputs)
-            if self._4bit_modules is None:  # found once; then a flag check per module and step
-                self._4bit_modules = [m for m in model.modules()
-                                      if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
-            if self._4bit_modules:
-                from finetune.model.load import restore_trainable_4bit_layout
-
-                restore_trainable_4bit_layout(self._4bit_modules)
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def evaluate(self, *args, **kwargs):
-            # Evaluation during training (eval_strategy=steps) is not training time: tokens/s covers training.
-            start = time.perf_counter()
-            try:
-                return super().evaluate(*args, **kwargs)
-            finally:
-                if meter is not None:
-                    meter.exclude(time.perf_counter() - start)
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if self.args.train_sampling_strategy == "group_by_length" and dataset is not None and \
-                    self.args.length_column_name in getattr(dataset, "column_names", ()):
-                return SeededLengthGroupedSampler(
-                    self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                    dataset[self.args.length_column_name], self.args.data_seed or self.args.seed)
-            return super()._get_train_sampler(train_dataset)
-
-        def _save_checkpoint(self, model, trial):
-            from finetune.training import distributed
-            super()._save_checkpoint(model, trial)
-            tokens = distributed.gather(meter.tokens if meter else None)  # every rank's count (a collective)
-            if not self.args.should_save:
-                return
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            state = {
-                "global_step": self.state.global_step,
-                # The Trainer's running loss: drained sum + the float32 sum not yet logged, restored as they were
-                # so train_loss and the logged losses after a resume equal the uninterrupted run's.
-                "total_loss_scalar": self._total_loss_scalar,
-                "pending_loss": float(self._tr_loss.item()) if hasattr(self, "_tr_loss") else 0.0,
-                "globalstep_last_logged": self._globalstep_last_logged,
-                "tokens": meter.tokens if meter else None,
-                "tokens_per_rank": tokens,
-                "elapsed_s": meter.elapsed_so_far() if meter else None,
-                # Callbacks with state of their own (QAT's static observers) save it alongside.
-                "callbacks": {type(cb).__name__: cb.checkpoint_state() for cb in self.callback_handler.callbacks
-                              if hasattr(cb, "checkpoint_state")},
-            }
-            write_checkpoint_state(folder, state)
-
-        def restore_resumed_state(self) -> None:
-            """Called at train begin: put back the running sums of the checkpoint being resumed."""
-            import torch
-
-            st = self._resumed_state
-            if not st:
-                return
-            self._total_loss_scalar = float(st["total_loss_scalar"])
-            self._tr_loss = torch.tensor(st["pending_loss"], dtype=torch.float32, device=self.args.device)
-            self._globalstep_last_logged = int(st["globalstep_last_logged"])
-            if meter is not None and st.get("tokens") is not None:
-                from finetune.training import distributed
-                per_rank = st.get("tokens_per_rank") or []
-                own = per_rank[distributed.rank()] if distributed.rank() < len(per_rank) else st["tokens"]
-                meter.restore(int(own), float(st.get("elapsed_s") or 0.0))
-            for cb in self.callback_handler.callbacks:
-                if hasattr(cb, "restore_checkpoint_state"):
-                    cb.restore_checkpoint_state((st.get("callbacks") or {}).get(type(cb).__name__))
-
-        def train(self, resume_from_checkpoint=None, **kw):
-            if self.args.should_save:
-                from finetune.runs import atomic_write_json
-
-                out = Path(self.args.output_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(out / CHECKPOINT_FORMAT, {"manifest": CHECKPOINT_MANIFEST})
-            self._resumed_state = read_checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint else None
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kw)
-
     callbacks = list(kwargs.pop("callbacks", None) or [])
     trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
+    trainer.meter, trainer.share_prefix = meter, share_prefix
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, _ResumeStateCallback):
             cb.trainer = trainer
