@@ -8,6 +8,7 @@ import math
 import pytest
 
 from finetune.errors import FinetuneError
+from finetune.metrics import problems
 from finetune.cli.train import run
 from tests.conftest import TINY, compose_cfg, shared
 
@@ -30,6 +31,7 @@ def test_generation_datasets_report_loss_and_perplexity(tmp_path, dataset, path)
         assert math.isfinite(m[key]), key
     assert m["perplexity"] == pytest.approx(math.exp(m["test_loss"]), rel=1e-6)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert problems(m) == []  # every key a generation run writes is in the metrics.json schema
 
 
 @pytest.mark.parametrize("dataset,path", [("alpaca", ("alpaca", "alpaca_en_demo.json")),
@@ -102,6 +104,7 @@ def test_qat_run_records_fp_and_int8_scores(tmp_path, targets, granularity, sche
     assert q["num_quantized_modules"]["total"] == 2 * sum(per_layer[t] for t in chosen)  # 2 decoder layers
     assert set(q["snr_db"]) >= set(chosen)
     assert json.loads((run_dir / "qat_state.json").read_text())["targets"] == chosen
+    assert problems(m) == []  # QAT and simulated INT8 keys are in the metrics.json schema
 
 
 @pytest.mark.parametrize("scheme", ["a8", "w4a8"])
@@ -111,6 +114,7 @@ def test_ptq_baseline_scores_every_target_set(tmp_path, scheme):
     assert m["int8_scheme"] == ("w4a8" if scheme == "w4a8" else "w8a8")
     for key in ("accuracy_int8", "accuracy_int8_attn", "accuracy_int8_ffn", "f1_int8"):
         assert 0.0 <= m[key] <= 1.0, key
+    assert problems(m) == []
 
 
 def test_qat_on_generation_and_nf4(tmp_path):
