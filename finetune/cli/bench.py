@@ -80,12 +80,11 @@ def _step_clock():
 
 def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     """Train ``steps`` steps with ``arm``'s recipe; return tokens, time, peak memory and the FLOPs needed."""
-    import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
     from finetune.data import DataCollator, load_splits, tokenize_split
     from finetune.model.lora import apply_lora
-    from finetune.training.measure import ThroughputCallback, memory_device, peak_memory_mb
+    from finetune.training.measure import ThroughputCallback
     from finetune.model.load import load_model, resolve_precision
     from finetune.training.trainer import make_trainer, training_arguments
 
@@ -117,36 +116,52 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
                                       has_eval=False)
             trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
                                    data_collator=DataCollator(pad_token_id=tok.pad_token_id),
-                                   callbacks=[meter, clock], meter=meter)
+                                   callbacks=[meter, clock], meter=meter,
+                                   share_prefix=bool(acfg.trainer.get("share_prefix", True)))
         else:
-            from peft import LoraConfig, get_peft_model
-
-            lcfg = acfg.lora
-            model = get_peft_model(model, LoraConfig(r=int(lcfg.r), lora_alpha=int(lcfg.alpha),
-                                                     lora_dropout=float(lcfg.dropout),
-                                                     target_modules=list(lcfg.target_modules),
-                                                     task_type="CAUSAL_LM"))
-            padded = ds.map(lambda r: {
-                "input_ids": r["input_ids"] + [tok.pad_token_id] * (max_len - len(r["input_ids"])),
-                "attention_mask": r["attention_mask"] + [0] * (max_len - len(r["attention_mask"])),
-                "labels": r["labels"] + [-100] * (max_len - len(r["labels"]))}, remove_columns=["length"])
-
-            class CountingTrainer(Trainer):
-                def training_step(self, model, inputs, num_items_in_batch=None):
-                    meter.count_batch(inputs)
-                    return super().training_step(model, inputs, num_items_in_batch)
-
-            args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=bs, max_steps=steps,
-                                     learning_rate=float(tcfg.lr), lr_scheduler_type=str(tcfg.scheduler),
-                                     warmup_steps=float(tcfg.warmup_ratio), logging_steps=max(steps, 1),
-                                     save_strategy="no", report_to=[], bf16=precision.bf16, fp16=precision.fp16,
-                                     use_cpu=not torch.cuda.is_available(), seed=int(cfg.seed),
-                                     disable_tqdm=True, dataloader_num_workers=0)
-            trainer = CountingTrainer(model=model, args=args, train_dataset=padded, callbacks=[meter, clock])
+            model, trainer = _plain_trainer(model, tok, ds, acfg, precision, tmp, steps, [meter, clock])
         trainer.train()
     if len(clock.ends) != arm_steps or meter.tokens != sum(ds["length"]):
         raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps of {arm_steps}, {meter.tokens} tokens of "
                            f"{sum(ds['length'])}")
+    return _arm_figures(arm, model, ds, meter, clock, arm_steps, precision, bool(tcfg.get("packing")))
+
+
+def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps: int, callbacks: list):
+    """The original design's recipe: PEFT LoRA, every row padded to ``max_length``, the stock Trainer and loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    lcfg, tcfg = acfg.lora, acfg.trainer
+    bs, max_len = int(tcfg.batch_size), int(tcfg.max_length)
+    meter = callbacks[0]
+    model = get_peft_model(model, LoraConfig(r=int(lcfg.r), lora_alpha=int(lcfg.alpha),
+                                             lora_dropout=float(lcfg.dropout),
+                                             target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
+    padded = ds.map(lambda r: {
+        "input_ids": r["input_ids"] + [tok.pad_token_id] * (max_len - len(r["input_ids"])),
+        "attention_mask": r["attention_mask"] + [0] * (max_len - len(r["attention_mask"])),
+        "labels": r["labels"] + [-100] * (max_len - len(r["labels"]))}, remove_columns=["length"])
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            meter.count_batch(inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=bs, max_steps=steps,
+                             learning_rate=float(tcfg.lr), lr_scheduler_type=str(tcfg.scheduler),
+                             warmup_steps=float(tcfg.warmup_ratio), logging_steps=max(steps, 1),
+                             save_strategy="no", report_to=[], bf16=precision.bf16, fp16=precision.fp16,
+                             use_cpu=not torch.cuda.is_available(), seed=int(acfg.seed),
+                             disable_tqdm=True, dataloader_num_workers=0)
+    return model, CountingTrainer(model=model, args=args, train_dataset=padded, callbacks=callbacks)
+
+
+def _arm_figures(arm: str, model, ds, meter, clock, arm_steps: int, precision, packing: bool) -> dict[str, Any]:
+    """An arm's tokens, time, peak memory and the FLOPs its examples need."""
+    from finetune.training.measure import memory_device, peak_memory_mb
+
     shape = model_shape(model)
     # Every step, from the start of training: length grouping puts the longest batch first, so leaving out the
     # first step would flatter the grouped arm.
@@ -156,7 +171,7 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     # The work the examples need, whatever the arm does with padding or packing.
     supervised = [sum(1 for t in labels[1:] if t != -100) for labels in ds["labels"]]
     flops = training_flops(shape, list(ds["length"]), supervised)
-    return {"arm": arm, "steps": arm_steps, "packing": bool(tcfg.get("packing")) and arm == "finetune",
+    return {"arm": arm, "steps": arm_steps, "packing": packing and arm == "finetune",
             "tokens": meter.tokens, "timed_tokens": timed_tokens, "timed_s": timed_s,
             "first_step_s": clock.ends[0] - clock.start,
             "step_tokens": [sum(lengths) for lengths in timed],

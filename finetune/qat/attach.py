@@ -199,6 +199,39 @@ def _calibrate(model: nn.Module, sim: QATHandle, layers: nn.Module, batches) -> 
     log.info("simulate_int8: static scales calibrated on %d batches (post-training calibration)", n)
 
 
+def _simulation_config(qcfg: Any, train_handle: QATHandle | None, static_absmax: Mapping[str, float] | None,
+                       calibration) -> tuple[QATConfig, dict[str, Any]]:
+    """The deployment :func:`simulate_int8` simulates (eval bits, the deployed scheme's weights, the scale mode)
+    and the calibrated static scales it starts from (``{}``: none, or not a static deployment)."""
+    config = QATConfig.from_cfg(qcfg)
+    scale = config.scale
+    calibrated: dict[str, Any] = {}
+    if scale == "static":
+        if static_absmax:
+            calibrated = {k: torch.tensor(float(v), dtype=torch.float32) for k, v in static_absmax.items()}
+        elif train_handle is not None and train_handle.scale == "static":
+            calibrated = {q.key: q.ema for _, q in train_handle.activation_quantizers if q.ema is not None}
+        if not calibrated and calibration is None:
+            log.info(
+                "simulate_int8: qat.scale=static but the model has no calibrated static scales (not trained "
+                "with static QAT) and no calibration data; using dynamic per-tensor INT8 scales instead"
+            )
+            scale = "tensor"
+    eval_bits = qcfg.get("eval_bits") if isinstance(qcfg, Mapping) else getattr(qcfg, "eval_bits", None)
+    eval_bits = int(eval_bits or 8)
+    if config.scheme != "a8" and eval_bits != 8:
+        raise FinetuneError(f"qat.eval_bits={eval_bits} contradicts qat.scheme={config.scheme} (8-bit activations); "
+                            "use qat.scheme=a8 to simulate other activation widths")
+    deployed = deployed_scheme(config.scheme)
+    # The deployment's weights: INT8 per output channel (scheme a8 here, weight_bits 8), or w4a8's INT4 groups.
+    sim_config = QATConfig(
+        scheme="w4a8" if deployed == "w4a8" else "a8", bits=eval_bits, scale=scale, granularity=config.granularity,
+        weight_bits=None if deployed == "w4a8" else 8, group_size=config.group_size, start_step=0,
+        ema_decay=config.ema_decay,
+    )
+    return sim_config, calibrated
+
+
 @contextlib.contextmanager
 def simulate_int8(
     model: nn.Module,
@@ -244,36 +277,12 @@ def simulate_int8(
         FinetuneError: as :func:`apply_qat` (except bitsandbytes weights, which are skipped), or
             when nested in another ``simulate_int8`` block on the same model.
     """
-    config = QATConfig.from_cfg(qcfg)
     targets = validate_targets(targets)
     train_handle = handle if handle is not None else active_handle(model)
     if train_handle is not None and train_handle._removed:
         train_handle = None
-    scale = config.scale
-    calibrated: dict[str, Any] = {}
-    if scale == "static":
-        if static_absmax:
-            calibrated = {k: torch.tensor(float(v), dtype=torch.float32) for k, v in static_absmax.items()}
-        elif train_handle is not None and train_handle.scale == "static":
-            calibrated = {q.key: q.ema for _, q in train_handle.activation_quantizers if q.ema is not None}
-        if not calibrated and calibration is None:
-            log.info(
-                "simulate_int8: qat.scale=static but the model has no calibrated static scales (not trained "
-                "with static QAT) and no calibration data; using dynamic per-tensor INT8 scales instead"
-            )
-            scale = "tensor"
-    eval_bits = qcfg.get("eval_bits") if isinstance(qcfg, Mapping) else getattr(qcfg, "eval_bits", None)
-    eval_bits = int(eval_bits or 8)
-    if config.scheme != "a8" and eval_bits != 8:
-        raise FinetuneError(f"qat.eval_bits={eval_bits} contradicts qat.scheme={config.scheme} (8-bit activations); "
-                            "use qat.scheme=a8 to simulate other activation widths")
-    deployed = deployed_scheme(config.scheme)
-    # The deployment's weights: INT8 per output channel (scheme a8 here, weight_bits 8), or w4a8's INT4 groups.
-    sim_config = QATConfig(
-        scheme="w4a8" if deployed == "w4a8" else "a8", bits=eval_bits, scale=scale, granularity=config.granularity,
-        weight_bits=None if deployed == "w4a8" else 8, group_size=config.group_size, start_step=0,
-        ema_decay=config.ema_decay,
-    )
+    sim_config, calibrated = _simulation_config(qcfg, train_handle, static_absmax, calibration)
+    scale = sim_config.scale
     sim, layers, skipped_bnb = build_handle(
         model, targets, sim_config,
         frozen=True, skip_bnb_weights=True, cache_weights=cache_weights,

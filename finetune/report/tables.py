@@ -225,6 +225,24 @@ def _first(r: pd.Series, *keys: str):
     return None
 
 
+def _qat_rows(df: pd.DataFrame, scores: pd.DataFrame, sort_keys: list[str], by_scheme: bool, by_seed: bool,
+              columns: list[str], width: int, generation: bool) -> tuple[list[list[str]], dict]:
+    """The QAT table's rows (a failed job: its error) and each job's label (``W8A8 ffn`` per scheme)."""
+    rows, label_of = [], {}
+    for label, (index, r) in zip(_labels(df, "qat_targets", within=tuple(sort_keys)), df.iterrows()):
+        label_of[index] = f"{str(r.get('int8_scheme')).upper()} {label}" if by_scheme else label
+        cells = ([str(r.get("int8_scheme")).upper()] if by_scheme else []) + [label] \
+            + ([cell_text(r.get("seed"))] if by_seed else [])
+        if r["status"] != "ok":
+            rows.append(cells + [_failed_cell(r)] + [""] * (width - len(cells) - 1))
+            continue
+        s = scores.loc[index]
+        rows.append(cells + [display_number(s[c], generation, signed=c.startswith("vs_")) for c in columns]
+                    + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
+                       fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
+    return rows, label_of
+
+
 def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
     # A sweep over deployment schemes (qat.scheme: w8a8, w4a8, ...) compares targets within each scheme: every
     # table row, mean and takeaway is per scheme ("W8A8 ffn"), never pooled across schemes.
@@ -248,18 +266,7 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
         columns = ["fp", "q", "gap", "ptq", "vs_ptq", "f1", "f1_q", "ptq_f1", "vs_ptq_f1"]
     lead = (["Scheme"] if by_scheme else []) + ["Targets"] + (["Seed"] if by_seed else [])
     headers = lead + metric_heads + ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
-    rows, label_of = [], {}
-    for label, (index, r) in zip(_labels(df, "qat_targets", within=tuple(sort_keys)), df.iterrows()):
-        label_of[index] = f"{str(r.get('int8_scheme')).upper()} {label}" if by_scheme else label
-        cells = ([str(r.get("int8_scheme")).upper()] if by_scheme else []) + [label] \
-            + ([cell_text(r.get("seed"))] if by_seed else [])
-        if r["status"] != "ok":
-            rows.append(cells + [_failed_cell(r)] + [""] * (len(headers) - len(cells) - 1))
-            continue
-        s = scores.loc[index]
-        rows.append(cells + [display_number(s[c], generation, signed=c.startswith("vs_")) for c in columns]
-                    + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
-                       fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
+    rows, label_of = _qat_rows(df, scores, sort_keys, by_scheme, by_seed, columns, len(headers), generation)
     if scores.empty:
         return Comparison("qat_targets", fp, not generation, _table(rows, headers),
                           qat_takeaway({}, {}, 0, low, generation))
