@@ -49,6 +49,11 @@ def scheme_widths(scheme: str, bits: int, weight_bits: int | None) -> int | None
 
 # The sub-layer groups of qat_targets and LoRA presets; finetune.model.arch maps each to every family's modules.
 QAT_TARGETS = ("attn", "ffn")
+# dataset.format: how rows look. A dataset in one of these formats is one yaml file in conf/dataset/ (its name
+# is free); a new format is a validator in data/rows.py and a message builder in data/formatting.py.
+FORMATS = ("labelled_text", "alpaca", "sharegpt")
+# The format of a config without dataset.format (runs recorded before the key existed), by dataset.name.
+FORMAT_OF_NAME = {"chnsenticorp": "labelled_text", "alpaca": "alpaca", "sharegpt": "sharegpt"}
 LORA_METHODS = ("lora", "dora", "none")
 TARGET_PRESETS = ("qv", "attn", "ffn", "all-linear", "auto")
 QUANT_MODES = ("none", "int8", "nf4")
@@ -324,8 +329,13 @@ def _validate_eval(e: DictConfig) -> None:
 
 
 def _validate_dataset(d: DictConfig) -> None:
-    _choice("dataset.name", d.name, ("chnsenticorp", "alpaca", "sharegpt"))
+    _text("dataset.name", d.name)
+    fmt = d.get("format") or FORMAT_OF_NAME.get(d.name)
+    _choice("dataset.format", fmt, FORMATS)
     _choice("dataset.task", d.task, ("classification", "generation"))
+    if (fmt == "labelled_text") != (d.task == "classification"):
+        raise FinetuneError(f"dataset.task={d.task} does not fit dataset.format={fmt}: labelled_text is "
+                            "classification, alpaca and sharegpt are generation")
     for key in ("path", "hub_id", "embedded"):
         _text(f"dataset.{key}", d.get(key), optional=True)
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
@@ -349,7 +359,7 @@ def _validate_dataset(d: DictConfig) -> None:
             raise FinetuneError(f"dataset.label_words={words!r} must list at least two non-empty words")
         if len(set(words)) != len(words):
             raise FinetuneError(f"dataset.label_words={list(words)!r} must be distinct")
-    if d.name == "sharegpt":
+    if fmt == "sharegpt":
         _text("dataset.conversations_field", d.get("conversations_field"))
         _text("dataset.system_field", d.get("system_field"), optional=True)
         roles = d.get("role_map")

@@ -51,7 +51,7 @@ CLASSIFICATION_TEMPLATE = "{instruction}\n\nReview: {text}"
 
 def _messages(row: Mapping, dcfg: Mapping) -> list[dict]:
     kind = dataset_kind(dcfg)
-    if kind == "chnsenticorp":
+    if kind == "labelled_text":
         text = row[dcfg.get("text_field", "text")]
         template = dcfg.get("template") or CLASSIFICATION_TEMPLATE
         messages = [{"role": "user", "content": template.format(instruction=dcfg.get("instruction"), text=text)}]

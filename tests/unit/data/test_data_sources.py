@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from finetune.data import DataSplits, build_messages, hub_reachable, load_splits, read_rows
 from finetune.errors import FinetuneError
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the repository (tests/unit/data/ is three levels down)
 SHARED = ROOT / ".." / "shared" / "data"
 
 
@@ -309,3 +309,22 @@ def test_bad_eval_fraction(tmp_path):
 def test_datasplits_is_a_dataclass():
     s = DataSplits(train=[], validation=[], test=[], source="file:/x")
     assert s.source == "file:/x"
+
+
+def test_a_new_dataset_in_a_known_format_needs_only_config(tmp_path):
+    """dataset.format picks how rows are read and rendered; dataset.name is the dataset's own name."""
+    from finetune.config import validate
+    from finetune.data import build_messages
+    from tests.conftest import TINY, compose_cfg
+
+    yaml_only = ["dataset.name=hotel_reviews", "dataset.format=labelled_text",
+                 f"dataset.path={shared('chnsenticorp')}", "dataset.max_test_samples=4"]
+    cfg = compose_cfg([*TINY, *yaml_only], tmp_path / "run")
+    validate(cfg)
+    splits = load_splits(cfg.dataset, cfg.seed)
+    assert len(splits.test) == 4
+    assert build_messages(splits.test[0], cfg.dataset)[-1]["role"] == "assistant"
+    for bad, key in ((["dataset.format=csv"], "dataset.format"),
+                     (["dataset.format=alpaca"], "dataset.task")):  # a classification task in a generation format
+        with pytest.raises(FinetuneError, match=key):
+            validate(compose_cfg([*TINY, *yaml_only, *bad], tmp_path / "bad"))
