@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from finetune.config import QAT_TARGETS
+
 NUMBER = (int, float)
 TEXT = (str,)
 FLAG = (bool,)
@@ -88,7 +90,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 
 # Families of keys: the simulated INT8 scores, on both groups and (PTQ) on each alone.
 PATTERNS: list[tuple[re.Pattern, tuple[type, ...], str]] = [
-    (re.compile(r"(accuracy|f1|loss|perplexity)_int8(_(attn|ffn))?"), NUMBER,
+    (re.compile(r"(accuracy|f1|loss|perplexity)_int8(_(" + "|".join(QAT_TARGETS) + "))?"), NUMBER,
      "simulated INT8 score of the deployment; _attn / _ffn: PTQ of that group alone"),
 ]
 

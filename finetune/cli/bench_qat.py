@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.config import SCHEME_SCALE
+from finetune.config import QAT_TARGETS, SCHEME_SCALE
 
 log = logging.getLogger("finetune.cli.bench")
 
@@ -128,7 +128,7 @@ def benchmark(cfg: DictConfig, variants: list[str], steps: int, rounds: int) -> 
     validate(cfg)
     if cfg.lora.method == "none":
         raise FinetuneError("finetune-bench-qat measures a LoRA run: lora=none (full fine-tuning) is not supported")
-    targets = qat_targets(cfg) or ["attn", "ffn"]
+    targets = qat_targets(cfg) or list(QAT_TARGETS)
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype)
     model, tok, resolved = load_model(cfg.model, cfg.quantization, precision,

@@ -12,6 +12,7 @@ import logging
 
 from omegaconf import DictConfig
 
+from finetune.config import QAT_TARGETS
 from finetune.data import DataSplits, tokenize_split
 from finetune.qat.deployment import deployed_scheme
 from finetune.evaluation.scoring import classify, loss_and_perplexity
@@ -19,7 +20,8 @@ from finetune.qat.ops import QATConfig
 
 log = logging.getLogger("finetune.evaluation.int8")
 
-PTQ_TARGET_SETS = (("attn",), ("ffn",), ("attn", "ffn"))
+# The PTQ baseline quantizes each group alone and all of them together.
+PTQ_TARGET_SETS = (*((group,) for group in QAT_TARGETS), QAT_TARGETS)
 
 
 def _score(model, tok, splits: DataSplits, dcfg: DictConfig, max_len: int, bs: int, bf16: bool) -> dict:
@@ -66,7 +68,7 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
         _log("QAT", targets, scores, bits, _weights(how))
         return {**scores, "int8_eval": "qat", "int8_targets": list(targets), **how, "int8_scale": sim.config.scale}
-    result: dict = {"int8_eval": "ptq", "int8_targets": ["attn", "ffn"], **how}
+    result: dict = {"int8_eval": "ptq", "int8_targets": list(QAT_TARGETS), **how}
     # A static-scale PTQ baseline is calibrated on training rows, as QAT's observer is (never on test rows).
     calibration = calibration_batches(splits, dcfg, tok, max_len, bs) if QATConfig.from_cfg(qcfg).scale == "static" \
         else None
@@ -75,7 +77,7 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
         result["int8_scale"] = sim.config.scale
         _log("PTQ", target_set, scores, bits, _weights(how))
-        if len(target_set) == 2:
+        if target_set == QAT_TARGETS:
             result.update(scores)
         else:
             result.update({f"{k}_{target_set[0]}": v for k, v in scores.items()})

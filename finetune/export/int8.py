@@ -38,7 +38,7 @@ from finetune.export.onnx import (
     to_int8,
     write_info,
 )
-from finetune.config import GRANULARITIES, SCALE_MODES
+from finetune.config import GRANULARITIES, QAT_TARGETS, SCALE_MODES
 from finetune.qat.ops import QATConfig
 from finetune.runs import commit_dir, staging_dir
 
@@ -176,7 +176,7 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     target = prepare_out_dir(out, overwrite, path, "finetune-export")
     metrics = run_metrics(path)
     targets = qat_targets(cfg)
-    deployment = Int8Deployment(tuple(targets or ("attn", "ffn")), granularity, scale)
+    deployment = Int8Deployment(tuple(targets or QAT_TARGETS), granularity, scale)
     if not targets:
         print(f"warning: run={path} was not trained with QAT (no qat_targets): this export is post-training "
               "quantization (PTQ) of attention and FFN linears; expect a larger drop than after QAT")

@@ -44,10 +44,17 @@ class ArchSpec:
     attn_linears: tuple[str, ...]
     ffn_linears: tuple[str, ...]
 
+    def linears(self, group: str) -> tuple[str, ...]:
+        """The linears of one group (a name in :data:`GROUPS`), relative to a decoder layer, output projection last."""
+        return {"attn": self.attn_linears, "ffn": self.ffn_linears}[group]
+
+    def entry(self, group: str) -> str:
+        """The sub-layer module of one group, whose input is the group's input (``sublayer`` granularity)."""
+        return {"attn": self.attn_block, "ffn": self.ffn_entry}[group]
+
     def leaf_names(self, group: str) -> list[str]:
         """Leaf module names of one group (``attn`` or ``ffn``), as PEFT ``target_modules`` wants."""
-        linears = self.attn_linears if group == "attn" else self.ffn_linears
-        return sorted({name.rsplit(".", 1)[-1] for name in linears})
+        return sorted({name.rsplit(".", 1)[-1] for name in self.linears(group)})
 
 
 _LLAMA_STYLE = dict(

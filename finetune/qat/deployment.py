@@ -36,7 +36,7 @@ def gemm_rels(spec: ArchSpec, group: str, granularity: str) -> tuple[str, ...]:
     :mod:`finetune.model.arch` lists each group's output projection last; at ``sublayer`` granularity it reads an
     input that is not quantized, so it is left out.
     """
-    linears = spec.attn_linears if group == "attn" else spec.ffn_linears
+    linears = spec.linears(group)
     return tuple(linears) if granularity == "linear" else tuple(linears[:-1])
 
 
@@ -44,7 +44,7 @@ def input_key_rel(spec: ArchSpec, group: str, granularity: str, rel: str) -> str
     """The module (inside a decoder layer) whose input quantizer quantizes the input of linear ``rel``."""
     if granularity == "linear":
         return rel
-    return spec.attn_block if group == "attn" else spec.ffn_entry
+    return spec.entry(group)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,9 +52,9 @@ def _select(
     picks = []
     for index, layer in enumerate(layers):
         for group in targets:
-            linears = spec.attn_linears if group == "attn" else spec.ffn_linears
+            linears = spec.linears(group)
             if granularity == "sublayer":
-                acts = (spec.attn_block if group == "attn" else spec.ffn_entry,)
+                acts = (spec.entry(group),)
             else:
                 acts = linears
             weights = gemm_rels(spec, group, granularity) if deployed_weights else linears

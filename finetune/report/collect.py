@@ -19,13 +19,14 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from finetune.config import QAT_TARGETS
 from finetune.errors import FinetuneError
 
 METRICS_FILE = "metrics.json"
 NO_METRICS_ERROR = "no metrics.json (job did not finish)"
 SKIP_DIRS = (".hydra", "wandb", "adapter")
 SKIP_PREFIXES = ("checkpoint-",)
-QAT_TARGET_ORDER = ("attn", "ffn")
+QAT_TARGET_ORDER = QAT_TARGETS
 
 # Columns first in the CSV, in this order; any other column follows alphabetically.
 LEADING_COLUMNS = [

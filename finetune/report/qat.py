@@ -14,11 +14,12 @@ import math
 
 import pandas as pd
 
+from finetune.config import QAT_TARGETS
 from finetune.report.collect import ok_rows, varies
 from finetune.report.format import NA, to_float
 
 # Where a no-QAT run keeps its post-training-quantization score for each target set (finetune.evaluation.int8).
-PTQ_SUFFIX = {"attn": "_attn", "ffn": "_ffn", "attn+ffn": ""}
+PTQ_SUFFIX = {**{group: f"_{group}" for group in QAT_TARGETS}, "+".join(QAT_TARGETS): ""}
 # Settings a QAT run shares with its PTQ baseline whenever they vary across the sweep (seed above all: a
 # seed also picks the training and test rows, so runs of different seeds are not comparable one to one).
 PAIR_KEYS = ("seed", "model", "dataset", "quantization", "lr", "lora.r", "lora.alpha", "lora.dropout",

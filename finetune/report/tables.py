@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from finetune.config import QAT_TARGETS
 from finetune.errors import FinetuneError
 from finetune.report.collect import ok_rows, varies
 from finetune.report.qat import (by_scheme as by_scheme_scores, display_number, low_bit_label, plus_minus, qat_scores,
@@ -24,7 +25,7 @@ from finetune.report.format import (
 
 KINDS = ("lora_vs_qlora", "qat_targets", "lora_grid", "generic")
 METHOD_ORDER = ("full", "lora", "dora", "qlora-int8", "qdora-int8", "qlora-nf4", "qdora-nf4")
-TARGET_ORDER = ("none", "attn", "ffn", "attn+ffn")
+TARGET_ORDER = ("none", *QAT_TARGETS, "+".join(QAT_TARGETS))
 GRID_AXES = ("lora.r", "lora.alpha", "lora.dropout")
 _LOWER_BETTER = ("loss", "perplexity", "ppl", "runtime", "memory", "_mb")
 
