@@ -20,8 +20,8 @@ from finetune.data import (
     tokenize_split,
 )
 from finetune.errors import FinetuneError
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[3]  # the repository (tests/unit/data/ is three levels down)
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 

@@ -13,9 +13,8 @@ from omegaconf import OmegaConf
 
 from finetune.data import DataSplits, build_messages, hub_reachable, load_splits, read_rows
 from finetune.errors import FinetuneError
+from tests.conftest import ROOT, shared
 
-ROOT = Path(__file__).resolve().parents[3]  # the repository (tests/unit/data/ is three levels down)
-SHARED = ROOT / ".." / "shared" / "data"
 
 
 def make_dcfg(name: str, **overrides):
@@ -24,13 +23,6 @@ def make_dcfg(name: str, **overrides):
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     return cfg
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data not available: {path}")
-    return path
 
 
 @pytest.fixture(autouse=True)
