@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from finetune.data import DataCollator, build_messages, encode_prompt, encode_train, label_word_ids
-from finetune.model.loss import (accepts_logits_to_keep, cache_argument, can_share_prefix, has_forward_hooks, kept_logits,
-                                 label_position_nll, labelled_next, output_cache)
+from finetune.model.loss import (MIN_SHARED_PREFIX, accepts_logits_to_keep, cache_argument, can_share_prefix,
+                                 has_forward_hooks, kept_logits, label_position_nll, labelled_next, output_cache)
 
 log = logging.getLogger("finetune.evaluation.scoring")
 
@@ -74,9 +74,6 @@ def _last_token_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return logits[:, -1].float()
 
 
-MIN_SHARED_PREFIX = 8  # tokens; below this the prefix pass is not worth a second forward call
-
-
 class _SharedPrefix:
     """The keys and values of the prompt prefix every scored row starts with (system prompt, instruction),
     computed once and reused for every batch: the rows' own tokens attend to it exactly as they would in one
@@ -107,9 +104,7 @@ def _shared_prefix(model, prompts: list[list[int]]) -> _SharedPrefix | None:
     take per-sequence statistics over the whole prompt)."""
     if len(prompts) < 2 or not _accepts_logits_to_keep(model):
         return None
-    if has_forward_hooks(model):
-        return None
-    if not can_share_prefix(model):  # config.use_cache may be off (a model loaded for training): asked per call
+    if not can_share_prefix(model):  # hooks, no KV cache argument; config.use_cache may be off: asked per call
         return None
     shortest = min(len(p) for p in prompts)
     first = prompts[0]
