@@ -11,6 +11,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import formats
+from finetune.checks import boolean as _bool
+from finetune.checks import choice as _choice
+from finetune.checks import number as _number
+from finetune.checks import text as _text
+from finetune.checks import text_list as _text_list
 from finetune.errors import FinetuneError
 
 # The Hydra config tree, package data (a normal, non-editable install carries it with the code); absolute, so
@@ -18,7 +24,13 @@ from finetune.errors import FinetuneError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # The QAT vocabulary (qat.scheme / qat.scale / qat.granularity); finetune.qat implements it.
-SCALE_MODES = ("tensor", "token", "static")
+# qat.scale: how an INT8 activation scale is found, as the deployment computes it (finetune.qat.ops.activation_scale
+# computes the dynamic ones for training, the simulation and the ONNX export alike).
+SCALE_MODES = {
+    "tensor": "dynamic, one scale per sequence over its real tokens (absmax / 127)",
+    "token": "dynamic, one scale per token (absmax / 127)",
+    "static": "static, one calibrated scale per quantized input",
+}
 GRANULARITIES = ("sublayer", "linear")
 # qat.scheme: what trains with fake-quant and what the simulated deployment runs.
 #   a8    activations only (qat.bits wide); deployed as w8a8
@@ -49,35 +61,12 @@ def scheme_widths(scheme: str, bits: int, weight_bits: int | None) -> int | None
 
 # The sub-layer groups of qat_targets and LoRA presets; finetune.model.arch maps each to every family's modules.
 QAT_TARGETS = ("attn", "ffn")
-# dataset.format: how rows look. A dataset in one of these formats is one yaml file in conf/dataset/ (its name
-# is free); a new format is a validator in data/rows.py and a message builder in data/formatting.py.
-FORMATS = ("labelled_text", "alpaca", "sharegpt")
-# The format of a config without dataset.format (runs recorded before the key existed), by dataset.name.
-FORMAT_OF_NAME = {"chnsenticorp": "labelled_text", "alpaca": "alpaca", "sharegpt": "sharegpt"}
 LORA_METHODS = ("lora", "dora", "none")
 TARGET_PRESETS = ("qv", "attn", "ffn", "all-linear", "auto")
 QUANT_MODES = ("none", "int8", "nf4")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STRATEGIES = ("no", "steps", "epoch")
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise FinetuneError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-
-
-def _number(key: str, value: Any, *, low=None, high=None, low_open=False, high_open=False, integer=False) -> None:
-    """Check ``low (<|<=) value (<|<=) high``; booleans are not numbers."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise FinetuneError(f"{key}={value!r} must be {'an integer' if integer else 'a number'}")
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
-        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        raise FinetuneError(f"{key}={value!r} is out of range; allowed: {lo}{key}{hi}")
 
 
 def qat_targets(cfg: DictConfig) -> list[str]:
@@ -102,45 +91,6 @@ def method_name(cfg: DictConfig) -> str:
     return f"q{method}-{quant}"
 
 
-def _bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise FinetuneError(f"{key}={value!r} is not allowed; allowed: true, false")
-
-
-def _template(key: str, value: Any) -> None:
-    """A prompt template: a string with ``{text}`` and at most ``{instruction}`` besides."""
-    import string
-
-    if not isinstance(value, str):
-        raise FinetuneError(f"{key}={value!r} must be a string with {{text}} (and optionally {{instruction}})")
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-    except ValueError as exc:
-        raise FinetuneError(f"{key}={value!r} is not a valid template ({exc}); write literal braces as {{{{ }}}}") from None
-    unknown = sorted(fields - {"text", "instruction"})
-    if unknown or "text" not in fields:
-        raise FinetuneError(f"{key}={value!r}: " + (f"unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
-                            if unknown else "") + "allowed: {text} (required) and {instruction}")
-
-
-def _text(key: str, value: Any, *, optional: bool = False) -> None:
-    """A non-empty string (or null when ``optional``)."""
-    if optional and value is None:
-        return
-    if not isinstance(value, str) or not value.strip():
-        allowed = "null or a non-empty string" if optional else "a non-empty string"
-        raise FinetuneError(f"{key}={value!r} is not allowed; allowed: {allowed}")
-
-
-def _text_list(key: str, value: Any, *, optional: bool = False, allow_empty: bool = True) -> None:
-    if optional and value is None:
-        return
-    if not OmegaConf.is_list(value) or not all(isinstance(v, str) and v.strip() for v in value) or (
-            not allow_empty and not value):
-        raise FinetuneError(f"{key}={value!r} is not allowed; allowed: a {'' if allow_empty else 'non-empty '}list "
-                            "of strings")
-
-
 def _sub(node: DictConfig, key: str) -> Any:
     """``node[key]``, or a clear error naming the key when a preset dropped it."""
     if key not in node:
@@ -153,7 +103,6 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "warmup_stable_decay")
 SAMPLING = ("random", "sequential", "group_by_length")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-CHAT_ROLES = ("user", "assistant", "system")
 
 
 def _optimizers() -> tuple[str, ...]:
@@ -330,12 +279,10 @@ def _validate_eval(e: DictConfig) -> None:
 
 def _validate_dataset(d: DictConfig) -> None:
     _text("dataset.name", d.name)
-    fmt = d.get("format") or FORMAT_OF_NAME.get(d.name)
-    _choice("dataset.format", fmt, FORMATS)
-    _choice("dataset.task", d.task, ("classification", "generation"))
-    if (fmt == "labelled_text") != (d.task == "classification"):
-        raise FinetuneError(f"dataset.task={d.task} does not fit dataset.format={fmt}: labelled_text is "
-                            "classification, alpaca and sharegpt are generation")
+    fmt = formats.of_config(d)  # raises naming dataset.format and the known formats
+    _choice("dataset.task", d.task, formats.TASKS)
+    if d.task != fmt.task:
+        raise FinetuneError(f"dataset.task={d.task} does not fit dataset.format={fmt.name}, a {fmt.task} format")
     for key in ("path", "hub_id", "embedded"):
         _text(f"dataset.{key}", d.get(key), optional=True)
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
@@ -348,25 +295,7 @@ def _validate_dataset(d: DictConfig) -> None:
             _bool(f"dataset.{key}", d[key])
     if d.get("system") is not None and not isinstance(d.system, str):
         raise FinetuneError(f"dataset.system={d.system!r} must be a string (\"\" for an empty system prompt) or null")
-    if d.task == "classification":
-        for key in ("text_field", "label_field", "instruction"):
-            if key in d:
-                _text(f"dataset.{key}", d[key])
-        if d.get("template") is not None:
-            _template("dataset.template", d.template)
-        words = d.label_words
-        if not OmegaConf.is_list(words) or len(words) < 2 or not all(isinstance(w, str) and w.strip() for w in words):
-            raise FinetuneError(f"dataset.label_words={words!r} must list at least two non-empty words")
-        if len(set(words)) != len(words):
-            raise FinetuneError(f"dataset.label_words={list(words)!r} must be distinct")
-    if fmt == "sharegpt":
-        _text("dataset.conversations_field", d.get("conversations_field"))
-        _text("dataset.system_field", d.get("system_field"), optional=True)
-        roles = d.get("role_map")
-        if not OmegaConf.is_dict(roles) or not roles:
-            raise FinetuneError(f"dataset.role_map={roles!r} must map ShareGPT roles to {', '.join(CHAT_ROLES)}")
-        for name, role in roles.items():
-            _choice(f"dataset.role_map.{name}", role, CHAT_ROLES)
+    fmt.check_config(d)
 
 
 def _validate_trainer(t: DictConfig) -> None:

@@ -183,7 +183,7 @@ def _arm_figures(arm: str, model, ds, meter, clock, arm_steps: int, precision, p
 
 def _child(arm: str, spec_path: str) -> int:
     """Entry of an arm's process: read the composed config, train, write the result beside the spec."""
-    from finetune.export.common import run_cli
+    from finetune.cli.common import run_cli
 
     def body(_argv):
         spec = json.loads(Path(spec_path).read_text())
@@ -326,7 +326,7 @@ def _body(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.export.common import run_cli
+    from finetune.cli.common import run_cli
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"] and len(argv) == 3:

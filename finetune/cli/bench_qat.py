@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.config import QAT_TARGETS, SCHEME_SCALE
+from finetune.config import QAT_TARGETS, SCHEME_SCALE, qat_targets
 
 log = logging.getLogger("finetune.cli.bench")
 
@@ -118,32 +118,11 @@ def _time_steps(model, optimizer, batches: list[dict], autocast) -> float:
 def benchmark(cfg: DictConfig, variants: list[str], steps: int, rounds: int) -> dict[str, Any]:
     """Time the baseline and each QAT variant on the same model and batches; see the module docstring."""
     import torch
-    from transformers import set_seed
 
-    from finetune.config import qat_targets, validate
-    from finetune.model.lora import apply_lora
-    from finetune.model.load import load_model, resolve_precision
     from finetune.qat.attach import apply_qat
 
-    validate(cfg)
-    if cfg.lora.method == "none":
-        raise FinetuneError("finetune-bench-qat measures a LoRA run: lora=none (full fine-tuning) is not supported")
+    model, resolved, precision, batches, step = _setup(cfg, steps)
     targets = qat_targets(cfg) or list(QAT_TARGETS)
-    set_seed(cfg.seed)
-    precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype)
-    model, tok, resolved = load_model(cfg.model, cfg.quantization, precision,
-                                      gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing))
-    model = apply_lora(model, cfg.lora)
-    model.train()
-    batches = _batches(cfg, tok, steps)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # lr 0: the weights never move, so every variant and round computes on the same model.
-    optimizer = torch.optim.AdamW(params, lr=0.0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else None
-    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype is not None else nullcontext
-
     names = ["none", *variants]
     times: dict[str, list[float]] = {n: [] for n in names}
     modules: dict[str, int] = {}
@@ -154,7 +133,7 @@ def benchmark(cfg: DictConfig, variants: list[str], steps: int, rounds: int) -> 
             handle = apply_qat(model, targets, variant_config(cfg.qat, name))
             modules[name] = len(handle.module_names()) + len(handle.weight_module_names())
         try:
-            sec = _time_steps(model, optimizer, batches if timed else batches[:1], autocast)
+            sec = step(batches if timed else batches[:1])
         finally:
             if handle is not None:
                 handle.remove()
@@ -170,20 +149,54 @@ def benchmark(cfg: DictConfig, variants: list[str], steps: int, rounds: int) -> 
         for name in names[r % len(names):] + names[: r % len(names)]:
             one(name, timed=True)
 
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {
+        "model": resolved, "method": "lora", "targets": targets, "bits": int(cfg.qat.bits),
+        "precision": precision.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(), "batch_size": int(cfg.trainer.batch_size), "steps_per_round": steps,
+        "rounds": rounds, "tokens_per_step": round(tokens / steps, 1),
+        "results": _rows(names, times, modules, tokens / steps),
+    }
+
+
+def _setup(cfg: DictConfig, steps: int):
+    """The LoRA model, its resolved name, precision, ``steps`` batches, and ``step(batches) -> s/step`` (an
+    optimizer with lr 0: the weights never move, so every variant and round computes on the same model)."""
+    import torch
+    from transformers import set_seed
+
+    from finetune.config import validate
+    from finetune.model.load import load_model, resolve_precision
+    from finetune.model.lora import apply_lora
+
+    validate(cfg)
+    if cfg.lora.method == "none":
+        raise FinetuneError("finetune-bench-qat measures a LoRA run: lora=none (full fine-tuning) is not supported")
+    set_seed(cfg.seed)
+    precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype)
+    model, tok, resolved = load_model(cfg.model, cfg.quantization, precision,
+                                      gradient_checkpointing=bool(cfg.trainer.gradient_checkpointing))
+    model = apply_lora(model, cfg.lora)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else None
+    autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype is not None else nullcontext
+    return model, resolved, precision, _batches(cfg, tok, steps), \
+        lambda batches: _time_steps(model, optimizer, batches, autocast)
+
+
+def _rows(names: list[str], times: dict[str, list[float]], modules: dict[str, int], tokens_per_step: float) -> list:
+    """One result row per variant: median s/step, its ratio and overhead against ``none``, tokens/s."""
     base = statistics.median(times["none"])
     rows = []
     for name in names:
         med = statistics.median(times[name])
         rows.append({"variant": name, "sec_per_step": round(med, 4), "ratio": round(med / base, 4),
-                     "overhead_pct": round(100 * (med / base - 1), 2), "tokens_per_s": round(tokens / steps / med, 1),
+                     "overhead_pct": round(100 * (med / base - 1), 2), "tokens_per_s": round(tokens_per_step / med, 1),
                      "quantized_modules": modules.get(name, 0),
                      "rounds_sec_per_step": [round(t, 4) for t in times[name]]})
-    return {
-        "model": resolved, "method": "lora", "targets": targets, "bits": int(cfg.qat.bits),
-        "precision": precision.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "threads": torch.get_num_threads(), "batch_size": int(cfg.trainer.batch_size), "steps_per_round": steps,
-        "rounds": rounds, "tokens_per_step": round(tokens / steps, 1), "results": rows,
-    }
+    return rows
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -226,7 +239,7 @@ def _body(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from finetune.export.common import run_cli
+    from finetune.cli.common import run_cli
 
     return run_cli(_body, argv)
 

@@ -3,7 +3,7 @@
     finetune-chat run=outputs/<date>/<time>                           # interactive: one prompt per line
     finetune-chat run=... prompt="Write a haiku about the sea."       # one-shot, streamed to stdout
     finetune-chat run=... prompts_file=prompts.txt out=answers.jsonl  # batch: {"prompt", "response"} lines
-    finetune-chat run=... load_in_4bit=true temperature=0.7 top_p=0.9 seed=1
+    finetune-chat run=... quantization=nf4 temperature=0.7 top_p=0.9 seed=1  # (or load_in_4bit=true)
 
 More: docs/modules.md, section ``finetune.cli.chat``.
 """
@@ -18,32 +18,39 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from finetune.config import CONF_DIR
+from finetune.config import CONF_DIR, QUANT_MODES
 from finetune.data.formatting import prompt_ids
 from finetune.errors import FinetuneError
-from finetune.export.common import as_bool, as_number, open_run, parse_kv, run_cli
+from finetune.args import as_bool, as_choice, as_number, parse_kv
+from finetune.cli.common import run_cli
+from finetune.export.common import open_run
 
 log = logging.getLogger("finetune.cli.chat")
 
 ARGS = {"run": None, "prompt": None, "prompts_file": None, "out": None, "max_new_tokens": "128",
-        "temperature": "0", "top_p": "1.0", "load_in_4bit": "false", "load_in_8bit": "false", "seed": "0"}
+        "temperature": "0", "top_p": "1.0", "quantization": None, "load_in_4bit": "false", "load_in_8bit": "false", "seed": "0"}
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 
 
-def quantization_node(load_in_4bit: bool, load_in_8bit: bool):
+def quantization_node(mode: str | None, load_in_4bit: bool = False, load_in_8bit: bool = False):
     """The ``quantization`` node for the requested base precision (None: as the run trained).
 
+    Args:
+        mode: ``quantization=<mode>`` (any ``conf/quantization`` option), or None.
+        load_in_4bit / load_in_8bit: the Hugging Face spellings of ``nf4`` / ``int8``.
+
     Returns:
-        ``conf/quantization/nf4.yaml`` or ``int8.yaml`` loaded as a DictConfig, or None.
+        ``conf/quantization/<mode>.yaml`` loaded as a DictConfig, or None.
 
     Raises:
-        FinetuneError: both flags are set.
+        FinetuneError: more than one is given, or an unknown mode.
     """
-    if load_in_4bit and load_in_8bit:
-        raise FinetuneError("load_in_4bit=true and load_in_8bit=true are exclusive; choose one")
-    if not (load_in_4bit or load_in_8bit):
+    chosen = [m for m, on in (("nf4", load_in_4bit), ("int8", load_in_8bit)) if on] + ([mode] if mode else [])
+    if len(chosen) > 1:
+        raise FinetuneError("quantization=, load_in_4bit=true and load_in_8bit=true are exclusive; choose one")
+    if not chosen:
         return None
-    return OmegaConf.load(CONF_DIR / "quantization" / ("nf4.yaml" if load_in_4bit else "int8.yaml"))
+    return OmegaConf.load(CONF_DIR / "quantization" / f"{as_choice('quantization', chosen[0], QUANT_MODES)}.yaml")
 
 
 @torch.no_grad()
@@ -228,14 +235,14 @@ def _answer_all(session: Session, prompts: list[str], out: Path) -> int:
 
 
 def _body(argv: list[str]) -> int:
-    args = parse_kv(argv, ARGS, ("run",), " (finetune-chat run=<run dir> [prompt=...])")
+    args, _ = parse_kv(argv, ARGS, ("run",), " (finetune-chat run=<run dir> [prompt=...])")
     opts = {
         "max_new_tokens": as_number("max_new_tokens", args["max_new_tokens"], int, 1),
         "temperature": as_number("temperature", args["temperature"], float, 0.0),
         "top_p": as_number("top_p", args["top_p"], float, 1e-6, 1.0),
         "seed": as_number("seed", args["seed"], int, 0),
     }
-    quant = quantization_node(as_bool("load_in_4bit", args["load_in_4bit"]),
+    quant = quantization_node(args["quantization"], as_bool("load_in_4bit", args["load_in_4bit"]),
                               as_bool("load_in_8bit", args["load_in_8bit"]))
     if args["prompt"] is not None and args["prompts_file"]:
         raise FinetuneError("give prompt= or prompts_file=, not both")

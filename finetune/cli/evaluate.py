@@ -19,30 +19,19 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from finetune.errors import LOG_FORMAT, FinetuneError, print_error
+from finetune.args import as_number, parse_kv
+from finetune.cli.common import run_cli
+from finetune.errors import FinetuneError
 from finetune.runs import atomic_write_json
 
 log = logging.getLogger("finetune.eval")
-OWN_KEYS = ("run", "split", "out", "batch_size")
+OWN_ARGS = {"run": None, "split": "test", "out": None, "batch_size": None}
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
-    """Split ``key=value`` arguments into this command's own keys and config overrides."""
-    own, overrides = {}, []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise FinetuneError(f"argument '{arg}' is not key=value; keys: {', '.join(OWN_KEYS)}, dataset.*")
-        if key in OWN_KEYS:
-            own[key] = value
-        elif key.startswith("dataset."):
-            overrides.append(arg)
-        else:
-            raise FinetuneError(f"unknown key '{key}'; allowed: {', '.join(OWN_KEYS)} and dataset.*")
-    if "batch_size" in own and not (own["batch_size"].isdigit() and int(own["batch_size"]) > 0):
-        raise FinetuneError(f"batch_size={own['batch_size']} must be a positive integer")
-    if "run" not in own:
-        raise FinetuneError("missing run=<run directory> (a finetune-train output directory)")
+    """This command's own keys, and the ``dataset.*`` config overrides."""
+    own, overrides = parse_kv(argv, OWN_ARGS, ("run",), " (a finetune-train run directory)", passthrough=("dataset.",))
+    own["batch_size"] = as_number("batch_size", own["batch_size"], int, 1, optional=True)
     return own, overrides
 
 
@@ -114,22 +103,21 @@ def check_eval_out(own: dict, default_name: str | None = None) -> Path | None:
     return check_out_path(str(Path(own["run"]) / default_name), kind="file", command=WRITTEN_BY, owned_file=_ours)
 
 
+def _body(argv: list[str]) -> int:
+    own, overrides = parse_args(argv)
+    out = check_eval_out(own)
+    result = evaluate_run(own["run"], overrides, own["split"], own["batch_size"])
+    if out is None:  # the default name depends on what was scored
+        out = check_eval_out(own, f"eval-{result['scored']}.json")
+    atomic_write_json(out, {"written_by": WRITTEN_BY, **result})
+    print(json.dumps(result, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        out = check_eval_out(own)
-        result = evaluate_run(own["run"], overrides, own.get("split", "test"),
-                              int(own["batch_size"]) if "batch_size" in own else None)
-        if out is None:  # the default name depends on what was scored
-            out = check_eval_out(own, f"eval-{result['scored']}.json")
-        atomic_write_json(out, {"written_by": WRITTEN_BY, **result})
-        print(json.dumps(result, indent=2))
-        print(f"wrote {out}", file=sys.stderr)
-        return 0
-    except FinetuneError as exc:
-        print_error(exc)
-        return 2
+    """finetune-eval entry point: 0 on success, 2 on a user error (one ``error:`` line on stderr)."""
+    return run_cli(_body, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from finetune.data.formatting import IGNORE_INDEX, encode_messages, render, tokenize_text, build_messages
-from finetune.data.rows import coerce_label, to_container
+from finetune.formats import coerce_label, to_container
 from finetune.errors import FinetuneError
 
 logger = logging.getLogger("finetune.data")

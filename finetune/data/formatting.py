@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from finetune.data.rows import coerce_label, dataset_kind, role_map, to_container
+from finetune import formats
 from finetune.errors import FinetuneError
 
 IGNORE_INDEX = -100
@@ -23,17 +23,17 @@ def build_messages(row: Mapping, dcfg: Mapping) -> list[dict]:
 
     Args:
         row: a row as returned by ``load_splits`` / ``validate_rows``.
-        dcfg: the ``dataset`` config node; ``name`` picks the layout.
+        dcfg: the ``dataset`` config node; ``format`` picks the layout (:mod:`finetune.formats`).
 
     Returns:
-        chnsenticorp: the user prompt (instruction + review) and, when the row has a label, the
-        assistant label word; alpaca: user = instruction (+ input), assistant = output; sharegpt: the
-        mapped turns, after the row's system prompt when it has one.
+        The format's messages (labelled_text: the user prompt and, when the row has a label, the assistant label
+        word; alpaca: user = instruction (+ input), assistant = output; sharegpt: the mapped turns), led by
+        ``dataset.system`` when set.
 
     Raises:
-        FinetuneError: unknown dataset kind or a ShareGPT role missing from ``dataset.role_map``.
+        FinetuneError: unknown dataset format, or a row the format rejects.
     """
-    return with_system(_messages(row, dcfg), dcfg)
+    return with_system(formats.of_config(dcfg).messages(row, dcfg), dcfg)
 
 
 def with_system(messages: list[dict], dcfg: Mapping) -> list[dict]:
@@ -43,37 +43,6 @@ def with_system(messages: list[dict], dcfg: Mapping) -> list[dict]:
     if system is None or (messages and messages[0]["role"] == "system"):
         return messages
     return [{"role": "system", "content": str(system)}, *messages]
-
-
-# The classification user turn when ``dataset.template`` is not set (runs recorded before the key existed).
-CLASSIFICATION_TEMPLATE = "{instruction}\n\nReview: {text}"
-
-
-def _messages(row: Mapping, dcfg: Mapping) -> list[dict]:
-    kind = dataset_kind(dcfg)
-    if kind == "labelled_text":
-        text = row[dcfg.get("text_field", "text")]
-        template = dcfg.get("template") or CLASSIFICATION_TEMPLATE
-        messages = [{"role": "user", "content": template.format(instruction=dcfg.get("instruction"), text=text)}]
-        words = list(to_container(dcfg.get("label_words")))
-        label = coerce_label(row.get(dcfg.get("label_field", "label")), len(words))
-        if label is not None:
-            messages.append({"role": "assistant", "content": str(words[label])})
-        return messages
-    if kind == "alpaca":
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    roles, messages = role_map(dcfg), []
-    system_field = dcfg.get("system_field")
-    if system_field and isinstance(row.get(system_field), str) and row[system_field].strip():
-        messages.append({"role": "system", "content": row[system_field]})
-    for turn in row[dcfg.get("conversations_field", "conversations")]:
-        if turn["from"] not in roles:
-            raise FinetuneError(
-                f"ShareGPT role {turn['from']!r} is not in dataset.role_map (mapped: {', '.join(sorted(roles))}); add it"
-            )
-        messages.append({"role": roles[turn["from"]], "content": turn["value"]})
-    return messages
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""finetune-export: the run's INT8 deployment as an ONNX model, measured against its simulation and float32.
+"""A run's INT8 deployment as an ONNX model, measured against its simulation and float32 (the finetune-export
+command, :mod:`finetune.cli.export`).
 
     finetune-export run=outputs/<date>/<time> format=int8 out=int8/
     finetune-export run=... format=int8 out=int8/ max_samples=200 latency_tokens=32 threads=2 overwrite=true
@@ -12,22 +13,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from finetune.qat.deployment import Int8Deployment, deployed_scheme
-from finetune.errors import FinetuneError, print_error
-from finetune.export.common import (
-    as_bool,
-    as_choice,
-    as_number,
-    parse_kv,
-    prepare_out_dir,
-    run_cli,
-)
+from finetune.args import as_choice
+from finetune.errors import FinetuneError
+from finetune.export.common import prepare_out_dir
 from finetune.export.onnx import (
     MODEL_FILE,
     OrtCausalLM,
@@ -42,7 +36,7 @@ from finetune.config import GRANULARITIES, QAT_TARGETS, SCALE_MODES
 from finetune.qat.ops import QATConfig
 from finetune.runs import commit_dir, staging_dir
 
-__all__ = ["export_run", "load_exported", "main"]
+__all__ = ["export_run", "load_exported"]
 
 log = logging.getLogger("finetune.export.int8")
 
@@ -235,39 +229,12 @@ class ExportCheckFailed(Exception):
 def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absmax, info: dict, metrics: dict,
                  max_samples, latency_tokens: int, latency_reps: int, threads, float_reference: bool) -> dict:
     """Write the INT8 ONNX model into ``stage``, measure it, and return the export record."""
-    import copy
-
-    from finetune.qat.attach import simulate_int8
-
     rows, split = scored_rows(cfg, max_samples)
-    qcfg = {"granularity": deployment.granularity, "scale": deployment.scale, "eval_bits": 8}
-    with simulate_int8(model, list(deployment.targets), qcfg, static_absmax=absmax):
-        simulated = quality(model, tok, rows, cfg)
-        with _perturbed_inputs(model):
-            perturbed = quality(model, tok, rows, cfg)
-    reference = quality(model, tok, rows, cfg)
-
-    qmodel = copy.deepcopy(model)
-    modules = to_int8(qmodel, deployment, absmax)
-    save_onnx(qmodel, stage / MODEL_FILE)
-    del qmodel
-    model.config.save_pretrained(stage)
-    tok.save_pretrained(stage)
-    size = onnx_bytes(stage)
-    sizes = {"int8_onnx": size, **float_sizes(model)}
+    simulated, perturbed, reference = _simulation_scores(model, tok, rows, cfg, deployment, absmax)
+    modules, sizes = _write_onnx(stage, model, tok, deployment, absmax)
     session = OrtCausalLM(stage / MODEL_FILE, threads)
     exported = quality(session, tok, rows, cfg)
-
-    lat_models = {"int8": session}
-    with tempfile.TemporaryDirectory(prefix="finetune-export-float-") as tmp:
-        if float_reference:
-            save_onnx(model, Path(tmp) / MODEL_FILE)
-            sizes["float32_onnx"] = onnx_bytes(Path(tmp))
-            lat_models["float32"] = OrtCausalLM(Path(tmp) / MODEL_FILE, threads)
-        from finetune.data.formatting import prompt_ids
-
-        prompt = prompt_ids(tok, [{"role": "user", "content": LATENCY_PROMPT}])
-        lat = ms_per_token(lat_models, prompt, latency_tokens, latency_reps)
+    lat, prompt = _latencies(session, model, tok, sizes, threads, float_reference, latency_tokens, latency_reps)
     float_bytes = sizes.get("float32_onnx", sizes["float32"])
 
     key = "accuracy" if "accuracy" in exported else "perplexity"
@@ -276,18 +243,8 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
               "run_metrics": {k: metrics.get(k) for k in ("accuracy", "f1", "accuracy_int8", "f1_int8", "perplexity",
                                                           "perplexity_int8", "n_test", "precision") if k in metrics}}
     _agreement(scores)
-    if key == "accuracy":
-        diff = scores["int8_onnx_vs_simulated_mean_prob_diff"]
-        floor = scores["simulated_perturbed_vs_simulated_mean_prob_diff"]
-        tolerance = PROB_TOLERANCE + SENSITIVITY_FACTOR * floor
-        check = CHECK.format(tol=PROB_TOLERANCE, factor=SENSITIVITY_FACTOR, rel=PERTURBATION)
-    else:
-        diff = abs(exported["perplexity"] / simulated["perplexity"] - 1)
-        floor = abs(perturbed["perplexity"] / simulated["perplexity"] - 1)
-        tolerance = PPL_RTOL + SENSITIVITY_FACTOR * floor
-        check = (f"perplexity of the ONNX model within {PPL_RTOL:g} + {SENSITIVITY_FACTOR:g} x the simulation's own "
-                 f"change under a {PERTURBATION:g} relative perturbation of its input embeddings (relative)")
-    passed = diff <= tolerance
+    check = _simulation_check(scores, key)
+    size = sizes["int8_onnx"]
     record = {
         **info,
         "runtime": f"onnxruntime {_ort_version()} (CPUExecutionProvider)",
@@ -301,8 +258,7 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
         key: exported[key],
         f"{key}_simulated": simulated[key],
         f"{key}_float32": reference[key],
-        "simulation_check": {"passed": passed, "diff": diff, "tolerance": tolerance, "simulation_sensitivity": floor,
-                             "what": check},
+        "simulation_check": check,
         "sizes_bytes": sizes,
         "latency": {"new_tokens": latency_tokens, "reps": latency_reps, "threads": threads,
                     "prompt": LATENCY_PROMPT, "prompt_tokens": len(prompt), "kv_cache": False,
@@ -312,10 +268,72 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
     }
     write_info(stage, record)
     _print_summary(record, key)
-    if not passed:
+    if not check["passed"]:
         raise ExportCheckFailed(f"the ONNX model does not compute the simulated deployment: {key} check "
-                                f"{diff:.3g} > tolerance {tolerance:g}")
+                                f"{check['diff']:.3g} > tolerance {check['tolerance']:g}")
     return record
+
+
+def _simulation_scores(model, tok, rows, cfg, deployment: Int8Deployment, absmax) -> tuple[dict, dict, dict]:
+    """The simulated deployment's scores, the same under a small input perturbation (its own sensitivity), and
+    the float model's."""
+    from finetune.qat.attach import simulate_int8
+
+    qcfg = {"granularity": deployment.granularity, "scale": deployment.scale, "eval_bits": 8}
+    with simulate_int8(model, list(deployment.targets), qcfg, static_absmax=absmax):
+        simulated = quality(model, tok, rows, cfg)
+        with _perturbed_inputs(model):
+            perturbed = quality(model, tok, rows, cfg)
+    return simulated, perturbed, quality(model, tok, rows, cfg)
+
+
+def _write_onnx(stage: Path, model, tok, deployment: Int8Deployment, absmax) -> tuple[list[str], dict]:
+    """The INT8 ONNX model, config and tokenizer into ``stage``; returns the INT8 modules and the sizes in bytes
+    (``int8_onnx`` and the float checkpoints')."""
+    import copy
+
+    qmodel = copy.deepcopy(model)
+    modules = to_int8(qmodel, deployment, absmax)
+    save_onnx(qmodel, stage / MODEL_FILE)
+    del qmodel
+    model.config.save_pretrained(stage)
+    tok.save_pretrained(stage)
+    return modules, {"int8_onnx": onnx_bytes(stage), **float_sizes(model)}
+
+
+def _latencies(session, model, tok, sizes: dict, threads, float_reference: bool, new_tokens: int,
+               reps: int) -> tuple[dict, list[int]]:
+    """Greedy ms/token of the INT8 session (and of a float32 ONNX export when ``float_reference``, whose size
+    goes into ``sizes``); returns the timings and the prompt's ids."""
+    from finetune.data.formatting import prompt_ids
+
+    models = {"int8": session}
+    prompt = prompt_ids(tok, [{"role": "user", "content": LATENCY_PROMPT}])
+    with tempfile.TemporaryDirectory(prefix="finetune-export-float-") as tmp:
+        if float_reference:
+            save_onnx(model, Path(tmp) / MODEL_FILE)
+            sizes["float32_onnx"] = onnx_bytes(Path(tmp))
+            models["float32"] = OrtCausalLM(Path(tmp) / MODEL_FILE, threads)
+        return ms_per_token(models, prompt, new_tokens, reps), prompt
+
+
+def _simulation_check(scores: dict, key: str) -> dict:
+    """Whether the ONNX model computes the simulated deployment: its distance to the simulation within a fixed
+    tolerance plus a multiple of the simulation's own change under a small perturbation."""
+    exported, simulated, perturbed = scores["int8_onnx"], scores["simulated"], scores["simulated_perturbed"]
+    if key == "accuracy":
+        diff = scores["int8_onnx_vs_simulated_mean_prob_diff"]
+        floor = scores["simulated_perturbed_vs_simulated_mean_prob_diff"]
+        tolerance = PROB_TOLERANCE + SENSITIVITY_FACTOR * floor
+        what = CHECK.format(tol=PROB_TOLERANCE, factor=SENSITIVITY_FACTOR, rel=PERTURBATION)
+    else:
+        diff = abs(exported["perplexity"] / simulated["perplexity"] - 1)
+        floor = abs(perturbed["perplexity"] / simulated["perplexity"] - 1)
+        tolerance = PPL_RTOL + SENSITIVITY_FACTOR * floor
+        what = (f"perplexity of the ONNX model within {PPL_RTOL:g} + {SENSITIVITY_FACTOR:g} x the simulation's own "
+                f"change under a {PERTURBATION:g} relative perturbation of its input embeddings (relative)")
+    return {"passed": diff <= tolerance, "diff": diff, "tolerance": tolerance, "simulation_sensitivity": floor,
+            "what": what}
 
 
 def _ort_version() -> str:
@@ -358,36 +376,3 @@ def _print_summary(record: dict, key: str) -> None:
     if run.get(key) is not None and run.get(f"{key}_int8") is not None:
         print(f"  the run's own metrics.json ({run.get('n_test')} rows, {run.get('precision')}): {key} "
               f"{run[key]:.4f}, simulated INT8 {key}_int8 {run[f'{key}_int8']:.4f}")
-
-
-def _body(argv: list[str]) -> int:
-    args = parse_kv(argv, ARGS, ("run", "format", "out"), " (finetune-export run=<run dir> format=int8 out=<new dir>)")
-    threads = as_number("threads", args["threads"], int, 1, optional=True)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        export_run(args["run"], as_choice("format", args["format"], FORMATS), args["out"],
-                   as_number("max_samples", args["max_samples"], int, 1, optional=True),
-                   as_number("latency_tokens", args["latency_tokens"], int, 1),
-                   as_number("latency_reps", args["latency_reps"], int, 1), as_bool("overwrite", args["overwrite"]),
-                   args["granularity"], args["scale"], threads, as_bool("float_reference", args["float_reference"]))
-    except ExportCheckFailed as exc:
-        print_error(exc, "; nothing was written")
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """finetune-export entry point.
-
-    Args:
-        argv: ``key=value`` arguments (default ``sys.argv[1:]``).
-
-    Returns:
-        0 on success, 2 on a user error (one ``error:`` line on stderr).
-    """
-    return run_cli(_body, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""finetune-merge: fold a run's LoRA/DoRA adapter into its base and write a standalone checkpoint.
+"""Fold a run's LoRA/DoRA adapter into its base and write a standalone checkpoint (the finetune-merge command,
+:mod:`finetune.cli.merge`).
 
     finetune-merge run=outputs/<date>/<time> out=merged/                 # fp32 safetensors + tokenizer
     finetune-merge run=... out=merged-bf16/ dtype=bfloat16 overwrite=true
@@ -12,25 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from finetune.data.formatting import prompt_ids
-from finetune.errors import print_error
+from finetune.args import as_choice
+from finetune.export.common import CHECK_PROMPTS, dir_size_bytes, open_run, prepare_out_dir
 from finetune.runs import commit_dir, staging_dir
-from finetune.export.common import (
-    CHECK_PROMPTS,
-    as_bool,
-    as_choice,
-    dir_size_bytes,
-    open_run,
-    parse_kv,
-    prepare_out_dir,
-    run_cli,
-)
 
 log = logging.getLogger("finetune.export.merge")
 
@@ -318,30 +309,3 @@ def _method(cfg) -> str:
     from finetune.config import method_name
 
     return method_name(cfg)
-
-
-def _body(argv: list[str]) -> int:
-    args = parse_kv(argv, ARGS, ("run", "out"), " (finetune-merge run=<run dir> out=<new dir>)")
-    try:
-        merge_run(args["run"], args["out"], args["dtype"], as_bool("check", args["check"]),
-                  as_bool("overwrite", args["overwrite"]), as_choice("base", args["base"], BASES))
-    except MergeCheckError as exc:
-        print_error(exc)
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """finetune-merge entry point.
-
-    Args:
-        argv: ``key=value`` arguments (default ``sys.argv[1:]``).
-
-    Returns:
-        0 on success, 1 when the logit check fails, 2 on a user error (one ``error:`` line on stderr).
-    """
-    return run_cli(_body, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

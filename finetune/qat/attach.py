@@ -91,9 +91,9 @@ def apply_qat(
     if handle.enabled:
         handle.enabled_at_step = 0
     try:
-        handle._attach()
+        handle.attach()
     except BaseException:
-        handle._detach()  # leave no half-installed hooks behind
+        handle.detach()  # leave no half-installed hooks behind
         raise
     ACTIVE_HANDLES[layers] = handle
     log.info(
@@ -183,7 +183,7 @@ def _calibrate(model: nn.Module, sim: QATHandle, layers: nn.Module, batches) -> 
     for _, q in sim.activation_quantizers:
         q.frozen, q.calibrating = False, True
     sim.enabled = True
-    sim._attach()
+    sim.attach()
     n = 0
     try:
         with torch.no_grad():
@@ -191,7 +191,7 @@ def _calibrate(model: nn.Module, sim: QATHandle, layers: nn.Module, batches) -> 
                 model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")})
                 n += 1
     finally:
-        sim._detach()
+        sim.detach()
         for _, q in sim.activation_quantizers:
             q.frozen, q.calibrating = True, False
             q.reset_stats()
@@ -279,7 +279,7 @@ def simulate_int8(
     """
     targets = validate_targets(targets)
     train_handle = handle if handle is not None else active_handle(model)
-    if train_handle is not None and train_handle._removed:
+    if train_handle is not None and train_handle.removed:
         train_handle = None
     sim_config, calibrated = _simulation_config(qcfg, train_handle, static_absmax, calibration)
     scale = sim_config.scale
@@ -302,21 +302,21 @@ def simulate_int8(
         missing += scale == "static" and q.ema is None
     if missing and calibrated:
         log.info("simulate_int8: %d modules have no calibrated static scale; they use dynamic per-tensor scales", missing)
-        sim._warned_uncalibrated = True  # already said
+        sim.warned_uncalibrated = True  # already said
     if SIMULATING.get(layers) is not None:
         raise FinetuneError("simulate_int8 blocks cannot be nested on the same model")
-    was_attached = train_handle is not None and train_handle._attached
+    was_attached = train_handle is not None and train_handle.attached
     if was_attached:
-        train_handle._detach()
+        train_handle.detach()
     SIMULATING[layers] = sim
     try:
         if scale == "static" and not calibrated:
             _calibrate(model, sim, layers, calibration)
         sim.enabled = True
-        sim._attach()
+        sim.attach()
         yield sim
     finally:
         sim.remove()
         del SIMULATING[layers]
         if was_attached:
-            train_handle._attach()
+            train_handle.attach()

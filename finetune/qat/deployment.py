@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from finetune.config import GRANULARITIES, SCALE_MODES
 from finetune.model.arch import ArchSpec, arch_spec, decoder_layers, model_type_of, validate_targets
 from finetune.errors import FinetuneError
 
@@ -22,11 +23,6 @@ WEIGHTS = {
     "w8a8": "INT8 per output channel, scale = absmax(row) / 127, of the merged (adapter-included) weight",
     "w4a8": "INT4 per group of {g} input features, codes -8..7, scale = absmax(group) / 7.5 (torchao's grid), of "
             "the merged (adapter-included) weight",
-}
-ACTIVATIONS = {
-    "tensor": "dynamic, one scale per sequence over its real tokens (absmax / 127)",
-    "token": "dynamic, one scale per token (absmax / 127)",
-    "static": "static, one calibrated scale per quantized input",
 }
 
 
@@ -87,8 +83,6 @@ class Int8Deployment:
     group_size: int = 32
 
     def __post_init__(self) -> None:
-        from finetune.config import GRANULARITIES, SCALE_MODES
-
         if self.scheme not in SCHEMES:
             raise FinetuneError(f"deployment scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.granularity not in GRANULARITIES:
@@ -139,7 +133,7 @@ class Int8Deployment:
     def describe(self) -> dict:
         """The deployment in words, for metrics.json / export.json."""
         out = {"scheme": self.scheme, "bits": BITS, "grid": GRID,
-               "weights": WEIGHTS[self.scheme].format(g=self.group_size), "activations": ACTIVATIONS[self.scale],
+               "weights": WEIGHTS[self.scheme].format(g=self.group_size), "activations": SCALE_MODES[self.scale],
                "targets": list(self.targets), "granularity": self.granularity, "scale": self.scale}
         if self.scheme == "w4a8":
             out["group_size"] = self.group_size

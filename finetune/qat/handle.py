@@ -1,7 +1,6 @@
-"""Target selection, hook installation and the :class:`QATHandle` of :mod:`finetune.qat.attach`.
-
-Kept apart from :mod:`finetune.qat.attach` (the public entry points) only for file size; import the
-public names from :mod:`finetune.qat.attach`.
+"""One installation of QAT on a model: which modules are quantized (target selection), the forward hooks that
+fake-quantize their inputs, and the :class:`QATHandle` that switches, detaches and reports them.
+:mod:`finetune.qat.attach` builds handles (training QAT, the simulated deployment) through :func:`build_handle`.
 """
 
 from __future__ import annotations
@@ -140,11 +139,11 @@ class QATHandle:
         self.weight_quantizers: list[WeightQuantizer] = []
         self.enabled_at_step: int | None = None
         self._enabled = False
-        self._attached = False
-        self._removed = False
+        self.attached = False
+        self.removed = False
         self._hooks: list = []
         self._layers: nn.Module | None = None
-        self._warned_uncalibrated = False
+        self.warned_uncalibrated = False
         self.quant_on = False  # read by every hook: enabled AND attached
         self.token_mask: torch.Tensor | None = None  # the current batch's [B, T] real-token mask
         self._backbone: nn.Module | None = None
@@ -158,10 +157,11 @@ class QATHandle:
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._enabled = bool(value)
-        self.quant_on = self._enabled and self._attached
+        self.quant_on = self._enabled and self.attached
 
-    def _attach(self) -> None:
-        if self._attached or self._removed:
+    def attach(self) -> None:
+        """Install the hooks and weight overrides (again, after :meth:`detach`); a removed handle stays off."""
+        if self.attached or self.removed:
             return
         if self._backbone is not None:
             self._hooks.append(self._backbone.register_forward_pre_hook(_TokenMaskHook(self), with_kwargs=True))
@@ -169,23 +169,24 @@ class QATHandle:
             self._hooks.append(module.register_forward_pre_hook(_PreHook(quantizer, self), with_kwargs=True))
         for wq in self.weight_quantizers:
             wq.install()
-        self._attached = True
+        self.attached = True
         self.quant_on = self._enabled
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
+        """Take the hooks and overrides out for a while (the simulation of a deployment swaps handles)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         self.token_mask = None
         for wq in self.weight_quantizers:
             wq.uninstall()
-        self._attached = False
+        self.attached = False
         self.quant_on = False
 
     def remove(self) -> None:
         """Remove every hook and forward override; the model computes exactly what it did before."""
-        self._detach()
-        self._removed = True
+        self.detach()
+        self.removed = True
         if self._layers is not None and ACTIVE_HANDLES.get(self._layers) is self:
             del ACTIVE_HANDLES[self._layers]
 
@@ -288,8 +289,8 @@ class QATHandle:
         return flat
 
     def _uncalibrated(self, quantizer: ActivationQuantizer) -> None:
-        if not self._warned_uncalibrated:
-            self._warned_uncalibrated = True
+        if not self.warned_uncalibrated:
+            self.warned_uncalibrated = True
             log.warning(
                 "qat.scale=static: '%s' has no calibrated scale yet (no training-mode forward observed); "
                 "using a dynamic per-tensor scale until it has one",

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from finetune.qat.ops import absmax, check_bits, fake_quant_ste, qmax_of, scale_from_absmax, sequence_absmax
+from finetune.qat.ops import absmax, activation_scale, check_bits, fake_quant_ste, qmax_of, scale_from_absmax, sequence_absmax
 
 
 def max_across_ranks(value: torch.Tensor) -> torch.Tensor:
@@ -83,14 +83,8 @@ class ActivationQuantizer:
         return mask if mask.device == x.device else mask.to(x.device)
 
     def _scale(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        if self.mode == "tensor":
-            # Per sequence over its real tokens ([B, 1, 1]) when the batch's token mask is known; a batch
-            # without one (a single unpadded sequence, or an unknown layout) is one tensor.
-            mask = self._mask_for(x)
-            amax = absmax(x) if mask is None else sequence_absmax(x, mask)
-            return scale_from_absmax(amax, self.bits, x.dtype)
-        if self.mode == "token":
-            return scale_from_absmax(absmax(x, dim=-1), self.bits, x.dtype)
+        if self.mode != "static":  # per sequence over its real tokens when the batch's token mask is known
+            return activation_scale(x, self.bits, self.mode, self._mask_for(x))
         # static: observe in training mode, frozen in eval mode (what static INT8 deployment uses).
         if (training or self.calibrating) and not self.frozen:
             mask = self._mask_for(x)
@@ -105,7 +99,7 @@ class ActivationQuantizer:
         if self.ema is None:
             if self.on_uncalibrated is not None:
                 self.on_uncalibrated(self)
-            return scale_from_absmax(absmax(x), self.bits, x.dtype)
+            return activation_scale(x, self.bits, "tensor", self._mask_for(x))
         ema = self.ema if self.ema.device == x.device else self.ema.to(x.device)
         return scale_from_absmax(ema, self.bits, x.dtype)
 

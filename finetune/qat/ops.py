@@ -240,6 +240,34 @@ def scale_from_absmax(amax: torch.Tensor, bits: int, dtype: torch.dtype) -> torc
     return (amax / qmax_of(bits)).clamp_(min=scale_floor(dtype))
 
 
+def activation_scale(x: torch.Tensor, bits: int, mode: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The dynamic INT8 scale of activations ``x`` under ``qat.scale=mode``: the one definition that training, the
+    simulated deployment and the exported ONNX model share (a new dynamic mode is a name in
+    ``finetune.config.SCALE_MODES`` and a branch here).
+
+    Args:
+        x: activations ``[B, T, hidden]`` (or fewer dims: one sequence).
+        bits: 4..8.
+        mode: ``tensor``: one scale per sequence over its real tokens (``[B, 1, 1]``; a 1-D / 2-D ``x`` is one
+            sequence, shape ``[]``); ``token``: one scale per token (``[..., 1]``).
+        mask: ``[B, T]`` bool, True on real tokens (``tensor`` only); None: every token is real.
+
+    Returns:
+        float32 scale tensor on ``x.device``, floored at :func:`scale_floor`.
+    """
+    if mode == "token":
+        return scale_from_absmax(absmax(x, dim=-1), bits, x.dtype)
+    if mode != "tensor":
+        raise FinetuneError(f"dynamic activation scale mode must be 'tensor' or 'token', got {mode!r}")
+    if x.dim() < 3:
+        return scale_from_absmax(absmax(x), bits, x.dtype)
+    if mask is None:
+        with torch.no_grad():
+            amax = x.detach().abs().amax(dim=(-2, -1), keepdim=True).float()
+        return scale_from_absmax(amax, bits, x.dtype)
+    return scale_from_absmax(sequence_absmax(x, mask), bits, x.dtype)
+
+
 def dynamic_scale(x: torch.Tensor, bits: int, mode: str = "tensor") -> torch.Tensor:
     """Dynamic symmetric scale of ``x``.
 

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from finetune.config import QAT_TARGETS
+from finetune.config import QAT_TARGETS, QUANT_MODES
 from finetune.errors import FinetuneError
 
 METRICS_FILE = "metrics.json"
@@ -108,7 +108,7 @@ def _method_from_overrides(ov: dict[str, Any]) -> str | None:
     if lora in ("none", "full"):
         return "full"
     base = "dora" if lora == "dora" else "lora"
-    if quant in ("int8", "nf4"):
+    if quant in QUANT_MODES and quant != "none":
         return f"q{base}-{quant}"
     return base
 

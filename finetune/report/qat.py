@@ -205,3 +205,62 @@ def summary_table(summary: pd.DataFrame, low: str, generation: bool) -> pd.DataF
                 + [plus_minus(r["vs_ptq_f1"], r["vs_ptq_f1_se"], False), won(r, "_f1")]
                 for t, r in summary.iterrows()]
     return pd.DataFrame(rows, columns=headers, dtype=object)
+
+
+def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, order: tuple[str, ...], low: str,
+                     generation: bool, by_scheme: bool) -> tuple[str, list[str], pd.DataFrame | None]:
+    """The qat_targets comparison's takeaway, notes and (over several seeds) summary table: one takeaway per
+    deployment scheme (the only one when the sweep has a single scheme), over its own target sets.
+
+    Args:
+        df: the collected runs; scores: :func:`qat_scores` (by scheme); label_of: score index -> its row label;
+        order: the target sets' display order; low: the low-bit label; by_scheme: whether schemes vary.
+    """
+    if scores.empty:
+        return qat_takeaway({}, {}, 0, low, generation), [], None
+    schemes = sorted(set(ok_rows(df)["int8_scheme"].astype(str))) if by_scheme else [""]
+
+    def own(keys, scheme: str) -> dict:
+        """``{target set: value}`` of one scheme's entries, the scheme prefix dropped."""
+        prefix = f"{scheme.upper()} " if scheme else ""
+        return {k[len(prefix):]: v for k, v in keys if k.startswith(prefix)}
+
+    def per_scheme(make) -> str:
+        parts = []
+        for scheme in schemes:
+            scheme_low = low_bit_label(df[df["int8_scheme"].astype(str) == scheme]) if scheme else low
+            parts.append((f"{scheme.upper()}: " if scheme else "") + make(scheme, scheme_low))
+        return ". ".join(parts)
+
+    if not replicated(scores):
+        paired = scores.dropna(subset=["vs_ptq"])
+
+        def single(scheme: str, scheme_low: str) -> str:
+            diffs = own(((label_of[i], display_number(d, generation, signed=True))
+                         for i, d in paired["vs_ptq"].items()), scheme)
+            wins = qat_wins(pd.Series(own(((label_of[i], d) for i, d in paired["vs_ptq"].items()), scheme),
+                                      dtype=float), generation)
+            return qat_takeaway(own(((label_of[i], g) for i, g in scores["gap"].items()), scheme), diffs, wins,
+                                scheme_low, generation)
+        return per_scheme(single), [], None
+    summary = seed_summary(scores, generation, order)
+    seeds = scores["seed"].dropna().astype(str).nunique()
+
+    def replicated_takeaway(scheme: str, scheme_low: str) -> str:
+        prefix = f"{scheme.upper()} " if scheme else ""
+        sub = summary.loc[[t for t in summary.index if t.startswith(prefix)]].rename(index=lambda t: t[len(prefix):])
+        paired = sub[sub["paired"] > 0]
+        diffs = {t: plus_minus(r["vs_ptq"], r["vs_ptq_se"], generation) for t, r in paired.iterrows()}
+        text = qat_takeaway(sub["gap"].to_dict(), diffs, qat_wins(paired["vs_ptq"], generation), scheme_low,
+                            generation, lead="mean ")
+        if not generation and len(paired):  # accuracy alone flatters a run that settled on the majority class
+            text += "; F1 " + ", ".join(f"{t} {plus_minus(r['vs_ptq_f1'], r['vs_ptq_f1_se'], False)}"
+                                        for t, r in paired.iterrows()) + " pts"
+        return text
+
+    takeaway = f"Over {seeds} seeds (mean ± standard error of the paired difference): " \
+        + per_scheme(replicated_takeaway)
+    notes = [f"Means over {seeds} seeds: each QAT run is paired with the no-QAT run of its own seed "
+             + ("and scheme " if by_scheme else "") + "(its PTQ baseline) and the differences are averaged over those "
+             "pairs; a QAT run whose seed has no finished no-QAT run is left out of the paired columns."]
+    return takeaway, notes, summary_table(summary, low, generation)

@@ -13,18 +13,18 @@ from typing import Any
 
 import pandas as pd
 
-from finetune.config import QAT_TARGETS
+from finetune.config import QAT_TARGETS, QUANT_MODES
 from finetune.errors import FinetuneError
 from finetune.report.collect import ok_rows, varies
-from finetune.report.qat import (by_scheme as by_scheme_scores, display_number, low_bit_label, plus_minus, qat_scores,
-                                 qat_takeaway, qat_wins, replicated, seed_summary, summary_table)
+from finetune.report.qat import (by_scheme as by_scheme_scores, display_number, low_bit_label, qat_scores,
+                                 targets_takeaway)
 from finetune.report.format import (
     NA, cell_text, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta, metric_label,
     metric_text,
 )
 
 KINDS = ("lora_vs_qlora", "qat_targets", "lora_grid", "generic")
-METHOD_ORDER = ("full", "lora", "dora", "qlora-int8", "qdora-int8", "qlora-nf4", "qdora-nf4")
+METHOD_ORDER = ("full", "lora", "dora", *(f"q{m}-{q}" for q in QUANT_MODES if q != "none" for m in ("lora", "dora")))
 TARGET_ORDER = ("none", *QAT_TARGETS, "+".join(QAT_TARGETS))
 GRID_AXES = ("lora.r", "lora.alpha", "lora.dropout")
 _LOWER_BETTER = ("loss", "perplexity", "ppl", "runtime", "memory", "_mb")
@@ -239,8 +239,8 @@ def _qat_rows(df: pd.DataFrame, scores: pd.DataFrame, sort_keys: list[str], by_s
             continue
         s = scores.loc[index]
         rows.append(cells + [display_number(s[c], generation, signed=c.startswith("vs_")) for c in columns]
-                    + [fmt(r.get("qat.snr_db.attn"), 1), fmt(r.get("qat.snr_db.ffn"), 1),
-                       fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
+                    + [fmt(r.get(f"qat.snr_db.{g}"), 1) for g in QAT_TARGETS]
+                    + [fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
     return rows, label_of
 
 
@@ -266,59 +266,10 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
                         "QAT vs PTQ (pts)", "F1 (%)", f"{low} F1 (%)", f"PTQ {low} F1 (%)", "QAT vs PTQ F1 (pts)"]
         columns = ["fp", "q", "gap", "ptq", "vs_ptq", "f1", "f1_q", "ptq_f1", "vs_ptq_f1"]
     lead = (["Scheme"] if by_scheme else []) + ["Targets"] + (["Seed"] if by_seed else [])
-    headers = lead + metric_heads + ["SNR attn (dB)", "SNR ffn (dB)", "Modules quantized"]
+    headers = lead + metric_heads + [f"SNR {g} (dB)" for g in QAT_TARGETS] + ["Modules quantized"]
     rows, label_of = _qat_rows(df, scores, sort_keys, by_scheme, by_seed, columns, len(headers), generation)
-    if scores.empty:
-        return Comparison("qat_targets", fp, not generation, _table(rows, headers),
-                          qat_takeaway({}, {}, 0, low, generation))
-    # One takeaway per scheme (the only one when the sweep has a single scheme), over its own target sets.
-    schemes = sorted(set(ok_rows(df)["int8_scheme"].astype(str))) if by_scheme else [""]
-
-    def own(keys, scheme: str) -> dict:
-        """``{target set: value}`` of one scheme's entries, the scheme prefix dropped."""
-        prefix = f"{scheme.upper()} " if scheme else ""
-        return {k[len(prefix):]: v for k, v in keys if k.startswith(prefix)}
-
-    def per_scheme(make) -> str:
-        parts = []
-        for scheme in schemes:
-            scheme_low = low_bit_label(df[df["int8_scheme"].astype(str) == scheme]) if scheme else low
-            parts.append((f"{scheme.upper()}: " if scheme else "") + make(scheme, scheme_low))
-        return ". ".join(parts)
-
-    if not replicated(scores):
-        paired = scores.dropna(subset=["vs_ptq"])
-
-        def single(scheme: str, scheme_low: str) -> str:
-            diffs = own(((label_of[i], display_number(d, generation, signed=True))
-                         for i, d in paired["vs_ptq"].items()), scheme)
-            wins = qat_wins(pd.Series(own(((label_of[i], d) for i, d in paired["vs_ptq"].items()), scheme),
-                                      dtype=float), generation)
-            return qat_takeaway(own(((label_of[i], g) for i, g in scores["gap"].items()), scheme), diffs, wins,
-                                scheme_low, generation)
-        return Comparison("qat_targets", fp, not generation, _table(rows, headers), per_scheme(single))
-    summary = seed_summary(scores, generation, order)
-    seeds = scores["seed"].dropna().astype(str).nunique()
-
-    def replicated_takeaway(scheme: str, scheme_low: str) -> str:
-        prefix = f"{scheme.upper()} " if scheme else ""
-        sub = summary.loc[[t for t in summary.index if t.startswith(prefix)]].rename(index=lambda t: t[len(prefix):])
-        paired = sub[sub["paired"] > 0]
-        diffs = {t: plus_minus(r["vs_ptq"], r["vs_ptq_se"], generation) for t, r in paired.iterrows()}
-        text = qat_takeaway(sub["gap"].to_dict(), diffs, qat_wins(paired["vs_ptq"], generation), scheme_low,
-                            generation, lead="mean ")
-        if not generation and len(paired):  # accuracy alone flatters a run that settled on the majority class
-            text += "; F1 " + ", ".join(f"{t} {plus_minus(r['vs_ptq_f1'], r['vs_ptq_f1_se'], False)}"
-                                        for t, r in paired.iterrows()) + " pts"
-        return text
-
-    takeaway = f"Over {seeds} seeds (mean ± standard error of the paired difference): " \
-        + per_scheme(replicated_takeaway)
-    notes = [f"Means over {seeds} seeds: each QAT run is paired with the no-QAT run of its own seed "
-             + ("and scheme " if by_scheme else "") + "(its PTQ baseline) and the differences are averaged over those "
-             "pairs; a QAT run whose seed has no finished no-QAT run is left out of the paired columns."]
-    return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway, notes,
-                      summary=summary_table(summary, low, generation))
+    takeaway, notes, summary = targets_takeaway(df, scores, label_of, order, low, generation, by_scheme)
+    return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway, notes, summary=summary)
 
 
 def _setting(r: pd.Series, axes: list[str]) -> str:

@@ -48,7 +48,7 @@ def test_smollm2_merge_chat_export(tmp_path: Path):
     cli("finetune.cli.train", f"dataset.path={shared('chnsenticorp')}", *FAST, *qat, f"hydra.run.dir={run_dir}")
 
     merged = tmp_path / "merged"
-    proc = cli("finetune.export.merge", f"run={run_dir}", f"out={merged}")
+    proc = cli("finetune.cli.merge", f"run={run_dir}", f"out={merged}")
     info = json.loads((merged / "merge.json").read_text())
     assert info["passed"] and "check 1 (merge, float32)" in proc.stdout
     assert info["merge_max_abs_diff"] <= info["merge_tolerance"] < info["adapter_effect"]
@@ -67,7 +67,7 @@ def test_smollm2_export_is_its_simulated_deployment(tmp_path: Path):
         f"hydra.run.dir={run_dir}")
     out = tmp_path / "int8"
     # No float32 ONNX model to time against (float_reference=false): the unit tests cover it on the tiny model.
-    cli("finetune.export.int8", f"run={run_dir}", "format=int8", f"out={out}", "latency_tokens=1", "latency_reps=1",
+    cli("finetune.cli.export", f"run={run_dir}", "format=int8", f"out={out}", "latency_tokens=1", "latency_reps=1",
         "threads=2", "float_reference=false")
     export = json.loads((out / "export.json").read_text())
     assert not export["ptq"] and export["qat_targets"] == ["attn", "ffn"]

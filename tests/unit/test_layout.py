@@ -82,8 +82,8 @@ def test_no_import_cycles_in_the_package() -> None:
 
 # The layers, lowest first: a module imports only its own layer and those below it.
 LAYERS = [
-    ("finetune.config", "finetune.runs", "finetune.errors", "finetune.hub", "finetune.tracking",
-     "finetune.metrics"),  # contracts, services
+    ("finetune.config", "finetune.checks", "finetune.formats", "finetune.runs", "finetune.errors", "finetune.args",
+     "finetune.hub", "finetune.tracking", "finetune.metrics"),  # contracts, services
     ("finetune.model", "finetune.data", "finetune.qat"),  # components
     ("finetune.evaluation", "finetune.export", "finetune.report"),  # what uses a model or a finished run
     ("finetune.training",),  # the stages of a run
@@ -108,3 +108,38 @@ def test_imports_run_one_way_down_the_layers() -> None:
                     if layer_of(m) is not None and layer_of(d) is not None and layer_of(d) > layer_of(m))
     assert upward == []
     assert layer_of("finetune.cli.train") > layer_of("finetune.training.stages") > layer_of("finetune.model.load")
+
+
+def _string_literals(tree: ast.Module) -> list[str]:
+    """The string constants of a module that are not docstrings."""
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs]
+
+
+# Each vocabulary word, and the modules that may spell it: adding a word of its kind touches those files only.
+OWNERS = {
+    # QAT target groups: named in config, mapped to every family's modules in the architecture table; "attn" is
+    # also the name of a LoRA target preset.
+    "ffn": {"finetune.config", "finetune.model.arch"},
+    "attn": {"finetune.config", "finetune.model.arch", "finetune.model.lora"},
+    # weight-quantization backends: named and checked in config, built in model/load.py; finetune-chat accepts
+    # the Hugging Face flag load_in_4bit as a spelling of nf4.
+    "nf4": {"finetune.config", "finetune.model.load", "finetune.cli.chat"},
+    # dataset formats: one module each; sources.py serves the embedded ChnSentiCorp corpus to labelled_text only.
+    "sharegpt": {"finetune.formats", "finetune.formats.sharegpt"},
+    "alpaca": {"finetune.formats", "finetune.formats.alpaca"},
+    "labelled_text": {"finetune.formats", "finetune.formats.labelled_text", "finetune.data.sources"},
+}
+
+
+def test_a_new_vocabulary_word_is_spelt_by_its_owners_only() -> None:
+    spelt: dict[str, set[str]] = {word: set() for word in OWNERS}
+    for name, tree in _modules().items():
+        for literal in _string_literals(tree):
+            if literal in spelt:
+                spelt[literal].add(name)
+    assert {w: sorted(m - OWNERS[w]) for w, m in spelt.items() if m - OWNERS[w]} == {}
+    assert all(spelt[w] for w in OWNERS)  # the owners do spell them (the check looks at the right thing)

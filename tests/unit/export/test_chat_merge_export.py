@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.cli import chat
+from finetune.cli import export as export_cli
+from finetune.cli import merge as merge_cli
 from finetune.export import int8 as export, merge
 from finetune.cli.train import run
 from tests.conftest import TINY, compose_cfg, shared
@@ -119,7 +121,7 @@ def test_merge_bfloat16_and_full_finetune(runs, tmp_path, capsys):
 
 def test_merge_check_failure_exits_1(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(merge, "MERGE_RTOL", 0.0)  # any float32 round-off now fails
-    rc = merge.main([f"run={runs['lora']}", f"out={tmp_path / 'm'}"])
+    rc = merge_cli.main([f"run={runs['lora']}", f"out={tmp_path / 'm'}"])
     assert "merge check failed" in _one_error_line(capsys, rc, expected=1)
 
 
@@ -198,7 +200,7 @@ def test_interactive_reads_until_exit(runs, monkeypatch, capsys):
 
 def test_export_int8_is_the_simulated_deployment_and_loads(runs, tmp_path, capsys):
     out = tmp_path / "int8"
-    rc = export.main([f"run={runs['lora']}", "format=int8", f"out={out}", "latency_tokens=2", "latency_reps=1",
+    rc = export_cli.main([f"run={runs['lora']}", "format=int8", f"out={out}", "latency_tokens=2", "latency_reps=1",
                       "threads=1"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -252,13 +254,13 @@ def test_export_refuses_what_int8_cannot_express(runs, tmp_path, capsys):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg["qat"]["eval_bits"] = 6
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    line = _one_error_line(capsys, export.main([f"run={run_dir}", "format=int8", f"out={tmp_path / 'o'}"]))
+    line = _one_error_line(capsys, export_cli.main([f"run={run_dir}", "format=int8", f"out={tmp_path / 'o'}"]))
     assert "qat.eval_bits=6" in line and not (tmp_path / "o").exists()
     cfg["qat"]["eval_bits"], cfg["qat"]["scheme"] = None, "w4a8"  # INT4 group-wise weights: no MatMulInteger form
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    line = _one_error_line(capsys, export.main([f"run={run_dir}", "format=int8", f"out={tmp_path / 'o'}"]))
+    line = _one_error_line(capsys, export_cli.main([f"run={run_dir}", "format=int8", f"out={tmp_path / 'o'}"]))
     assert "qat.scheme=w4a8" in line and "w8a8" in line and not (tmp_path / "o").exists()
-    line = _one_error_line(capsys, export.main([f"run={runs['lora']}", "format=int8", f"out={tmp_path / 'o'}",
+    line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=int8", f"out={tmp_path / 'o'}",
                                                 "scale=minmax"]))
     assert "scale=minmax" in line and "token" in line
 
@@ -274,7 +276,7 @@ def test_an_export_that_is_not_the_simulated_deployment_fails_and_writes_nothing
     out = tmp_path / "kept"
     out.mkdir()
     monkeypatch.setattr(export, "to_int8", every_linear)
-    rc = export.main([f"run={runs['lora']}", "format=int8", f"out={out}", "overwrite=true", "latency_tokens=1",
+    rc = export_cli.main([f"run={runs['lora']}", "format=int8", f"out={out}", "overwrite=true", "latency_tokens=1",
                       "latency_reps=1", "float_reference=false"])
     captured = capsys.readouterr()
     assert rc == 1 and "does not compute the simulated deployment" in captured.err, captured.out
@@ -284,34 +286,34 @@ def test_an_export_that_is_not_the_simulated_deployment_fails_and_writes_nothing
 # ------------------------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("cli", [chat, merge, export])
+@pytest.mark.parametrize("cli", [chat, merge_cli, export_cli])
 def test_missing_run_dir(cli, tmp_path, capsys):
-    extra = {chat: [], merge: [f"out={tmp_path / 'o'}"], export: ["format=int8", f"out={tmp_path / 'o'}"]}[cli]
+    extra = {chat: [], merge_cli: [f"out={tmp_path / 'o'}"], export_cli: ["format=int8", f"out={tmp_path / 'o'}"]}[cli]
     line = _one_error_line(capsys, cli.main([f"run={tmp_path / 'nope'}", *extra]))
     assert "no such run directory" in line
 
 
-@pytest.mark.parametrize("cli", [chat, merge, export])
+@pytest.mark.parametrize("cli", [chat, merge_cli, export_cli])
 def test_run_without_adapter_or_model(cli, runs, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(runs["lora"] / "config.yaml", broken / "config.yaml")
-    extra = {chat: ["prompt=hi"], merge: [f"out={tmp_path / 'o'}"], export: ["format=int8", f"out={tmp_path / 'o'}"]}
+    extra = {chat: ["prompt=hi"], merge_cli: [f"out={tmp_path / 'o'}"], export_cli: ["format=int8", f"out={tmp_path / 'o'}"]}
     line = _one_error_line(capsys, cli.main([f"run={broken}", *extra[cli]]))
     assert "no adapter/ or model/" in line
 
 
 def test_unknown_export_format(runs, tmp_path, capsys):
-    line = _one_error_line(capsys, export.main([f"run={runs['lora']}", "format=gguf", f"out={tmp_path / 'o'}"]))
+    line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=gguf", f"out={tmp_path / 'o'}"]))
     assert "format=gguf" in line and "int8" in line
 
 
-@pytest.mark.parametrize("cli", [merge, export])
+@pytest.mark.parametrize("cli", [merge_cli, export_cli])
 def test_out_exists(cli, runs, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "something.txt").write_text("keep me")
-    extra = ["format=int8"] if cli is export else []
+    extra = ["format=int8"] if cli is export_cli else []
     line = _one_error_line(capsys, cli.main([f"run={runs['lora']}", f"out={out}", *extra]))
     assert "overwrite=true" in line and (out / "something.txt").read_text() == "keep me"
 
@@ -322,14 +324,16 @@ def test_out_exists(cli, runs, tmp_path, capsys):
     (["prompt=hi"], "missing run="),
     (["run=x", "temperature=hot"], "temperature=hot"),
     (["run=x", "load_in_4bit=true", "load_in_8bit=true"], "exclusive"),
+    (["run=x", "quantization=nf4", "load_in_8bit=true"], "exclusive"),
+    (["run=x", "quantization=fp8"], "quantization=fp8 is not allowed; choose one of: none, int8, nf4"),
 ])
 def test_chat_argument_errors(argv, needle, capsys):
     assert needle in _one_error_line(capsys, chat.main(argv))
 
 
 def test_merge_bad_dtype_and_missing_out(runs, capsys):
-    assert "dtype=float8" in _one_error_line(capsys, merge.main([f"run={runs['lora']}", "out=/tmp/x", "dtype=float8"]))
-    assert "missing out=" in _one_error_line(capsys, merge.main([f"run={runs['lora']}"]))
+    assert "dtype=float8" in _one_error_line(capsys, merge_cli.main([f"run={runs['lora']}", "out=/tmp/x", "dtype=float8"]))
+    assert "missing out=" in _one_error_line(capsys, merge_cli.main([f"run={runs['lora']}"]))
 
 
 # ------------------------------------------------------------------------------------------------ output guards
@@ -341,14 +345,14 @@ def snapshot(folder) -> dict:
 
 
 @pytest.mark.parametrize("cli,out,extra,needle", [
-    (merge, ".", ["overwrite=true"], "current directory"),
-    (merge, "..", ["overwrite=true"], "current directory"),
-    (export, ".", ["format=int8", "overwrite=true"], "current directory"),
-    (merge, "{run}/adapter", ["overwrite=true"], "own adapter"),
-    (merge, "{run}/tokenizer", [], "own tokenizer"),
-    (export, "{run}/checkpoints/x", ["format=int8"], "own checkpoints"),
-    (merge, "{run}", ["overwrite=true"], "is a run directory"),
-    (merge, "{parent}", ["overwrite=true"], "contains the run directory"),
+    (merge_cli, ".", ["overwrite=true"], "current directory"),
+    (merge_cli, "..", ["overwrite=true"], "current directory"),
+    (export_cli, ".", ["format=int8", "overwrite=true"], "current directory"),
+    (merge_cli, "{run}/adapter", ["overwrite=true"], "own adapter"),
+    (merge_cli, "{run}/tokenizer", [], "own tokenizer"),
+    (export_cli, "{run}/checkpoints/x", ["format=int8"], "own checkpoints"),
+    (merge_cli, "{run}", ["overwrite=true"], "is a run directory"),
+    (merge_cli, "{parent}", ["overwrite=true"], "contains the run directory"),
     (chat, "{run}/config.yaml", ["prompts_file={prompts}"], "own config.yaml"),
 ])
 def test_out_never_touches_a_run_or_the_current_directory(cli, out, extra, needle, runs, tmp_path, capsys,
@@ -389,14 +393,14 @@ def test_eval_out_replaces_only_its_own_result(runs, tmp_path, capsys):
 
 def test_merge_overwrite_replaces_only_a_merge_output(runs, tmp_path, capsys):
     out = tmp_path / "merged"
-    assert merge.main([f"run={runs['lora']}", f"out={out}", "check=false"]) == 0
+    assert merge_cli.main([f"run={runs['lora']}", f"out={out}", "check=false"]) == 0
     first = (out / "model.safetensors").stat().st_mtime_ns
-    assert merge.main([f"run={runs['lora']}", f"out={out}", "check=false", "overwrite=true"]) == 0
+    assert merge_cli.main([f"run={runs['lora']}", f"out={out}", "check=false", "overwrite=true"]) == 0
     assert (out / "model.safetensors").stat().st_mtime_ns != first
     assert not list(tmp_path.glob(".merged*")), "no staging or old copy left behind"
     capsys.readouterr()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "data.bin").write_bytes(b"\x00" * 8)
-    line = _one_error_line(capsys, merge.main([f"run={runs['lora']}", f"out={foreign}", "overwrite=true"]))
+    line = _one_error_line(capsys, merge_cli.main([f"run={runs['lora']}", f"out={foreign}", "overwrite=true"]))
     assert "not written by finetune-merge" in line and (foreign / "data.bin").read_bytes() == b"\x00" * 8

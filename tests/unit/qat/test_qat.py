@@ -101,12 +101,13 @@ class Capture:
 
 
 def assert_dynamic_grid(x: torch.Tensor, bits: int) -> None:
-    """Per-tensor absmax grid: the largest |value| is the top code, every value a multiple of the step."""
+    """Per-sequence absmax grid (``qat.scale=tensor``): in each sequence of a ``[B, T, H]`` batch (or in ``x``
+    when it is one sequence) the largest |value| is the top code and every value a multiple of the step."""
     qmax = 2 ** (bits - 1) - 1
-    step = x.abs().max() / qmax
-    codes = x / step
-    assert torch.allclose(codes, codes.round(), atol=2e-3), "input is not on a quantization grid"
-    assert codes.round().abs().max() == qmax
+    for seq in (x if x.dim() == 3 else x.unsqueeze(0)):
+        codes = seq / (seq.abs().max() / qmax)
+        assert torch.allclose(codes, codes.round(), atol=2e-3), "input is not on a quantization grid"
+        assert codes.round().abs().max() == qmax
 
 
 def modules_by_suffix(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
@@ -196,6 +197,18 @@ def test_hooked_inputs_lie_on_the_grid(family: str, granularity: str) -> None:
     assert set(capture.seen) == set(names)
     for x in capture.seen.values():
         assert_dynamic_grid(x, 6)
+
+
+@pytest.mark.parametrize("scale", ["tensor", "token"])
+def test_a_batch_without_mask_quantizes_each_sequence_as_alone(scale: str) -> None:
+    """Without an attention mask every token is real: a sequence's scale never depends on the others in its
+    batch (a batch of one long and one short-valued sequence quantizes the short one on its own grid)."""
+    model = FAMILIES["llama"]()
+    batch = ids(batch=2)
+    with torch.no_grad(), apply_qat(model, ["attn", "ffn"], {"granularity": "sublayer", "bits": 4, "scale": scale}):
+        together = model(input_ids=batch).logits
+        alone = torch.cat([model(input_ids=batch[i:i + 1]).logits for i in range(2)])
+    assert torch.allclose(together, alone, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -1,0 +1,51 @@
+"""finetune-export: a run's deployment as a real INT8 ONNX model, checked against the simulation
+(:mod:`finetune.export.int8` does the work).
+
+    finetune-export run=outputs/<date>/<time> format=int8 out=int8/
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from finetune.args import as_bool, as_choice, as_number, parse_kv
+from finetune.cli.common import run_cli
+from finetune.errors import print_error
+from finetune.export.int8 import ARGS, FORMATS, ExportCheckFailed, export_run
+
+
+def _body(argv: list[str]) -> int:
+    args, _ = parse_kv(argv, ARGS, ("run", "format", "out"),
+                       " (finetune-export run=<run dir> format=int8 out=<new dir>)")
+    threads = as_number("threads", args["threads"], int, 1, optional=True)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        export_run(args["run"], as_choice("format", args["format"], FORMATS), args["out"],
+                   as_number("max_samples", args["max_samples"], int, 1, optional=True),
+                   as_number("latency_tokens", args["latency_tokens"], int, 1),
+                   as_number("latency_reps", args["latency_reps"], int, 1), as_bool("overwrite", args["overwrite"]),
+                   args["granularity"], args["scale"], threads, as_bool("float_reference", args["float_reference"]))
+    except ExportCheckFailed as exc:
+        print_error(exc, "; nothing was written")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """finetune-export entry point.
+
+    Args:
+        argv: ``key=value`` arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 1 when the check against the simulation fails (nothing written), 2 on a user error (one
+        ``error:`` line on stderr).
+    """
+    return run_cli(_body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""finetune-merge: fold a run's LoRA/DoRA adapter into its base and write a standalone checkpoint
+(:mod:`finetune.export.merge` does the work).
+
+    finetune-merge run=outputs/<date>/<time> out=merged/                 # fp32 safetensors + tokenizer
+    finetune-merge run=... out=merged-bf16/ dtype=bfloat16 overwrite=true
+"""
+
+from __future__ import annotations
+
+import sys
+
+from finetune.args import as_bool, as_choice, parse_kv
+from finetune.cli.common import run_cli
+from finetune.errors import print_error
+from finetune.export.merge import ARGS, BASES, MergeCheckError, merge_run
+
+
+def _body(argv: list[str]) -> int:
+    args, _ = parse_kv(argv, ARGS, ("run", "out"), " (finetune-merge run=<run dir> out=<new dir>)")
+    try:
+        merge_run(args["run"], args["out"], args["dtype"], as_bool("check", args["check"]),
+                  as_bool("overwrite", args["overwrite"]), as_choice("base", args["base"], BASES))
+    except MergeCheckError as exc:
+        print_error(exc)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """finetune-merge entry point.
+
+    Args:
+        argv: ``key=value`` arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 1 when the logit check fails, 2 on a user error (one ``error:`` line on stderr).
+    """
+    return run_cli(_body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
