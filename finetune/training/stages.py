@@ -77,17 +77,19 @@ def _early_files(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
 def prepare(job: Job, run_log) -> None:
     """Rows first (a missing file or a bad row is reported before any weights load), then the run directory is
     opened (rank 0), the metrics start, and the model loads."""
-    from transformers import set_seed
-
-    from finetune.training import distributed
     from finetune.data import load_splits
-    from finetune.training.measure import bound_cpu_allocator, memory_device, reset_peak_memory
-    from finetune.model.load import load_model, resolve_precision
 
     cfg, dcfg, tcfg = job.cfg, job.cfg.dataset, job.cfg.trainer
+    job.splits = splits = load_splits(dcfg, cfg.seed)  # before the heavy imports below: a bad file fails fast
+
+    from transformers import set_seed
+
+    from finetune.model.load import load_model, resolve_precision
+    from finetune.training import distributed
+    from finetune.training.measure import bound_cpu_allocator, memory_device, reset_peak_memory
+
     set_seed(cfg.seed)
     job.precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
-    job.splits = splits = load_splits(dcfg, cfg.seed)
     log.info("data: %s (train %d, validation %d, test %d)", splits.source, len(splits.train),
              len(splits.validation), len(splits.test))
     job.main = distributed.is_main()

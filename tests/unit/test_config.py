@@ -131,3 +131,11 @@ def test_torch_compile_switch_reaches_the_trainer(tmp_path):
         args = training_arguments(cfg.trainer, resolve_precision("fp32", "float32"), tmp_path, 0, [], "t",
                                   has_eval=False)
         assert args.torch_compile is value
+
+
+def test_the_optimizers_taken_without_asking_transformers_are_ones_it_accepts(tiny_cfg):
+    from finetune.config import COMMON_OPTIMIZERS, _optimizers
+
+    assert set(COMMON_OPTIMIZERS) <= set(_optimizers())
+    with pytest.raises(FinetuneError, match="trainer.optim='adam_w' is not allowed"):
+        validate(tiny_cfg("trainer.optim=adam_w"))
