@@ -5,19 +5,14 @@
     finetune-train lora=none                        # full fine-tuning
     finetune-train -m lora.r=8,16                   # a sweep (Hydra multirun)
 
-A run checks its config and directory, then runs the stages of :mod:`finetune.training.stages` (prepare, baseline, adapt,
-fit, save, score, record); a failure is recorded without losing a finished run. Sweep jobs run each in a process
-of their own (:mod:`finetune.training.sweep_jobs`). Returns the objective a sweeper optimises (validation accuracy, or
-minus the validation loss for generation).
+The command line is checked first (:mod:`finetune.cli.overrides`); Hydra composes the config; the job runs as a
+single run, a sweep job or a launched multi-process job (:mod:`finetune.training.launch`) through the stages of
+:mod:`finetune.training.stages` (prepare, baseline, adapt, fit, save, score, record).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -25,102 +20,16 @@ from omegaconf import DictConfig
 from finetune.config import CONF_DIR as CONFIG_TREE
 from finetune.errors import FinetuneError, print_error
 from finetune.training.job import run
+from finetune.training.launch import objective, run_and_record
 
 __all__ = ["main", "objective", "run", "run_and_record"]
-
-log = logging.getLogger("finetune.cli.train")
-
-
-def _hydra_context() -> tuple[bool, list[str], str, str | None]:
-    """(multirun?, this job's overrides, job id, sweep group) — defaults when called outside Hydra.
-
-    The sweep group is ``<sweep name>/<time>`` (the sweep folder below multirun_sweeps/), shared by every
-    job of one sweep so W&B groups them together.
-    """
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-    except ValueError:
-        return False, [], "0", None
-    multirun = hc.mode == RunMode.MULTIRUN
-    group = "/".join(Path(hc.sweep.dir).parts[-2:]) if multirun else None
-    return multirun, list(hc.overrides.task), str(hc.job.get("num", "0")), group
-
-
-def objective(metrics: dict) -> float:
-    """What a sweeper maximises, measured on the validation split, never on test (a configuration chosen by its
-    test score would report an optimistic, selected number): validation accuracy for classification, minus
-    the validation loss for generation. Test scores are recorded beside it, not used for selection."""
-    if "val_accuracy" in metrics:
-        return float(metrics["val_accuracy"])
-    return -float(metrics.get("eval_loss", math.inf))
-
-
-def run_and_record(cfg: DictConfig) -> float:
-    """Run one job. A user error in a single run exits 2 with one line; in a sweep every failure is
-    recorded in the job's metrics.json and the sweep goes on (``isolate_jobs``: each job in its own process)."""
-    from finetune.training import distributed, sweep_jobs
-    multirun, overrides, job, group = _hydra_context()
-    run_dir = Path(cfg.output_dir)
-    if group and cfg.logger.get("backend") == "wandb" and not cfg.logger.get("group"):
-        cfg.logger.group = group
-    distributed.adopt_slurm_tasks()
-    if distributed.launched():
-        if multirun and not sweep_jobs.launcher_isolates():
-            print_error("a sweep (-m) cannot run inside torchrun / accelerate launch: launch single runs with them, "
-                        "or give each sweep job several processes with hydra/launcher=slurm (tasks_per_node)")
-            sys.exit(2)
-        try:
-            return objective(_run_launched(cfg, run_dir, overrides, job))
-        except FinetuneError as exc:
-            if multirun:  # recorded in the job's metrics.json by rank 0
-                return float("nan")
-            print_error(exc)
-            sys.exit(2)
-        finally:
-            distributed.finish()
-    if multirun:
-        try:
-            if cfg.get("isolate_jobs", True) and not sweep_jobs.launcher_isolates():
-                sweep_jobs.check_before_spawn(cfg, run_dir, overrides, job)
-                metrics = sweep_jobs.run_isolated(cfg, run_dir, overrides, job)
-            else:
-                metrics = run(cfg, run_dir, overrides, job)
-        except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded in metrics.json by run()
-            metrics = {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
-        if metrics.get("status") != "ok":
-            log.error("job %s failed: %s (see %s)", job, metrics.get("error"), run_dir)
-            return float("nan")
-        return objective(metrics)
-    try:
-        return objective(run(cfg, run_dir, overrides, job))
-    except FinetuneError as exc:
-        print_error(exc)
-        sys.exit(2)
-
-
-def _run_launched(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str) -> dict:
-    """One job over the processes of torchrun / accelerate launch: rank 0's run directory is everyone's (each
-    rank's Hydra picked a time-stamped one of its own; an empty one it made is removed)."""
-    import os
-
-    from finetune.training import distributed
-    distributed.init()
-    shared = Path(distributed.broadcast(os.path.abspath(run_dir)))
-    if shared != Path(os.path.abspath(run_dir)):
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()  # only if empty: never anything this rank did not create
-        cfg.output_dir = str(shared)
-    return run(cfg, shared, overrides, job)
-
 
 CONF_DIR = str(CONFIG_TREE)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
+    """One job; returns the objective a sweeper optimises (validation accuracy, or minus the validation loss)."""
     return run_and_record(cfg)
 
 

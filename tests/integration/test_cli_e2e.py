@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from finetune.cli import evaluate
 from tests.conftest import ROOT, shared
 
 pytestmark = pytest.mark.e2e
 
 N_TEST = 12
 FAST = [  # small enough for ~35 s per SmolLM2 run on 2 CPU cores; the prompt (~46 tokens) always fits
-    "logger=wandb",
+    "logger=none",
     "trainer.max_steps=3",
     "trainer.batch_size=4",
     "trainer.max_length=96",
@@ -51,7 +52,7 @@ def runs(tmp_path_factory):
     """One run per method, shared by the checks below (each ~20-40 s on 2 CPU cores)."""
     base = tmp_path_factory.mktemp("runs")
     return {
-        "lora": (base / "lora", train(base / "lora")),
+        "lora": (base / "lora", train(base / "lora", "logger=wandb")),  # W&B is method-independent: one run
         "qlora-nf4": (base / "nf4", train(base / "nf4", "quantization=nf4", "eval.zero_shot=false")),
         "qlora-int8": (base / "int8", train(base / "int8", "quantization=int8", "eval.zero_shot=false")),
         "full": (base / "full", train(base / "full", "lora=none", "eval.zero_shot=false")),
@@ -77,7 +78,8 @@ def test_each_method_runs_and_records(runs, method):
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert (run_dir / "config.yaml").is_file() and (run_dir / "train.log").is_file()
     assert "sample | prompt:" in (run_dir / "train.log").read_text()
-    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+    if method == "lora":
+        assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
 
 
 def test_zero_shot_recorded_for_classification(runs):
@@ -104,8 +106,8 @@ def test_saved_adapter_reloads_and_reproduces_its_eval(runs, tmp_path):
     assert again["n"] == m["n_scored"]
     assert again["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
     assert again["f1"] == pytest.approx(m["f1"], abs=1e-9)
-    val = tmp_path / "val.json"
-    cli("finetune.cli.evaluate", f"run={run_dir}", "split=validation", f"out={val}")
+    val = tmp_path / "val.json"  # the same command in this process (the reload above ran in a fresh one)
+    assert evaluate.main([f"run={run_dir}", "split=validation", f"out={val}"]) == 0
     assert json.loads(val.read_text())["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-3)
 
 
@@ -115,7 +117,7 @@ def test_eval_on_a_single_file(runs, tmp_path):
     f = tmp_path / "ten.jsonl"
     f.write_text("\n".join(rows) + "\n")
     out = tmp_path / "ten.json"
-    cli("finetune.cli.evaluate", f"run={run_dir}", f"dataset.path={f}", f"out={out}")
+    assert evaluate.main([f"run={run_dir}", f"dataset.path={f}", f"out={out}"]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 10 and 0 <= result["accuracy"] <= 1 and result["data_source"] == f"file:{f}"
 
@@ -135,7 +137,6 @@ def test_user_errors_exit_2_with_one_line_and_touch_nothing(runs, tmp_path):
         (["lora.r=0"], "lora.r"),
         (["lora.dropout=1.5"], "lora.dropout"),
         (["quantization=nf4", "lora=none"], "lora=none"),
-        (["model.name_or_path=nobody/not-a-model"], "model.name_or_path"),
     ]
     bad_rows = tmp_path / "bad.jsonl"
     bad_rows.write_text('{"text": "好", "label": 1}\n{"review": "差"}\n')

@@ -17,6 +17,7 @@ def test_multirun_records_failures_and_writes_the_report(tmp_path):
     proc = cli(
         "finetune.cli.train", "-m", *[o for o in TINY if not o.startswith("logger=")], "logger=wandb",
         f"dataset.path={data}", "lora.r=4,8", "lora.target_modules=attn,[no_such_proj]", "sweep_name=test_grid",
+        "isolate_jobs=false",  # in the sweep's own process: a job per process is tested in test_job_isolation.py
         f"hydra.sweep.dir={sweep_dir}",
     )
     assert proc.returncode == 0

@@ -1,0 +1,46 @@
+"""The named stages of a run, called one at a time as finetune.training.job does: each adds what it names and
+nothing marks the run finished before record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.runs import RunWriter
+from finetune.training import stages
+from finetune.training.job import _RunLog
+
+
+def test_each_stage_can_be_called_alone_and_adds_what_it_names(tiny_cfg):
+    cfg = tiny_cfg("eval.zero_shot=true")
+    run_dir = Path(cfg.output_dir)
+    writer = RunWriter(run_dir, resume=False, overwrite=False)
+    writer.check()
+    job = stages.Job(cfg, run_dir, writer, [], "0")
+    run_log = _RunLog()
+    try:
+        stages.prepare(job, run_log)  # rows, the run directory opened, the model loaded
+        assert job.splits.test and job.model is not None and job.metrics["status"] == "running"
+        assert (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").exists()
+
+        stages.baseline(job)  # zero-shot scores of the base model
+        assert 0.0 <= job.metrics["zero_shot_accuracy"] <= 1.0 and "trainable_params" not in job.metrics
+
+        stages.adapt(job)  # LoRA: a small share of the parameters trains
+        assert 0 < job.metrics["trainable_params"] < job.metrics["total_params"] / 10
+
+        stages.fit(job)  # the Trainer's steps and the training figures
+        assert job.metrics["train_steps"] == cfg.trainer.max_steps and job.metrics["train_tokens"] > 0
+        assert "accuracy" not in job.metrics
+
+        assert stages.save(job) is True  # rank 0 goes on to score
+
+        stages.score(job)  # validation and test scores after training
+        assert job.metrics["n_scored"] == len(job.splits.test) and 0.0 <= job.metrics["accuracy"] <= 1.0
+        assert not (run_dir / "metrics.json").exists()  # still not finished
+
+        metrics = stages.record(job)  # metrics.json last: the run is finished
+    finally:
+        run_log.close()
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["status"] == "ok" and (run_dir / "adapter" / "adapter_config.json").is_file()
