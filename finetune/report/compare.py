@@ -1,20 +1,18 @@
-"""``finetune-report``: compare the jobs of a sweep (LoRA vs QLoRA, QAT targets, LoRA grids).
+"""Compare the jobs of a sweep (LoRA vs QLoRA, QAT targets, LoRA grids): the finetune-report command
+(:mod:`finetune.cli.report`) and the Hydra callback that runs it after a sweep.
 
 More: docs/modules.md, section ``finetune.report.compare``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from finetune.errors import FinetuneError, print_error
 from finetune.report.collect import collect_runs, ok_rows
 from finetune.report.plots import write_plots
 from finetune.report.format import markdown_table
@@ -22,7 +20,7 @@ from finetune.report.tables import KINDS, Comparison, compare, detect_kind
 
 __all__ = [
     "KINDS", "Report", "build_report", "collect_runs", "detect_kind",
-    "generate_report", "main", "markdown_table",
+    "generate_report", "markdown_table",
 ]
 
 MARKDOWN_FILE, CSV_FILE = "comparison.md", "comparison.csv"
@@ -176,44 +174,3 @@ def build_report(sweep_dir: str | os.PathLike, kind: str | None = None, metric: 
         FinetuneError: missing directory, no runs, unknown kind or metric.
     """
     return generate_report(sweep_dir, kind, metric).paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``finetune-report DIR [--kind K] [--metric M]``.
-
-    Prints the takeaway, the markdown table and the written paths to stdout.
-
-    Args:
-        argv: arguments without the program name; ``None`` reads ``sys.argv``.
-
-    Returns:
-        0 on success, 2 on a user error (``error: <message>`` on stderr).
-    """
-    parser = argparse.ArgumentParser(
-        prog="finetune-report",
-        description="Compare the jobs of a sweep: writes comparison.md, comparison.csv and a PNG plot beside them.",
-    )
-    parser.add_argument("sweep_dir", metavar="DIR", help="sweep directory, e.g. multirun_sweeps/<sweep>/<time>")
-    parser.add_argument("--kind", choices=KINDS, default=None, help="comparison kind (default: detected)")
-    parser.add_argument("--metric", default=None,
-                        help="column to rank on, e.g. f1 or -eval_loss (leading '-': lower is better)")
-    args = parser.parse_args(argv)
-    try:
-        report = generate_report(args.sweep_dir, args.kind, args.metric)
-    except FinetuneError as exc:
-        print_error(exc)
-        return 2
-    print(f"Takeaway: {report.comparison.takeaway}\n")
-    if report.comparison.summary is not None:
-        print(markdown_table(report.comparison.summary) + "\n")
-    print(markdown_table(report.comparison.table))
-    for note in report.comparison.notes:
-        print(note)
-    print()
-    for path in report.paths.values():
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

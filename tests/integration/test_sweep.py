@@ -39,5 +39,5 @@ def test_multirun_records_failures_and_writes_the_report(tmp_path):
     assert list(sweep_dir.glob("*.png")), "no plot written"
 
     first = (sweep_dir / "comparison.csv").read_text()
-    cli("finetune.report.compare", str(sweep_dir))
+    cli("finetune.cli.report", str(sweep_dir))
     assert (sweep_dir / "comparison.csv").read_text() == first

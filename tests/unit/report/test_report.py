@@ -15,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.report.compare import build_report, collect_runs, detect_kind, generate_report, main, markdown_table
+from finetune.cli.report import main
+from finetune.report.compare import build_report, collect_runs, detect_kind, generate_report, markdown_table
 from finetune.report.hydra_callback import ReportCallback, log_table_to_wandb
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -453,7 +454,7 @@ def test_cli_prints_table_and_paths(methods_sweep: Path, capsys: pytest.CaptureF
 
 def test_cli_missing_dir_exits_2_with_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_sweep"
-    proc = subprocess.run([sys.executable, "-m", "finetune.report.compare", str(missing)],
+    proc = subprocess.run([sys.executable, "-m", "finetune.cli.report", str(missing)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: sweep directory not found: {missing}"
