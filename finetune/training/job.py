@@ -61,6 +61,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     """
     from finetune.runs import RunWriter, atomic_write_json, holds_run
     from finetune.training import distributed
+    from finetune.training.checkpoints import resolve_resume  # light: the Trainer is imported after the data
 
     writer = RunWriter(run_dir, resume=cfg.trainer.get("resume_from_checkpoint") is not None,
                        overwrite=cfg.get("overwrite_run", False) is True)
@@ -70,7 +71,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
         # Rank 0 checks the directory and picks the checkpoint; under torchrun every rank follows its decision.
         distributed.agree(writer.check)
         # Resolved before anything is written: a bad path or a damaged checkpoint leaves the directory as it was.
-        resume = distributed.agree(lambda: _resume(cfg.trainer.get("resume_from_checkpoint"), Path(run_dir)))
+        resume = distributed.agree(lambda: resolve_resume(cfg.trainer.get("resume_from_checkpoint"), Path(run_dir)))
         return _run(cfg, run_dir, writer, run_log, overrides or [], job, resume)
     except BaseException as exc:
         if not distributed.is_main():  # rank 0 records the failure; the others only stop
@@ -93,14 +94,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
         raise
     finally:
         run_log.close()
-
-
-def _resume(value, run_dir: Path) -> str | None:
-    if value in (None, False, "", "null"):
-        return None  # no need to import the Trainer (seconds) before the data is checked
-    from finetune.training.trainer import resolve_resume
-
-    return resolve_resume(value, run_dir)
 
 
 def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: list[str], job: str,

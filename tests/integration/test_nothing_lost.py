@@ -317,7 +317,7 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
 
 
 def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
-    from finetune.training.trainer import resolve_resume
+    from finetune.training.checkpoints import resolve_resume
 
     run_dir = tmp_path / "run"
     m = run(_cfg(run_dir, "trainer.max_steps=3", "trainer.save_total_limit=3"), run_dir)
