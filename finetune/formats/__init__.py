@@ -20,16 +20,22 @@ __all__ = ["CHAT_ROLES", "TASKS", "DatasetFormat", "coerce_label", "discover", "
 FORMAT_OF_NAME = {"chnsenticorp": "labelled_text", "alpaca": "alpaca", "sharegpt": "sharegpt"}
 
 
+_discovered = False
+
+
 def discover() -> None:
     """Import every module on this package's path (also folders a caller appended to ``__path__``)."""
+    global _discovered
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name != "base":
             importlib.import_module(f"{__name__}.{info.name}")
+    _discovered = True
 
 
 def names() -> tuple[str, ...]:
-    """The known ``dataset.format`` values, sorted."""
-    if not REGISTRY:
+    """The known ``dataset.format`` values, sorted (every module is imported on first use, also when one was
+    imported directly before)."""
+    if not _discovered:
         discover()
     return tuple(sorted(REGISTRY))
 

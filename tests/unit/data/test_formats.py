@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 
@@ -92,3 +93,10 @@ def test_a_format_name_cannot_be_taken_twice(qa_format):
 
     with pytest.raises(TypeError, match="defined twice"):
         register(type("Other", (DatasetFormat,), {"name": "qa", "task": "generation"}))
+
+
+def test_every_format_is_known_also_when_one_module_was_imported_first():
+    code = ("import finetune.formats.alpaca, finetune.formats as f; "
+            "print(','.join(f.names()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "alpaca,labelled_text,sharegpt"
