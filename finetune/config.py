@@ -192,6 +192,7 @@ def _validate_lora(lo: DictConfig, quant_mode: str) -> None:
     _number("lora.dropout", lo.dropout, low=0, high=1, high_open=True)
     _choice("lora.bias", lo.bias, ("none", "all", "lora_only"))
     _bool("lora.use_rslora", lo.get("use_rslora", False))
+    _validate_lora_layers(lo.get("layers"))
     tm = lo.target_modules
     if isinstance(tm, str):
         _choice("lora.target_modules", tm, TARGET_PRESETS)
@@ -199,6 +200,19 @@ def _validate_lora(lo: DictConfig, quant_mode: str) -> None:
         raise FinetuneError(
             f"lora.target_modules={tm!r}: use a preset ({', '.join(TARGET_PRESETS)}) or a non-empty list of module names"
         )
+
+
+def _validate_lora_layers(layers) -> None:
+    """``lora.layers``: null (every decoder layer), N > 0 (the N layers nearest the output) or a list of indices."""
+    if layers is None:
+        return
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        _number("lora.layers", layers, low=0, low_open=True, integer=True)
+        return
+    if (not OmegaConf.is_list(layers) or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise FinetuneError(f"lora.layers={layers!r} is not allowed; allowed: null (every layer), a positive integer N "
+                            "(the top N layers) or a non-empty list of layer indices >= 0")
 
 
 def _validate_logger(lg: DictConfig) -> None:
@@ -276,6 +290,7 @@ def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
 def _validate_eval(e: DictConfig) -> None:
     _bool("eval.zero_shot", _sub(e, "zero_shot"))
     _bool("eval.zero_shot_cache", _sub(e, "zero_shot_cache"))
+    _bool("eval.reuse_frozen_layers", _sub(e, "reuse_frozen_layers"))
     _number("eval.batch_size", _sub(e, "batch_size"), low=1, integer=True)
     _number("eval.num_samples", _sub(e, "num_samples"), low=0, integer=True)
     _number("eval.max_new_tokens", _sub(e, "max_new_tokens"), low=1, integer=True)

@@ -35,7 +35,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "precision": (TEXT, "the compute precision training and scoring used: fp32 | bf16 | fp16"),
     "seed": (NUMBER, "the run's seed"),
     "overrides": (LIST, "the command-line overrides of this job"),
-    "lora": (MAPPING, "r, alpha, dropout and target_modules of the adapter"),
+    "lora": (MAPPING, "r, alpha, dropout, target_modules and layers of the adapter"),
     "cpu_allocator": (TEXT, "glibc default, or the bounded allocator's settings (cpu_allocator=bounded)"),
     "gpu": (TEXT, "the GPU's name, where one was used"),
     "hardware": (TEXT, "the machine the figures were measured on: the CPU model, cores and vector ISA, or the GPU"),
@@ -75,6 +75,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "val_f1": (NUMBER, "validation macro-F1"),
     "accuracy": (NUMBER, "test accuracy after training"),
     "f1": (NUMBER, "test macro-F1 after training"),
+    "test_scored_from_layer": (NUMBER, "lora.layers runs: first layer the final test scoring recomputed (the ones "
+                               "below: the zero-shot pass's states, same base weights; 0 = every layer)"),
     # simulated INT8 deployment (QAT runs, qat.eval_int8=true)
     "int8_eval": (TEXT, "qat | ptq: which model the simulated INT8 scores are of"),
     "int8_targets": (LIST, "the sub-layer groups quantized in the simulation"),

@@ -7,7 +7,7 @@ import logging
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.model.arch import arch_spec
+from finetune.model.arch import arch_spec, decoder_layers
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune.model.lora")
@@ -58,6 +58,35 @@ def resolve_target_modules(lcfg: DictConfig, model: nn.Module) -> list[str] | st
     return spec.leaf_names(tm)
 
 
+def resolve_layers(lcfg: DictConfig, model: nn.Module) -> tuple[list[int] | None, str | None]:
+    """``lora.layers`` as PEFT's ``(layers_to_transform, layers_pattern)``: ``(None, None)`` for every decoder layer,
+    else the sorted layer indices (an integer N: the N layers nearest the output) and the name of the layer list.
+
+    Adapting only the upper layers keeps the lower ones frozen *and* out of backward: no adapter below the
+    first adapted layer needs a gradient, so autograd stops there (less compute, far fewer saved activations).
+
+    Raises:
+        FinetuneError: more layers, or an index beyond the layers, this model has.
+    """
+    wanted = lcfg.get("layers")
+    if wanted is None:
+        return None, None
+    spec = arch_spec(model.config.model_type)
+    total = len(decoder_layers(model, spec))
+    if isinstance(wanted, int):
+        if wanted > total:
+            raise FinetuneError(f"lora.layers={wanted}: {model.config.model_type} has {total} decoder layers; "
+                                f"allowed: 1..{total}, a list of indices 0..{total - 1}, or null (every layer)")
+        layers = list(range(total - wanted, total))
+    else:
+        layers = sorted(set(int(i) for i in wanted))
+        beyond = [i for i in layers if i >= total]
+        if beyond:
+            raise FinetuneError(f"lora.layers: {beyond} beyond the {total} decoder layers of "
+                                f"{model.config.model_type}; allowed: indices 0..{total - 1}")
+    return layers, spec.layers_path.rsplit(".", 1)[-1]
+
+
 def apply_lora(model: nn.Module, lcfg: DictConfig):
     """Wrap ``model`` with a LoRA / DoRA adapter; ``lora=none`` returns it unchanged (full fine-tuning)."""
     if lcfg.method == "none":
@@ -67,6 +96,7 @@ def apply_lora(model: nn.Module, lcfg: DictConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_target_modules(lcfg, model)
+    layers, pattern = resolve_layers(lcfg, model)
     config = LoraConfig(
         r=int(lcfg.r),
         lora_alpha=float(lcfg.alpha),
@@ -75,9 +105,13 @@ def apply_lora(model: nn.Module, lcfg: DictConfig):
         target_modules=targets,
         use_dora=lcfg.method == "dora",
         use_rslora=bool(lcfg.get("use_rslora", False)),
+        layers_to_transform=layers,
+        layers_pattern=pattern,
         task_type="CAUSAL_LM",
     )
-    log.info("%s on %s: r=%s alpha=%s dropout=%s", lcfg.method, targets, lcfg.r, lcfg.alpha, lcfg.dropout)
+    log.info("%s on %s of %s: r=%s alpha=%s dropout=%s", lcfg.method, targets,
+             "every layer" if layers is None else f"layers {layers[0]}-{layers[-1]}" if layers == list(
+                 range(layers[0], layers[-1] + 1)) else f"layers {layers}", lcfg.r, lcfg.alpha, lcfg.dropout)
     model = get_peft_model(model, config)
     use_fast_dropout(model)
     return model

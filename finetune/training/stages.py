@@ -40,6 +40,7 @@ class Job:
     main: bool = True
     sharded: bool = False
     qat_handle: Any = None
+    trunk: Any = None  # finetune.evaluation.trunk.FrozenTrunk: the frozen lower layers' test states, zero-shot to final
     callbacks: list = field(default_factory=list)
     val_ds: Any = None
     trainer: Any = None
@@ -107,7 +108,7 @@ def prepare(job: Job, run_log) -> None:
     }
     if cfg.lora.method != "none":
         lora = OmegaConf.to_container(cfg.lora, resolve=True)
-        job.metrics["lora"] = {k: lora.get(k) for k in ("r", "alpha", "dropout", "target_modules")}
+        job.metrics["lora"] = {k: lora.get(k) for k in ("r", "alpha", "dropout", "target_modules", "layers")}
     if memory_device() == "cpu":
         bounded = bound_cpu_allocator() if cfg.get("cpu_allocator") == "bounded" else None
         job.metrics["cpu_allocator"] = bounded or "glibc default"
@@ -126,11 +127,29 @@ def baseline(job: Job) -> None:
     if not (job.classification and job.cfg.eval.zero_shot and (job.main or job.sharded)):
         return
     t0 = time.perf_counter()
+    job.trunk = _frozen_trunk(job)
     zs = zero_shot(job.model, job.tok, job.splits.test, job.cfg, job.metrics["model_path"], job.max_length,
-                   job.eval_batch_size, job.precision)
+                   job.eval_batch_size, job.precision, job.trunk)
+    if job.trunk is not None:
+        job.trunk.spill()
     job.metrics.update(zero_shot_accuracy=zs["accuracy"], zero_shot_f1=zs["f1"], zero_shot_cached=zs["from_cache"])
     log.info("zero-shot on %d test rows: accuracy %.4f, F1 %.4f (%.0f s%s)", zs["n"], zs["accuracy"], zs["f1"],
              time.perf_counter() - t0, ", cached scores" if zs["from_cache"] else "")
+
+
+def _frozen_trunk(job: Job):
+    """A :class:`FrozenTrunk` where LoRA leaves the lower layers as they are (``lora.layers``) and
+    ``eval.reuse_frozen_layers`` is on: the zero-shot pass records the test rows' states entering the first adapted
+    layer and the final test scoring starts from them."""
+    from finetune.evaluation.trunk import FrozenTrunk
+    from finetune.model.lora import resolve_layers
+
+    cfg = job.cfg
+    if (not cfg.eval.get("reuse_frozen_layers", True) or cfg.lora.method == "none" or cfg.lora.get("layers") is None
+            or job.metrics["qat_targets"] or job.sharded):
+        return None
+    layers, _ = resolve_layers(cfg.lora, job.model)
+    return FrozenTrunk(layers[0]) if layers[0] > 0 else None
 
 
 def adapt(job: Job) -> None:
@@ -287,8 +306,12 @@ def score(job: Job) -> None:
         metrics.update(val_accuracy=val["accuracy"], val_f1=val["f1"], n_val_scored=val["n"])
         log.info("validation: accuracy %.4f, F1 %.4f on %d rows", val["accuracy"], val["f1"], val["n"])
     if job.classification:
-        scored = classify(model, tok, splits.test, dcfg, max_len, eval_bs, bf16)
+        scored = classify(model, tok, splits.test, dcfg, max_len, eval_bs, bf16, job.trunk)
         metrics.update(accuracy=scored["accuracy"], f1=scored["f1"], n_scored=scored["n"])
+        if job.trunk is not None:
+            # 0: every layer was run; k: layers below k came from the zero-shot pass (same base weights, same rows)
+            metrics["test_scored_from_layer"] = job.trunk.start if job.trunk.replayed else 0
+            job.trunk.release()
         log.info("test: accuracy %.4f, F1 %.4f on %d rows", scored["accuracy"], scored["f1"], scored["n"])
     elif splits.test:
         from finetune.data import tokenize_split

@@ -312,3 +312,35 @@ def test_one_pass_validation_scores_and_loss_equal_the_separate_passes(tiny):
         assert scores_and_loss(model, tok, rows, cfg.dataset, 128, batch_size=5) is None
     finally:
         handle.remove()
+
+
+class _RecordingHead(torch.nn.Module):
+    """The output head, recording the shape and layout of what it is given."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.seen = head, []
+
+    def forward(self, x):
+        self.seen.append((tuple(x.shape), x.is_contiguous()))
+        return self.head(x)
+
+
+def test_scoring_runs_the_output_head_on_one_contiguous_row_per_review(tiny):
+    """The head sees [rows, hidden], contiguous (not a strided [rows, 1, hidden] view, which CPU matmul can answer by
+    copying the head's weight once per row), with and without the shared prompt prefix."""
+    cfg, model, tok, splits = tiny
+    rows = splits.test[:6]
+    expected = label_scores(model, tok, rows, cfg.dataset, 128, batch_size=4)
+    head = model.lm_head
+    recording = _RecordingHead(head)
+    model.lm_head = recording
+    try:
+        scores = label_scores(model, tok, rows, cfg.dataset, 128, batch_size=4)
+    finally:
+        model.lm_head = head
+    assert model.lm_head is head
+    torch.testing.assert_close(scores, expected)
+    batches = [shape for shape, _ in recording.seen if shape[0] > 1]
+    assert batches == [(4, model.config.hidden_size), (2, model.config.hidden_size)]
+    assert all(contiguous for _, contiguous in recording.seen)
