@@ -203,16 +203,21 @@ def _validate_lora(lo: DictConfig, quant_mode: str) -> None:
 
 
 def _validate_lora_layers(layers) -> None:
-    """``lora.layers``: null (every decoder layer), N > 0 (the N layers nearest the output) or a list of indices."""
+    """``lora.layers``: null (every decoder layer), N >= 1 (the N layers nearest the output), a fraction in (0, 1)
+    (that share of the layers nearest the output) or a list of layer indices."""
     if layers is None:
         return
     if isinstance(layers, int) and not isinstance(layers, bool):
-        _number("lora.layers", layers, low=0, low_open=True, integer=True)
+        _number("lora.layers", layers, low=1, integer=True)
+        return
+    if isinstance(layers, float):
+        _number("lora.layers", layers, low=0, high=1, low_open=True, high_open=True)
         return
     if (not OmegaConf.is_list(layers) or not layers
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
-        raise FinetuneError(f"lora.layers={layers!r} is not allowed; allowed: null (every layer), a positive integer N "
-                            "(the top N layers) or a non-empty list of layer indices >= 0")
+        raise FinetuneError(f"lora.layers={layers!r} is not allowed; allowed: null (every layer), an integer N >= 1 "
+                            "(the top N layers), a fraction in (0, 1) (that share of the layers, from the top) or a "
+                            "non-empty list of layer indices >= 0")
 
 
 def _validate_logger(lg: DictConfig) -> None:

@@ -60,7 +60,9 @@ def resolve_target_modules(lcfg: DictConfig, model: nn.Module) -> list[str] | st
 
 def resolve_layers(lcfg: DictConfig, model: nn.Module) -> tuple[list[int] | None, str | None]:
     """``lora.layers`` as PEFT's ``(layers_to_transform, layers_pattern)``: ``(None, None)`` for every decoder layer,
-    else the sorted layer indices (an integer N: the N layers nearest the output) and the name of the layer list.
+    else the sorted layer indices and the name of the layer list. An integer N: the N layers nearest the output;
+    a fraction f in (0, 1): the round(f x layers) nearest the output, at least one (0.33: 10 of SmolLM2's 30, 8 of
+    Qwen2.5-0.5B's 24); a list: those indices.
 
     Adapting only the upper layers keeps the lower ones frozen *and* out of backward: no adapter below the
     first adapted layer needs a gradient, so autograd stops there (less compute, far fewer saved activations).
@@ -73,6 +75,8 @@ def resolve_layers(lcfg: DictConfig, model: nn.Module) -> tuple[list[int] | None
         return None, None
     spec = arch_spec(model.config.model_type)
     total = len(decoder_layers(model, spec))
+    if isinstance(wanted, float):
+        wanted = max(1, round(wanted * total))
     if isinstance(wanted, int):
         if wanted > total:
             raise FinetuneError(f"lora.layers={wanted}: {model.config.model_type} has {total} decoder layers; "

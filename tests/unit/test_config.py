@@ -68,6 +68,8 @@ def test_public_keys_exist():
     ("lora.bias=some", "lora.bias"),
     ("lora.layers=0", "lora.layers"),
     ("lora.layers=[]", "lora.layers"),
+    ("lora.layers=1.0", "lora.layers"),
+    ("lora.layers=1.5", "lora.layers"),
     ("lora.layers=[-1,3]", "lora.layers"),
     ("lora.layers=top", "lora.layers"),
     ("eval.reuse_frozen_layers=perhaps", "eval.reuse_frozen_layers"),

@@ -87,3 +87,12 @@ def test_lora_layers_adapts_only_the_top_layers_and_rejects_too_many():
     _, model, _, _ = _setup()
     with pytest.raises(FinetuneError, match="lora.layers=9"):
         _adapt(model, layers=9)
+
+
+@pytest.mark.parametrize("fraction,expected", [(0.33, [3]), (0.5, [2, 3]), (0.1, [3]), (0.9, [0, 1, 2, 3])])
+def test_a_fraction_of_the_layers_counts_from_the_top(fraction, expected):
+    from finetune.model.lora import resolve_layers
+
+    _, model, _, _ = _setup()
+    layers, pattern = resolve_layers(OmegaConf.create({"layers": fraction}), model)
+    assert layers == expected and pattern == "layers"
