@@ -309,9 +309,13 @@ def _body(argv: list[str]) -> int:
         check_out_path(str(out / name), key="--out", kind="file", command=COMMAND, owned_file=_owned)
     if compose_config(list(args.overrides)).lora.method == "none":
         raise FinetuneError("finetune-bench compares LoRA training paths; lora=none is not supported")
+    # Both arms adapt every decoder layer (the plain recipe's LoRA): lora.layers is the benchmark's, not the user's.
+    if any(o.split("=", 1)[0].lstrip("+~") == "lora.layers" for o in args.overrides):
+        raise FinetuneError("finetune-bench: lora.layers is fixed to every layer (the plain recipe's LoRA); "
+                            "drop the override")
     cfg = compose_config([*args.overrides, f"trainer.max_length={args.max_length}",
                           f"trainer.batch_size={args.batch_size}", f"lora.target_modules=[{','.join(targets)}]",
-                          "logger=none"])
+                          "lora.layers=null", "logger=none"])
     from finetune.config import validate
 
     validate(cfg)

@@ -208,7 +208,7 @@ def merge_run(run: str, out: str, dtype: str = "float32", check: bool = True, ov
             original = original_w_logits(path) if base == "trained" else None
     model, tok, cfg, path, info = merged_model(path, reference=check, base=base, dequantized=dequantized)
     info["original_w_logits"] = original
-    info["run_precision"] = _run_precision(cfg)
+    info["run_precision"] = _reference_precision(cfg, _run_precision(cfg))
     if info["note"]:
         print(info["note"] + (f", saved at {dtype}." if kind == "model" else "."))
     # Built beside ``out`` and renamed into place when complete: an earlier output is replaced only then.
@@ -303,6 +303,19 @@ def _run_precision(cfg) -> str:
     from finetune.model.load import resolve_precision
 
     return resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none").name
+
+
+def _reference_precision(cfg, precision: str) -> str:
+    """The precision the QLoRA reference model actually computes in: on a CPU with AVX-512 BF16, bitsandbytes
+    runs a 4-bit linear without gradients through its fused CPU kernel, which casts the input to bf16 whatever
+    the compute dtype (``bitsandbytes.nn.Linear4bit.forward``), so the reference is a bf16 computation there."""
+    import torch
+
+    if cfg.quantization.mode != "nf4" or precision == "bf16" or torch.cuda.is_available():
+        return precision
+    from bitsandbytes.functional import has_avx512bf16
+
+    return "bf16" if has_avx512bf16() else precision
 
 
 def _method(cfg) -> str:

@@ -17,7 +17,8 @@ from tests.conftest import TINY, shared
 def _cfg(*extra: str):
     overrides = [o for o in TINY if not o.startswith(("trainer.max_length", "trainer.batch_size"))]
     return compose_config([*overrides, f"dataset.path={shared('chnsenticorp')}", "trainer.max_length=256",
-                           "trainer.batch_size=2", "lora.target_modules=[q_proj,v_proj]", *extra])
+                           "trainer.batch_size=2", "lora.target_modules=[q_proj,v_proj]", "lora.layers=null",
+                           *extra])  # as finetune-bench composes it
 
 
 def test_both_arms_train_the_same_rows():
@@ -85,6 +86,7 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
     (["--steps", "0"], "--steps and --rounds must be at least 1"),
     (["--targets", ","], "--targets"),
     (["lora=none"], "lora=none is not supported"),
+    (["lora.layers=0.5"], "lora.layers is fixed to every layer"),
     (["trainer.lr=-1"], "trainer.lr"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys, tmp_path):

@@ -91,7 +91,8 @@ def test_chnsenticorp_render_and_mask(smol_tokenizer):
     row = {"text": "房间很干净，服务很好。", "label": 1}
     enc = encode_train(row, dcfg, tok, 256)
     check_shape(enc, 256)
-    expected = (SMOL_SYSTEM + "<|im_start|>user\nIs the sentiment of this hotel review positive or negative?"
+    # dataset.system="" (the ChnSentiCorp default): an empty system turn instead of SmolLM2's default sentence
+    expected = ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nIs the sentiment of this hotel review positive or negative?"
                 "\n\nReview: 房间很干净，服务很好。<|im_end|>\n<|im_start|>assistant\npositive<|im_end|>\n")
     assert tok.decode(enc["input_ids"]) == expected
     assert trained_spans(tok, enc) == ["positive<|im_end|>"]

@@ -15,7 +15,9 @@ H, KV, FFN, LAYERS = 64, 2 * 16, 128, 2
 
 
 def _load(*overrides):
-    cfg = compose_cfg(["model=tiny", *overrides])
+    """The tiny model and its config, LoRA on every layer (lora.layers has tests of its own) unless overridden."""
+    every_layer = [] if "lora=none" in overrides else ["lora.layers=null"]
+    cfg = compose_cfg(["model=tiny", *every_layer, *overrides])
     precision = resolve_precision("fp32", cfg.model.dtype)
     model, tok, _ = load_model(cfg.model, cfg.quantization, precision)
     return cfg, model, tok
