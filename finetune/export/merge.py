@@ -306,16 +306,11 @@ def _run_precision(cfg) -> str:
 
 
 def _reference_precision(cfg, precision: str) -> str:
-    """The precision the QLoRA reference model actually computes in: on a CPU with AVX-512 BF16, bitsandbytes
-    runs a 4-bit linear without gradients through its fused CPU kernel, which casts the input to bf16 whatever
-    the compute dtype (``bitsandbytes.nn.Linear4bit.forward``), so the reference is a bf16 computation there."""
-    import torch
+    """The precision the QLoRA reference model actually computes in (see
+    :func:`finetune.model.load.four_bit_inference_is_bf16`)."""
+    from finetune.model.load import four_bit_inference_is_bf16
 
-    if cfg.quantization.mode != "nf4" or precision == "bf16" or torch.cuda.is_available():
-        return precision
-    from bitsandbytes.functional import has_avx512bf16
-
-    return "bf16" if has_avx512bf16() else precision
+    return "bf16" if four_bit_inference_is_bf16(cfg.quantization) else precision
 
 
 def _method(cfg) -> str:

@@ -98,6 +98,17 @@ def bnb_compute_dtype(qcfg: DictConfig, precision: Precision) -> torch.dtype:
     return getattr(torch, qcfg.compute_dtype)
 
 
+def four_bit_inference_is_bf16(qcfg: DictConfig) -> bool:
+    """Whether a 4-bit base computes its no-gradient forwards (scoring, a merge check's reference) in bf16 whatever
+    the run's precision: on a CPU with AVX-512 BF16, bitsandbytes repacks an eval-mode ``Linear4bit`` for its fused
+    CPU kernel, which casts the input to bf16 (``bitsandbytes.nn.Linear4bit.forward``)."""
+    if qcfg.mode != "nf4" or torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
 def bnb_config(qcfg: DictConfig, precision: Precision, sharded: bool = False):
     """The one place a BitsAndBytesConfig is built from the ``quantization`` node (None for mode=none).
 

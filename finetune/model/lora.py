@@ -101,6 +101,8 @@ def apply_lora(model: nn.Module, lcfg: DictConfig):
 
     targets = resolve_target_modules(lcfg, model)
     layers, pattern = resolve_layers(lcfg, model)
+    if layers is not None and isinstance(targets, str):  # PEFT takes layers_to_transform with explicit names only
+        targets = linear_module_names(model)
     config = LoraConfig(
         r=int(lcfg.r),
         lora_alpha=float(lcfg.alpha),

@@ -85,6 +85,12 @@ def test_lora_layers_adapts_only_the_top_layers_and_rejects_too_many():
     names = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert names and all(f".layers.{LAYERS - 1}." in n for n in names)
     _, model, _, _ = _setup()
+    lcfg = OmegaConf.create({"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "bias": "none",
+                             "target_modules": "all-linear", "layers": 1})
+    adapted = apply_lora(model, lcfg)  # a preset PEFT resolves itself, with a layer subset
+    names = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert any("mlp" in n for n in names) and all(f".layers.{LAYERS - 1}." in n for n in names)
+    _, model, _, _ = _setup()
     with pytest.raises(FinetuneError, match="lora.layers=9"):
         _adapt(model, layers=9)
 
