@@ -22,8 +22,8 @@ import tempfile
 import torch
 from torch import nn
 
-from finetune.evaluation.scoring import keep_last, last_logits
-from finetune.model.arch import arch_spec, decoder_layers
+from finetune.evaluation.scoring import _device, keep_last, last_logits
+from finetune.model.arch import arch_spec, decoder_layers, unwrapped
 
 log = logging.getLogger("finetune.evaluation.trunk")
 
@@ -32,12 +32,18 @@ log = logging.getLogger("finetune.evaluation.trunk")
 REPLAYABLE = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def _sum(p: torch.Tensor) -> float:
+    """A float64 sum of ``p``, in chunks: no float64 copy of a whole (embedding-sized) weight at once."""
+    flat = p.detach().reshape(-1)
+    return float(sum(chunk.double().sum() for chunk in flat.split(1 << 22)))
+
+
 def _fingerprint(model: nn.Module, start: int) -> list[tuple[str, float]]:
     """Name and sum of every parameter of the input embedding and of the decoder layers below ``start``."""
     layers = decoder_layers(model, arch_spec(model.config.model_type))
-    out = [(f"embed.{n}", float(p.detach().double().sum())) for n, p in model.get_input_embeddings().named_parameters()]
+    out = [(f"embed.{n}", _sum(p)) for n, p in model.get_input_embeddings().named_parameters()]
     for i in range(start):
-        out += [(f"{i}.{n}", float(p.detach().double().sum())) for n, p in layers[i].named_parameters()]
+        out += [(f"{i}.{n}", _sum(p)) for n, p in layers[i].named_parameters()]
     return out
 
 
@@ -49,10 +55,6 @@ def _frozen_below(model: nn.Module, start: int) -> bool:
     return not any(p.requires_grad for p in params)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _autocast_on(device: torch.device) -> bool:
     return torch.is_autocast_enabled(device.type)
 
@@ -62,22 +64,13 @@ def upper_layers(model: nn.Module, start: int):
     """The model with its decoder layer list cut to ``layers[start:]`` (layer indices, hence KV-cache slots, kept)."""
     spec = arch_spec(model.config.model_type)
     layers = decoder_layers(model, spec)
-    parent = layers_parent(model, spec)
-    name = spec.layers_path.rsplit(".", 1)[-1]
+    parent_path, _, name = spec.layers_path.rpartition(".")
+    parent = unwrapped(model).get_submodule(parent_path)
     setattr(parent, name, nn.ModuleList(list(layers)[start:]))
     try:
         yield
     finally:
         setattr(parent, name, layers)
-
-
-def layers_parent(model: nn.Module, spec) -> nn.Module:
-    root = model
-    for attr in ("base_model", "model"):
-        if hasattr(root, "peft_config") and hasattr(root, attr):
-            root = getattr(root, attr)
-    parent_path = spec.layers_path.rsplit(".", 1)[0] if "." in spec.layers_path else ""
-    return root.get_submodule(parent_path)
 
 
 class FrozenTrunk:

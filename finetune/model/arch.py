@@ -105,14 +105,18 @@ def arch_spec(model_type: str) -> ArchSpec:
         ) from None
 
 
-def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
-    """The decoder layers of a base model or of a PEFT model wrapping one."""
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (PeftModel -> LoraModel -> it), or ``model`` itself."""
     root = model
-    # PeftModel -> LoraModel -> the transformers model; unwrap whatever is there.
     for attr in ("base_model", "model"):
         if hasattr(root, "peft_config") and hasattr(root, attr):
             root = getattr(root, attr)
-    layers = root.get_submodule(spec.layers_path)
+    return root
+
+
+def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    """The decoder layers of a base model or of a PEFT model wrapping one."""
+    layers = unwrapped(model).get_submodule(spec.layers_path)
     if not isinstance(layers, nn.ModuleList):
         raise FinetuneError(f"expected decoder layers at '{spec.layers_path}', found {type(layers).__name__}")
     return layers
