@@ -207,17 +207,18 @@ def _validate_lora_layers(layers) -> None:
     (that share of the layers nearest the output) or a list of layer indices."""
     if layers is None:
         return
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        _number("lora.layers", layers, low=1, integer=True)
+    whole = isinstance(layers, int) and not isinstance(layers, bool)
+    if whole and layers >= 1:
         return
-    if isinstance(layers, float):
-        _number("lora.layers", layers, low=0, high=1, low_open=True, high_open=True)
+    if isinstance(layers, float) and 0 < layers < 1:
         return
-    if (not OmegaConf.is_list(layers) or not layers
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
-        raise FinetuneError(f"lora.layers={layers!r} is not allowed; allowed: null (every layer), an integer N >= 1 "
-                            "(the top N layers), a fraction in (0, 1) (that share of the layers, from the top) or a "
-                            "non-empty list of layer indices >= 0")
+    if (OmegaConf.is_list(layers) and layers
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        return
+    shown = list(layers) if OmegaConf.is_list(layers) else layers
+    raise FinetuneError(f"lora.layers={shown!r} is not allowed; allowed: null (every layer), an integer N >= 1 "
+                        "(the top N layers), a fraction in (0, 1) (that share of the layers, from the top) or a "
+                        "non-empty list of layer indices >= 0")
 
 
 def _validate_logger(lg: DictConfig) -> None:

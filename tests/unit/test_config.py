@@ -96,6 +96,15 @@ def test_bad_values_name_the_key(override, fragment):
     assert fragment in message and "\n" not in message
 
 
+@pytest.mark.parametrize("value", ["0", "1.5", "1.0", "-2", "[]", "top"])
+def test_a_bad_lora_layers_value_lists_every_allowed_form(value):
+    with pytest.raises(FinetuneError) as err:
+        validate(compose_cfg([f"lora.layers={value}"]))
+    message = str(err.value)
+    for form in ("null", "integer N >= 1", "fraction in (0, 1)", "list of layer indices"):
+        assert form in message, (value, message)
+
+
 def test_quantization_with_full_finetuning_is_rejected():
     with pytest.raises(FinetuneError, match="quantization=nf4 with lora=none"):
         validate(compose_cfg(["quantization=nf4", "lora=none"]))

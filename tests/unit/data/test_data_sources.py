@@ -53,11 +53,11 @@ def test_chnsenticorp_folder_full_and_capped(caplog):
     assert full.source == f"folder:{folder.resolve()}"
     assert all(isinstance(r["label"], int) and r["label"] in (0, 1) for r in full.train)
 
-    capped = load_splits(make_dcfg("chnsenticorp", path=str(folder)), seed=42)  # yaml caps: 1200 / 200 / all
-    assert (len(capped.train), len(capped.validation), len(capped.test)) == (1200, 200, 776)
+    capped = load_splits(make_dcfg("chnsenticorp", path=str(folder)), seed=42)  # yaml caps: 1000 / 200 / all
+    assert (len(capped.train), len(capped.validation), len(capped.test)) == (1000, 200, 776)
     # Stratified subset: the positive share of the subset matches the full split within one row.
     share = Counter(r["label"] for r in full.train)[1] / len(full.train)
-    assert abs(Counter(r["label"] for r in capped.train)[1] - 1200 * share) <= 1
+    assert abs(Counter(r["label"] for r in capped.train)[1] - 1000 * share) <= 1
     again = load_splits(make_dcfg("chnsenticorp", path=str(folder)), seed=42)
     assert again.train == capped.train
     other = load_splits(make_dcfg("chnsenticorp", path=str(folder)), seed=7)
