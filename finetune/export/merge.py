@@ -208,7 +208,7 @@ def merge_run(run: str, out: str, dtype: str = "float32", check: bool = True, ov
             original = original_w_logits(path) if base == "trained" else None
     model, tok, cfg, path, info = merged_model(path, reference=check, base=base, dequantized=dequantized)
     info["original_w_logits"] = original
-    info["run_precision"] = _reference_precision(cfg, _run_precision(cfg))
+    info["reference_precision"] = _reference_precision(cfg, _run_precision(cfg))
     if info["note"]:
         print(info["note"] + (f", saved at {dtype}." if kind == "model" else "."))
     # Built beside ``out`` and renamed into place when complete: an earlier output is replaced only then.
@@ -268,17 +268,18 @@ def _check(target: Path, tok, dtype: str, info: dict, quant_ref: list | None, ki
     out.update(max_abs_diff=diff, tolerance=tol, rtol=RTOL[dtype], merge_rtol=MERGE_RTOL)
     failed = []
     if quant_ref is not None:
-        # The merged model vs the QLoRA model as trained (bitsandbytes kernels, the run's compute precision).
+        # The merged model vs the QLoRA model as trained (bitsandbytes kernels, in the precision they compute in).
         qdiff, _ = max_abs_diff(quant_ref, info["merged_logits"])
         out["max_abs_diff_vs_quantized_adapter"] = qdiff
         mode = info["base_quantization"]
         if info["base_weights"] == "dequantized":
-            qrtol = QUANT_RTOL[info["run_precision"]]
+            qrtol = QUANT_RTOL[info["reference_precision"]]
             qtol = qrtol * scale
-            out.update(quantized_adapter_tolerance=qtol, quantized_adapter_rtol=qrtol)
+            out.update(quantized_adapter_tolerance=qtol, quantized_adapter_rtol=qrtol,
+                       quantized_adapter_precision=info["reference_precision"])
             print(f"check 3 (the model as trained): max |logit difference| = {qdiff:.3g} vs the adapter on the "
                   f"{mode}-quantized base (tolerance {qtol:.3g} = {qrtol:g} x logit scale, "
-                  f"{info['run_precision']} compute)")
+                  f"{info['reference_precision']} compute)")
             if qdiff > qtol:
                 failed.append(f"merged vs the adapter on the {mode} base {qdiff:.3g} > {qtol:.3g}")
         else:
