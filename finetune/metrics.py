@@ -52,7 +52,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "total_params": (NUMBER, "all parameters"),
     "trainable_pct": (NUMBER, "trainable share of all parameters, in percent"),
     "model_memory_mb": (NUMBER, "the loaded model's weights and buffers, MiB"),
-    "peak_memory_mb": (NUMBER, "peak memory of loading and training (RSS on CPU, allocated on GPU), MiB"),
+    "peak_memory_mb": (NUMBER, "peak memory of loading and training (RSS on CPU, allocated on GPU), MiB; a resumed "
+                              "run: the higher of this process's and the one that wrote the checkpoint"),
     "memory_breakdown_mb": (MAPPING, "peak_memory_mb split into weights, trainable + optimizer state, rest"),
     "eval_peak_memory_mb": (NUMBER, "peak memory of the scoring after training, MiB"),
     "memory_device": (TEXT, "cpu | cuda: what the memory figures measure"),
@@ -62,6 +63,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "train_loss": (NUMBER, "mean training loss over the steps"),
     "train_tokens": (NUMBER, "real (non-padding) tokens trained on"),
     "train_tokens_per_s": (NUMBER, "train_tokens / train_runtime_s"),
+    "resumed_from": (MAPPING, "a resumed run: the checkpoint (path) and its optimizer step; the training figures "
+                              "above still cover the whole run"),
     "qat": (MAPPING, "the QAT settings and statistics of training (per-group SNR, scales)"),
     # scores
     "zero_shot_accuracy": (NUMBER, "the base model's test accuracy before training"),

@@ -114,15 +114,22 @@ class ThroughputCallback(TrainerCallback):
         self.start: float | None = None
         self.elapsed = 0.0
         self._before = 0.0  # training time before a resumed checkpoint
+        self._peak_before = 0.0  # this rank's peak memory (MiB) in the process that wrote that checkpoint
         self._excluded = 0.0  # evaluation time inside this train() call
 
     def count_batch(self, batch: dict) -> None:
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
-    def restore(self, tokens: int, elapsed: float) -> None:
-        """Resume: the count and training time of the steps before the checkpoint."""
-        self.tokens, self._before, self._excluded = tokens, elapsed, 0.0
+    def restore(self, tokens: int, elapsed: float, peak_mb: float = 0.0) -> None:
+        """Resume: the count, training time and peak memory of the steps before the checkpoint."""
+        self.tokens, self._before, self._excluded, self._peak_before = tokens, elapsed, 0.0, peak_mb
+
+    def peak_memory_mb(self) -> float:
+        """This rank's peak memory over the whole run: this process's, or the one that trained the steps before
+        a resumed checkpoint where that was higher (a run resumed near its end would otherwise report only the
+        little it did after the resume)."""
+        return max(peak_memory_mb(), self._peak_before)
 
     def exclude(self, seconds: float) -> None:
         """Time spent inside training that is not training (evaluation during training)."""

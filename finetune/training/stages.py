@@ -225,11 +225,12 @@ def _training_figures(job: Job, meter, trainer, steps: int) -> None:
     tokens/s and the loss; under a multi-process launch the job's figures (sum of tokens, max of peaks and
     times) and each rank's."""
     from finetune.training import distributed
-    from finetune.training.measure import memory_breakdown_mb, peak_memory_mb, reset_peak_memory
+    from finetune.training.measure import memory_breakdown_mb, reset_peak_memory
 
     m = job.metrics
     ranks = distributed.gather({"rank": distributed.rank(), "tokens": meter.tokens, "train_runtime_s": meter.elapsed,
-                                "peak_memory_mb": round(peak_memory_mb(), 1), "loss_sum": trainer._total_loss_scalar})
+                                "peak_memory_mb": round(meter.peak_memory_mb(), 1),
+                                "loss_sum": trainer._total_loss_scalar})
     # The Trainer's running loss: the logged part is already averaged over ranks, the part since the last log is
     # each rank's own; the mean over ranks is the job's loss (exact when the ranks' batches weigh alike).
     loss_sum = sum(r.pop("loss_sum") for r in ranks) / len(ranks)
@@ -246,6 +247,10 @@ def _training_figures(job: Job, meter, trainer, steps: int) -> None:
         train_tokens=tokens,
         train_tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
     )
+    if job.resume:
+        # Which steps this process trained: the figures above cover the whole run, these say it was resumed.
+        st = trainer._resumed_state or {}
+        m["resumed_from"] = {"checkpoint": str(job.resume), "step": st.get("global_step")}
     if distributed.launched():
         strategy = str(job.cfg.get("distributed", {}).get("strategy", "none"))
         m["distributed"] = {**distributed.describe(strategy), "per_rank": [

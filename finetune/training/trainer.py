@@ -142,6 +142,15 @@ class LabelPositionTrainer(Trainer):
         self.loss_is_scaled_for_ga = scaled
         return loss
 
+    def _run_epoch(self, *args, **kwargs):
+        # The stock loop checks the step budget only after a step: resumed from a checkpoint at max_steps that is
+        # not an epoch's end (a run that stopped after its last checkpoint, e.g. while scoring), it would train
+        # one step more than the run it continues. Nothing is left to train there.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Counted here, in the main process, for the batches that are trained on: not at collation, where
         # evaluation batches, a data loader's read-ahead batch (re-read after a resume) and worker processes
@@ -179,6 +188,7 @@ class LabelPositionTrainer(Trainer):
         from finetune.training import distributed
         super()._save_checkpoint(model, trial)
         tokens = distributed.gather(self.meter.tokens if self.meter else None)  # every rank's count (a collective)
+        peaks = distributed.gather(round(self.meter.peak_memory_mb(), 1) if self.meter else None)
         if not self.args.should_save:
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -194,6 +204,7 @@ class LabelPositionTrainer(Trainer):
             "tokens": self.meter.tokens if self.meter else None,
             "tokens_per_rank": tokens,
             "elapsed_s": self.meter.elapsed_so_far() if self.meter else None,
+            "peak_memory_mb_per_rank": peaks,
             # Callbacks with state of their own (QAT's static observers) save it alongside.
             "callbacks": {type(cb).__name__: cb.checkpoint_state() for cb in self.callback_handler.callbacks
                           if hasattr(cb, "checkpoint_state")},
@@ -214,7 +225,9 @@ class LabelPositionTrainer(Trainer):
             from finetune.training import distributed
             per_rank = st.get("tokens_per_rank") or []
             own = per_rank[distributed.rank()] if distributed.rank() < len(per_rank) else st["tokens"]
-            self.meter.restore(int(own), float(st.get("elapsed_s") or 0.0))
+            peaks = st.get("peak_memory_mb_per_rank") or []  # absent in checkpoints of earlier versions
+            peak = peaks[distributed.rank()] if distributed.rank() < len(peaks) else None
+            self.meter.restore(int(own), float(st.get("elapsed_s") or 0.0), float(peak or 0.0))
         for cb in self.callback_handler.callbacks:
             if hasattr(cb, "restore_checkpoint_state"):
                 cb.restore_checkpoint_state((st.get("callbacks") or {}).get(type(cb).__name__))

@@ -316,6 +316,30 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
         assert resumed.get(key) == reference.get(key), key
 
 
+def test_resumed_at_its_last_step_a_run_trains_nothing_more_and_reports_the_whole_runs_peak_memory(tmp_path):
+    """A run that stopped after its last checkpoint (here max_steps=3, mid-epoch: 4 steps per epoch) and is resumed
+    trains no step more than max_steps and scores what the finished run scored. The steps before the checkpoint
+    ran in another process: its peak memory is carried in the checkpoint and reported, not only the little the
+    resumed process did; and metrics.json says the run was resumed."""
+    from finetune.metrics import problems
+    from finetune.training.checkpoints import read_checkpoint_state, write_checkpoint_state
+
+    run_dir = tmp_path / "run"
+    first = run(_cfg(run_dir, "trainer.max_steps=3", "trainer.save_total_limit=3"), run_dir)
+    assert first["train_steps"] == 3 and "resumed_from" not in first
+    last = run_dir / "checkpoints" / "checkpoint-3"
+    state = read_checkpoint_state(last)
+    assert 0 < state["peak_memory_mb_per_rank"][0] <= first["peak_memory_mb"]
+    # the process that trained steps 1-3 peaked far above anything this one reaches
+    write_checkpoint_state(last, {**state, "peak_memory_mb_per_rank": [123456.0]})
+    again = run(_cfg(run_dir, "trainer.max_steps=3", "trainer.resume_from_checkpoint=auto"), run_dir)
+    for key in COMPARED:
+        assert again.get(key) == first.get(key), key
+    assert again["peak_memory_mb"] == 123456.0 and again["memory_breakdown_mb"]["rest"] > 100000
+    assert again["resumed_from"] == {"checkpoint": str(last), "step": 3}
+    assert problems(again) == []
+
+
 def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
     from finetune.training.checkpoints import resolve_resume
 
