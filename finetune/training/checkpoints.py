@@ -107,3 +107,66 @@ def resolve_resume(value, run_dir: Path):
         raise FinetuneError(f"trainer.resume_from_checkpoint={value}: checkpoint {path} cannot be resumed from: "
                             f"{problem}")
     return str(path)
+
+
+# What a resume may change: none of these alters the steps already trained or what a checkpoint holds. Every other
+# key (model, quantization, adapter, QAT, data, seed, optimizer and batch settings, ...) must be what the
+# checkpoint was trained with, or the resumed run would not continue it (or fail loading it half-way).
+RESUME_MAY_CHANGE = {
+    "sweep_name", "isolate_jobs", "gpus_per_job", "overwrite_run", "cpu_allocator", "run_name", "output_dir",
+    "trainer.max_steps", "trainer.epochs", "trainer.resume_from_checkpoint", "trainer.eval_batch_size",
+    "trainer.logging_steps", "trainer.eval_strategy", "trainer.eval_steps", "trainer.save_strategy",
+    "trainer.save_steps", "trainer.save_total_limit", "trainer.dataloader_num_workers", "trainer.torch_compile",
+    "trainer.gradient_checkpointing", "dataset.max_eval_samples", "dataset.max_test_samples", "qat.eval_int8",
+    "qat.eval_bits",
+}
+RESUME_MAY_CHANGE_PREFIXES = ("eval.", "logger.", "hydra.")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out: dict = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_config_problem(current: dict, checkpoint: str) -> str | None:
+    """Why the resolved config ``current`` cannot resume ``checkpoint`` (None when it can): the keys it sets
+    otherwise than the run that wrote the checkpoint (its ``config.yaml``), outside :data:`RESUME_MAY_CHANGE`.
+    A checkpoint without its run's config.yaml is not checked."""
+    recorded_path = Path(checkpoint).parent.parent / "config.yaml"
+    if not recorded_path.is_file():
+        log.warning("%s not found: the config of the run being resumed cannot be compared with this one",
+                    recorded_path)
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        recorded = _flat(OmegaConf.to_container(OmegaConf.load(recorded_path), resolve=False))
+    except Exception as exc:  # noqa: BLE001 - any parse failure: the file is damaged
+        return f"{recorded_path} is unreadable ({type(exc).__name__})"
+    now = _flat(current)
+    changed = [key for key in sorted(recorded.keys() & now.keys())
+               if recorded[key] != now[key] and key not in RESUME_MAY_CHANGE
+               and not key.startswith(RESUME_MAY_CHANGE_PREFIXES)]
+    if not changed:
+        return None
+    shown = ", ".join(f"{k}={recorded[k]!r} (now {now[k]!r})" for k in changed[:6])
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    return (f"trainer.resume_from_checkpoint: {Path(checkpoint).name} was trained with {shown}{more}; a resume "
+            "continues that run and may change only max_steps / epochs, evaluation, logging and checkpoint keys: "
+            "drop those overrides, or train a new run in a new directory")
+
+
+def check_resume_config(cfg, checkpoint: str) -> None:
+    """Raise when the config ``cfg`` would not continue the run that wrote ``checkpoint``
+    (:func:`resume_config_problem`)."""
+    from omegaconf import OmegaConf
+
+    from finetune.runs import resolved_config
+
+    problem = resume_config_problem(OmegaConf.to_container(resolved_config(cfg), resolve=True), checkpoint)
+    if problem is not None:
+        raise FinetuneError(problem)

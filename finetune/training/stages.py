@@ -76,17 +76,23 @@ def _early_files(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
 
 
 def prepare(job: Job, run_log) -> None:
-    """Rows first (a missing file or a bad row is reported before any weights load), then the run directory is
-    opened (rank 0), the metrics start, and the model loads."""
+    """Rows first (a missing file or a bad row is reported before any weights load), then a resume's config is
+    checked against the run it continues, then the run directory is opened (rank 0), the metrics start, and the
+    model loads."""
     from finetune.data import load_splits
 
     cfg, dcfg, tcfg = job.cfg, job.cfg.dataset, job.cfg.trainer
     job.splits = splits = load_splits(dcfg, cfg.seed)  # before the heavy imports below: a bad file fails fast
+    from finetune.training import distributed
+
+    if job.resume is not None:  # the data is good; is this the run the checkpoint belongs to? (rank 0 decides)
+        from finetune.training.checkpoints import check_resume_config
+
+        distributed.agree(lambda: check_resume_config(cfg, job.resume))
 
     from transformers import set_seed
 
     from finetune.model.load import load_model, resolve_precision
-    from finetune.training import distributed
     from finetune.training.measure import bound_cpu_allocator, memory_device, reset_peak_memory
 
     set_seed(cfg.seed)

@@ -186,9 +186,14 @@ class LabelPositionTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         from finetune.training import distributed
+
         super()._save_checkpoint(model, trial)
-        tokens = distributed.gather(self.meter.tokens if self.meter else None)  # every rank's count (a collective)
-        peaks = distributed.gather(round(self.meter.peak_memory_mb(), 1) if self.meter else None)
+        # Every rank's own figures (a collective): its token count, its peak memory, and the loss it summed since
+        # the last log (the logged part is already averaged over the ranks).
+        ranks = distributed.gather({"tokens": self.meter.tokens if self.meter else None,
+                                    "peak": round(self.meter.peak_memory_mb(), 1) if self.meter else None,
+                                    "pending": float(self._tr_loss.item()) if hasattr(self, "_tr_loss") else 0.0})
+        tokens, peaks, pending = ([r[k] for r in ranks] for k in ("tokens", "peak", "pending"))
         if not self.args.should_save:
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -199,7 +204,8 @@ class LabelPositionTrainer(Trainer):
             # The Trainer's running loss: drained sum + the float32 sum not yet logged, restored as they were
             # so train_loss and the logged losses after a resume equal the uninterrupted run's.
             "total_loss_scalar": self._total_loss_scalar,
-            "pending_loss": float(self._tr_loss.item()) if hasattr(self, "_tr_loss") else 0.0,
+            "pending_loss": pending[0],
+            "pending_loss_per_rank": pending,
             "globalstep_last_logged": self._globalstep_last_logged,
             "tokens": self.meter.tokens if self.meter else None,
             "tokens_per_rank": tokens,
@@ -218,11 +224,14 @@ class LabelPositionTrainer(Trainer):
         st = self._resumed_state
         if not st:
             return
+        from finetune.training import distributed
+
         self._total_loss_scalar = float(st["total_loss_scalar"])
-        self._tr_loss = torch.tensor(st["pending_loss"], dtype=torch.float32, device=self.args.device)
+        pending = st.get("pending_loss_per_rank") or []  # absent in checkpoints of earlier versions: rank 0's
+        own_pending = pending[distributed.rank()] if distributed.rank() < len(pending) else st["pending_loss"]
+        self._tr_loss = torch.tensor(own_pending, dtype=torch.float32, device=self.args.device)
         self._globalstep_last_logged = int(st["globalstep_last_logged"])
         if self.meter is not None and st.get("tokens") is not None:
-            from finetune.training import distributed
             per_rank = st.get("tokens_per_rank") or []
             own = per_rank[distributed.rank()] if distributed.rank() < len(per_rank) else st["tokens"]
             peaks = st.get("peak_memory_mb_per_rank") or []  # absent in checkpoints of earlier versions

@@ -127,3 +127,25 @@ def _process_span(log: str, job: str) -> tuple[float, float]:
         return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
     return stamp("started"), stamp("finished")
+
+
+def test_ddp_resume_equals_the_uninterrupted_run(tmp_path):
+    """Two processes, a checkpoint every step; resumed from step 2 under torchrun, the run ends as the
+    uninterrupted one: each rank restores its own loss summed since the last log, token count and peak memory."""
+    import shutil
+
+    ckpt = ["trainer.batch_size=2", "distributed=ddp", "logger=none", "trainer.save_strategy=steps",
+            "trainer.save_steps=1", "trainer.save_total_limit=5"]
+    full = _train([*ckpt, f"hydra.run.dir={tmp_path}/full-${{oc.env:RANK,0}}"], tmp_path, nproc=2)
+    assert full.returncode == 0, full.stderr[-3000:]
+    # the same run as if killed before its last checkpoint was written
+    shutil.copytree(tmp_path / "full-0", tmp_path / "resumed-0")
+    shutil.rmtree(tmp_path / "resumed-0" / "checkpoints" / "checkpoint-3")
+    again = _train([*ckpt, "trainer.resume_from_checkpoint=auto", f"hydra.run.dir={tmp_path}/resumed-${{oc.env:RANK,0}}"],
+                   tmp_path, nproc=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full-0", "resumed-0"))
+    assert two["resumed_from"]["step"] == 2 and two["train_steps"] == one["train_steps"] == 3
+    for key in ("train_loss", "train_tokens", "eval_loss", "accuracy", "f1"):
+        assert two[key] == one[key], key
+    assert [r["tokens"] for r in two["distributed"]["per_rank"]] == [r["tokens"] for r in one["distributed"]["per_rank"]]

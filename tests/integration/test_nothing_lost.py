@@ -155,6 +155,7 @@ BAD_INPUTS = [
     ([], "already holds a run"),
     (["trainer.resume_from_checkpoint={good}/nope"], "trainer.resume_from_checkpoint="),
     (["trainer.resume_from_checkpoint=auto", "dataset.path={data}/missing.jsonl"], "missing.jsonl"),
+    (["trainer.resume_from_checkpoint=auto", "lora.r=16"], "was trained with lora.r=8 (now 16)"),
     (["trainer.resume_from_checkpoint=auto", "dataset.path={data}/latin1.jsonl"], "latin1.jsonl is not UTF-8"),
     (["trainer.resume_from_checkpoint=auto", "dataset.path={data}/empty.jsonl"], "empty.jsonl is empty"),
     (["trainer.resume_from_checkpoint=auto", "dataset.path={data}/blank.json"], "blank.json is empty"),
@@ -338,6 +339,24 @@ def test_resumed_at_its_last_step_a_run_trains_nothing_more_and_reports_the_whol
     assert again["peak_memory_mb"] == 123456.0 and again["memory_breakdown_mb"]["rest"] > 100000
     assert again["resumed_from"] == {"checkpoint": str(last), "step": 3}
     assert problems(again) == []
+
+
+def test_a_resume_that_changes_what_the_checkpoint_was_trained_with_is_refused_naming_the_keys(tmp_path):
+    """Another adapter rank would fail half-way through loading (a traceback), another lr or seed would silently
+    not continue the run: both are refused before anything is written, naming each key; keys that do not touch
+    the steps already trained (max_steps, evaluation, logging) may change."""
+    run_dir = tmp_path / "run"
+    assert run(_cfg(run_dir, "trainer.max_steps=2", "trainer.save_total_limit=3"), run_dir)["status"] == "ok"
+    before = snapshot(run_dir)
+    resume = "trainer.resume_from_checkpoint=auto"
+    with pytest.raises(FinetuneError, match=r"checkpoint-2 was trained with lora.r=8 \(now 16\), "
+                                            r"trainer.lr=0.002 \(now 0.01\).*a new directory"):
+        run(_cfg(run_dir, "trainer.max_steps=3", resume, "lora.r=16", "trainer.lr=1e-2"), run_dir)
+    with pytest.raises(FinetuneError, match=r"seed=42 \(now 7\)"):
+        run(_cfg(run_dir, "trainer.max_steps=3", resume, "seed=7"), run_dir)
+    assert snapshot(run_dir) == before
+    again = run(_cfg(run_dir, "trainer.max_steps=3", resume, "eval.batch_size=3", "trainer.logging_steps=1"), run_dir)
+    assert again["train_steps"] == 3 and again["resumed_from"]["step"] == 2
 
 
 def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
