@@ -160,9 +160,10 @@ def resume_config_problem(current: dict, checkpoint: str) -> str | None:
             "drop those overrides, or train a new run in a new directory")
 
 
-def check_resume_config(cfg, checkpoint: str) -> None:
+def check_resume_config(cfg, checkpoint: str, precision: str | None = None) -> None:
     """Raise when the config ``cfg`` would not continue the run that wrote ``checkpoint``
-    (:func:`resume_config_problem`)."""
+    (:func:`resume_config_problem`), or when ``precision`` (this run's, resolved) is not the one the checkpoint
+    was trained in (``trainer.precision=auto`` resolves by machine)."""
     from omegaconf import OmegaConf
 
     from finetune.runs import resolved_config
@@ -170,3 +171,9 @@ def check_resume_config(cfg, checkpoint: str) -> None:
     problem = resume_config_problem(OmegaConf.to_container(resolved_config(cfg), resolve=True), checkpoint)
     if problem is not None:
         raise FinetuneError(problem)
+    trained = (read_checkpoint_state(checkpoint) or {}).get("precision")
+    if precision is not None and trained is not None and trained != precision:
+        raise FinetuneError(
+            f"trainer.resume_from_checkpoint: {Path(checkpoint).name} was trained in {trained}, this run would train "
+            f"in {precision} (trainer.precision={cfg.trainer.precision}); set trainer.precision={trained} to "
+            "continue it")

@@ -85,11 +85,6 @@ def prepare(job: Job, run_log) -> None:
     job.splits = splits = load_splits(dcfg, cfg.seed)  # before the heavy imports below: a bad file fails fast
     from finetune.training import distributed
 
-    if job.resume is not None:  # the data is good; is this the run the checkpoint belongs to? (rank 0 decides)
-        from finetune.training.checkpoints import check_resume_config
-
-        distributed.agree(lambda: check_resume_config(cfg, job.resume))
-
     from transformers import set_seed
 
     from finetune.model.load import load_model, resolve_precision
@@ -97,6 +92,10 @@ def prepare(job: Job, run_log) -> None:
 
     set_seed(cfg.seed)
     job.precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
+    if job.resume is not None:  # the data is good; is this the run the checkpoint belongs to? (rank 0 decides)
+        from finetune.training.checkpoints import check_resume_config
+
+        distributed.agree(lambda: check_resume_config(cfg, job.resume, job.precision.name))
     log.info("data: %s (train %d, validation %d, test %d)", splits.source, len(splits.train),
              len(splits.validation), len(splits.test))
     job.main = distributed.is_main()
@@ -214,7 +213,7 @@ def fit(job: Job) -> None:
     trainer = make_trainer(model=job.model, args=args, train_dataset=train_ds, eval_dataset=job.val_ds,
                            data_collator=DataCollator(pad_token_id=job.tok.pad_token_id),
                            callbacks=job.callbacks + [meter], meter=meter,
-                           share_prefix=bool(tcfg.get("share_prefix", True)))
+                           share_prefix=bool(tcfg.get("share_prefix", True)), precision=job.precision.name)
     result = trainer.train(resume_from_checkpoint=job.resume)
     job.trainer = trainer
     if job.qat_handle is not None:

@@ -122,6 +122,7 @@ class LabelPositionTrainer(Trainer):
 
     meter: ThroughputCallback | None = None  # the run's throughput meter (make_trainer)
     share_prefix: bool = True  # trainer.share_prefix (make_trainer)
+    precision: str | None = None  # the run's resolved precision (make_trainer), recorded in each checkpoint
     _label_positions: bool | None = None
     _resumed_state: dict | None = None
     _4bit_modules: list | None = None
@@ -211,6 +212,7 @@ class LabelPositionTrainer(Trainer):
             "tokens_per_rank": tokens,
             "elapsed_s": self.meter.elapsed_so_far() if self.meter else None,
             "peak_memory_mb_per_rank": peaks,
+            "precision": self.precision,
             # Callbacks with state of their own (QAT's static observers) save it alongside.
             "callbacks": {type(cb).__name__: cb.checkpoint_state() for cb in self.callback_handler.callbacks
                           if hasattr(cb, "checkpoint_state")},
@@ -252,7 +254,8 @@ class LabelPositionTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kw)
 
 
-def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool = True, **kwargs):
+def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool = True, precision: str | None = None,
+                 **kwargs):
     """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
     whose length-grouped order is seeded, and whose checkpoints resume exactly.
 
@@ -261,10 +264,12 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
             on resume, so ``train_tokens`` covers the whole run.
         share_prefix: compute the prompt prefix all rows of a batch share once per batch
             (``trainer.share_prefix``; :func:`finetune.model.loss.label_position_nll`).
+        precision: the run's resolved precision (fp32 / bf16 / fp16), recorded in each checkpoint: ``auto`` can
+            resolve otherwise on another machine, and a resume there would not continue the run.
     """
     callbacks = list(kwargs.pop("callbacks", None) or [])
     trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
-    trainer.meter, trainer.share_prefix = meter, share_prefix
+    trainer.meter, trainer.share_prefix, trainer.precision = meter, share_prefix, precision
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, _ResumeStateCallback):
             cb.trainer = trainer

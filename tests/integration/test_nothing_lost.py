@@ -342,9 +342,9 @@ def test_resumed_at_its_last_step_a_run_trains_nothing_more_and_reports_the_whol
 
 
 def test_a_resume_that_changes_what_the_checkpoint_was_trained_with_is_refused_naming_the_keys(tmp_path):
-    """Another adapter rank would fail half-way through loading (a traceback), another lr or seed would silently
-    not continue the run: both are refused before anything is written, naming each key; keys that do not touch
-    the steps already trained (max_steps, evaluation, logging) may change."""
+    """Another adapter rank would fail half-way through loading (a traceback), another lr, seed or precision would
+    silently not continue the run: all are refused before anything is written, naming each key; keys that do not
+    touch the steps already trained (max_steps, evaluation, logging) may change."""
     run_dir = tmp_path / "run"
     assert run(_cfg(run_dir, "trainer.max_steps=2", "trainer.save_total_limit=3"), run_dir)["status"] == "ok"
     before = snapshot(run_dir)
@@ -355,6 +355,17 @@ def test_a_resume_that_changes_what_the_checkpoint_was_trained_with_is_refused_n
     with pytest.raises(FinetuneError, match=r"seed=42 \(now 7\)"):
         run(_cfg(run_dir, "trainer.max_steps=3", resume, "seed=7"), run_dir)
     assert snapshot(run_dir) == before
+    # trainer.precision=auto resolves by machine: the checkpoint records what it was trained in
+    from finetune.training.checkpoints import read_checkpoint_state, write_checkpoint_state
+
+    last = run_dir / "checkpoints" / "checkpoint-2"
+    state = read_checkpoint_state(last)
+    assert state["precision"] in ("fp32", "bf16")
+    write_checkpoint_state(last, {**state, "precision": "fp16"})  # as if trained on a GPU without bf16
+    with pytest.raises(FinetuneError, match=r"checkpoint-2 was trained in fp16, this run would train in (fp32|bf16) "
+                                            r"\(trainer.precision=auto\); set trainer.precision=fp16"):
+        run(_cfg(run_dir, "trainer.max_steps=3", resume), run_dir)
+    write_checkpoint_state(last, state)
     again = run(_cfg(run_dir, "trainer.max_steps=3", resume, "eval.batch_size=3", "trainer.logging_steps=1"), run_dir)
     assert again["train_steps"] == 3 and again["resumed_from"]["step"] == 2
 
