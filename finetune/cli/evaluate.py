@@ -6,7 +6,8 @@
 
 Arguments are ``key=value`` like the training CLI: ``run`` (required), ``split`` (test | validation | train,
 for folder / hub sources), ``out`` (default: <run>/eval-<split or file stem>.json), ``batch_size``, and any
-``dataset.*`` key of the run's config. A single file is scored whole.
+``dataset.*`` key of the run's config. A single file is scored whole. The result names the precision it scored
+in (the run's ``trainer.precision``, resolved on this machine), with a warning where the run's own differed.
 """
 
 from __future__ import annotations
@@ -64,7 +65,13 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
     bs = int(batch_size or cfg.eval.batch_size)
     max_len = int(cfg.trainer.max_length)
     t0 = time.perf_counter()
-    result = {"run": str(path), "dataset": dcfg.name, "data_source": source, "scored": scored, "n": len(rows)}
+    result = {"run": str(path), "dataset": dcfg.name, "data_source": source, "scored": scored, "n": len(rows),
+              "precision": precision.name}
+    trained = _run_precision(path)
+    if trained is not None and trained != precision.name:
+        log.warning("scoring in %s; the run trained and scored in %s (trainer.precision=%s resolves by machine): "
+                    "scores can differ from the run's in the last digits", precision.name, trained,
+                    cfg.trainer.precision)
     if dcfg.task == "classification":
         out = classify(model, tok, rows, dcfg, max_len, bs, precision.bf16)
         result.update(accuracy=out["accuracy"], f1=out["f1"])
@@ -73,6 +80,14 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
     result.update(eval_loss=lp["eval_loss"], perplexity=lp["perplexity"])
     result["eval_runtime_s"] = round(time.perf_counter() - t0, 2)
     return result
+
+
+def _run_precision(run_dir: Path) -> str | None:
+    """The precision the run trained and scored in (its metrics.json), if recorded."""
+    try:
+        return json.loads((Path(run_dir) / "metrics.json").read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 WRITTEN_BY = "finetune-eval"

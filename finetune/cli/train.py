@@ -43,7 +43,19 @@ def main() -> None:
     except FinetuneError as exc:
         print_error(exc)
         sys.exit(2)
+    sys.argv[1:] = run_dir_follows_output_dir(sys.argv[1:])
     hydra_main()
+
+
+def run_dir_follows_output_dir(argv: list[str]) -> list[str]:
+    """``output_dir=<dir>`` on a single run's command line also sets Hydra's run directory to it (unless
+    ``hydra.run.dir`` is given): else Hydra would make an empty outputs/<date>/<time> folder the run never uses."""
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    value = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("output_dir=")), None)
+    if not value or "${" in value:
+        return argv
+    return [*argv, f"hydra.run.dir={value}"]
 
 
 if __name__ == "__main__":

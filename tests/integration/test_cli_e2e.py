@@ -103,7 +103,7 @@ def test_saved_adapter_reloads_and_reproduces_its_eval(runs, tmp_path):
     out = tmp_path / "eval.json"
     cli("finetune.cli.evaluate", f"run={run_dir}", "split=test", f"out={out}")
     again = json.loads(out.read_text())
-    assert again["n"] == m["n_scored"]
+    assert again["n"] == m["n_scored"] and again["precision"] == m["precision"]
     assert again["accuracy"] == pytest.approx(m["accuracy"], abs=1e-9)
     assert again["f1"] == pytest.approx(m["f1"], abs=1e-9)
     val = tmp_path / "val.json"  # the same command in this process (the reload above ran in a fresh one)

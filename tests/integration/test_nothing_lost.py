@@ -460,3 +460,21 @@ def test_unreachable_wandb_server_costs_at_most_10_s(tmp_path, monkeypatch, capl
         import wandb
 
         wandb.teardown()  # the W&B process singleton keeps this test's server address otherwise
+
+
+def test_output_dir_on_the_command_line_leaves_no_empty_hydra_folder(good_run, tmp_path):
+    """``output_dir=<dir>`` is where the run writes: Hydra's own time-stamped folder follows it instead of being
+    made (empty) under ./outputs; here with a command that is refused, as the directory already holds a run."""
+    from finetune.cli.train import run_dir_follows_output_dir
+
+    before = snapshot(good_run)
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    args = [*TINY, f"dataset.path={shared('chnsenticorp')}", f"output_dir={good_run}"]
+    proc = subprocess.run([sys.executable, "-c", "from finetune.cli.train import main; main()", *args],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == [] and snapshot(good_run) == before
+    # an explicit hydra.run.dir, a sweep or an interpolated value are left as given
+    for argv in (["output_dir=/a", "hydra.run.dir=/b"], ["-m", "output_dir=/a"], ["output_dir=${oc.env:HOME}/x"]):
+        assert run_dir_follows_output_dir(argv) == argv
+    assert run_dir_follows_output_dir(["lora.r=4", "output_dir=/a"]) == ["lora.r=4", "output_dir=/a", "hydra.run.dir=/a"]
