@@ -285,7 +285,9 @@ def _body(argv: list[str]) -> int:
     from finetune.cli.bench_qat import compose_config, parse_choices
     from finetune.runs import atomic_write_json, atomic_write_text, check_out_path
 
-    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
+    from finetune.cli.common import ArgumentParser
+
+    p = ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6, help="training steps per arm and round (default 6)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians are reported (default 1)")

@@ -213,7 +213,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _body(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="finetune-bench-qat", description=__doc__.split("\n\n")[0],
+    from finetune.cli.common import ArgumentParser
+
+    p = ArgumentParser(prog="finetune-bench-qat", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4, help="training steps per variant per round (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")

@@ -4,6 +4,7 @@ turns a user's mistake (a :class:`FinetuneError`) into ``error: <message>`` on s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
@@ -11,6 +12,14 @@ import warnings
 from collections.abc import Callable
 
 from finetune.errors import LOG_FORMAT, FinetuneError, print_error
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with this project's contract for a user's mistake: one ``error:`` line naming the option (and
+    ``--help``), exit status 2 (through :func:`run_cli`), instead of the usage block."""
+
+    def error(self, message: str):
+        raise FinetuneError(f"{message} (see {self.prog} --help)")
 
 
 @contextlib.contextmanager

@@ -5,16 +5,29 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from finetune.cli.common import run_cli
+from finetune.cli.common import ArgumentParser, run_cli
 from finetune.report.compare import generate_report, markdown_table
 from finetune.report.tables import KINDS
 
 
+def _metric_joined(argv: list[str]) -> list[str]:
+    """``--metric -eval_loss`` as ``--metric=-eval_loss``: argparse would take the leading '-' (lower is better)
+    for an option of its own."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--metric" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--help":
+            out.append(f"--metric={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def _body(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="finetune-report",
         description="Compare the jobs of a sweep: writes comparison.md, comparison.csv and a PNG plot beside them.",
     )
@@ -22,7 +35,7 @@ def _body(argv: list[str]) -> int:
     parser.add_argument("--kind", choices=KINDS, default=None, help="comparison kind (default: detected)")
     parser.add_argument("--metric", default=None,
                         help="column to rank on, e.g. f1 or -eval_loss (leading '-': lower is better)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_metric_joined(argv))
     report = generate_report(args.sweep_dir, args.kind, args.metric)
     print(f"Takeaway: {report.comparison.takeaway}\n")
     if report.comparison.summary is not None:

@@ -452,6 +452,23 @@ def test_cli_prints_table_and_paths(methods_sweep: Path, capsys: pytest.CaptureF
     assert f"wrote {methods_sweep / 'comparison.md'}" in out
 
 
+def test_cli_metric_with_a_leading_minus_as_its_help_shows(grid_sweep: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--metric -eval_loss`` (lower is better), written as the help writes it, not only ``--metric=-eval_loss``."""
+    assert main([str(grid_sweep), "--metric", "-eval_loss"]) == 0
+    out = capsys.readouterr().out
+    assert "Takeaway: Best: r=8, alpha=16, dropout=0 -> eval loss 0.160" in out
+
+
+def test_cli_usage_mistakes_are_one_error_line_and_exit_2(grid_sweep: Path, capsys: pytest.CaptureFixture) -> None:
+    for argv, needle in (([], "the following arguments are required: DIR"),
+                         ([str(grid_sweep), "--kind", "foo"], "argument --kind: invalid choice: 'foo'"),
+                         ([str(grid_sweep), "--metric"], "argument --metric: expected one argument")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+        assert err[0].endswith("(see finetune-report --help)")
+
+
 def test_cli_missing_dir_exits_2_with_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_sweep"
     proc = subprocess.run([sys.executable, "-m", "finetune.cli.report", str(missing)],
