@@ -52,6 +52,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "total_params": (NUMBER, "all parameters"),
     "trainable_pct": (NUMBER, "trainable share of all parameters, in percent"),
     "model_memory_mb": (NUMBER, "the loaded model's weights and buffers, MiB"),
+    "base_model_fingerprint": (TEXT, "sha256 over the base model's weight, config and tokenizer files (a hub model "
+                                     "in the hub cache: hub:<id>@<commit>); a run is not loaded onto another base"),
     "peak_memory_mb": (NUMBER, "peak memory of loading and training (RSS on CPU, allocated on GPU), MiB; a resumed "
                               "run: the higher of this process's and the one that wrote the checkpoint"),
     "memory_breakdown_mb": (MAPPING, "peak_memory_mb split into weights, trainable + optimizer state, rest"),

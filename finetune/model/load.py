@@ -252,6 +252,32 @@ def prepare_for_training(model, *, quantized: bool, gradient_checkpointing: bool
     model.config.use_cache = False
 
 
+def check_base_model(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse to load a run's adapter onto a base model other than the one it was trained on (its metrics.json
+    ``base_model_fingerprint``): a re-converted or re-downloaded model, a hub model whose revision moved.
+
+    Raises:
+        FinetuneError: the base model's files are not those the run recorded.
+    """
+    import json
+
+    from finetune.evaluation.score_cache import model_fingerprint
+
+    try:
+        recorded = json.loads((Path(run_dir) / "metrics.json").read_text()).get("base_model_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not recorded:  # a run of an earlier version, or a base with no local files to fingerprint
+        return
+    resolved, _ = resolve_model_path(cfg.model)
+    now = model_fingerprint(resolved, cfg.model)
+    if now is not None and now != recorded:
+        raise FinetuneError(
+            f"run={run_dir}: its adapter was trained on model.name_or_path={cfg.model.name_or_path} with fingerprint "
+            f"{recorded[:16]}, but {resolved} now holds {now[:16]}: an adapter on another base is not the trained "
+            "model; restore that base (for a hub model, pin model.revision when training)")
+
+
 def load_run(run_dir: str | Path, *, quantization: DictConfig | None = None, for_training: bool = False,
              merge: bool = False):
     """Load a finished run for inference.
@@ -276,6 +302,7 @@ def load_run(run_dir: str | Path, *, quantization: DictConfig | None = None, for
     else:
         from peft import PeftModel
 
+        check_base_model(path, cfg)
         base, _, _ = load_model(cfg.model, qcfg, precision, for_training=for_training)
         model = PeftModel.from_pretrained(base, path / "adapter", is_trainable=for_training)
         if merge:

@@ -123,6 +123,13 @@ def prepare(job: Job, run_log) -> None:
                                               sharded=job.sharded)
     job.metrics["model_path"] = resolved
     job.metrics["model_memory_mb"] = round(job.model.get_memory_footprint() / 2**20, 2)
+    if job.main:
+        from finetune.evaluation.score_cache import model_fingerprint
+
+        # What the adapter was trained on, by content: finetune-eval / -merge / -chat / -export refuse another base.
+        fingerprint = model_fingerprint(resolved, cfg.model)
+        if fingerprint is not None:
+            job.metrics["base_model_fingerprint"] = fingerprint
 
 
 def baseline(job: Job) -> None:

@@ -277,6 +277,31 @@ def test_config_records_absolute_paths(good_run, tmp_path, monkeypatch):
     assert eval_cli.main([f"run={good_run}", f"out={tmp_path / 'scores.json'}"]) == 0
 
 
+def test_a_run_is_never_loaded_onto_another_base_model(good_run, tmp_path, capsys):
+    """metrics.json records the base model's content fingerprint; finetune-eval (and merge / chat / export, which
+    load runs the same way) refuse an adapter on a base whose files are no longer those."""
+    import shutil
+
+    from finetune.cli import evaluate as eval_cli
+    from finetune.evaluation.score_cache import model_fingerprint
+    from finetune.model.checkpoints import resolve_model_path
+    from omegaconf import OmegaConf
+
+    recorded = json.loads((good_run / "metrics.json").read_text())["base_model_fingerprint"]
+    cfg = OmegaConf.load(good_run / "config.yaml")
+    assert recorded == model_fingerprint(resolve_model_path(cfg.model)[0], cfg.model)
+    assert eval_cli.main([f"run={good_run}", f"out={tmp_path / 'same.json'}"]) == 0
+    moved = tmp_path / "run"  # the same run, as if its base had been re-converted since
+    shutil.copytree(good_run, moved)
+    metrics = json.loads((moved / "metrics.json").read_text())
+    (moved / "metrics.json").write_text(json.dumps({**metrics, "base_model_fingerprint": "0" * 64}))
+    capsys.readouterr()
+    assert eval_cli.main([f"run={moved}", f"out={tmp_path / 'other.json'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on model.name_or_path=random:llama with fingerprint 0000000000000000" in err[0]
+    assert not (tmp_path / "other.json").exists()
+
+
 # ------------------------------------------------------------------------------------------------- resume
 
 RESUME = [*TINY, "trainer.max_steps=-1", "trainer.epochs=2", "dataset.max_train_samples=16", "trainer.batch_size=2",
