@@ -184,7 +184,7 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     if deployment.scale == "static" and absmax is None:
         absmax = _calibrate(model, tok, cfg, deployment)
     if str(cfg.quantization.mode) != "none":
-        print(f"note: run={path} trained on a {cfg.quantization.mode} base: its own accuracy_int8 kept those weights "
+        print(f"note: run={path} trained on an {cfg.quantization.mode} base: its own accuracy_int8 kept those weights "
               "(INT8 activations only); this export quantizes the merged, de-quantized weights to INT8 as well, which "
               "accuracy_simulated simulates")
     info = {"format": fmt, "run": str(path), "method": method_name(cfg), "qat_targets": targets,

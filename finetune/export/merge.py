@@ -33,6 +33,10 @@ RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 # The merged float32 model vs the QLoRA model as trained, by the run's compute precision: bitsandbytes
 # de-quantizes into that precision and its non-quantized layers stay in it.
 QUANT_RTOL = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 1e-2}
+# LLM.int8() quantizes the activations too (per token, outliers above its threshold kept in 16 bits): no float
+# checkpoint computes what the int8 model computes. Its own distance from its de-quantized weights, measured on the
+# same prompts without the adapter, bounds how close any merge can come; the merge may be this many times as far.
+INT8_KERNEL_FACTOR = 1.5
 ARGS = {"run": None, "out": None, "dtype": "float32", "check": "true", "overwrite": "false", "base": "trained"}
 BASES = ("trained", "original")
 NO_QUANT = {"mode": "none"}
@@ -79,6 +83,10 @@ def dequantized_base_weights(model) -> dict[str, torch.Tensor]:
 
     out = {}
     for name, module in model.named_modules():
+        if hasattr(module, "base_layer"):
+            # A PEFT wrapper: its ``weight`` is its base layer's, visited under its own name with the int8 layer's
+            # quantization ``state`` (which the wrapper lacks).
+            continue
         weight = getattr(module, "weight", None)
         kind = type(weight).__name__
         if kind in ("Params4bit", "Int8Params"):
@@ -121,11 +129,11 @@ def merged_model(run_dir: str | Path, *, reference: bool = False, base: str = "t
         info["note"] = (f"run={path} is a full fine-tune: there is no adapter to merge; its model/ weights are "
                         "used as they are")
     elif use_dequantized:
-        info["note"] = (f"run={path} trained QLoRA on a {mode}-quantized base: the adapter is merged into the "
+        info["note"] = (f"run={path} trained QLoRA on an {mode}-quantized base: the adapter is merged into the "
                         f"de-quantized {mode} weights it was trained on (float32; the model that was trained and "
                         "scored), and the result is not re-quantized")
     elif mode != "none":
-        info["note"] = (f"run={path} trained QLoRA on a {mode}-quantized base: base=original merges the adapter "
+        info["note"] = (f"run={path} trained QLoRA on an {mode}-quantized base: base=original merges the adapter "
                         "into the original full-precision weights, a model that was never trained or scored")
     if use_dequantized and dequantized is None:
         quantized, _, _, _ = open_run(path)
@@ -152,14 +160,17 @@ def merged_model(run_dir: str | Path, *, reference: bool = False, base: str = "t
     return model, tok, cfg, path, info
 
 
-def quantized_adapter(run_dir: Path) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+def quantized_adapter(run_dir: Path) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]:
     """The QLoRA model as trained (the adapter on the run's own quantized base): its logits on the check
-    prompts, and its de-quantized base weights (taken before the first forward)."""
+    prompts, its de-quantized base weights (taken before the first forward), and the quantized base's logits
+    with the adapter disabled (the kernel's own distance from its de-quantized weights)."""
     model, tok, _, _ = open_run(run_dir)
     weights = dequantized_base_weights(model)
     logits = prompt_logits(model, tok)
+    with model.disable_adapter():
+        base_logits = prompt_logits(model, tok)
     del model
-    return logits, weights
+    return logits, weights, base_logits
 
 
 def original_w_logits(run_dir: Path) -> list[torch.Tensor]:
@@ -200,14 +211,15 @@ def merge_run(run: str, out: str, dtype: str = "float32", check: bool = True, ov
     kind = run_kind(path)
     target = prepare_out_dir(out, overwrite, path, "finetune-merge")
     as_choice("base", base, BASES)
-    quant_ref, dequantized, original = None, None, None
+    quant_ref, dequantized, original, quant_base = None, None, None, None
     if kind == "adapter" and cfg.quantization.mode != "none":
         # The QLoRA model as trained, before the fp32 model: one model in memory at a time.
-        quant_ref, dequantized = quantized_adapter(path)
+        quant_ref, dequantized, quant_base = quantized_adapter(path)
         if check:
             original = original_w_logits(path) if base == "trained" else None
     model, tok, cfg, path, info = merged_model(path, reference=check, base=base, dequantized=dequantized)
     info["original_w_logits"] = original
+    info["quantized_base_logits"] = quant_base
     info["reference_precision"] = _reference_precision(cfg, _run_precision(cfg))
     if info["note"]:
         print(info["note"] + (f", saved at {dtype}." if kind == "model" else "."))
@@ -275,10 +287,18 @@ def _check(target: Path, tok, dtype: str, info: dict, quant_ref: list | None, ki
         if info["base_weights"] == "dequantized":
             qrtol = QUANT_RTOL[info["reference_precision"]]
             qtol = qrtol * scale
+            kernel_note = ""
+            if mode == "int8" and info.get("quantized_base_logits") is not None and "base_logits" in info:
+                kernel, _ = max_abs_diff(info["quantized_base_logits"], info["base_logits"])
+                qtol += INT8_KERNEL_FACTOR * kernel
+                out["int8_kernel_distance"] = kernel
+                kernel_note = (f" + {INT8_KERNEL_FACTOR:g} x {kernel:.3g}, the int8 base's own distance from its "
+                               "de-quantized weights without the adapter: LLM.int8() quantizes activations too, "
+                               "which no float checkpoint reproduces")
             out.update(quantized_adapter_tolerance=qtol, quantized_adapter_rtol=qrtol,
                        quantized_adapter_precision=info["reference_precision"])
             print(f"check 3 (the model as trained): max |logit difference| = {qdiff:.3g} vs the adapter on the "
-                  f"{mode}-quantized base (tolerance {qtol:.3g} = {qrtol:g} x logit scale, "
+                  f"{mode}-quantized base (tolerance {qtol:.3g} = {qrtol:g} x logit scale{kernel_note}, "
                   f"{info['reference_precision']} compute)")
             if qdiff > qtol:
                 failed.append(f"merged vs the adapter on the {mode} base {qdiff:.3g} > {qtol:.3g}")

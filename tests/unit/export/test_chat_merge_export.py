@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
     return {
         "lora": _train(base, "lora"),
         "nf4": _train(base, "nf4", "quantization=nf4"),
+        "int8": _train(base, "int8", "quantization=int8"),
         "full": _train(base, "full", "lora=none"),
         "gen": _train(base, "gen", "dataset=alpaca", f"dataset.path={alpaca}"),
     }
@@ -64,7 +65,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("name", ["lora", "nf4"])
+@pytest.mark.parametrize("name", ["lora", "nf4", "int8"])
 def test_merge_matches_the_adapter_model(runs, name, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -94,16 +95,26 @@ def test_merge_matches_the_adapter_model(runs, name, tmp_path, capsys):
         from finetune.model.load import four_bit_inference_is_bf16
 
         bf16_kernel = four_bit_inference_is_bf16(OmegaConf.create({"mode": name}))
-        assert result["quantized_adapter_precision"] == ("bf16" if bf16_kernel else "fp32")
+        assert result["quantized_adapter_precision"] == ("bf16" if bf16_kernel else "fp32")  # the runs train in fp32
         assert result["quantized_adapter_rtol"] == (5e-2 if bf16_kernel else 1e-3)
     atol = 1e-4 if name == "lora" else result["quantized_adapter_rtol"] * max(1.0, float(_logits(adapter, ids).abs().max()))
+    if name == "int8":  # the bound the merge states (with the int8 kernel's own distance), on other inputs
+        atol = result["quantized_adapter_tolerance"]
     assert torch.allclose(_logits(merged, ids), _logits(adapter, ids), atol=atol)
-    if name == "nf4":
-        assert "de-quantized nf4 weights" in printed and "not re-quantized" in printed
-        assert result["base_quantization"] == "nf4" and result["base_weights"] == "dequantized"
+    if name != "lora":
+        assert f"de-quantized {name} weights" in printed and "not re-quantized" in printed
+        assert result["base_quantization"] == name and result["base_weights"] == "dequantized"
         assert result["max_abs_diff_vs_quantized_adapter"] <= result["quantized_adapter_tolerance"]
+    if name == "nf4":
         # merging into the original weights (W + BA) lands much farther from the model as trained
         assert result["original_w_merge_max_abs_diff"] > 10 * result["max_abs_diff_vs_quantized_adapter"]
+        assert "int8_kernel_distance" not in result
+    if name == "int8":
+        # LLM.int8() also quantizes activations: the merge is about as far from the int8 model as the de-quantized
+        # base is from the int8 base (no float model can be closer), and far closer than a missing merge
+        kernel = result["int8_kernel_distance"]
+        assert 0 < kernel and result["max_abs_diff_vs_quantized_adapter"] <= 1.5 * kernel + 1e-3 * result["logit_scale"]
+        assert result["adapter_effect"] > 10 * result["quantized_adapter_tolerance"]
 
 
 def test_qlora_merge_into_the_original_weights_is_not_the_trained_model(runs, tmp_path):
@@ -241,6 +252,15 @@ def test_export_generation_run_reports_perplexity(runs, tmp_path, capsys):
     assert q["n"] == 3 and len(info["quantized_modules"]) == 2 * 7
     assert info["perplexity"] == pytest.approx(info["perplexity_simulated"], rel=export.PPL_RTOL)
     assert info["ms_per_token_float32"] is None and "float32_onnx" not in info["sizes_bytes"]
+
+
+def test_export_of_an_int8_qlora_run_merges_into_its_dequantized_int8_base(runs, tmp_path, capsys):
+    """The int8 base's weights are read with their quantization state (held by the base layer, not the PEFT
+    wrapper around it): the export builds on them and passes its own check."""
+    info = export.export_run(str(runs["int8"]), "int8", str(tmp_path / "i"), max_samples=3, latency_tokens=1,
+                             latency_reps=1, float_reference=False)
+    assert info["base_weights"] == "dequantized" and info["simulation_check"]["passed"]
+    assert "trained on an int8 base" in capsys.readouterr().out
 
 
 def test_export_of_a_static_qat_run_uses_its_own_scales(tmp_path, capsys):
