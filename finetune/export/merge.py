@@ -220,7 +220,8 @@ def merge_run(run: str, out: str, dtype: str = "float32", check: bool = True, ov
     model, tok, cfg, path, info = merged_model(path, reference=check, base=base, dequantized=dequantized)
     info["original_w_logits"] = original
     info["quantized_base_logits"] = quant_base
-    info["reference_precision"] = _reference_precision(cfg, _run_precision(cfg))
+    # 4-bit layers keep their standard layout and compute in the run's precision (load.keep_4bit_layout)
+    info["reference_precision"] = _run_precision(cfg)
     if info["note"]:
         print(info["note"] + (f", saved at {dtype}." if kind == "model" else "."))
     # Built beside ``out`` and renamed into place when complete: an earlier output is replaced only then.
@@ -324,14 +325,6 @@ def _run_precision(cfg) -> str:
     from finetune.model.load import resolve_precision
 
     return resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none").name
-
-
-def _reference_precision(cfg, precision: str) -> str:
-    """The precision the QLoRA reference model actually computes in (see
-    :func:`finetune.model.load.four_bit_inference_is_bf16`)."""
-    from finetune.model.load import four_bit_inference_is_bf16
-
-    return "bf16" if four_bit_inference_is_bf16(cfg.quantization) else precision
 
 
 def _method(cfg) -> str:

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from finetune.errors import FinetuneError
 from finetune.metrics import problems
@@ -60,6 +61,41 @@ def test_dora_run(tmp_path):
     assert m["method"] == "dora" and m["trainable_params"] > 0
     # the selection score comes from the validation split, scored like test; both are recorded
     assert m["n_val_scored"] == m["n_validation"] and 0.0 <= m["val_accuracy"] <= 1.0 and 0.0 <= m["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["lora=default", "lora=dora"])
+def test_a_4bit_run_trains_the_same_model_whether_or_not_the_base_was_scored_before(tmp_path, method):
+    """QLoRA / QDoRA on nf4: the zero-shot pass (eval-mode forwards of the 4-bit base) must not change what trains.
+    bitsandbytes repacked such layers for a fused CPU kernel on CPUs with AVX-512 BF16; packing and back moved the
+    weights, and DoRA's magnitudes were initialised from the repacked bytes."""
+    from safetensors.torch import load_file
+
+    common = (f"dataset.path={shared('chnsenticorp')}", "quantization=nf4", method, "eval.zero_shot_cache=false",
+              "trainer.precision=fp32", "trainer.max_steps=3")
+    scored, a = _run(tmp_path, *common, "eval.zero_shot=true", name="scored")
+    unscored, b = _run(tmp_path, *common, "eval.zero_shot=false", name="unscored")
+    assert "zero_shot_accuracy" in scored and "zero_shot_accuracy" not in unscored
+    for key in ("train_loss", "eval_loss", "accuracy", "f1"):
+        assert scored[key] == unscored[key], key
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_4bit_layers_keep_their_standard_layout_through_inference():
+    """No eval-mode forward repacks a loaded 4-bit layer: its de-quantized weights stay bit-identical."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    from finetune.model.load import load_model, resolve_precision
+
+    cfg = compose_cfg(["model=tiny", "quantization=nf4"])
+    model, _, _ = load_model(cfg.model, cfg.quantization, resolve_precision("fp32", cfg.model.dtype))
+    layers = [m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+    before = [dequantize_module_weight(m).clone() for m in layers]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 500, 2000, 77]]))
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert all(torch.equal(dequantize_module_weight(m), w) for m, w in zip(layers, before))
 
 
 def test_resume_from_checkpoint_auto(tmp_path):
