@@ -287,9 +287,11 @@ def zero_shot(model, tokenizer, rows: list[dict], cfg: DictConfig, resolved: str
     a rerun or a sweep on the same model, rows and prompt scores them once. ``trunk`` records the frozen lower
     layers' states where the rows are scored (not on a cache hit)."""
     from finetune.evaluation import score_cache
+    from finetune.model.fingerprint import model_fingerprint
+
     key = None
     if cfg.eval.get("zero_shot_cache", True):
-        fingerprint = score_cache.model_fingerprint(resolved, cfg.model)
+        fingerprint = model_fingerprint(resolved, cfg.model)
         if fingerprint is not None:
             key = score_cache.score_key(fingerprint, cfg, rows, max_length, precision.name)
     scores, hit = score_cache.cached_scores(

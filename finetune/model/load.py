@@ -270,7 +270,7 @@ def check_base_model(run_dir: Path, cfg: DictConfig) -> None:
     """
     import json
 
-    from finetune.evaluation.score_cache import model_fingerprint
+    from finetune.model.fingerprint import model_fingerprint
 
     try:
         recorded = json.loads((Path(run_dir) / "metrics.json").read_text()).get("base_model_fingerprint")

@@ -124,7 +124,7 @@ def prepare(job: Job, run_log) -> None:
     job.metrics["model_path"] = resolved
     job.metrics["model_memory_mb"] = round(job.model.get_memory_footprint() / 2**20, 2)
     if job.main:
-        from finetune.evaluation.score_cache import model_fingerprint
+        from finetune.model.fingerprint import model_fingerprint
 
         # What the adapter was trained on, by content: finetune-eval / -merge / -chat / -export refuse another base.
         fingerprint = model_fingerprint(resolved, cfg.model)

@@ -283,7 +283,7 @@ def test_a_run_is_never_loaded_onto_another_base_model(good_run, tmp_path, capsy
     import shutil
 
     from finetune.cli import evaluate as eval_cli
-    from finetune.evaluation.score_cache import model_fingerprint
+    from finetune.model.fingerprint import model_fingerprint
     from finetune.model.checkpoints import resolve_model_path
     from omegaconf import OmegaConf
 

@@ -250,7 +250,7 @@ def test_damaged_score_cache_is_recomputed(tiny, tmp_path, monkeypatch):
 
 
 def test_model_fingerprint_follows_the_weights(tmp_path, monkeypatch):
-    from finetune.evaluation.score_cache import model_fingerprint
+    from finetune.model.fingerprint import model_fingerprint
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "m"
