@@ -52,10 +52,14 @@ def run_dir_follows_output_dir(argv: list[str]) -> list[str]:
     ``hydra.run.dir`` is given): else Hydra would make an empty outputs/<date>/<time> folder the run never uses."""
     if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
-    value = next((a.split("=", 1)[1] for a in reversed(argv) if a.startswith("output_dir=")), None)
+    last = max((i for i, a in enumerate(argv) if a.startswith("output_dir=")), default=None)
+    if last is None:
+        return argv
+    value = argv[last].split("=", 1)[1]
     if not value or "${" in value:
         return argv
-    return [*argv, f"hydra.run.dir={value}"]
+    # Right after it: overrides are one run of positional arguments to Hydra's parser (flags such as --cfg may follow).
+    return [*argv[:last + 1], f"hydra.run.dir={value}", *argv[last + 1:]]
 
 
 if __name__ == "__main__":

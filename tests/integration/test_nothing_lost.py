@@ -503,3 +503,10 @@ def test_output_dir_on_the_command_line_leaves_no_empty_hydra_folder(good_run, t
     for argv in (["output_dir=/a", "hydra.run.dir=/b"], ["-m", "output_dir=/a"], ["output_dir=${oc.env:HOME}/x"]):
         assert run_dir_follows_output_dir(argv) == argv
     assert run_dir_follows_output_dir(["lora.r=4", "output_dir=/a"]) == ["lora.r=4", "output_dir=/a", "hydra.run.dir=/a"]
+    # beside it, so a flag after the overrides still parses (argparse takes the overrides as one run)
+    assert run_dir_follows_output_dir(["output_dir=/a", "--cfg", "job"]) == ["output_dir=/a", "hydra.run.dir=/a",
+                                                                               "--cfg", "job"]
+    shown = subprocess.run([sys.executable, "-c", "from finetune.cli.train import main; main()",
+                            f"output_dir={tmp_path / 'x'}", "--cfg", "job"], capture_output=True, text=True,
+                           cwd=tmp_path, env=env, timeout=300)
+    assert shown.returncode == 0 and f"output_dir: {tmp_path / 'x'}" in shown.stdout, shown.stderr
