@@ -42,7 +42,7 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
     from finetune.evaluation.scoring import classify, loss_and_perplexity
     from finetune.model.load import resolve_precision
     from finetune.model.load import load_run
-    from finetune.runs import run_config, run_kind
+    from finetune.runs import run_config, run_kind, run_metrics
 
     path, cfg = run_config(run_dir)
     run_kind(path)
@@ -67,7 +67,10 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
     t0 = time.perf_counter()
     result = {"run": str(path), "dataset": dcfg.name, "data_source": source, "scored": scored, "n": len(rows),
               "precision": precision.name}
-    trained = _run_precision(path)
+    try:
+        trained = run_metrics(path).get("precision")  # what the run trained and scored in
+    except (OSError, ValueError):
+        trained = None
     if trained is not None and trained != precision.name:
         log.warning("scoring in %s; the run trained and scored in %s (trainer.precision=%s resolves by machine): "
                     "scores can differ from the run's in the last digits", precision.name, trained,
@@ -80,14 +83,6 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
     result.update(eval_loss=lp["eval_loss"], perplexity=lp["perplexity"])
     result["eval_runtime_s"] = round(time.perf_counter() - t0, 2)
     return result
-
-
-def _run_precision(run_dir: Path) -> str | None:
-    """The precision the run trained and scored in (its metrics.json), if recorded."""
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text()).get("precision")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 WRITTEN_BY = "finetune-eval"

@@ -187,8 +187,7 @@ def keep_4bit_layout(model) -> int:
     the base weight in every forward for its weight norm, read the repacked bytes as if in the standard layout
     (weights off by 0.128 at a scale of 0.084). Measured on SmolLM2 nf4, 64 reviews, this CPU: bf16 scoring 10.3-10.7
     s without the kernel against 12.2-12.6 s with it; fp32 20.5 s against 14.2 s, now really fp32. Returns how many
-    4-bit layers were found."""
-    restore_trainable_4bit_layout(model)
+    4-bit layers were found. Called at load, before any forward."""
     found = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -268,13 +267,12 @@ def check_base_model(run_dir: Path, cfg: DictConfig) -> None:
     Raises:
         FinetuneError: the base model's files are not those the run recorded.
     """
-    import json
-
     from finetune.model.fingerprint import model_fingerprint
+    from finetune.runs import run_metrics
 
     try:
-        recorded = json.loads((Path(run_dir) / "metrics.json").read_text()).get("base_model_fingerprint")
-    except (OSError, ValueError, AttributeError):
+        recorded = run_metrics(Path(run_dir)).get("base_model_fingerprint")
+    except (OSError, ValueError):
         recorded = None
     if not recorded:  # a run of an earlier version, or a base with no local files to fingerprint
         return

@@ -83,11 +83,11 @@ def prepare(job: Job, run_log) -> None:
 
     cfg, dcfg, tcfg = job.cfg, job.cfg.dataset, job.cfg.trainer
     job.splits = splits = load_splits(dcfg, cfg.seed)  # before the heavy imports below: a bad file fails fast
-    from finetune.training import distributed
 
     from transformers import set_seed
 
     from finetune.model.load import load_model, resolve_precision
+    from finetune.training import distributed
     from finetune.training.measure import bound_cpu_allocator, memory_device, reset_peak_memory
 
     set_seed(cfg.seed)
