@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.cpu import cpu_has_fast_bf16
 from finetune.errors import FinetuneError
 from finetune.model.checkpoints import resolve_model_path
 
@@ -27,23 +28,15 @@ class Precision:
     name: str  # bf16 | fp16 | fp32
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run natively, so bf16 autocast is faster than fp32 on such CPUs."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(trainer_precision: str, model_dtype: str, full_finetune: bool = False) -> Precision:
     """Pick compute precision (``trainer.precision``) and the weight dtype (``model.dtype``).
 
     ``auto`` precision: bf16 on GPUs that support it, fp16 on older GPUs, bf16 on CPUs with native bf16
-    (AVX-512 BF16 / AMX), fp32 otherwise. ``auto`` weight dtype: the compute dtype when the base is frozen
-    (LoRA / QLoRA: half the weight memory, and on CPU forwards ~1.5x faster than autocast over fp32
-    weights; PEFT keeps the adapters themselves in fp32), but fp32 for full fine-tuning, whose optimizer
-    needs fp32 master weights (fp16 weights cannot be trained by the Trainer's grad scaler either).
+    (AVX-512 BF16 / AMX, unless ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below them), fp32 otherwise.
+    ``auto`` weight dtype: the compute dtype when the base is frozen (LoRA / QLoRA: half the weight memory,
+    and on CPU forwards ~1.5x faster than autocast over fp32 weights; PEFT keeps the adapters themselves in
+    fp32), but fp32 for full fine-tuning, whose optimizer needs fp32 master weights (fp16 weights cannot be
+    trained by the Trainer's grad scaler either).
     """
     cuda = torch.cuda.is_available()
     name = trainer_precision

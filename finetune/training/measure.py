@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from finetune.cpu import cpu_description
+
 
 def memory_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -218,21 +220,9 @@ def training_flops(shape: dict, lengths: list[int], supervised: list[int]) -> fl
 
 
 def hardware(device: str) -> str:
-    """The CPU model (with its bf16 capability) or the GPU name."""
+    """The CPU model (with the instruction set it computes with) or the GPU name."""
     import torch
 
     if device == "cuda":
         return torch.cuda.get_device_name()
-    name = "unknown CPU"
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    isa = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else \
-        "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name}, {os.cpu_count()} cores, {isa}"
+    return cpu_description()
