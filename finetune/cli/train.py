@@ -45,6 +45,18 @@ def main() -> None:
         sys.exit(2)
     sys.argv[1:] = run_dir_follows_output_dir(sys.argv[1:])
     hydra_main()
+    exit_after_sweep()
+
+
+def exit_after_sweep() -> None:
+    """After a sweep (Hydra multirun) in which a job failed: one line naming the failed jobs, exit status 1.
+    The sweep itself goes on past a failed job and its report lists it; the status tells scripts and schedulers."""
+    from finetune.report import hydra_callback
+
+    outcome, hydra_callback.LAST_SWEEP = hydra_callback.LAST_SWEEP, None
+    if outcome is not None and outcome.failed:
+        print(f"finetune-train: {outcome.summary()}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run_dir_follows_output_dir(argv: list[str]) -> list[str]:

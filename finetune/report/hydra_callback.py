@@ -9,12 +9,16 @@ Register the callback in a sweep config::
 
 Neither the callback nor :func:`log_table_to_wandb` ever raises: a report is a convenience,
 so a problem with it is logged as a warning and the sweep's own result stands.
+
+:class:`SweepOutcomeCallback` notes which jobs of the sweep did not finish (:data:`LAST_SWEEP`), from which
+finetune-train sets its exit status: 1 when any job failed, so a script or a scheduler sees it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.report.collect import collect_runs
 from finetune.report.compare import generate_report
 from finetune.tracking import wandb_credentials
 
@@ -143,3 +148,48 @@ class ReportCallback(Callback):
             images = [report.paths["plot"]] if "plot" in report.paths else []
             log_table_to_wandb(report.runs, config, table=report.comparison.table, images=images,
                                sweep_dir=sweep_dir, summary=report.comparison.summary)
+
+
+@dataclass
+class SweepOutcome:
+    """What the jobs of one sweep directory came to: how many, and each one that did not finish (job, error)."""
+
+    sweep_dir: str
+    jobs: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self, shown: int = 5) -> str:
+        """One line naming the failed jobs and their errors (the first ``shown`` of them)."""
+        items = [f"job {job} ({error if len(error) <= 120 else error[:119] + '…'})" for job, error in self.failed[:shown]]
+        more = f" and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
+        return (f"{len(self.failed)} of {self.jobs} jobs of the sweep failed: {', '.join(items)}{more}; "
+                f"every job's metrics.json and the report are in {self.sweep_dir}")
+
+
+# The outcome of the last sweep that ended in this process (None before one ends).
+LAST_SWEEP: SweepOutcome | None = None
+
+
+def sweep_outcome(sweep_dir: str | os.PathLike) -> SweepOutcome:
+    """Read every job of ``sweep_dir``: a job without ``status: ok`` in its metrics.json (failed, or never wrote
+    one) did not finish; a directory with no job at all counts as one failure."""
+    try:
+        df = collect_runs(sweep_dir)
+    except Exception as exc:  # noqa: BLE001 - no job wrote anything: that is the failure to report
+        return SweepOutcome(str(sweep_dir), 0, [("-", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)])
+    failed = [(str(row["job"]), str(row.get("error") or row["status"]))
+              for _, row in df.iterrows() if row["status"] != "ok"]
+    return SweepOutcome(str(sweep_dir), len(df), failed)
+
+
+class SweepOutcomeCallback(Callback):
+    """Hydra callback: when a multirun ends, record in :data:`LAST_SWEEP` which of its jobs did not finish."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global LAST_SWEEP
+        LAST_SWEEP = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global LAST_SWEEP
+        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+        LAST_SWEEP = sweep_outcome(sweep_dir) if sweep_dir else None

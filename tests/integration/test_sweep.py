@@ -1,5 +1,6 @@
 """A real Hydra multirun on the tiny model: jobs run, a bad job is recorded as failed while the others
-complete, the report is written at the end of the sweep and rebuilds identically from the directory."""
+complete, the report is written at the end of the sweep and rebuilds identically from the directory, and the
+command's exit status says that jobs failed."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ def test_multirun_records_failures_and_writes_the_report(tmp_path):
         "finetune.cli.train", "-m", *[o for o in TINY if not o.startswith("logger=")], "logger=wandb",
         f"dataset.path={data}", "lora.r=4,8", "lora.target_modules=attn,[no_such_proj]", "sweep_name=test_grid",
         "isolate_jobs=false",  # in the sweep's own process: a job per process is tested in test_job_isolation.py
-        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweep.dir={sweep_dir}", check=False,
     )
-    assert proc.returncode == 0
+    # The sweep goes on past the failed jobs; its exit status and one last line say which failed.
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune-train: 2 of 4 jobs of the sweep failed: job 1 (") and "job 3 (" in last
+    assert "no_such_proj" in last and str(sweep_dir) in last
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     metrics = {j.name: json.loads((j / "metrics.json").read_text()) for j in jobs}

@@ -617,3 +617,30 @@ def test_qat_report_over_schemes_never_pools_them(tmp_path: Path) -> None:
     assert "in W4A8, QAT matches or beats PTQ" in comp.takeaway and "in INT8, QAT matches" in comp.takeaway
     assert "own seed and scheme" in " ".join(comp.notes)
     assert_png(report.paths["plot"])
+
+
+def test_sweep_outcome_names_every_job_that_did_not_finish(tmp_path: Path) -> None:
+    from finetune.report import hydra_callback
+    from finetune.report.hydra_callback import SweepOutcomeCallback
+
+    root = tmp_path / "sweep"
+    write_job(root, 0, ["lora.r=4"], cls_metrics("lora", "none", 3000.0, 500.0, 0.8, 100))
+    write_job(root, 1, ["lora.r=8"], {"status": "failed", "error": "out of memory"})
+    write_job(root, 2, ["lora.r=16"], None)  # killed: no metrics.json
+    callback = SweepOutcomeCallback()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}})
+    callback.on_multirun_start(config)
+    assert hydra_callback.LAST_SWEEP is None
+    callback.on_multirun_end(config)
+    outcome = hydra_callback.LAST_SWEEP
+    assert (outcome.jobs, outcome.failed) == (3, [("1", "out of memory"), ("2", "no metrics.json (job did not finish)")])
+    assert outcome.summary() == (f"2 of 3 jobs of the sweep failed: job 1 (out of memory), job 2 (no metrics.json "
+                                 f"(job did not finish)); every job's metrics.json and the report are in {root}")
+    # A sweep directory without any job is a failure too; one where every job finished is not.
+    (tmp_path / "empty").mkdir()
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "empty")}}}))
+    assert len(hydra_callback.LAST_SWEEP.failed) == 1
+    ok = tmp_path / "ok"
+    write_job(ok, 0, ["lora.r=4"], cls_metrics("lora", "none", 3000.0, 500.0, 0.8, 100))
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(ok)}}}))
+    assert hydra_callback.LAST_SWEEP.failed == []
