@@ -20,3 +20,14 @@ def print_error(error: BaseException | str, suffix: str = "") -> None:
     text = str(error)
     line = text.splitlines()[0] if text else type(error).__name__
     print(f"error: {line}{suffix}", file=sys.stderr)
+
+
+class RunInterrupted(Exception):
+    """Training stopped on a stop signal (SIGTERM, SIGUSR1) after saving a checkpoint to resume from.
+
+    finetune-train records it in metrics.json, prints its one line and exits with 128 + ``signum``.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -100,6 +100,18 @@ def gather(value: Any) -> list[Any]:
     return out
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (every rank gets the same answer; one small all-reduce)."""
+    if not active():
+        return value
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
+
+
 def agree(check) -> Any:
     """Run ``check()`` on rank 0 and make every rank share its outcome: its return value, or its
     :class:`FinetuneError` raised on every rank (so a refusal never leaves the other ranks waiting)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from finetune.errors import FinetuneError, print_error
+from finetune.errors import FinetuneError, RunInterrupted, print_error
 from finetune.training.job import run
 
 log = logging.getLogger("finetune.cli.train")
@@ -61,6 +61,8 @@ def run_and_record(cfg: DictConfig) -> float:
             sys.exit(2)
         try:
             return objective(_run_launched(cfg, run_dir, overrides, job))
+        except RunInterrupted as exc:
+            _exit_interrupted(exc)
         except FinetuneError as exc:
             if multirun:  # recorded in the job's metrics.json by rank 0
                 return float("nan")
@@ -75,6 +77,8 @@ def run_and_record(cfg: DictConfig) -> float:
                 metrics = sweep_jobs.run_isolated(cfg, run_dir, overrides, job)
             else:
                 metrics = run(cfg, run_dir, overrides, job)
+        except RunInterrupted as exc:  # the scheduler wants the sweep to stop, not the next job to start
+            _exit_interrupted(exc)
         except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded in metrics.json by run()
             metrics = {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
         if metrics.get("status") != "ok":
@@ -83,9 +87,18 @@ def run_and_record(cfg: DictConfig) -> float:
         return objective(metrics)
     try:
         return objective(run(cfg, run_dir, overrides, job))
+    except RunInterrupted as exc:
+        _exit_interrupted(exc)
     except FinetuneError as exc:
         print_error(exc)
         sys.exit(2)
+
+
+def _exit_interrupted(exc: RunInterrupted) -> None:
+    """Training stopped on SIGTERM / SIGUSR1 after saving a checkpoint (recorded in metrics.json): one line, and
+    the exit status of a process ended by that signal (128 + its number), as schedulers expect."""
+    print(f"finetune-train: {exc}", file=sys.stderr)
+    sys.exit(128 + exc.signum)
 
 
 def _run_launched(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import os
 import time
 from pathlib import Path
 

@@ -206,6 +206,7 @@ def fit(job: Job) -> None:
     from finetune import tracking
     from finetune.data import DataCollator
     from finetune.training.measure import ThroughputCallback
+    from finetune.training.signals import StopOnSignal
     from finetune.training.trainer import make_trainer, training_arguments
 
     cfg, tcfg = job.cfg, job.cfg.trainer
@@ -221,7 +222,11 @@ def fit(job: Job) -> None:
                            data_collator=DataCollator(pad_token_id=job.tok.pad_token_id),
                            callbacks=job.callbacks + [meter], meter=meter,
                            share_prefix=bool(tcfg.get("share_prefix", True)), precision=job.precision.name)
-    result = trainer.train(resume_from_checkpoint=job.resume)
+    trainer.add_callback(stopper := StopOnSignal())  # after the Trainer's own: its step-end decisions come first
+    with stopper.installed():
+        result = trainer.train(resume_from_checkpoint=job.resume)
+    if (interrupted := stopper.interruption(args.output_dir)) is not None:
+        raise interrupted
     job.trainer = trainer
     if job.qat_handle is not None:
         # Quantization statistics of training; then fake-quant off so the fp scores below are full precision.

@@ -131,7 +131,8 @@ def _process_span(log: str, job: str) -> tuple[float, float]:
 
 def test_ddp_resume_equals_the_uninterrupted_run(tmp_path):
     """Two processes, a checkpoint every step; resumed from step 2 under torchrun, the run ends as the
-    uninterrupted one: each rank restores its own loss summed since the last log, token count and peak memory."""
+    uninterrupted one: each rank restores its own loss summed since the last log, token count and peak memory.
+    Then a run stopped by a SIGTERM to one rank: every rank saves the same step and stops, and it resumes exactly."""
     import shutil
 
     ckpt = ["trainer.batch_size=2", "distributed=ddp", "logger=none", "trainer.save_strategy=steps",
@@ -150,3 +151,30 @@ def test_ddp_resume_equals_the_uninterrupted_run(tmp_path):
         assert two[key] == one[key], key
     tokens = [[r["tokens"] for r in m["distributed"]["per_rank"]] for m in (one, two)]
     assert tokens[0] == tokens[1]
+
+    # SIGTERM to rank 1 alone during step 2, no checkpoints asked for: both ranks finish the step, checkpoint-2 is
+    # written, both stop; the resume from it ends as the uninterrupted run.
+    from tests.integration.test_nothing_lost import SIGNAL_AT_STEP
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNAL_AT_STEP.replace('int(os.environ["SIGNAL_AT_STEP"])',
+                                             'int(os.environ["SIGNAL_AT_STEP"]) and os.environ["RANK"] == "1"')
+                      + "from finetune.cli.train import main\nmain()\n")
+    stopped = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+         f"dataset.path={shared('chnsenticorp')}", *COMMON, *ckpt, "trainer.save_strategy=no",
+         f"hydra.run.dir={tmp_path}/stopped-${{oc.env:RANK,0}}"],
+        cwd=tmp_path, env=_env(SIGNAL_AT_STEP="2", SIGNAL_NAME="SIGTERM"), capture_output=True, text=True,
+        timeout=900)
+    assert stopped.returncode != 0
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("finetune-train: stopped by SIGTERM")]
+    assert len(lines) == 2 and all("after step 2:" in line for line in lines), stopped.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "stopped-0" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert json.loads((tmp_path / "stopped-0" / "metrics.json").read_text())["error_type"] == "RunInterrupted"
+    third = _train([*ckpt, "trainer.resume_from_checkpoint=auto", f"hydra.run.dir={tmp_path}/stopped-${{oc.env:RANK,0}}"],
+                   tmp_path, nproc=2)
+    assert third.returncode == 0, third.stderr[-3000:]
+    three = json.loads((tmp_path / "stopped-0" / "metrics.json").read_text())
+    assert three["resumed_from"]["step"] == 2
+    for key in ("train_loss", "train_tokens", "eval_loss", "accuracy", "f1"):
+        assert three[key] == one[key], key

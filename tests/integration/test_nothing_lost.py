@@ -311,20 +311,67 @@ RESUME = [*TINY, "trainer.max_steps=-1", "trainer.epochs=2", "dataset.max_train_
 COMPARED = ("train_steps", "train_loss", "train_tokens", "eval_loss", "accuracy", "f1", "perplexity")
 
 
-def _train_process(run_dir: Path, *extra: str) -> subprocess.Popen:
+# Sends this process a signal at the end of one optimizer step (as a scheduler would, at an arbitrary moment):
+# the Trainer's own step-end callback is where the signal arrives, before any other callback sees the step.
+SIGNAL_AT_STEP = """
+import os, signal, sys
+from transformers.trainer_callback import DefaultFlowCallback
+_step_end = DefaultFlowCallback.on_step_end
+def on_step_end(self, args, state, control, **kw):
+    if state.global_step == int(os.environ["SIGNAL_AT_STEP"]):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL_NAME"]))
+    return _step_end(self, args, state, control, **kw)
+DefaultFlowCallback.on_step_end = on_step_end
+"""
+
+
+def _train_process(run_dir: Path, *extra: str, prelude: str = "", env: dict | None = None) -> subprocess.Popen:
     args = [*RESUME, f"dataset.path={shared('chnsenticorp')}", f"hydra.run.dir={run_dir}", *extra]
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", "from finetune.cli.train import main; main()", *args], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-c", prelude + "from finetune.cli.train import main; main()", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The RESUME run's metrics, trained without a stop."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "full"
+    full = _train_process(run_dir)
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+    reference = json.loads((run_dir / "metrics.json").read_text())
+    assert reference["train_steps"] == 16
+    return reference
+
+
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGUSR1", 138)])
+def test_a_stop_signal_saves_the_step_under_way_and_the_resume_equals_the_uninterrupted_run(
+        tmp_path, uninterrupted, name, status):
+    """SIGTERM (a scheduler's time limit or preemption) or SIGUSR1 (SLURM's advance warning) during step 5, two
+    steps after the last checkpoint (3): the step finishes, checkpoint-5 is written, the run stops (one line, exit
+    status 128 + the signal, metrics.json says so) and the resume from it gives the uninterrupted run's figures."""
+    run_dir = tmp_path / "stopped"
+    proc = _train_process(run_dir, prelude=SIGNAL_AT_STEP, env={"SIGNAL_AT_STEP": "5", "SIGNAL_NAME": name})
+    assert proc.wait(timeout=600) == status, proc.stderr.read()
+    checkpoint = run_dir / "checkpoints" / "checkpoint-5"
+    last = proc.stderr.read().strip().splitlines()[-1]
+    assert last == (f"finetune-train: stopped by {name} after step 5: {checkpoint} saved; continue with "
+                    "trainer.resume_from_checkpoint=auto (same run directory)")
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 5
+    stopped = json.loads((run_dir / "metrics.json").read_text())
+    assert stopped["status"] == "failed" and stopped["error_type"] == "RunInterrupted"
+    assert not (run_dir / "adapter").exists()
+    again = _train_process(run_dir, "trainer.resume_from_checkpoint=auto")
+    assert again.wait(timeout=600) == 0, again.stderr.read()
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed["resumed_from"] == {"checkpoint": str(checkpoint), "step": 5}
+    for key in COMPARED:
+        assert resumed.get(key) == uninterrupted.get(key), key
+
+
+def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
     """16 rows / batch 2 = 8 steps per epoch, 2 epochs, default (length-grouped) sampler; killed with SIGKILL
     once the step-9 checkpoint exists (mid-epoch 2), resumed with auto: every loss and score is identical."""
-    full = _train_process(tmp_path / "full")
-    assert full.wait(timeout=600) == 0, full.stderr.read()
-    reference = json.loads((tmp_path / "full" / "metrics.json").read_text())
-
+    reference = uninterrupted
     killed = tmp_path / "killed"
     proc = _train_process(killed)
     deadline = time.time() + 600
@@ -337,7 +384,6 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     again = _train_process(killed, "trainer.resume_from_checkpoint=auto")
     assert again.wait(timeout=600) == 0, again.stderr.read()
     resumed = json.loads((killed / "metrics.json").read_text())
-    assert reference["train_steps"] == 16
     for key in COMPARED:
         assert resumed.get(key) == reference.get(key), key
 

@@ -1,0 +1,78 @@
+"""Stop training cleanly when a scheduler asks: SIGTERM (SLURM's time limit or preemption, ``kill``, torchrun
+passing on its own SIGTERM) or SIGUSR1 (SLURM's advance warning, ``sbatch --signal=USR1@120``).
+
+Without this, the default SIGTERM ends the process at once and every step since the last checkpoint is lost
+(up to ``trainer.save_steps``). With it, the step under way finishes, a checkpoint of that step is written the
+usual way (weights, optimizer, scheduler, RNG, the running sums that make a resume exact) and the run stops,
+recorded as failed with the checkpoint to resume from; ``trainer.resume_from_checkpoint=auto`` then continues as
+if nothing had happened. Under torchrun every rank stops after the same step, whichever rank got the signal.
+The handlers are installed only while the Trainer trains, and only in the main thread; the previous ones come
+back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+from transformers import TrainerCallback
+
+from finetune.errors import RunInterrupted
+from finetune.training import distributed
+
+log = logging.getLogger("finetune.training.signals")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopOnSignal(TrainerCallback):
+    """Note a stop signal at once; at the end of the optimizer step under way, save a checkpoint and stop."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
+        if self.received is None:
+            self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        """Handle the stop signals while the block runs (a no-op outside the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.received is not None and self.stopped_at is None:
+                # It came after the last step's end (or training failed): act as if it had never been handled.
+                signal.raise_signal(self.received)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Every rank learns of a signal any rank got, at the same step: they all save and stop together.
+        received = distributed.max_over_ranks(self.received or 0)
+        if received:
+            if self.stopped_at is None:
+                log.warning("%s received: saving a checkpoint of step %d and stopping",
+                            signal.Signals(received).name, state.global_step)
+            self.received = self.received or received
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def interruption(self, checkpoint_dir: str) -> RunInterrupted | None:
+        """The error to raise once training returned after a stop, or None when no stop signal came."""
+        if self.stopped_at is None:
+            return None
+        name = signal.Signals(self.received).name
+        return RunInterrupted(
+            f"stopped by {name} after step {self.stopped_at}: {checkpoint_dir}/checkpoint-{self.stopped_at} saved; "
+            "continue with trainer.resume_from_checkpoint=auto (same run directory)", self.received)
