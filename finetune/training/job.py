@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from finetune.config import validate
-from finetune.errors import LOG_FORMAT, FinetuneError
+from finetune.errors import LOG_FORMAT, FinetuneError, RunInterrupted
 
 log = logging.getLogger("finetune.cli.train")
 
@@ -77,7 +77,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
         if not distributed.is_main():  # rank 0 records the failure; the others only stop
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, FinetuneError):
+        if isinstance(exc, RunInterrupted):
+            log.warning("run stopped: %s", message)
+        elif isinstance(exc, FinetuneError):
             log.error("run failed: %s", message)
         else:
             log.error("job failed:\n%s", traceback.format_exc())

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import validate
-from finetune.errors import LOG_FORMAT, FinetuneError
+from finetune.errors import LOG_FORMAT, FinetuneError, RunInterrupted
 
 log = logging.getLogger("finetune.cli.train")
 
@@ -49,11 +49,44 @@ def _job_process(cfg_yaml: str, run_dir: str, overrides: list[str], job: str) ->
 
         run(OmegaConf.create(cfg_yaml), Path(run_dir), overrides, job)
         log.info("job %s: process %d finished after %.1f s", job, os.getpid(), time.perf_counter() - start)
+    except RunInterrupted as exc:  # a checkpoint of the step was saved; recorded in metrics.json
+        sys.exit(128 + exc.signum)
     except FinetuneError as exc:  # recorded in metrics.json; the job's log says why too
         log.error("job %s failed: %s", job, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         sys.exit(1)
     except BaseException:  # recorded in metrics.json, traceback logged
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _passing_on_stop_signals(proc):
+    """While the sweep waits for a job process, a stop signal (SIGTERM, SIGUSR1) sent to the sweep alone is passed
+    on to the job, which saves a checkpoint of its step and stops; the signals received are collected, so the
+    sweep then stops too instead of starting its next job. (A signal sent to the whole process group, as a
+    scheduler does, reaches the job directly as well; it acts on the first.)"""
+    import os
+    import signal
+    import threading
+
+    from finetune.training.signals import STOP_SIGNALS
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def pass_on(signum, frame):  # noqa: ARG001 - the signal module's signature
+        received.append(signum)
+        if proc.pid is not None and proc.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _exit_reason(code: int | None) -> str:
@@ -109,7 +142,8 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
                     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
                 else:
                     os.environ["CUDA_VISIBLE_DEVICES"] = saved
-        proc.join()
+        with _passing_on_stop_signals(proc) as stop_signals:
+            proc.join()
     after = path.read_bytes() if path.is_file() else None
     status = json.loads(after).get("status") if after is not None else None
     if after is None or (after == before and proc.exitcode != 0) or status == "running":
@@ -119,8 +153,15 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
         if recorded.get("status") != "failed":  # a finished run kept its metrics.json; this job still failed
             recorded = {"status": "failed", "job": job, "error": reason, "error_type": "JobProcessError",
                         "overrides": overrides}
-        return recorded
-    return json.loads(after)
+    else:
+        recorded = json.loads(after)
+    if stop_signals:
+        import signal
+
+        outcome = recorded.get("error") if recorded.get("status") != "ok" else "finished"
+        raise RunInterrupted(f"job {job}: {outcome}; the sweep stopped on {signal.Signals(stop_signals[0]).name} "
+                             "before its next job", stop_signals[0])
+    return recorded
 
 
 @contextlib.contextmanager

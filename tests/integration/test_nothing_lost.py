@@ -368,6 +368,29 @@ def test_a_stop_signal_saves_the_step_under_way_and_the_resume_equals_the_uninte
         assert resumed.get(key) == uninterrupted.get(key), key
 
 
+def test_a_stop_signal_to_a_sweep_stops_its_job_with_a_checkpoint_and_starts_no_other(tmp_path):
+    """SIGTERM to the sweep's own process alone (jobs isolated in processes of their own) while job 0 trains: it is
+    passed on to the job, which saves a checkpoint of its step and stops; job 1 never starts; exit status 143."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *RESUME, f"dataset.path={shared('chnsenticorp')}", f"hydra.sweep.dir={sweep}", "lora.r=4,8"]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from finetune.cli.train import main; main()", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (sweep / "0" / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the job ended before the sweep could be stopped"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 143, proc.stderr.read()
+    last = proc.stderr.read().strip().splitlines()[-1]
+    stopped = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert stopped["error_type"] == "RunInterrupted", stopped
+    step = int(stopped["error"].split("after step ")[1].split(":")[0])
+    assert 3 <= step < 16 and (sweep / "0" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert last == f"finetune-train: job 0: {stopped['error']}; the sweep stopped on SIGTERM before its next job"
+    assert not (sweep / "1").exists()
+
+
 def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
     """16 rows / batch 2 = 8 steps per epoch, 2 epochs, default (length-grouped) sampler; killed with SIGKILL
     once the step-9 checkpoint exists (mid-epoch 2), resumed with auto: every loss and score is identical."""
