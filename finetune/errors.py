@@ -28,6 +28,7 @@ class RunInterrupted(Exception):
     finetune-train records it in metrics.json, prints its one line and exits with 128 + ``signum``.
     """
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, then=None):
         super().__init__(message)
         self.signum = signum
+        self.then = then  # the handler another library had for the signal (submitit's requeue), called last

@@ -227,10 +227,12 @@ def _first_value(o) -> str | None:
 
 def _check_run_dir(cfg: DictConfig) -> None:
     from finetune.runs import check_run_dir
+    from finetune.training.checkpoints import requeued_resume
 
     raw = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir")
     if not isinstance(raw, str) or "${" in raw:
         return
+    requeued_resume(cfg)  # a requeued SLURM job continues its run (as run() will decide)
     check_run_dir(Path(raw), resume=cfg.trainer.get("resume_from_checkpoint") is not None,
                   overwrite=bool(cfg.get("overwrite_run", False)))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -75,6 +76,18 @@ def checkpoint_problem(folder: Path) -> str | None:
         except Exception:  # noqa: BLE001 - any failure to parse the header means a damaged file
             return f"{weights.name} is unreadable"
     return None
+
+
+def requeued_resume(cfg, environ=None) -> bool:
+    """A SLURM job requeued after a time limit or a preemption (``SLURM_RESTART_COUNT`` > 0; submitit requeues on
+    SIGUSR2) is the same job starting again: unless ``trainer.resume_from_checkpoint`` is set, it continues from its
+    latest checkpoint (``auto``; with none yet it starts fresh). Returns whether it set ``auto``."""
+    count = (os.environ if environ is None else environ).get("SLURM_RESTART_COUNT", "").strip()
+    if not count.isdigit() or int(count) == 0 or cfg.trainer.get("resume_from_checkpoint") is not None:
+        return False
+    cfg.trainer.resume_from_checkpoint = "auto"
+    log.info("SLURM requeued this job (SLURM_RESTART_COUNT=%s): trainer.resume_from_checkpoint=auto", count)
+    return True
 
 
 def resolve_resume(value, run_dir: Path):

@@ -61,8 +61,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     """
     from finetune.runs import RunWriter, atomic_write_json, holds_run
     from finetune.training import distributed
-    from finetune.training.checkpoints import resolve_resume  # light: the Trainer is imported after the data
+    from finetune.training.checkpoints import requeued_resume, resolve_resume  # light: no Trainer import
 
+    requeued_resume(cfg)
     writer = RunWriter(run_dir, resume=cfg.trainer.get("resume_from_checkpoint") is not None,
                        overwrite=cfg.get("overwrite_run", False) is True)
     run_log = _RunLog()

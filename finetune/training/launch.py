@@ -98,6 +98,8 @@ def _exit_interrupted(exc: RunInterrupted) -> None:
     """Training stopped on SIGTERM / SIGUSR1 after saving a checkpoint (recorded in metrics.json): one line, and
     the exit status of a process ended by that signal (128 + its number), as schedulers expect."""
     print(f"finetune-train: {exc}", file=sys.stderr)
+    if exc.then is not None:  # e.g. submitit's: requeue the SLURM job, then exit
+        exc.then(exc.signum, None)
     sys.exit(128 + exc.signum)
 
 

@@ -7,7 +7,10 @@ usual way (weights, optimizer, scheduler, RNG, the running sums that make a resu
 recorded as failed with the checkpoint to resume from; ``trainer.resume_from_checkpoint=auto`` then continues as
 if nothing had happened. Under torchrun every rank stops after the same step, whichever rank got the signal.
 The handlers are installed only while the Trainer trains, and only in the main thread; the previous ones come
-back afterwards.
+back afterwards. Where another library had a Python handler for the signal (submitit's: SIGUSR2 requeues a SLURM
+job that hit its time limit or was preempted), that handler is called once the stop is recorded; and a requeued
+SLURM job (``SLURM_RESTART_COUNT`` > 0) resumes from its latest checkpoint without being told
+(:func:`finetune.training.checkpoints.requeued_resume`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class StopOnSignal(TrainerCallback):
     def __init__(self) -> None:
         self.received: int | None = None
         self.stopped_at: int | None = None
+        self.previous: dict = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
         if self.received is None:
@@ -45,7 +49,9 @@ class StopOnSignal(TrainerCallback):
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        # SIGUSR2 too where another library handles it: submitit's requeue on a SLURM time limit or preemption.
+        chained = (signal.SIGUSR2,) if callable(signal.getsignal(signal.SIGUSR2)) else ()
+        previous = self.previous = {sig: signal.signal(sig, self._handle) for sig in (*STOP_SIGNALS, *chained)}
         try:
             yield self
         finally:
@@ -73,6 +79,8 @@ class StopOnSignal(TrainerCallback):
         if self.stopped_at is None:
             return None
         name = signal.Signals(self.received).name
+        then = self.previous.get(self.received)
         return RunInterrupted(
             f"stopped by {name} after step {self.stopped_at}: {checkpoint_dir}/checkpoint-{self.stopped_at} saved; "
-            "continue with trainer.resume_from_checkpoint=auto (same run directory)", self.received)
+            "continue with trainer.resume_from_checkpoint=auto (same run directory)", self.received,
+            then if callable(then) else None)

@@ -185,7 +185,9 @@ def _stdlib_start_method():
 def check_before_spawn(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str) -> None:
     """The checks ``run`` starts with, in the sweep process: a bad value fails the job without a process."""
     from finetune.runs import check_run_dir
+    from finetune.training.checkpoints import requeued_resume
 
+    requeued_resume(cfg)  # as run() does: a requeued SLURM job continues its run
     # A directory that already holds a run is left exactly as it is: nothing is recorded in it.
     check_run_dir(run_dir, resume=cfg.trainer.get("resume_from_checkpoint") is not None,
                   overwrite=bool(cfg.get("overwrite_run", False)))

@@ -343,24 +343,42 @@ def uninterrupted(tmp_path_factory) -> dict:
     return reference
 
 
-@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGUSR1", 138)])
+# What submitit does in a SLURM job: a Python handler for SIGUSR2 that requeues the job, then exits.
+SUBMITIT_LIKE = """
+def _requeue(signum, frame):
+    open(os.environ["REQUEUED_MARKER"], "w").write("requeued")
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, _requeue)
+"""
+
+
+@pytest.mark.parametrize("name, status, requeued", [("SIGTERM", 143, False), ("SIGUSR1", 138, True),
+                                                     ("SIGUSR2", 255, True)])
 def test_a_stop_signal_saves_the_step_under_way_and_the_resume_equals_the_uninterrupted_run(
-        tmp_path, uninterrupted, name, status):
-    """SIGTERM (a scheduler's time limit or preemption) or SIGUSR1 (SLURM's advance warning) during step 5, two
-    steps after the last checkpoint (3): the step finishes, checkpoint-5 is written, the run stops (one line, exit
-    status 128 + the signal, metrics.json says so) and the resume from it gives the uninterrupted run's figures."""
-    run_dir = tmp_path / "stopped"
-    proc = _train_process(run_dir, prelude=SIGNAL_AT_STEP, env={"SIGNAL_AT_STEP": "5", "SIGNAL_NAME": name})
+        tmp_path, uninterrupted, name, status, requeued):
+    """SIGTERM (a scheduler's time limit or preemption), SIGUSR1 (SLURM's advance warning) or, under submitit,
+    SIGUSR2 during step 5, two steps after the last checkpoint (3): the step finishes, checkpoint-5 is written,
+    the run stops (one line, metrics.json says so; exit 128 + the signal, or submitit's own handler runs last:
+    requeue, exit) and the resume from it (asked for, or a requeued SLURM job's own) gives the uninterrupted run's
+    figures."""
+    run_dir, marker = tmp_path / "stopped", tmp_path / "requeued"
+    prelude = SIGNAL_AT_STEP + (SUBMITIT_LIKE if name == "SIGUSR2" else "")
+    proc = _train_process(run_dir, prelude=prelude,
+                          env={"SIGNAL_AT_STEP": "5", "SIGNAL_NAME": name, "REQUEUED_MARKER": str(marker)})
     assert proc.wait(timeout=600) == status, proc.stderr.read()
+    assert marker.exists() == (name == "SIGUSR2")
     checkpoint = run_dir / "checkpoints" / "checkpoint-5"
-    last = proc.stderr.read().strip().splitlines()[-1]
-    assert last == (f"finetune-train: stopped by {name} after step 5: {checkpoint} saved; continue with "
-                    "trainer.resume_from_checkpoint=auto (same run directory)")
+    lines = [line for line in proc.stderr.read().splitlines() if line.startswith("finetune-train:")]
+    assert lines == [f"finetune-train: stopped by {name} after step 5: {checkpoint} saved; continue with "
+                     "trainer.resume_from_checkpoint=auto (same run directory)"]
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 5
     stopped = json.loads((run_dir / "metrics.json").read_text())
     assert stopped["status"] == "failed" and stopped["error_type"] == "RunInterrupted"
     assert not (run_dir / "adapter").exists()
-    again = _train_process(run_dir, "trainer.resume_from_checkpoint=auto")
+    if requeued:  # the same command again, as SLURM restarts a requeued job
+        again = _train_process(run_dir, env={"SLURM_RESTART_COUNT": "1"})
+    else:
+        again = _train_process(run_dir, "trainer.resume_from_checkpoint=auto")
     assert again.wait(timeout=600) == 0, again.stderr.read()
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert resumed["resumed_from"] == {"checkpoint": str(checkpoint), "step": 5}

@@ -45,3 +45,21 @@ def test_a_signal_that_came_after_the_last_step_is_passed_on_when_training_retur
         assert seen == [signal.SIGTERM] and stopper.interruption("x") is None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_only_a_requeued_slurm_job_without_a_resume_setting_resumes_by_itself():
+    from omegaconf import OmegaConf
+
+    from finetune.training.checkpoints import requeued_resume
+
+    def cfg(value=None):
+        return OmegaConf.create({"trainer": {"resume_from_checkpoint": value}})
+
+    for environ in ({}, {"SLURM_RESTART_COUNT": "0"}, {"SLURM_RESTART_COUNT": ""}):
+        c = cfg()
+        assert not requeued_resume(c, environ) and c.trainer.resume_from_checkpoint is None
+    c = cfg()
+    assert requeued_resume(c, {"SLURM_RESTART_COUNT": "2"}) and c.trainer.resume_from_checkpoint == "auto"
+    c = cfg("runs/x/checkpoints/checkpoint-50")  # the user's own choice stands
+    assert not requeued_resume(c, {"SLURM_RESTART_COUNT": "1"})
+    assert c.trainer.resume_from_checkpoint == "runs/x/checkpoints/checkpoint-50"
