@@ -83,7 +83,7 @@ def test_no_import_cycles_in_the_package() -> None:
 # The layers, lowest first: a module imports only its own layer and those below it.
 LAYERS = [
     ("finetune.config", "finetune.checks", "finetune.formats", "finetune.runs", "finetune.errors", "finetune.args",
-     "finetune.hub", "finetune.tracking", "finetune.metrics"),  # contracts, services
+     "finetune.hub", "finetune.tracking", "finetune.metrics", "finetune.cpu"),  # contracts, services
     ("finetune.model", "finetune.data", "finetune.qat"),  # components
     ("finetune.evaluation", "finetune.export", "finetune.report"),  # what uses a model or a finished run
     ("finetune.training",),  # the stages of a run
