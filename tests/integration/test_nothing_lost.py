@@ -352,15 +352,14 @@ signal.signal(signal.SIGUSR2, _requeue)
 """
 
 
-@pytest.mark.parametrize("name, status, requeued", [("SIGTERM", 143, False), ("SIGUSR1", 138, True),
-                                                     ("SIGUSR2", 255, True)])
+# (SIGUSR1 takes SIGTERM's path: tests/unit/training/test_signals.py sends it for real)
+@pytest.mark.parametrize("name, status, requeued", [("SIGTERM", 143, False), ("SIGUSR2", 255, True)])
 def test_a_stop_signal_saves_the_step_under_way_and_the_resume_equals_the_uninterrupted_run(
         tmp_path, uninterrupted, name, status, requeued):
-    """SIGTERM (a scheduler's time limit or preemption), SIGUSR1 (SLURM's advance warning) or, under submitit,
-    SIGUSR2 during step 5, two steps after the last checkpoint (3): the step finishes, checkpoint-5 is written,
-    the run stops (one line, metrics.json says so; exit 128 + the signal, or submitit's own handler runs last:
-    requeue, exit) and the resume from it (asked for, or a requeued SLURM job's own) gives the uninterrupted run's
-    figures."""
+    """SIGTERM (a scheduler's time limit or preemption) or, under submitit, SIGUSR2 during step 5, two steps after
+    the last checkpoint (3): the step finishes, checkpoint-5 is written, the run stops (one line, metrics.json says
+    so; exit 128 + the signal, or submitit's own handler runs last: requeue, exit) and the resume from it (asked
+    for, or a requeued SLURM job's own) gives the uninterrupted run's figures."""
     run_dir, marker = tmp_path / "stopped", tmp_path / "requeued"
     prelude = SIGNAL_AT_STEP + (SUBMITIT_LIKE if name == "SIGUSR2" else "")
     proc = _train_process(run_dir, prelude=prelude,
