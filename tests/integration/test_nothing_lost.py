@@ -352,8 +352,9 @@ signal.signal(signal.SIGUSR2, _requeue)
 """
 
 
-# (SIGUSR1 takes SIGTERM's path: tests/unit/training/test_signals.py sends it for real)
-@pytest.mark.parametrize("name, status, requeued", [("SIGTERM", 143, False), ("SIGUSR2", 255, True)])
+# SIGTERM end to end: tests/integration/test_distributed.py (to one rank of two); SIGUSR1's handling:
+# tests/unit/training/test_signals.py. Here submitit's SIGUSR2, which takes the same path and then its handler.
+@pytest.mark.parametrize("name, status, requeued", [("SIGUSR2", 255, True)])
 def test_a_stop_signal_saves_the_step_under_way_and_the_resume_equals_the_uninterrupted_run(
         tmp_path, uninterrupted, name, status, requeued):
     """SIGTERM (a scheduler's time limit or preemption) or, under submitit, SIGUSR2 during step 5, two steps after
