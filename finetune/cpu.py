@@ -2,7 +2,7 @@
 
 ``/proc/cpuinfo`` says what the chip has; oneDNN (which runs PyTorch's bf16 matmuls on CPU) may be told to use less
 with ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``), as containers and benchmarks sometimes do. Below
-``AVX512_CORE_BF16`` oneDNN emulates bf16 (measured ~1 GFLOP/s for a 1024-cube bf16 matmul on an AVX-512 BF16 EPYC
+``AVX512_CORE_BF16`` oneDNN emulates bf16 (measured ~1 GFLOP/s, README "Precision", for a 1024-cube bf16 matmul on an AVX-512 BF16 EPYC
 limited to ``AVX2``, against ~350 unlimited), so such a process must train in fp32 whatever the chip has.
 """
 
@@ -17,25 +17,24 @@ ONEDNN_ISAS_WITHOUT_NATIVE_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VN
                                    "AVX512_CORE_VNNI")
 
 
-def cpu_flags() -> set[str]:
-    """The first processor's flags in /proc/cpuinfo (empty where it cannot be read)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first processor's ``field`` in /proc/cpuinfo (None where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field) and ":" in line:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown CPU"
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The first processor's flags (empty where /proc/cpuinfo cannot be read)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_model_name() -> str:
+    return _cpuinfo("model name") or "unknown CPU"
 
 
 def onednn_isa_limit(environ: dict[str, str] | None = None) -> tuple[str, str] | None:

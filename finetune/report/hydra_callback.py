@@ -26,6 +26,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.errors import FinetuneError
 from finetune.report.collect import collect_runs
 from finetune.report.compare import generate_report
 from finetune.tracking import wandb_credentials
@@ -160,7 +161,8 @@ class SweepOutcome:
 
     def summary(self, shown: int = 5) -> str:
         """One line naming the failed jobs and their errors (the first ``shown`` of them)."""
-        items = [f"job {job} ({error if len(error) <= 120 else error[:119] + '…'})" for job, error in self.failed[:shown]]
+        items = [f"job {job} ({error if len(error) <= 120 else error[:119] + '…'})"
+                 for job, error in self.failed[:shown]]
         more = f" and {len(self.failed) - shown} more" if len(self.failed) > shown else ""
         return (f"{len(self.failed)} of {self.jobs} jobs of the sweep failed: {', '.join(items)}{more}; "
                 f"every job's metrics.json and the report are in {self.sweep_dir}")
@@ -175,7 +177,7 @@ def sweep_outcome(sweep_dir: str | os.PathLike) -> SweepOutcome:
     one) did not finish; a directory with no job at all counts as one failure."""
     try:
         df = collect_runs(sweep_dir)
-    except Exception as exc:  # noqa: BLE001 - no job wrote anything: that is the failure to report
+    except (FinetuneError, OSError) as exc:  # no job wrote anything: that is the failure to report
         return SweepOutcome(str(sweep_dir), 0, [("-", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)])
     failed = [(str(row["job"]), str(row.get("error") or row["status"]))
               for _, row in df.iterrows() if row["status"] != "ok"]
