@@ -94,6 +94,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
         if failed is not None:
             log.error("this attempt failed; the finished run in %s is kept as it was, the attempt is in %s",
                       run_dir, failed)
+            if isinstance(exc, RunInterrupted) and (failed / "checkpoints").is_dir():
+                # overwrite_run: the attempt went aside with its checkpoints, the run it was to replace came back
+                moved = (f"{message.split(': ', 1)[0]}: this attempt and its checkpoints were moved to {failed} and "
+                         f"the run it was to replace is back in {run_dir}; continue the attempt with "
+                         f"hydra.run.dir={failed} trainer.resume_from_checkpoint=auto")
+                atomic_write_json(failed / "metrics.json", {**failure, "error": moved})
+                raise RunInterrupted(moved, exc.signum, exc.then) from exc
         raise
     finally:
         run_log.close()

@@ -204,6 +204,42 @@ def _cfg(run_dir: Path, *overrides: str):
     return compose_cfg([*TINY, f"dataset.path={shared('chnsenticorp')}", *CKPT, *overrides], run_dir)
 
 
+def test_a_stop_signal_during_an_overwrite_puts_the_old_run_back_and_says_where_the_attempt_went(
+        good_run, tmp_path, monkeypatch):
+    """overwrite_run=true stopped by SIGTERM: the replaced run comes back whole, and the line (and the attempt's
+    metrics.json) names the folder that now holds the attempt's checkpoint, from which it continues exactly."""
+    import shutil
+
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    from finetune.errors import RunInterrupted
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(good_run, run_dir)
+    before = snapshot(run_dir)
+    step_end = DefaultFlowCallback.on_step_end
+
+    def signal_at_step_2(self, args, state, control, **kw):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_end(self, args, state, control, **kw)
+
+    monkeypatch.setattr(DefaultFlowCallback, "on_step_end", signal_at_step_2)
+    with pytest.raises(RunInterrupted) as stopped:
+        run(_cfg(run_dir, "overwrite_run=true", "seed=7"), run_dir)
+    monkeypatch.undo()
+    assert {k: v for k, v in snapshot(run_dir).items() if not k.startswith("failed-")} == before
+    (failed,) = run_dir.glob("failed-*")
+    assert (failed / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert str(stopped.value) == (
+        f"stopped by SIGTERM after step 2: this attempt and its checkpoints were moved to {failed} and the run it was "
+        f"to replace is back in {run_dir}; continue the attempt with hydra.run.dir={failed} "
+        "trainer.resume_from_checkpoint=auto")
+    assert json.loads((failed / "metrics.json").read_text())["error"] == str(stopped.value)
+    resumed = run(_cfg(failed, "overwrite_run=true", "seed=7", "trainer.resume_from_checkpoint=auto"), failed)
+    assert resumed["status"] == "ok" and resumed["resumed_from"]["step"] == 2
+
+
 def test_failure_never_replaces_a_finished_run(good_run, tmp_path):
     """A resume of a finished run that fails after training keeps the finished artifacts and config; the
     failed attempt is kept beside them."""
