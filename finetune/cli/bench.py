@@ -117,14 +117,33 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
             trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
                                    data_collator=DataCollator(pad_token_id=tok.pad_token_id),
                                    callbacks=[meter, clock], meter=meter,
-                                   share_prefix=bool(acfg.trainer.get("share_prefix", True)))
+                                   share_prefix=acfg.trainer.get("share_prefix", "auto"))
         else:
             model, trainer = _plain_trainer(model, tok, ds, acfg, precision, tmp, steps, [meter, clock])
         trainer.train()
     if len(clock.ends) != arm_steps or meter.tokens != sum(ds["length"]):
         raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps of {arm_steps}, {meter.tokens} tokens of "
                            f"{sum(ds['length'])}")
-    return _arm_figures(arm, model, ds, meter, clock, arm_steps, precision, bool(tcfg.get("packing")))
+    figures = _arm_figures(arm, model, ds, meter, clock, arm_steps, precision, bool(tcfg.get("packing")))
+    figures["aten_ops"] = _aten_ops(trainer, model)
+    figures["share_prefix"] = bool(getattr(trainer, "share_prefix", False))
+    return figures
+
+
+OPS_ROWS = 2  # rows of the batch whose forward and backward operations are counted
+
+
+def _aten_ops(trainer, model) -> int:
+    """ATen operations of one forward, loss and backward of the arm's own training path on its first
+    :data:`OPS_ROWS` training rows, after the timed steps (counting slows the step it counts)."""
+    from finetune.training.measure import count_aten_ops
+
+    rows = [trainer.train_dataset[i] for i in range(min(OPS_ROWS, len(trainer.train_dataset)))]
+    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+    model.train()
+    ops = count_aten_ops(lambda: trainer.compute_loss(model, inputs).backward())
+    model.zero_grad(set_to_none=True)
+    return ops
 
 
 def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps: int, callbacks: list):
@@ -243,12 +262,15 @@ def benchmark(cfg: DictConfig, arms: list[str], steps: int, rounds: int, peak: f
             "peak_memory_mb": max(x["peak_memory_mb"] for x in results),
             "fraction_of_peak": statistics.median(x["flops_per_s"] for x in results) / peak,
             "flops_needed_per_token": results[0]["flops_needed"] / max(results[0]["timed_tokens"], 1),
+            "aten_ops": results[0].get("aten_ops"),
+            "share_prefix": results[0].get("share_prefix"),
             "rounds": results,
         }
     if "finetune" in runs and "plain" in runs:
         ours, plain = summary["arms"]["finetune"], summary["arms"]["plain"]
         summary["tokens_per_s_ratio"] = ours["tokens_per_s"] / plain["tokens_per_s"]
         summary["peak_memory_ratio"] = ours["peak_memory_mb"] / plain["peak_memory_mb"]
+        summary["aten_ops_ratio"] = ours["aten_ops"] / plain["aten_ops"]
     first = summary["arms"][arms[0]]
     summary["fraction_of_peak"] = summary["arms"].get("finetune", first)["fraction_of_peak"]
     return summary
@@ -263,11 +285,15 @@ def markdown(s: dict) -> str:
              f"{', '.join(s['lora']['target_modules'])}, {s['steps']} steps of {s['batch_size']}, max_length "
              f"{s['max_length']}, median of {s['rounds']} round(s); matmul peak "
              f"{s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", "",
-             "| arm | real tokens/s | peak memory (MB) | useful FLOP/s / matmul peak |", "|---|---|---|---|"]
+             "| arm | real tokens/s | peak memory (MB) | useful FLOP/s / matmul peak | ATen ops per forward + backward "
+             f"({OPS_ROWS} rows) |", "|---|---|---|---|---|"]
     for arm, a in s["arms"].items():
-        lines.append(f"| {arm} | {a['tokens_per_s']:.1f} | {a['peak_memory_mb']:,.0f} | {a['fraction_of_peak']:.0%} |")
+        shared = " (prefix shared)" if a.get("share_prefix") else ""
+        lines.append(f"| {arm} | {a['tokens_per_s']:.1f} | {a['peak_memory_mb']:,.0f} | {a['fraction_of_peak']:.0%} "
+                     f"| {a['aten_ops']:,}{shared} |")
     if "tokens_per_s_ratio" in s:
-        lines.append(f"| finetune / plain | **{s['tokens_per_s_ratio']:.2f}x** | **{s['peak_memory_ratio']:.2f}x** | |")
+        lines.append(f"| finetune / plain | **{s['tokens_per_s_ratio']:.2f}x** | **{s['peak_memory_ratio']:.2f}x** | "
+                     f"| {s['aten_ops_ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -117,6 +117,20 @@ def shared_prefix_length(input_ids, mask, keep) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
+def resolve_share_prefix(setting, device_type: str) -> bool:
+    """``trainer.share_prefix`` (``auto`` / true / false) for training that computes on ``device_type``.
+
+    ``auto`` shares the prefix on the CPU only. There a step's time follows its FLOPs, and the prefix pass removes
+    the ~46 prompt tokens every row repeats. A GPU step of a small model follows instead the number of operations
+    launched (each costs ~10-20 us of host time whatever its size), and the prefix pass is a second forward and
+    backward through every layer: ``finetune-bench`` counts the dispatched ATen operations of one forward and
+    backward (``aten_ops``), about twice as many with the prefix shared as without on SmolLM2.
+    """
+    if setting == "auto":
+        return device_type == "cpu"
+    return bool(setting)
+
+
 def can_share_prefix(model) -> bool:
     """Whether a forward may be split into a shared prefix pass and a suffix pass with the same result: a
     PEFT or plain transformers model whose forward takes a KV cache and position ids (whatever its

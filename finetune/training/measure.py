@@ -214,6 +214,23 @@ def training_flops(shape: dict, lengths: list[int], supervised: list[int]) -> fl
     return float(linear + attention + head)
 
 
+def count_aten_ops(fn) -> int:
+    """How many ATen operations ``fn()`` dispatches (forward, backward and loss alike). On a GPU each is at least
+    one kernel launch with ~10-20 us of host time, which is what a small model's step time follows there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.n
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One arm, in its own process
 

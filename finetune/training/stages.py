@@ -221,7 +221,8 @@ def fit(job: Job) -> None:
     trainer = make_trainer(model=job.model, args=args, train_dataset=train_ds, eval_dataset=job.val_ds,
                            data_collator=DataCollator(pad_token_id=job.tok.pad_token_id),
                            callbacks=job.callbacks + [meter], meter=meter,
-                           share_prefix=bool(tcfg.get("share_prefix", True)), precision=job.precision.name)
+                           share_prefix=tcfg.get("share_prefix", "auto"), precision=job.precision.name)
+    job.metrics["share_prefix"] = trainer.share_prefix
     trainer.add_callback(stopper := StopOnSignal())  # after the Trainer's own: its step-end decisions come first
     with stopper.installed():
         result = trainer.train(resume_from_checkpoint=job.resume)

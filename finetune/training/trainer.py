@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback
 from finetune.training.checkpoints import (
     CHECKPOINT_FORMAT, CHECKPOINT_MANIFEST, read_checkpoint_state, write_checkpoint_state,
 )
-from finetune.model.loss import accepts_logits_to_keep, label_position_loss
+from finetune.model.loss import accepts_logits_to_keep, label_position_loss, resolve_share_prefix
 from finetune.training.measure import ThroughputCallback
 from finetune.model.load import Precision
 
@@ -254,8 +254,8 @@ class LabelPositionTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kw)
 
 
-def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool = True, precision: str | None = None,
-                 **kwargs):
+def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool | str = "auto",
+                 precision: str | None = None, **kwargs):
     """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
     whose length-grouped order is seeded, and whose checkpoints resume exactly.
 
@@ -263,13 +263,16 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
         meter: the run's throughput meter; its token count and time are saved in every checkpoint and restored
             on resume, so ``train_tokens`` covers the whole run.
         share_prefix: compute the prompt prefix all rows of a batch share once per batch
-            (``trainer.share_prefix``; :func:`finetune.model.loss.label_position_nll`).
+            (``trainer.share_prefix``; :func:`finetune.model.loss.label_position_nll`); ``auto`` resolves by the
+            device the Trainer trains on (:func:`finetune.model.loss.resolve_share_prefix`) into
+            ``trainer.share_prefix``.
         precision: the run's resolved precision (fp32 / bf16 / fp16), recorded in each checkpoint: ``auto`` can
             resolve otherwise on another machine, and a resume there would not continue the run.
     """
     callbacks = list(kwargs.pop("callbacks", None) or [])
     trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
-    trainer.meter, trainer.share_prefix, trainer.precision = meter, share_prefix, precision
+    trainer.meter, trainer.precision = meter, precision
+    trainer.share_prefix = resolve_share_prefix(share_prefix, trainer.args.device.type)
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, _ResumeStateCallback):
             cb.trainer = trainer

@@ -87,6 +87,8 @@ def test_public_keys_exist():
     ("isolate_jobs=maybe", "isolate_jobs"),
     ("model.dtype=int4", "model.dtype"),
     ("trainer.torch_compile=sometimes", "trainer.torch_compile"),
+    ("trainer.share_prefix=1", "trainer.share_prefix=1 is not allowed; allowed: auto, true, false"),
+    ("trainer.share_prefix=gpu", "trainer.share_prefix"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     cfg = compose_cfg(override.split())

@@ -33,6 +33,13 @@ def test_both_arms_train_the_same_rows():
     assert sum(ours["step_padded_tokens"]) < sum(plain["step_padded_tokens"])
     for result in (ours, plain):
         assert result["tokens_per_s"] > 0 and result["peak_memory_mb"] > 0 and len(result["step_tokens"]) == 3
+        assert result["aten_ops"] > 100
+    # On the CPU the framework's arm computes the shared prompt prefix once (trainer.share_prefix=auto): a second
+    # pass, so more operations than the plain recipe's one pass; without it, fewer (no full-vocabulary loss).
+    assert ours["share_prefix"] is True and plain["share_prefix"] is False
+    assert ours["aten_ops"] > plain["aten_ops"]
+    unshared = bench.run_arm("finetune", _cfg("trainer.share_prefix=false"), 1)
+    assert unshared["share_prefix"] is False and unshared["aten_ops"] < plain["aten_ops"]
 
 
 def test_training_flops_formula():
@@ -66,9 +73,11 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
         return {"command": bench.COMMAND, "device": "cpu", "hardware": "cpu", "precision": "fp32",
                 "matmul_peak_flops": 1e11, "steps": steps, "rounds": rounds, "batch_size": 8, "max_length": 512,
                 "model": "m", "quantization": "none", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
-                "arms": {"finetune": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "fraction_of_peak": 0.5},
-                         "plain": {"tokens_per_s": 20.0, "peak_memory_mb": 2000.0, "fraction_of_peak": 0.1}},
-                "tokens_per_s_ratio": 5.0, "peak_memory_ratio": 0.5, "fraction_of_peak": 0.5}
+                "arms": {"finetune": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "fraction_of_peak": 0.5,
+                                      "aten_ops": 7000, "share_prefix": False},
+                         "plain": {"tokens_per_s": 20.0, "peak_memory_mb": 2000.0, "fraction_of_peak": 0.1,
+                                   "aten_ops": 8000, "share_prefix": False}},
+                "tokens_per_s_ratio": 5.0, "peak_memory_ratio": 0.5, "aten_ops_ratio": 0.875, "fraction_of_peak": 0.5}
 
     monkeypatch.setattr(bench, "benchmark", fake_benchmark)
     out = tmp_path / "bench"
@@ -77,7 +86,8 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
     data = json.loads((out / "bench.json").read_text())
     assert data["tokens_per_s_ratio"] == 5.0 and data["cli"].startswith("finetune-bench")
     table = (out / "bench.md").read_text()
-    assert "| finetune / plain | **5.00x** | **0.50x** |" in table and table in capsys.readouterr().out
+    assert "| finetune / plain | **5.00x** | **0.50x** | | 0.88x |" in table and table in capsys.readouterr().out
+    assert "| finetune | 100.0 | 1,000 | 50% | 7,000 |" in table
     assert bench.main(["--out", str(out), "--steps", "2", *TINY]) == 0  # its own earlier output is replaced
 
 

@@ -240,3 +240,40 @@ def test_the_prefix_is_not_shared_where_it_would_change_the_result():
     handle.remove()
     model.get_base_model().gradient_checkpointing_enable()
     assert not can_share_prefix(model)  # the cache is off under gradient checkpointing
+
+
+def test_share_prefix_auto_shares_on_the_cpu_and_not_on_a_gpu(tmp_path):
+    """auto: a CPU step's time follows its FLOPs (the prefix pass saves some); a small model's GPU step follows the
+    operations it launches, and the prefix pass is a second forward and backward through every layer."""
+    from transformers import TrainingArguments
+
+    from finetune.model.loss import resolve_share_prefix
+    from tests.conftest import compose_cfg
+
+    assert compose_cfg(["model=tiny"]).trainer.share_prefix == "auto"
+    assert resolve_share_prefix("auto", "cpu") is True
+    assert resolve_share_prefix("auto", "cuda") is False
+    assert resolve_share_prefix("auto", "xpu") is False
+    assert resolve_share_prefix(True, "cuda") is True and resolve_share_prefix(False, "cpu") is False
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    model = lora(FAMILIES["llama"]())
+    assert make_trainer(model=model, args=args, share_prefix="auto").share_prefix is True  # args.device: cpu
+    assert make_trainer(model=model, args=args, share_prefix=False).share_prefix is False
+
+
+def test_a_shared_prefix_step_launches_about_twice_the_operations():
+    """What ``auto`` rests on, counted: the prefix pass doubles the operations of a forward and backward."""
+    from finetune.training.measure import count_aten_ops
+
+    model = lora(FAMILIES["llama"]()).train()
+    model.get_base_model().config.use_cache = False
+    batch = DataCollator(pad_token_id=0)(prompted_rows(4))
+
+    def step(share):
+        return count_aten_ops(lambda: label_position_loss(model, batch, share_prefix=share)[0].backward())
+
+    shared, whole = step(True), step(False)
+    assert whole == step(False) > 0  # deterministic
+    forward_only = count_aten_ops(lambda: label_position_loss(model, batch, share_prefix=False))
+    assert whole > 1.5 * forward_only  # the backward's operations are counted too
+    assert shared > 1.7 * whole, (shared, whole)
