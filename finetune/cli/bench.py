@@ -23,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.training.measure import hardware, matmul_peak_flops, model_shape, training_flops
+from finetune.training.measure import hardware, host_syncs, matmul_peak_flops, model_shape, training_flops
 
 log = logging.getLogger("finetune.cli.bench")
 
@@ -53,9 +53,10 @@ def _recorder(base):
 
         def count_batch(self, batch: dict) -> None:
             super().count_batch(batch)
+            layout = batch.get("layout")  # host-side (finetune.data.encoding.BatchLayout): no wait for a GPU
             mask = batch["attention_mask"]
             self.widths.append(int(mask.shape[1]))
-            self.batches.append([int(n) for n in mask.sum(dim=1)])
+            self.batches.append(list(layout.row_lengths) if layout is not None else mask.sum(dim=1).tolist())
 
     return Recorder()
 
@@ -115,7 +116,7 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
             args = training_arguments(acfg.trainer, precision, Path(tmp), int(cfg.seed), [], f"bench-{arm}",
                                       has_eval=False)
             trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
-                                   data_collator=DataCollator(pad_token_id=tok.pad_token_id),
+                                   data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True),
                                    callbacks=[meter, clock], meter=meter,
                                    share_prefix=acfg.trainer.get("share_prefix", "auto"))
         else:
@@ -125,7 +126,8 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
         raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps of {arm_steps}, {meter.tokens} tokens of "
                            f"{sum(ds['length'])}")
     figures = _arm_figures(arm, model, ds, meter, clock, arm_steps, precision, bool(tcfg.get("packing")))
-    figures["aten_ops"] = _aten_ops(trainer, model)
+    ops = _aten_ops(trainer, model)
+    figures["aten_ops"], figures["host_syncs"] = sum(ops.values()), host_syncs(ops)
     figures["share_prefix"] = bool(getattr(trainer, "share_prefix", False))
     return figures
 
@@ -133,15 +135,15 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
 OPS_ROWS = 2  # rows of the batch whose forward and backward operations are counted
 
 
-def _aten_ops(trainer, model) -> int:
-    """ATen operations of one forward, loss and backward of the arm's own training path on its first
+def _aten_ops(trainer, model):
+    """ATen operations (by name) of one forward, loss and backward of the arm's own training path on its first
     :data:`OPS_ROWS` training rows, after the timed steps (counting slows the step it counts)."""
-    from finetune.training.measure import count_aten_ops
+    from finetune.training.measure import dispatched_ops
 
     rows = [trainer.train_dataset[i] for i in range(min(OPS_ROWS, len(trainer.train_dataset)))]
     inputs = trainer._prepare_inputs(trainer.data_collator(rows))
     model.train()
-    ops = count_aten_ops(lambda: trainer.compute_loss(model, inputs).backward())
+    ops = dispatched_ops(lambda: trainer.compute_loss(model, inputs).backward())
     model.zero_grad(set_to_none=True)
     return ops
 
@@ -263,6 +265,7 @@ def benchmark(cfg: DictConfig, arms: list[str], steps: int, rounds: int, peak: f
             "fraction_of_peak": statistics.median(x["flops_per_s"] for x in results) / peak,
             "flops_needed_per_token": results[0]["flops_needed"] / max(results[0]["timed_tokens"], 1),
             "aten_ops": results[0].get("aten_ops"),
+            "host_syncs": results[0].get("host_syncs"),
             "share_prefix": results[0].get("share_prefix"),
             "rounds": results,
         }
@@ -285,12 +288,12 @@ def markdown(s: dict) -> str:
              f"{', '.join(s['lora']['target_modules'])}, {s['steps']} steps of {s['batch_size']}, max_length "
              f"{s['max_length']}, median of {s['rounds']} round(s); matmul peak "
              f"{s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", "",
-             "| arm | real tokens/s | peak memory (MB) | useful FLOP/s / matmul peak | ATen ops per forward + backward "
-             f"({OPS_ROWS} rows) |", "|---|---|---|---|---|"]
+             "| arm | real tokens/s | peak memory (MB) | useful FLOP/s / matmul peak | ATen ops (host syncs) per "
+             f"forward + backward ({OPS_ROWS} rows) |", "|---|---|---|---|---|"]
     for arm, a in s["arms"].items():
-        shared = " (prefix shared)" if a.get("share_prefix") else ""
+        shared = ", prefix shared" if a.get("share_prefix") else ""
         lines.append(f"| {arm} | {a['tokens_per_s']:.1f} | {a['peak_memory_mb']:,.0f} | {a['fraction_of_peak']:.0%} "
-                     f"| {a['aten_ops']:,}{shared} |")
+                     f"| {a['aten_ops']:,} ({a['host_syncs']}{shared}) |")
     if "tokens_per_s_ratio" in s:
         lines.append(f"| finetune / plain | **{s['tokens_per_s_ratio']:.2f}x** | **{s['peak_memory_ratio']:.2f}x** | "
                      f"| {s['aten_ops_ratio']:.2f}x |")

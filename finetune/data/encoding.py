@@ -189,16 +189,42 @@ def tokenize_split(rows: list[dict], dcfg: Mapping, tokenizer, max_length: int):
     return datasets.Dataset.from_dict(columns, features=features)
 
 
+# Keys a training batch carries besides the model's inputs (DataCollator with label_plan=True): read by the loss
+# and the token meter, never passed to the model.
+LABEL_INDEX, LABEL_TARGETS, LAYOUT = "label_index", "label_targets", "layout"
+PLAN_KEYS = (LABEL_INDEX, LABEL_TARGETS, LAYOUT)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """What the collator knows about a batch it built, on the host: the real length of every row, the padded
+    width, and whether every row is ones then zeros in its attention mask. Not a tensor (and without ``.to``), so
+    it stays on the host when the batch moves to a GPU: reading it never waits for the device."""
+
+    row_lengths: tuple[int, ...]
+    width: int
+    right_padded: bool
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(self.row_lengths)
+
+
 @dataclass
 class DataCollator:
     """Pads a batch to its longest sequence (right padding); labels are padded with ``label_pad_id``.
 
-    Extra keys such as ``length`` are dropped.
+    Extra keys such as ``length`` are dropped. With ``label_plan`` the batch also carries, computed here on the
+    host, where a label is predicted: ``label_index`` (the flat positions ``b x width + t`` whose next token is a
+    label, row-major), ``label_targets`` (those labels) and ``layout`` (:class:`BatchLayout`), so the training
+    loss selects the supervised positions without a boolean mask, which on a GPU would stop the host until the
+    device has caught up (:func:`finetune.model.loss.label_position_nll`).
     """
 
     pad_token_id: int
     label_pad_id: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
+    label_plan: bool = False
 
     def __call__(self, features: list[Mapping]) -> dict:
         """Return ``input_ids``, ``attention_mask`` and ``labels`` as ``torch.long`` tensors ``[batch, len]``."""
@@ -218,6 +244,15 @@ class DataCollator:
         if "attention_mask" not in batch:
             lengths = torch.tensor([len(f["input_ids"]) for f in features])
             batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+        if self.label_plan and "labels" in batch:
+            mask, labels = batch["attention_mask"], batch["labels"]
+            rows = mask.sum(dim=1)
+            supervised = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+            b, t = supervised.nonzero(as_tuple=True)
+            batch[LABEL_INDEX] = b * longest + t
+            batch[LABEL_TARGETS] = labels[:, 1:][supervised]
+            batch[LAYOUT] = BatchLayout(tuple(rows.tolist()), longest, bool(torch.equal(
+                mask.bool(), torch.arange(longest)[None, :] < rows[:, None])))
         return batch
 
 

@@ -7,6 +7,8 @@ imports the training set-up.
 
 from __future__ import annotations
 
+import contextlib
+
 
 def accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under any PEFT wrapper takes a boolean ``logits_to_keep`` mask: its forward has the
@@ -65,10 +67,45 @@ def label_position_nll(model, inputs: dict, share_prefix: bool = True):
     """
     import torch.nn.functional as F
 
+    from finetune.data.encoding import LABEL_INDEX, LABEL_TARGETS, LAYOUT, PLAN_KEYS
+
+    if inputs.get(LABEL_INDEX) is not None and not share_prefix:
+        # The collator's plan, made on the host: no step below waits for the device.
+        rest = {k: v for k, v in inputs.items() if k != "labels" and k not in PLAN_KEYS}
+        layout = inputs.get(LAYOUT)
+        if "position_ids" not in rest and layout is not None and layout.right_padded and not has_forward_hooks(model):
+            rest.pop("attention_mask", None)  # as causal_suffices: a pad is never attended by a real token
+        targets = inputs[LABEL_TARGETS]
+        with head_rows(model, inputs[LABEL_INDEX]):
+            logits = model(**rest, logits_to_keep=0).logits  # [n_supervised, vocab], row-major over (b, t)
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.new_full((), targets.numel())
+    inputs = {k: v for k, v in inputs.items() if k not in PLAN_KEYS}
     labels = inputs["labels"]
     keep = labelled_next(labels)
     logits = kept_logits(model, inputs, keep, share_prefix)  # [n_supervised, vocab], row-major over (b, t)
     return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum"), keep.sum()
+
+
+@contextlib.contextmanager
+def head_rows(model, index):
+    """Within it, the output head of ``model`` (under any PEFT / DDP wrapper) sees only the rows ``index`` of its
+    input flattened over (batch, position): ``[len(index), vocab]`` logits, selected by an index tensor (whose
+    size the host knows) instead of a boolean mask (whose count it would have to read back from the device)."""
+    from torch import nn
+
+    base = model
+    while hasattr(base, "get_base_model") or isinstance(getattr(base, "module", None), nn.Module):
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
+
+    def select(_module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), *args[1:])
+
+    handle = base.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def labelled_next(labels):

@@ -119,6 +119,10 @@ class ThroughputCallback(TrainerCallback):
         self._excluded = 0.0  # evaluation time inside this train() call
 
     def count_batch(self, batch: dict) -> None:
+        layout = batch.get("layout")  # the collator's host-side figures (finetune.data.encoding.BatchLayout)
+        if layout is not None:  # read without waiting for a GPU
+            self.tokens += layout.real_tokens
+            return
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
@@ -214,21 +218,42 @@ def training_flops(shape: dict, lengths: list[int], supervised: list[int]) -> fl
     return float(linear + attention + head)
 
 
-def count_aten_ops(fn) -> int:
-    """How many ATen operations ``fn()`` dispatches (forward, backward and loss alike). On a GPU each is at least
-    one kernel launch with ~10-20 us of host time, which is what a small model's step time follows there."""
+# ATen operations after which the host must wait for a GPU to catch up: they hand the host a value (``.item()``,
+# ``int()``, ``bool()`` of a tensor, ``torch.equal``) or an output whose size depends on the data (``nonzero``, and
+# indexing with a boolean mask, counted as ``<name>[bool]``).
+HOST_SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero", "aten::masked_select",
+              "aten::_unique2", "aten::unique_consecutive", "aten::index[bool]", "aten::index_put[bool]",
+              "aten::index_put_[bool]")
+
+
+def dispatched_ops(fn) -> "collections.Counter[str]":
+    """The ATen operations ``fn()`` dispatches (forward, backward and loss alike), by name. On a GPU each is at
+    least one kernel launch with ~10-20 us of host time, which is what a small model's step time follows there;
+    see :data:`HOST_SYNCS` for those that also stop the host."""
+    import collections
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Counter(TorchDispatchMode):
-        n = 0
+    seen: collections.Counter[str] = collections.Counter()
 
+    class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.n += 1
+            name = func._schema.name
+            indices = args[1] if name.startswith("aten::index") and len(args) > 1 else None
+            if isinstance(indices, (list, tuple)) and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+                name += "[bool]"
+            seen[name] += 1
             return func(*args, **(kwargs or {}))
 
     with Counter():
         fn()
-    return Counter.n
+    return seen
+
+
+def host_syncs(ops) -> int:
+    """How many of the counted operations (:func:`dispatched_ops`) make the host wait for a GPU."""
+    return sum(n for name, n in ops.items() if name in HOST_SYNCS)
 
 
 # ---------------------------------------------------------------------------------------------------------

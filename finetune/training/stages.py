@@ -219,7 +219,7 @@ def fit(job: Job) -> None:
     args = training_arguments(tcfg, job.precision, job.run_dir, cfg.seed, ["wandb"] if job.wandb_run else [], name,
                               has_eval=job.val_ds is not None, dist_cfg=cfg.get("distributed"))
     trainer = make_trainer(model=job.model, args=args, train_dataset=train_ds, eval_dataset=job.val_ds,
-                           data_collator=DataCollator(pad_token_id=job.tok.pad_token_id),
+                           data_collator=DataCollator(pad_token_id=job.tok.pad_token_id, label_plan=True),
                            callbacks=job.callbacks + [meter], meter=meter,
                            share_prefix=tcfg.get("share_prefix", "auto"), precision=job.precision.name)
     job.metrics["share_prefix"] = trainer.share_prefix

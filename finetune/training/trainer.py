@@ -117,6 +117,13 @@ class SeededLengthGroupedSampler:
         return iter(get_length_grouped_indices(self.lengths, size, mega_batch_mult=mult, generator=generator))
 
 
+def model_inputs(batch: dict) -> dict:
+    """A batch without the collator's label plan (:data:`finetune.data.encoding.PLAN_KEYS`): what the model takes."""
+    from finetune.data.encoding import PLAN_KEYS
+
+    return {k: v for k, v in batch.items() if k not in PLAN_KEYS}
+
+
 class LabelPositionTrainer(Trainer):
     """Trainer whose training loss projects only the supervised positions onto the vocabulary."""
 
@@ -135,13 +142,16 @@ class LabelPositionTrainer(Trainer):
             self._label_positions = accepts_logits_to_keep(model)
         if return_outputs or "labels" not in inputs or not self._label_positions:
             self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, model_inputs(inputs), return_outputs, num_items_in_batch)
         loss, scaled = label_position_loss(model, inputs, num_items_in_batch, self.share_prefix)
         if scaled and self.args.average_tokens_across_devices:
             # num_items_in_batch counts every process's tokens; DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
         self.loss_is_scaled_for_ga = scaled
         return loss
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        return super().prediction_step(model, model_inputs(inputs), *args, **kwargs)
 
     def _run_epoch(self, *args, **kwargs):
         # The stock loop checks the step budget only after a step: resumed from a checkpoint at max_steps that is

@@ -74,9 +74,9 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
                 "matmul_peak_flops": 1e11, "steps": steps, "rounds": rounds, "batch_size": 8, "max_length": 512,
                 "model": "m", "quantization": "none", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
                 "arms": {"finetune": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "fraction_of_peak": 0.5,
-                                      "aten_ops": 7000, "share_prefix": False},
+                                      "aten_ops": 7000, "host_syncs": 0, "share_prefix": False},
                          "plain": {"tokens_per_s": 20.0, "peak_memory_mb": 2000.0, "fraction_of_peak": 0.1,
-                                   "aten_ops": 8000, "share_prefix": False}},
+                                   "aten_ops": 8000, "host_syncs": 2, "share_prefix": False}},
                 "tokens_per_s_ratio": 5.0, "peak_memory_ratio": 0.5, "aten_ops_ratio": 0.875, "fraction_of_peak": 0.5}
 
     monkeypatch.setattr(bench, "benchmark", fake_benchmark)
@@ -87,7 +87,7 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
     assert data["tokens_per_s_ratio"] == 5.0 and data["cli"].startswith("finetune-bench")
     table = (out / "bench.md").read_text()
     assert "| finetune / plain | **5.00x** | **0.50x** | | 0.88x |" in table and table in capsys.readouterr().out
-    assert "| finetune | 100.0 | 1,000 | 50% | 7,000 |" in table
+    assert "| finetune | 100.0 | 1,000 | 50% | 7,000 (0) |" in table
     assert bench.main(["--out", str(out), "--steps", "2", *TINY]) == 0  # its own earlier output is replaced
 
 

@@ -263,7 +263,10 @@ def test_share_prefix_auto_shares_on_the_cpu_and_not_on_a_gpu(tmp_path):
 
 def test_a_shared_prefix_step_launches_about_twice_the_operations():
     """What ``auto`` rests on, counted: the prefix pass doubles the operations of a forward and backward."""
-    from finetune.training.measure import count_aten_ops
+    from finetune.training.measure import dispatched_ops
+
+    def count_aten_ops(fn):
+        return sum(dispatched_ops(fn).values())
 
     model = lora(FAMILIES["llama"]()).train()
     model.get_base_model().config.use_cache = False
@@ -277,3 +280,52 @@ def test_a_shared_prefix_step_launches_about_twice_the_operations():
     forward_only = count_aten_ops(lambda: label_position_loss(model, batch, share_prefix=False))
     assert whole > 1.5 * forward_only  # the backward's operations are counted too
     assert shared > 1.7 * whole, (shared, whole)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_collators_label_plan_gives_the_same_loss_and_gradients_without_waiting_for_the_device(family):
+    """With the plan the collator makes on the host (label_plan=True), the loss selects the supervised positions by
+    index: the same loss and gradients, and no operation that would stop the host until a GPU caught up."""
+    from finetune.training.measure import dispatched_ops, host_syncs
+
+    model = lora(FAMILIES[family]()).eval()
+    examples = rows(4)
+    reference = model(**DataCollator(pad_token_id=0)(examples)).loss
+    reference.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+
+    def step(batch, out):
+        loss, _ = label_position_loss(model, batch, share_prefix=False)
+        loss.backward()
+        out.append(loss.detach())
+
+    planned, unplanned = [], []
+    batch = DataCollator(pad_token_id=0, label_plan=True)(examples)  # on the host, before the batch moves
+    with_plan = dispatched_ops(lambda: step(batch, planned))
+    torch.testing.assert_close(planned[0], reference.detach())
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+    assert host_syncs(with_plan) == 0, {k: n for k, n in with_plan.items() if "[bool]" in k or "scalar" in k}
+    model.zero_grad()
+    batch = DataCollator(pad_token_id=0)(examples)
+    without = dispatched_ops(lambda: step(batch, unplanned))
+    torch.testing.assert_close(unplanned[0], planned[0])
+    assert host_syncs(without) >= 3  # the right-padding check, the boolean selections and their gradient
+
+
+def test_the_label_plan_of_packed_rows_gives_the_unpacked_loss():
+    import datasets
+
+    from finetune.data.packing import pack_rows, packed_forward_inputs
+
+    model = lora(FAMILIES["llama"]()).eval()
+    examples = rows(6)
+    ds = datasets.Dataset.from_list([{**r, "length": len(r["input_ids"])} for r in examples])
+    packed = pack_rows(ds, 40)
+    assert len(packed) < len(examples)
+    reference, _ = label_position_loss(model, DataCollator(pad_token_id=0)(examples), share_prefix=False)
+    # Packing leaves each example's first token unsupervised; none of these rows supervises it anyway.
+    batch = packed_forward_inputs(DataCollator(pad_token_id=0, label_plan=True)(list(packed)))
+    loss, _ = label_position_loss(model, batch, share_prefix=False)
+    torch.testing.assert_close(loss, reference)
