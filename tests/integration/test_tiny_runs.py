@@ -190,3 +190,28 @@ def test_tokens_count_training_batches_only(tmp_path, extra):
     plain, _ = _run(tmp_path, data, "trainer.max_steps=3", name="plain")
     other, _ = _run(tmp_path, data, "trainer.max_steps=3", *extra, name="other")
     assert plain["train_tokens"] > 0 and other["train_tokens"] == plain["train_tokens"]
+
+
+def test_the_label_plan_trains_the_same_adapter_as_the_boolean_selection(tmp_path, monkeypatch):
+    """trainer.share_prefix=false (a GPU's default) trains through the collator's host-side label plan; the same run
+    with the plan withheld selects the supervised positions with boolean masks: the same steps, bit for bit."""
+    from safetensors.torch import load_file
+
+    import finetune.data
+    from finetune.data import DataCollator
+
+    from finetune.model import loss
+
+    calls = []
+    selecting = loss.head_rows
+    monkeypatch.setattr(loss, "head_rows", lambda *a: calls.append(1) or selecting(*a))
+    common = (f"dataset.path={shared('chnsenticorp')}", "trainer.share_prefix=false", "trainer.max_steps=3")
+    planned, a = _run(tmp_path, *common, name="planned")
+    assert len(calls) == 3  # one selection by index per training step
+    monkeypatch.setattr(finetune.data, "DataCollator", lambda **kw: DataCollator(**{**kw, "label_plan": False}))
+    unplanned, b = _run(tmp_path, *common, name="unplanned")
+    assert len(calls) == 3
+    assert planned["share_prefix"] is False and planned["train_tokens"] == unplanned["train_tokens"] > 0
+    assert planned["train_loss"] == unplanned["train_loss"]
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
