@@ -126,7 +126,7 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
         raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps of {arm_steps}, {meter.tokens} tokens of "
                            f"{sum(ds['length'])}")
     figures = _arm_figures(arm, model, ds, meter, clock, arm_steps, precision, bool(tcfg.get("packing")))
-    ops = _aten_ops(trainer, model)
+    ops = _aten_ops(trainer, model, arm)
     figures["aten_ops"], figures["host_syncs"] = sum(ops.values()), host_syncs(ops)
     figures["share_prefix"] = bool(getattr(trainer, "share_prefix", False))
     return figures
@@ -135,13 +135,15 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
 OPS_ROWS = 2  # rows of the batch whose forward and backward operations are counted
 
 
-def _aten_ops(trainer, model):
+def _aten_ops(trainer, model, arm: str):
     """ATen operations (by name) of one forward, loss and backward of the arm's own training path on its first
     :data:`OPS_ROWS` training rows, after the timed steps (counting slows the step it counts)."""
     from finetune.training.measure import dispatched_ops
 
     rows = [trainer.train_dataset[i] for i in range(min(OPS_ROWS, len(trainer.train_dataset)))]
     inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+    if arm == "plain":
+        inputs = without_layout(inputs)
     model.train()
     ops = dispatched_ops(lambda: trainer.compute_loss(model, inputs).backward())
     model.zero_grad(set_to_none=True)
@@ -152,7 +154,9 @@ def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps:
     """The original design's recipe: PEFT LoRA, every row padded to ``max_length``, the stock Trainer and loss."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from finetune.data.encoding import LAYOUT, batch_layout
 
     lcfg, tcfg = acfg.lora, acfg.trainer
     bs, max_len = int(tcfg.batch_size), int(tcfg.max_length)
@@ -165,10 +169,17 @@ def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps:
         "attention_mask": r["attention_mask"] + [0] * (max_len - len(r["attention_mask"])),
         "labels": r["labels"] + [-100] * (max_len - len(r["labels"]))}, remove_columns=["length"])
 
+    def collate(features):
+        # The rows' real lengths read on the host, as the framework arm's collator does: the meter never waits
+        # for a GPU in either arm.
+        batch = default_data_collator(features)
+        batch[LAYOUT] = batch_layout(batch["attention_mask"])
+        return batch
+
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             meter.count_batch(inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
+            return super().training_step(model, without_layout(inputs), num_items_in_batch)
 
     args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=bs, max_steps=steps,
                              learning_rate=float(tcfg.lr), lr_scheduler_type=str(tcfg.scheduler),
@@ -176,7 +187,15 @@ def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps:
                              save_strategy="no", report_to=[], bf16=precision.bf16, fp16=precision.fp16,
                              use_cpu=not torch.cuda.is_available(), seed=int(acfg.seed),
                              disable_tqdm=True, dataloader_num_workers=0)
-    return model, CountingTrainer(model=model, args=args, train_dataset=padded, callbacks=callbacks)
+    return model, CountingTrainer(model=model, args=args, train_dataset=padded, data_collator=collate,
+                                  callbacks=callbacks)
+
+
+def without_layout(batch: dict) -> dict:
+    """The plain arm's batch as its model takes it (the layout is the meter's)."""
+    from finetune.data.encoding import LAYOUT
+
+    return {k: v for k, v in batch.items() if k != LAYOUT}
 
 
 def _arm_figures(arm: str, model, ds, meter, clock, arm_steps: int, precision, packing: bool) -> dict[str, Any]:

@@ -245,15 +245,22 @@ class DataCollator:
             lengths = torch.tensor([len(f["input_ids"]) for f in features])
             batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
         if self.label_plan and "labels" in batch:
-            mask, labels = batch["attention_mask"], batch["labels"]
-            rows = mask.sum(dim=1)
+            labels = batch["labels"]
             supervised = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
             b, t = supervised.nonzero(as_tuple=True)
             batch[LABEL_INDEX] = b * longest + t
             batch[LABEL_TARGETS] = labels[:, 1:][supervised]
-            batch[LAYOUT] = BatchLayout(tuple(rows.tolist()), longest, bool(torch.equal(
-                mask.bool(), torch.arange(longest)[None, :] < rows[:, None])))
+            batch[LAYOUT] = batch_layout(batch["attention_mask"])
         return batch
+
+
+def batch_layout(mask) -> BatchLayout:
+    """The :class:`BatchLayout` of a host-side ``[batch, width]`` attention mask."""
+    import torch
+
+    rows = mask.sum(dim=1)
+    ordered = torch.arange(mask.shape[1])[None, :] < rows[:, None]
+    return BatchLayout(tuple(rows.tolist()), int(mask.shape[1]), bool(torch.equal(mask.bool(), ordered)))
 
 
 def ensure_pad_token(tokenizer) -> int:

@@ -283,6 +283,24 @@ def test_collator_pads_dynamically():
     assert DataCollator(pad_token_id=0, pad_to_multiple_of=8)(feats)["input_ids"].shape == (3, 8)
 
 
+def test_the_collators_label_plan_names_every_predicted_label_on_the_host():
+    from finetune.data.encoding import BatchLayout
+
+    feats = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, -100, 7]},
+             {"input_ids": [1, 2, 3, 4], "attention_mask": [1, 1, 1, 1], "labels": [-100, 2, 3, -100]}]
+    batch = DataCollator(pad_token_id=0, label_plan=True)(feats)
+    # Flat positions b x 4 + t whose next token is a label, and those labels, row-major.
+    assert batch["label_index"].tolist() == [1, 4, 5]
+    assert batch["label_targets"].tolist() == [7, 2, 3]
+    flat = batch["labels"].roll(-1, dims=1).reshape(-1)
+    assert flat[batch["label_index"]].tolist() == batch["label_targets"].tolist()
+    assert batch["layout"] == BatchLayout(row_lengths=(3, 4), width=4, right_padded=True)
+    assert batch["layout"].real_tokens == 7 and not hasattr(batch["layout"], "to")  # stays on the host
+    holes = [{**feats[1], "attention_mask": [1, 0, 1, 1]}, feats[0]]
+    assert DataCollator(pad_token_id=0, label_plan=True)(holes)["layout"].right_padded is False
+    assert "label_index" not in DataCollator(pad_token_id=0)(feats)  # off unless asked for
+
+
 def test_ensure_pad_token():
     class Stub:
         def __init__(self, eos, unk):
