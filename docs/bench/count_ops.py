@@ -3,6 +3,7 @@ loss against the plain recipe's, for the source tree given (this one or an older
 2 ChnSentiCorp rows, LoRA r=8 on q and v of every layer, fp32, max_length 512 (the plain recipe pads to it).
 
     .venv/bin/python docs/bench/count_ops.py .                  # this tree
+    .venv/bin/python docs/bench/count_ops.py . quantization=nf4 # further config overrides after the tree
     git worktree add /tmp/old <commit> && .venv/bin/python docs/bench/count_ops.py /tmp/old
 
 The counts do not depend on the machine (a GPU runs the same operations; each is at least one kernel launch
@@ -56,7 +57,8 @@ conf = next(d for d in (f"{ROOT}/finetune/conf", f"{ROOT}/conf") if os.path.isdi
 layers = any("layers" in open(p).read() for p in glob.glob(f"{conf}/lora/*.yaml"))
 with initialize_config_dir(conf, version_base="1.3"):
     cfg = compose("train", overrides=[f"dataset.path={DATA}", "trainer.precision=fp32", "logger=none",
-                                      "lora.target_modules=[q_proj,v_proj]", *(["lora.layers=null"] if layers else [])])
+                                      "lora.target_modules=[q_proj,v_proj]", *(["lora.layers=null"] if layers else []),
+                                      *sys.argv[2:]])
 model, tok, _ = load_model(cfg.model, cfg.quantization, resolve_precision("fp32", cfg.model.dtype))
 rows = [dict(r) for r in tokenize_split(load_splits(cfg.dataset, 0).train[:2], cfg.dataset, tok, 512)]
 model = apply_lora(model, cfg.lora).train()
