@@ -226,7 +226,7 @@ HOST_SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten
               "aten::index_put_[bool]")
 
 
-def dispatched_ops(fn) -> "collections.Counter[str]":
+def dispatched_ops(fn) -> dict[str, int]:
     """The ATen operations ``fn()`` dispatches (forward, backward and loss alike), by name. On a GPU each is at
     least one kernel launch with ~10-20 us of host time, which is what a small model's step time follows there;
     see :data:`HOST_SYNCS` for those that also stop the host."""
