@@ -24,6 +24,9 @@ from tests.conftest import ROOT, TINY, shared
 COMMON = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.batch_size", "logger"))],
           "trainer.max_steps=3", "trainer.sampling=random", "lora.dropout=0.0", "trainer.lr=5e-3",
           "trainer.precision=fp32",
+          # As on GPUs (trainer.share_prefix=auto is off there): the loss selects the supervised positions through
+          # the collator's host-side label plan, under DDP's wrapper.
+          "trainer.share_prefix=false",
           "dataset.max_train_samples=24", "eval.num_samples=0"]
 # Static-scale QAT on the attention inputs: its observers must see every rank's batch to match one process.
 QAT = ["qat_targets=[attn]", "qat.scale=static", "qat.ema_decay=0.5"]
