@@ -139,11 +139,12 @@ def _aten_ops(trainer, model, arm: str):
     """ATen operations (by name) of one forward, loss and backward of the arm's own training path on its first
     :data:`OPS_ROWS` training rows, after the timed steps (counting slows the step it counts)."""
     from finetune.training.measure import dispatched_ops
+    from finetune.training.trainer import model_inputs
 
     rows = [trainer.train_dataset[i] for i in range(min(OPS_ROWS, len(trainer.train_dataset)))]
     inputs = trainer._prepare_inputs(trainer.data_collator(rows))
     if arm == "plain":
-        inputs = without_layout(inputs)
+        inputs = model_inputs(inputs)
     model.train()
     ops = dispatched_ops(lambda: trainer.compute_loss(model, inputs).backward())
     model.zero_grad(set_to_none=True)
@@ -157,6 +158,7 @@ def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from finetune.data.encoding import LAYOUT, batch_layout
+    from finetune.training.trainer import model_inputs
 
     lcfg, tcfg = acfg.lora, acfg.trainer
     bs, max_len = int(tcfg.batch_size), int(tcfg.max_length)
@@ -179,7 +181,7 @@ def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps:
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             meter.count_batch(inputs)
-            return super().training_step(model, without_layout(inputs), num_items_in_batch)
+            return super().training_step(model, model_inputs(inputs), num_items_in_batch)
 
     args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=bs, max_steps=steps,
                              learning_rate=float(tcfg.lr), lr_scheduler_type=str(tcfg.scheduler),
@@ -190,12 +192,6 @@ def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps:
     return model, CountingTrainer(model=model, args=args, train_dataset=padded, data_collator=collate,
                                   callbacks=callbacks)
 
-
-def without_layout(batch: dict) -> dict:
-    """The plain arm's batch as its model takes it (the layout is the meter's)."""
-    from finetune.data.encoding import LAYOUT
-
-    return {k: v for k, v in batch.items() if k != LAYOUT}
 
 
 def _arm_figures(arm: str, model, ds, meter, clock, arm_steps: int, precision, packing: bool) -> dict[str, Any]:

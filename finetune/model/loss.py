@@ -10,6 +10,17 @@ from __future__ import annotations
 import contextlib
 
 
+def causal_lm(model):
+    """The transformers causal LM inside ``model``: DDP / FSDP / accelerate wrappers keep it in ``.module`` (and
+    hide its forward signature), PEFT behind ``get_base_model()``."""
+    from torch import nn
+
+    base = model
+    while hasattr(base, "get_base_model") or isinstance(getattr(base, "module", None), nn.Module):
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
+    return base
+
+
 def accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under any PEFT wrapper takes a boolean ``logits_to_keep`` mask: its forward has the
     argument and its module slices with transformers' ``slice_logits_to_keep`` (the transformers 5 models:
@@ -17,13 +28,7 @@ def accepts_logits_to_keep(model) -> bool:
     import inspect
     import sys
 
-    from torch import nn
-
-    base = model
-    # DDP / FSDP / accelerate wrappers keep the model in ``.module`` and hide its forward signature; PEFT keeps
-    # it behind get_base_model(). Unwrapped both ways, so the label-position loss stays on under DDP.
-    while hasattr(base, "get_base_model") or isinstance(getattr(base, "module", None), nn.Module):
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
+    base = causal_lm(model)  # so the label-position loss stays on under DDP
     try:
         has_arg = "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
@@ -91,17 +96,11 @@ def head_rows(model, index):
     """Within it, the output head of ``model`` (under any PEFT / DDP wrapper) sees only the rows ``index`` of its
     input flattened over (batch, position): ``[len(index), vocab]`` logits, selected by an index tensor (whose
     size the host knows) instead of a boolean mask (whose count it would have to read back from the device)."""
-    from torch import nn
-
-    base = model
-    while hasattr(base, "get_base_model") or isinstance(getattr(base, "module", None), nn.Module):
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
-
     def select(_module, args):
         hidden = args[0]
         return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), *args[1:])
 
-    handle = base.get_output_embeddings().register_forward_pre_hook(select)
+    handle = causal_lm(model).get_output_embeddings().register_forward_pre_hook(select)
     try:
         yield
     finally:

@@ -132,6 +132,7 @@ RESUME_MAY_CHANGE = {
     "trainer.save_steps", "trainer.save_total_limit", "trainer.dataloader_num_workers", "trainer.torch_compile",
     "trainer.gradient_checkpointing", "dataset.max_eval_samples", "dataset.max_test_samples", "qat.eval_int8",
     "qat.eval_bits",
+    "trainer.share_prefix",  # compared resolved instead (check_resume_config): auto means true or false by device
 }
 RESUME_MAY_CHANGE_PREFIXES = ("eval.", "logger.", "hydra.")
 
@@ -173,10 +174,11 @@ def resume_config_problem(current: dict, checkpoint: str) -> str | None:
             "drop those overrides, or train a new run in a new directory")
 
 
-def check_resume_config(cfg, checkpoint: str, precision: str | None = None) -> None:
+def check_resume_config(cfg, checkpoint: str, precision: str | None = None, share_prefix: bool | None = None) -> None:
     """Raise when the config ``cfg`` would not continue the run that wrote ``checkpoint``
-    (:func:`resume_config_problem`), or when ``precision`` (this run's, resolved) is not the one the checkpoint
-    was trained in (``trainer.precision=auto`` resolves by machine)."""
+    (:func:`resume_config_problem`), or when ``precision`` or ``share_prefix`` (this run's, resolved) is not what
+    the checkpoint was trained with (``trainer.precision=auto`` and ``trainer.share_prefix=auto`` resolve by
+    machine; the prefix pass draws LoRA dropout masks differently, so the resumed steps would not be the run's)."""
     from omegaconf import OmegaConf
 
     from finetune.runs import resolved_config
@@ -190,3 +192,28 @@ def check_resume_config(cfg, checkpoint: str, precision: str | None = None) -> N
             f"trainer.resume_from_checkpoint: {Path(checkpoint).name} was trained in {trained}, this run would train "
             f"in {precision} (trainer.precision={cfg.trainer.precision}); set trainer.precision={trained} to "
             "continue it")
+    shared = _trained_share_prefix(checkpoint)
+    if share_prefix is not None and shared is not None and shared != share_prefix:
+        def said(flag: bool) -> str:
+            return "with the shared prompt prefix computed once per batch" if flag else "without sharing the prompt prefix"
+
+        raise FinetuneError(
+            f"trainer.resume_from_checkpoint: {Path(checkpoint).name} was trained {said(shared)}, this run would "
+            f"train {said(share_prefix)} (trainer.share_prefix={cfg.trainer.get('share_prefix', 'auto')}); set "
+            f"trainer.share_prefix={str(shared).lower()} to continue it")
+
+
+def _trained_share_prefix(checkpoint: str) -> bool | None:
+    """Whether the run that wrote ``checkpoint`` shared the prompt prefix: its checkpoint state records it; a
+    checkpoint of an earlier release does not, and its run's config.yaml then holds true or false (before ``auto``)."""
+    recorded = (read_checkpoint_state(checkpoint) or {}).get("share_prefix")
+    if isinstance(recorded, bool):
+        return recorded
+    path = Path(checkpoint).parent.parent / "config.yaml"
+    try:
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.load(path).trainer.get("share_prefix")
+    except Exception:  # noqa: BLE001 - no or an unreadable config.yaml: resume_config_problem has said so
+        return None
+    return value if isinstance(value, bool) else None

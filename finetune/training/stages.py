@@ -37,6 +37,7 @@ class Job:
     model: Any = None
     tok: Any = None
     precision: Any = None
+    share_prefix: bool = True  # trainer.share_prefix resolved for the device training runs on
     main: bool = True
     sharded: bool = False
     qat_handle: Any = None
@@ -87,15 +88,17 @@ def prepare(job: Job, run_log) -> None:
     from transformers import set_seed
 
     from finetune.model.load import load_model, resolve_precision
+    from finetune.model.loss import resolve_share_prefix
     from finetune.training import distributed
     from finetune.training.measure import bound_cpu_allocator, memory_device, reset_peak_memory
 
     set_seed(cfg.seed)
     job.precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
+    job.share_prefix = resolve_share_prefix(tcfg.get("share_prefix", "auto"), memory_device())
     if job.resume is not None:  # the data is good; is this the run the checkpoint belongs to? (rank 0 decides)
         from finetune.training.checkpoints import check_resume_config
 
-        distributed.agree(lambda: check_resume_config(cfg, job.resume, job.precision.name))
+        distributed.agree(lambda: check_resume_config(cfg, job.resume, job.precision.name, job.share_prefix))
     log.info("data: %s (train %d, validation %d, test %d)", splits.source, len(splits.train),
              len(splits.validation), len(splits.test))
     job.main = distributed.is_main()
@@ -221,7 +224,7 @@ def fit(job: Job) -> None:
     trainer = make_trainer(model=job.model, args=args, train_dataset=train_ds, eval_dataset=job.val_ds,
                            data_collator=DataCollator(pad_token_id=job.tok.pad_token_id, label_plan=True),
                            callbacks=job.callbacks + [meter], meter=meter,
-                           share_prefix=tcfg.get("share_prefix", "auto"), precision=job.precision.name)
+                           share_prefix=job.share_prefix, precision=job.precision.name)
     job.metrics["share_prefix"] = trainer.share_prefix
     trainer.add_callback(stopper := StopOnSignal())  # after the Trainer's own: its step-end decisions come first
     with stopper.installed():

@@ -223,6 +223,7 @@ class LabelPositionTrainer(Trainer):
             "elapsed_s": self.meter.elapsed_so_far() if self.meter else None,
             "peak_memory_mb_per_rank": peaks,
             "precision": self.precision,
+            "share_prefix": self.share_prefix,  # resolved (auto differs by device): checked on resume
             # Callbacks with state of their own (QAT's static observers) save it alongside.
             "callbacks": {type(cb).__name__: cb.checkpoint_state() for cb in self.callback_handler.callbacks
                           if hasattr(cb, "checkpoint_state")},

@@ -514,6 +514,19 @@ def test_a_resume_that_changes_what_the_checkpoint_was_trained_with_is_refused_n
                                             r"\(trainer.precision=auto\); set trainer.precision=fp16"):
         run(_cfg(run_dir, "trainer.max_steps=3", resume), run_dir)
     write_checkpoint_state(last, state)
+    # trainer.share_prefix=auto resolves by device too (true on this CPU): the checkpoint records what it trained with
+    assert state["share_prefix"] is True
+    write_checkpoint_state(last, {**state, "share_prefix": False})  # as if trained on a GPU
+    with pytest.raises(FinetuneError, match=r"checkpoint-2 was trained without sharing the prompt prefix, this run "
+                                            r"would train with .*\(trainer.share_prefix=auto\); set "
+                                            r"trainer.share_prefix=false to continue it"):
+        run(_cfg(run_dir, "trainer.max_steps=3", resume), run_dir)
+    # A checkpoint of the release before auto: no record in its state, true (the old default) in its config.yaml,
+    # which auto on this CPU continues.
+    write_checkpoint_state(last, {k: v for k, v in state.items() if k != "share_prefix"})
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("share_prefix: auto", "share_prefix: true"))
+    assert snapshot(run_dir) != before and "share_prefix: true" in config.read_text()
     again = run(_cfg(run_dir, "trainer.max_steps=3", resume, "eval.batch_size=3", "trainer.logging_steps=1"), run_dir)
     assert again["train_steps"] == 3 and again["resumed_from"]["step"] == 2
 
