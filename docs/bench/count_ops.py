@@ -24,6 +24,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".")
 DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "chnsenticorp"))
 sys.path.insert(0, ROOT)
+conf = next((d for d in (f"{ROOT}/finetune/conf", f"{ROOT}/conf") if os.path.isdir(d)), None)
+if conf is None or not os.path.isdir(DATA):
+    print(f"count_ops.py: {ROOT} has no finetune/conf (or conf) folder, or {DATA} is missing; give a checkout "
+          "of this project beside ../shared", file=sys.stderr)
+    sys.exit(2)
+# finetune.training.measure.HOST_SYNCS and dispatched_ops, restated here: an older tree being counted has neither.
 SYNCS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero", "aten::masked_select"}
 
 try:  # the package layout of this release, else the flat one of earlier releases
@@ -53,7 +59,6 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-conf = next(d for d in (f"{ROOT}/finetune/conf", f"{ROOT}/conf") if os.path.isdir(d))
 layers = any("layers" in open(p).read() for p in glob.glob(f"{conf}/lora/*.yaml"))
 with initialize_config_dir(conf, version_base="1.3"):
     cfg = compose("train", overrides=[f"dataset.path={DATA}", "trainer.precision=fp32", "logger=none",
