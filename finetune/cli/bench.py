@@ -23,7 +23,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.training.measure import hardware, host_syncs, matmul_peak_flops, model_shape, training_flops
+from finetune.training.measure import (hardware, host_syncs, in_use_sampler, matmul_peak_flops, model_shape,
+                                      training_flops)
 
 log = logging.getLogger("finetune.cli.bench")
 
@@ -89,6 +90,7 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     from finetune.model.load import load_model, resolve_precision
     from finetune.training.trainer import make_trainer, training_arguments
 
+    in_use_sampler()  # the peak in use covers loading and training, as the peak RSS does
     set_seed(cfg.seed)
     tcfg = cfg.trainer
     bs, max_len = int(tcfg.batch_size), int(tcfg.max_length)
@@ -196,7 +198,7 @@ def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps:
 
 def _arm_figures(arm: str, model, ds, meter, clock, arm_steps: int, precision, packing: bool) -> dict[str, Any]:
     """An arm's tokens, time, peak memory and the FLOPs its examples need."""
-    from finetune.training.measure import memory_device, peak_memory_mb
+    from finetune.training.measure import memory_device, peak_in_use_mb, peak_memory_mb, rounded_mb
 
     shape = model_shape(model)
     # Every step, from the start of training: length grouping puts the longest batch first, so leaving out the
@@ -214,7 +216,7 @@ def _arm_figures(arm: str, model, ds, meter, clock, arm_steps: int, precision, p
             "step_padded_tokens": [len(lengths) * meter.widths[i] for i, lengths in enumerate(timed)],
             "tokens_per_s": timed_tokens / timed_s,
             "flops_needed": flops, "flops_per_s": flops / timed_s, "peak_memory_mb": round(peak_memory_mb(), 1),
-            "memory_device": memory_device(), "precision": precision.name, "model_shape": shape}
+            "peak_in_use_mb": rounded_mb(peak_in_use_mb()), "memory_device": memory_device(), "precision": precision.name, "model_shape": shape}
 
 
 def _child(arm: str, spec_path: str) -> int:
@@ -277,6 +279,8 @@ def benchmark(cfg: DictConfig, arms: list[str], steps: int, rounds: int, peak: f
         summary["arms"][arm] = {
             "tokens_per_s": statistics.median(x["tokens_per_s"] for x in results),
             "peak_memory_mb": max(x["peak_memory_mb"] for x in results),
+            "peak_in_use_mb": max((x["peak_in_use_mb"] for x in results if x.get("peak_in_use_mb") is not None),
+                                  default=None),
             "fraction_of_peak": statistics.median(x["flops_per_s"] for x in results) / peak,
             "flops_needed_per_token": results[0]["flops_needed"] / max(results[0]["timed_tokens"], 1),
             "aten_ops": results[0].get("aten_ops"),
@@ -288,6 +292,8 @@ def benchmark(cfg: DictConfig, arms: list[str], steps: int, rounds: int, peak: f
         ours, plain = summary["arms"]["finetune"], summary["arms"]["plain"]
         summary["tokens_per_s_ratio"] = ours["tokens_per_s"] / plain["tokens_per_s"]
         summary["peak_memory_ratio"] = ours["peak_memory_mb"] / plain["peak_memory_mb"]
+        if ours["peak_in_use_mb"] and plain["peak_in_use_mb"]:
+            summary["peak_in_use_ratio"] = ours["peak_in_use_mb"] / plain["peak_in_use_mb"]
         summary["aten_ops_ratio"] = ours["aten_ops"] / plain["aten_ops"]
     first = summary["arms"][arms[0]]
     summary["fraction_of_peak"] = summary["arms"].get("finetune", first)["fraction_of_peak"]
@@ -303,15 +309,21 @@ def markdown(s: dict) -> str:
              f"{', '.join(s['lora']['target_modules'])}, {s['steps']} steps of {s['batch_size']}, max_length "
              f"{s['max_length']}, median of {s['rounds']} round(s); matmul peak "
              f"{s['matmul_peak_flops'] / 1e9:.0f} GFLOP/s", "",
-             "| arm | real tokens/s | peak memory (MB) | useful FLOP/s / matmul peak | ATen ops (host syncs) per "
-             f"forward + backward ({OPS_ROWS} rows) |", "|---|---|---|---|---|"]
+             f"| arm | real tokens/s | peak memory (MB) | peak in use (MB) | useful FLOP/s / matmul peak | ATen ops "
+             f"(host syncs) per forward + backward ({OPS_ROWS} rows) |", "|---|---|---|---|---|---|"]
+    mb = lambda v: "n/a" if v is None else f"{v:,.0f}"  # noqa: E731
     for arm, a in s["arms"].items():
         shared = ", prefix shared" if a.get("share_prefix") else ""
-        lines.append(f"| {arm} | {a['tokens_per_s']:.1f} | {a['peak_memory_mb']:,.0f} | {a['fraction_of_peak']:.0%} "
-                     f"| {a['aten_ops']:,} ({a['host_syncs']}{shared}) |")
+        lines.append(f"| {arm} | {a['tokens_per_s']:.1f} | {a['peak_memory_mb']:,.0f} | {mb(a.get('peak_in_use_mb'))} "
+                     f"| {a['fraction_of_peak']:.0%} | {a['aten_ops']:,} ({a['host_syncs']}{shared}) |")
     if "tokens_per_s_ratio" in s:
+        in_use = s.get("peak_in_use_ratio")
         lines.append(f"| finetune / plain | **{s['tokens_per_s_ratio']:.2f}x** | **{s['peak_memory_ratio']:.2f}x** | "
-                     f"| {s['aten_ops_ratio']:.2f}x |")
+                     f"{'n/a' if in_use is None else f'**{in_use:.2f}x**'} | | {s['aten_ops_ratio']:.2f}x |")
+    if s["device"] == "cpu":
+        lines += ["", "Peak memory: the process's peak resident set (includes memory the C allocator keeps free, "
+                  "which varies between identical runs); peak in use: the allocator's bytes handed out, sampled "
+                  "every 10 ms (the same in identical runs; GPU: both are max_memory_allocated)."]
     return "\n".join(lines) + "\n"
 
 

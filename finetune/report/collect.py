@@ -34,7 +34,7 @@ LEADING_COLUMNS = [
     "quantization", "qat_targets", "lora.r", "lora.alpha", "lora.dropout",
     "lora.target_modules", "lr", "seed", "accuracy", "f1", "accuracy_int8", "f1_int8",
     "zero_shot_accuracy", "zero_shot_f1", "perplexity", "perplexity_int8", "eval_loss",
-    "train_loss", "peak_memory_mb", "eval_peak_memory_mb", "model_memory_mb", "memory_device", "train_runtime_s",
+    "train_loss", "peak_memory_mb", "peak_in_use_mb", "eval_peak_memory_mb", "model_memory_mb", "memory_device", "train_runtime_s",
     "train_tokens_per_s", "train_steps", "trainable_params", "total_params", "trainable_pct",
 ]
 

@@ -189,7 +189,7 @@ def _lora_vs_qlora(df: pd.DataFrame, metric: str | None, higher: bool) -> Compar
     base_mem, base_tps = mean("peak_memory_mb"), mean("train_tokens_per_s")
     ratio = lambda v, b: NA if to_float(v) is None or not b else f"{to_float(v) / b:.2f}x"  # noqa: E731
     metrics = _task_metrics(df, metric)
-    headers = ["Method", "Peak memory (MB)", f"Memory vs {base} (x)", "Weights (MB)", "Train time (s)", "Tokens/s",
+    headers = ["Method", "Peak memory (MB)", f"Memory vs {base} (x)", "Peak in use (MB)", "Weights (MB)", "Train time (s)", "Tokens/s",
                f"Tokens/s vs {base} (x)"] + [_headed(m) for m in metrics] + ["Trainable params", "Trainable %"]
     rows = []
     for label, (_, r) in zip(_labels(df, "method"), df.iterrows()):
@@ -197,7 +197,7 @@ def _lora_vs_qlora(df: pd.DataFrame, metric: str | None, higher: bool) -> Compar
             rows.append([label, _failed_cell(r)] + [""] * (len(headers) - 2))
             continue
         rows.append([label, fmt(r.get("peak_memory_mb"), 0), ratio(r.get("peak_memory_mb"), base_mem),
-                     fmt(r.get("model_memory_mb"), 0), fmt(r.get("train_runtime_s"), 1), fmt(r.get("train_tokens_per_s"), 0),
+                     fmt(r.get("peak_in_use_mb"), 0), fmt(r.get("model_memory_mb"), 0), fmt(r.get("train_runtime_s"), 1), fmt(r.get("train_tokens_per_s"), 0),
                      ratio(r.get("train_tokens_per_s"), base_tps)]
                     + [fmt_metric(m, r.get(m)) for m in metrics]
                     + [f"{human_count(r.get('trainable_params'))} / {human_count(r.get('total_params'))}",

@@ -246,16 +246,20 @@ def _training_figures(job: Job, meter, trainer, steps: int) -> None:
     tokens/s and the loss; under a multi-process launch the job's figures (sum of tokens, max of peaks and
     times) and each rank's."""
     from finetune.training import distributed
-    from finetune.training.measure import memory_breakdown_mb, reset_peak_memory
+    from finetune.training.measure import memory_breakdown_mb, reset_peak_memory, rounded_mb
 
     m = job.metrics
     ranks = distributed.gather({"rank": distributed.rank(), "tokens": meter.tokens, "train_runtime_s": meter.elapsed,
                                 "peak_memory_mb": round(meter.peak_memory_mb(), 1),
+                                "peak_in_use_mb": rounded_mb(meter.peak_in_use_mb()),
                                 "loss_sum": trainer._total_loss_scalar})
     # The Trainer's running loss: the logged part is already averaged over ranks, the part since the last log is
     # each rank's own; the mean over ranks is the job's loss (exact when the ranks' batches weigh alike).
     loss_sum = sum(r.pop("loss_sum") for r in ranks) / len(ranks)
     m["peak_memory_mb"] = max(r["peak_memory_mb"] for r in ranks)
+    in_use = [r["peak_in_use_mb"] for r in ranks if r["peak_in_use_mb"] is not None]
+    if in_use:
+        m["peak_in_use_mb"] = max(in_use)
     m["memory_breakdown_mb"] = memory_breakdown_mb(m["peak_memory_mb"], m["model_memory_mb"], job.model)
     reset_peak_memory()
     elapsed = max(r["train_runtime_s"] for r in ranks)

@@ -14,7 +14,7 @@ from finetune.training.checkpoints import (
     CHECKPOINT_FORMAT, CHECKPOINT_MANIFEST, read_checkpoint_state, write_checkpoint_state,
 )
 from finetune.model.loss import accepts_logits_to_keep, label_position_loss, resolve_share_prefix
-from finetune.training.measure import ThroughputCallback
+from finetune.training.measure import ThroughputCallback, rounded_mb
 from finetune.model.load import Precision
 
 log = logging.getLogger("finetune.training.trainer")
@@ -203,8 +203,9 @@ class LabelPositionTrainer(Trainer):
         # the last log (the logged part is already averaged over the ranks).
         ranks = distributed.gather({"tokens": self.meter.tokens if self.meter else None,
                                     "peak": round(self.meter.peak_memory_mb(), 1) if self.meter else None,
+                                    "in_use": rounded_mb(self.meter.peak_in_use_mb()) if self.meter else None,
                                     "pending": float(self._tr_loss.item()) if hasattr(self, "_tr_loss") else 0.0})
-        tokens, peaks, pending = ([r[k] for r in ranks] for k in ("tokens", "peak", "pending"))
+        tokens, peaks, in_use, pending = ([r[k] for r in ranks] for k in ("tokens", "peak", "in_use", "pending"))
         if not self.args.should_save:
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -222,6 +223,7 @@ class LabelPositionTrainer(Trainer):
             "tokens_per_rank": tokens,
             "elapsed_s": self.meter.elapsed_so_far() if self.meter else None,
             "peak_memory_mb_per_rank": peaks,
+            "peak_in_use_mb_per_rank": in_use,
             "precision": self.precision,
             "share_prefix": self.share_prefix,  # resolved (auto differs by device): checked on resume
             # Callbacks with state of their own (QAT's static observers) save it alongside.
@@ -249,7 +251,10 @@ class LabelPositionTrainer(Trainer):
             own = per_rank[distributed.rank()] if distributed.rank() < len(per_rank) else st["tokens"]
             peaks = st.get("peak_memory_mb_per_rank") or []  # absent in checkpoints of earlier versions
             peak = peaks[distributed.rank()] if distributed.rank() < len(peaks) else None
-            self.meter.restore(int(own), float(st.get("elapsed_s") or 0.0), float(peak or 0.0))
+            in_use = st.get("peak_in_use_mb_per_rank") or []
+            own_in_use = in_use[distributed.rank()] if distributed.rank() < len(in_use) else None
+            self.meter.restore(int(own), float(st.get("elapsed_s") or 0.0), float(peak or 0.0),
+                               float(own_in_use or 0.0))
         for cb in self.callback_handler.callbacks:
             if hasattr(cb, "restore_checkpoint_state"):
                 cb.restore_checkpoint_state((st.get("callbacks") or {}).get(type(cb).__name__))

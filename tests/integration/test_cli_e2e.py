@@ -72,6 +72,8 @@ def test_each_method_runs_and_records(runs, method):
         assert key in m, key
     assert m["data_source"].startswith("folder:") and m["model"] == "embedded:SmolLM2-135M-Instruct"
     assert m["train_steps"] == 3 and m["train_tokens_per_s"] > 0 and m["peak_memory_mb"] > 100
+    # in use: at least the weights loaded (those not left mapped from the file), at most what was resident
+    assert 0 < m["peak_in_use_mb"] <= m["peak_memory_mb"]
     assert 0.0 <= m["accuracy"] <= 1.0 and m["n_scored"] == N_TEST
     artifact = run_dir / ("model" if method == "full" else "adapter")
     assert (artifact / ("config.json" if method == "full" else "adapter_config.json")).is_file()

@@ -91,6 +91,7 @@ def test_ddp_rank_0_alone_writes_the_run(ddp_and_single):
     assert [r["rank"] for r in d["per_rank"]] == [0, 1]
     assert m["train_tokens"] == sum(r["tokens"] for r in d["per_rank"]) and all(r["tokens"] > 0 for r in d["per_rank"])
     assert m["peak_memory_mb"] == max(r["peak_memory_mb"] for r in d["per_rank"])
+    assert m["peak_in_use_mb"] == max(r["peak_in_use_mb"] for r in d["per_rank"]) > 0
     assert len(list((ddp / "wandb").glob("offline-run-*"))) == 1
     assert (ddp / "adapter" / "adapter_model.safetensors").is_file() and (ddp / "train.log").is_file()
     assert not list(ddp.glob(".staging-*"))

@@ -479,12 +479,14 @@ def test_resumed_at_its_last_step_a_run_trains_nothing_more_and_reports_the_whol
     last = run_dir / "checkpoints" / "checkpoint-3"
     state = read_checkpoint_state(last)
     assert 0 < state["peak_memory_mb_per_rank"][0] <= first["peak_memory_mb"]
+    assert 0 < state["peak_in_use_mb_per_rank"][0] <= first["peak_in_use_mb"]
     # the process that trained steps 1-3 peaked far above anything this one reaches
-    write_checkpoint_state(last, {**state, "peak_memory_mb_per_rank": [123456.0]})
+    write_checkpoint_state(last, {**state, "peak_memory_mb_per_rank": [123456.0], "peak_in_use_mb_per_rank": [65432.0]})
     again = run(_cfg(run_dir, "trainer.max_steps=3", "trainer.resume_from_checkpoint=auto"), run_dir)
     for key in COMPARED:
         assert again.get(key) == first.get(key), key
     assert again["peak_memory_mb"] == 123456.0 and again["memory_breakdown_mb"]["rest"] > 100000
+    assert again["peak_in_use_mb"] == 65432.0
     assert again["resumed_from"] == {"checkpoint": str(last), "step": 3}
     assert problems(again) == []
 

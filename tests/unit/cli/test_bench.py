@@ -33,6 +33,8 @@ def test_both_arms_train_the_same_rows():
     assert sum(ours["step_padded_tokens"]) < sum(plain["step_padded_tokens"])
     for result in (ours, plain):
         assert result["tokens_per_s"] > 0 and result["peak_memory_mb"] > 0 and len(result["step_tokens"]) == 3
+        # in use since the process started: the model's weights at least (the tiny model: ~1.7 MB in fp32)
+        assert result["peak_in_use_mb"] > 1
         assert result["aten_ops"] > 100
     # On the CPU the framework's arm computes the shared prompt prefix once (trainer.share_prefix=auto): a second
     # pass, so more operations than the plain recipe's one pass; without it, fewer (no full-vocabulary loss).
@@ -73,11 +75,12 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
         return {"command": bench.COMMAND, "device": "cpu", "hardware": "cpu", "precision": "fp32",
                 "matmul_peak_flops": 1e11, "steps": steps, "rounds": rounds, "batch_size": 8, "max_length": 512,
                 "model": "m", "quantization": "none", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
-                "arms": {"finetune": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "fraction_of_peak": 0.5,
-                                      "aten_ops": 7000, "host_syncs": 0, "share_prefix": False},
-                         "plain": {"tokens_per_s": 20.0, "peak_memory_mb": 2000.0, "fraction_of_peak": 0.1,
-                                   "aten_ops": 8000, "host_syncs": 2, "share_prefix": False}},
-                "tokens_per_s_ratio": 5.0, "peak_memory_ratio": 0.5, "aten_ops_ratio": 0.875, "fraction_of_peak": 0.5}
+                "arms": {"finetune": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "peak_in_use_mb": 700.0,
+                                      "fraction_of_peak": 0.5, "aten_ops": 7000, "host_syncs": 0, "share_prefix": False},
+                         "plain": {"tokens_per_s": 20.0, "peak_memory_mb": 2000.0, "peak_in_use_mb": 1750.0,
+                                   "fraction_of_peak": 0.1, "aten_ops": 8000, "host_syncs": 2, "share_prefix": False}},
+                "tokens_per_s_ratio": 5.0, "peak_memory_ratio": 0.5, "peak_in_use_ratio": 0.4, "aten_ops_ratio": 0.875,
+                "fraction_of_peak": 0.5}
 
     monkeypatch.setattr(bench, "benchmark", fake_benchmark)
     out = tmp_path / "bench"
@@ -86,8 +89,10 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
     data = json.loads((out / "bench.json").read_text())
     assert data["tokens_per_s_ratio"] == 5.0 and data["cli"].startswith("finetune-bench")
     table = (out / "bench.md").read_text()
-    assert "| finetune / plain | **5.00x** | **0.50x** | | 0.88x |" in table and table in capsys.readouterr().out
-    assert "| finetune | 100.0 | 1,000 | 50% | 7,000 (0) |" in table
+    assert "| finetune / plain | **5.00x** | **0.50x** | **0.40x** | | 0.88x |" in table
+    assert table in capsys.readouterr().out
+    assert "| finetune | 100.0 | 1,000 | 700 | 50% | 7,000 (0) |" in table
+    assert "peak in use: the allocator's bytes handed out" in table
     assert bench.main(["--out", str(out), "--steps", "2", *TINY]) == 0  # its own earlier output is replaced
 
 

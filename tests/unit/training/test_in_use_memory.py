@@ -1,0 +1,91 @@
+"""The CPU peak memory in use (finetune.training.measure.peak_in_use_mb): what tensors held, not what the C
+allocator happens to keep free, so identical work reports the same figure whatever the heap's history."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune.training import measure
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or measure.in_use_sampler() is None,
+                                reason="the CPU figure, read from glibc's allocator")
+
+# Run in a fresh process: the heap's history is the point. glibc's mmap threshold is raised to 64 MiB so that the
+# blocks below stay inside the heap, where freed memory is kept (resident) instead of returned to the system.
+SCRIPT = r"""
+import ctypes, ctypes.util, json, sys, time
+ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+import torch
+from finetune.training import measure
+
+MiB = 2**20
+
+def rss():
+    return measure.peak_memory_mb(), [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
+                                      if l.startswith("VmRSS:")][0]
+
+history = sys.argv[1]
+if history == "freed":  # 600 MiB held and freed before the measured work, each block below a small one that
+    # stays: holes inside the heap, which it keeps resident
+    junk, pins = [], []
+    for _ in range(150):
+        junk.append(torch.ones(4 * MiB // 4))
+        pins.append(torch.ones(16384))
+    del junk
+sampler = measure.in_use_sampler()
+sampler.reset()  # what reset_peak_memory does, without handing the free heap back first
+base = sampler.in_use() / MiB
+_, rss_before = rss()
+held = [torch.ones(3 * MiB // 4) for _ in range(100)]  # the measured work: 300 MiB, written
+time.sleep(0.1)
+del held
+time.sleep(0.05)
+peak = sampler.peak() / MiB
+print(json.dumps({"in_use_rise": peak - base, "after": sampler.in_use() / MiB - base,
+                  "rss_before": rss_before, "rss_after": rss()[1]}))
+"""
+
+
+def _run(history: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, history], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_peak_in_use_is_what_the_work_held_whatever_the_heap_kept_free_before():
+    clean, freed = _run("clean"), _run("freed")
+    # the heap kept the 600 MiB freed before: resident, though nothing uses it
+    assert freed["rss_before"] - clean["rss_before"] > 400
+    for r in (clean, freed):
+        # 300 MiB held by the work; freed again after
+        assert 300 <= r["in_use_rise"] < 310, r
+        assert abs(r["after"]) < 5, r
+    assert abs(clean["in_use_rise"] - freed["in_use_rise"]) < 2
+
+
+def test_reset_starts_a_new_peak_and_a_short_lived_block_is_caught():
+    sampler = measure.in_use_sampler()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB for ~5 sampling intervals
+    import time
+
+    time.sleep(5 * sampler.interval)
+    del block
+    measure.reset_peak_memory()
+    after_reset = measure.peak_in_use_mb()
+    block = torch.ones(64 * 2**20 // 4)
+    time.sleep(5 * sampler.interval)
+    del block
+    peak = measure.peak_in_use_mb()
+    assert 63 < peak - after_reset < 80
+    measure.reset_peak_memory()
+    assert measure.peak_in_use_mb() < peak - 60
+
+
+def test_a_resumed_runs_peak_in_use_is_the_higher_of_the_two_processes():
+    meter = measure.ThroughputCallback()
+    meter.restore(10, 1.0, peak_mb=5.0, in_use_mb=1e6)
+    assert meter.peak_in_use_mb() == 1e6
+    meter.restore(10, 1.0, peak_mb=5.0, in_use_mb=1.0)
+    assert meter.peak_in_use_mb() == measure.peak_in_use_mb() > 1.0
