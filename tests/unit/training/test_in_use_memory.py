@@ -89,3 +89,38 @@ def test_a_resumed_runs_peak_in_use_is_the_higher_of_the_two_processes():
     assert meter.peak_in_use_mb() == 1e6
     meter.restore(10, 1.0, peak_mb=5.0, in_use_mb=1.0)
     assert meter.peak_in_use_mb() == measure.peak_in_use_mb() > 1.0
+
+
+def test_the_end_of_each_forward_is_read_so_the_activations_kept_for_backward_are_caught():
+    """The thread reads at most every so often; the activations a training step keeps peak at the end of the
+    forward pass, where the watched model's output is read whatever the thread's timing."""
+
+    class Sleepy(measure.InUseSampler):
+        interval = 3600.0  # the thread never reads during this test: only the hook does
+
+    sampler = Sleepy()
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.Linear(4096, 16))
+    x = torch.randn(4096, 1024)  # the first layer's output, kept for the second's backward: 64 MiB
+
+    def peak_rise(watched: bool) -> float:
+        handle = sampler.watch(model) if watched else None
+        sampler.reset()
+        base = sampler.in_use()
+        out = model(x)
+        del out  # the activations go without a backward
+        rise = (sampler.peak() - base) / 2**20
+        if handle is not None:
+            handle.remove()
+        return rise
+
+    assert peak_rise(watched=False) < 8
+    assert 64 <= peak_rise(watched=True) < 80
+
+
+def test_the_throughput_meter_watches_the_model_while_it_trains():
+    meter = measure.ThroughputCallback()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    meter.on_train_begin(None, None, None, model=model)
+    assert len(model._forward_hooks) == 1
+    meter.on_train_end(None, None, None)
+    assert len(model._forward_hooks) == 0
