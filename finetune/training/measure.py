@@ -125,6 +125,7 @@ class InUseSampler:
         self._info.restype = _MallInfo2
         self._peak = self.in_use()
         self._lock = threading.Lock()
+        self.period = self.interval  # the thread's current wait between readings
         self._thread = threading.Thread(target=self._run, name="finetune-in-use-sampler", daemon=True)
         self._thread.start()
 
@@ -138,12 +139,11 @@ class InUseSampler:
             self._peak = max(self._peak, now)
 
     def _run(self) -> None:
-        wait = self.interval
         while True:
-            time.sleep(wait)
+            time.sleep(self.period)
             start = time.perf_counter()
             self._sample()
-            wait = max(self.interval, (time.perf_counter() - start) / self.budget)
+            self.period = max(self.interval, (time.perf_counter() - start) / self.budget)
 
     def reset(self) -> None:
         with self._lock:

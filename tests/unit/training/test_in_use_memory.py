@@ -65,20 +65,28 @@ def test_the_peak_in_use_is_what_the_work_held_whatever_the_heap_kept_free_befor
     assert abs(clean["in_use_rise"] - freed["in_use_rise"]) < 2
 
 
-def test_reset_starts_a_new_peak_and_a_short_lived_block_is_caught():
-    sampler = measure.in_use_sampler()
-    block = torch.ones(64 * 2**20 // 4)  # 64 MiB for ~5 sampling intervals
+def test_reset_starts_a_new_peak_and_a_block_the_thread_sees_counts_after_it_is_freed():
     import time
 
-    time.sleep(5 * sampler.interval)
-    del block
+    sampler = measure.in_use_sampler()
+
+    def hold_until_read(mib: int) -> float:
+        """Hold a block until the thread has read it (no reading of our own), then free it."""
+        base = sampler.in_use()
+        block = torch.ones(mib * 2**20 // 4)
+        deadline = time.monotonic() + 60
+        while sampler._peak < base + mib * 2**20 and time.monotonic() < deadline:
+            time.sleep(sampler.period / 4)
+        del block
+        return base / 2**20
+
+    hold_until_read(64)
     measure.reset_peak_memory()
     after_reset = measure.peak_in_use_mb()
-    block = torch.ones(64 * 2**20 // 4)
-    time.sleep(5 * sampler.interval)
-    del block
+    assert after_reset < hold_until_read(0) + 8  # the 64 MiB before the reset no longer count
+    base = hold_until_read(64)
     peak = measure.peak_in_use_mb()
-    assert 63 < peak - after_reset < 80
+    assert 63 < peak - base < 80
     measure.reset_peak_memory()
     assert measure.peak_in_use_mb() < peak - 60
 
