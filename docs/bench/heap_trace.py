@@ -15,8 +15,6 @@ Linux with glibc only (the figures come from glibc's allocator). The sampler hol
 between kernels, so the highest in-use figure can miss the true one by a sample (tens of MB).
 """
 
-import argparse
-import ctypes
 import json
 import os
 import sys
@@ -26,28 +24,26 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, ROOT)
 DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "chnsenticorp"))
-FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
 
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in FIELDS]
+def body(argv: list[str]) -> int:
+    from finetune.cli.common import ArgumentParser
+    from finetune.errors import FinetuneError
+    from finetune.training.measure import InUseSampler
 
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1)
+    p = ArgumentParser(prog="heap_trace.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1, help="training steps of 8 rows (default 1)")
     p.add_argument("--trace", help="write every sample to this JSON file")
     p.add_argument("overrides", nargs="*", help="config overrides, as finetune-bench takes them")
-    args = p.parse_args()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = MallInfo2
-    except (OSError, AttributeError):
-        print("heap_trace.py: needs Linux with glibc 2.33 or later (mallinfo2)", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        raise FinetuneError("--steps must be at least 1")
     if not any(o.startswith("dataset.path=") for o in args.overrides) and not os.path.isdir(DATA):
-        print(f"heap_trace.py: {DATA} is missing; give dataset.path=...", file=sys.stderr)
-        return 2
+        raise FinetuneError(f"{DATA} is missing; give dataset.path=<folder>")
+    try:
+        info = InUseSampler.mallinfo2()  # the same reading the framework's in-use figure takes
+    except (OSError, AttributeError, TypeError):
+        raise FinetuneError("heap_trace.py needs Linux with glibc 2.33 or later (mallinfo2)") from None
 
     from finetune.cli.bench import run_arm
     from finetune.cli.bench_qat import compose_config
@@ -66,13 +62,16 @@ def main() -> int:
 
     def sample() -> None:
         while not stop.is_set():
-            m = libc.mallinfo2()
+            m = info()
             samples.append((round(time.perf_counter() - t0, 3), rss(), (m.arena + m.hblkhd) // mib,
                             (m.uordblks + m.hblkhd) // mib, m.fordblks // mib, m.hblkhd // mib))
             stop.wait(0.01)
 
     cfg = compose_config([f"dataset.path={DATA}", *args.overrides, "trainer.max_length=512", "trainer.batch_size=8",
                           "lora.target_modules=[q_proj,v_proj]", "lora.layers=null", "logger=none"])
+    from finetune.config import validate
+
+    validate(cfg)  # a wrong value: one line naming the key, before anything loads
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     result = run_arm("finetune", cfg, args.steps)
@@ -90,4 +89,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from finetune.cli.common import run_cli
+
+    raise SystemExit(run_cli(body, sys.argv[1:]))

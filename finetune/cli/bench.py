@@ -216,7 +216,8 @@ def _arm_figures(arm: str, model, ds, meter, clock, arm_steps: int, precision, p
             "step_padded_tokens": [len(lengths) * meter.widths[i] for i, lengths in enumerate(timed)],
             "tokens_per_s": timed_tokens / timed_s,
             "flops_needed": flops, "flops_per_s": flops / timed_s, "peak_memory_mb": round(peak_memory_mb(), 1),
-            "peak_in_use_mb": rounded_mb(peak_in_use_mb()), "memory_device": memory_device(), "precision": precision.name, "model_shape": shape}
+            "peak_in_use_mb": rounded_mb(peak_in_use_mb()), "memory_device": memory_device(),
+            "precision": precision.name, "model_shape": shape}
 
 
 def _child(arm: str, spec_path: str) -> int:
@@ -322,8 +323,9 @@ def markdown(s: dict) -> str:
                      f"{'n/a' if in_use is None else f'**{in_use:.2f}x**'} | | {s['aten_ops_ratio']:.2f}x |")
     if s["device"] == "cpu":
         lines += ["", "Peak memory: the process's peak resident set (includes memory the C allocator keeps free, "
-                  "which varies between identical runs); peak in use: the allocator's bytes handed out, sampled "
-                  "every 10 ms (the same in identical runs; GPU: both are max_memory_allocated)."]
+                  "which varies between identical runs); peak in use: the allocator's bytes handed out, read at the end "
+                  "of every training forward and by a thread (the same in identical runs; GPU: both are "
+                  "max_memory_allocated)."]
     return "\n".join(lines) + "\n"
 
 

@@ -119,10 +119,16 @@ class InUseSampler:
     interval = 0.01
     budget = 0.02
 
+    @staticmethod
+    def mallinfo2():
+        """glibc's ``mallinfo2`` as a callable returning its structure (raises AttributeError where the C library
+        has none: not glibc, or glibc before 2.33)."""
+        info = ctypes.CDLL(ctypes.util.find_library("c")).mallinfo2
+        info.restype = _MallInfo2
+        return info
+
     def __init__(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        self._info = libc.mallinfo2  # AttributeError: not glibc >= 2.33
-        self._info.restype = _MallInfo2
+        self._info = self.mallinfo2()
         self._peak = self.in_use()
         self._lock = threading.Lock()
         self.period = self.interval  # the thread's current wait between readings
