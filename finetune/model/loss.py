@@ -242,7 +242,20 @@ def causal_suffices(model, mask) -> bool:
     return right_padded(mask) and not has_forward_hooks(model)
 
 
+OBSERVER = "_finetune_observer"
+
+
+def observer_hook(hook):
+    """Mark ``hook`` as a forward hook that reads neither a module's inputs nor its outputs (the in-use memory
+    reading at the end of a forward): :func:`has_forward_hooks` leaves it out, so the mask-free causal path and
+    the shared prefix stay on while it is installed. Returns ``hook``."""
+    setattr(hook, OBSERVER, True)
+    return hook
+
+
 def has_forward_hooks(model) -> bool:
-    """Whether any module of ``model`` has forward (pre-)hooks: QAT and simulated INT8 read the whole sequence
-    and its mask through them, so shortcuts that split a sequence or drop its mask must not apply."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    """Whether any module of ``model`` has forward (pre-)hooks other than observers (:func:`observer_hook`): QAT
+    and simulated INT8 read the whole sequence and its mask through them, so shortcuts that split a sequence or
+    drop its mask must not apply."""
+    return any(not getattr(hook, OBSERVER, False) for m in model.modules()
+               for hooks in (m._forward_hooks, m._forward_pre_hooks) for hook in hooks.values())

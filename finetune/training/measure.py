@@ -160,11 +160,12 @@ class InUseSampler:
         step's memory in use peaks, the activations of every layer being kept for backward. Readings there fall
         at the same point of every step, so the peak does not depend on when the thread happened to read.
         Returns the hook's handle (``.remove()``)."""
-        from finetune.model.loss import causal_lm
+        from finetune.model.loss import causal_lm, observer_hook
 
         lm = causal_lm(model)
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-        return (head if head is not None else lm).register_forward_hook(lambda *_: self._sample())
+        # An observer: the training loss's shortcuts (no mask, the shared prefix) stay on while it is installed.
+        return (head if head is not None else lm).register_forward_hook(observer_hook(lambda *_: self._sample()))
 
     def peak(self) -> int:
         self._sample()

@@ -180,6 +180,57 @@ def prompted_rows(n: int, prefix: int = 10) -> list[dict]:
     return out
 
 
+def test_training_with_the_meter_keeps_the_mask_free_path_and_the_shared_prefix(tmp_path):
+    """The throughput meter reads memory in use through a hook at the end of every training forward; that hook
+    reads nothing of the sequence, so it must not turn off the shortcuts other hooks (QAT) turn off: the
+    training forwards still run without the mask, the prompt prefix once."""
+    from transformers import TrainingArguments
+
+    from finetune.model.loss import causal_suffices, has_forward_hooks, observer_hook
+    from finetune.training.measure import ThroughputCallback, in_use_sampler
+
+    model = lora(FAMILIES["llama"]())
+    model.get_base_model().config.use_cache = False
+    inner = model.get_base_model().forward
+    calls = []
+
+    @functools.wraps(inner)
+    def spy(*args, **kw):
+        calls.append((kw["input_ids"].shape[0], kw.get("attention_mask"), has_forward_hooks(model)))
+        return inner(*args, **kw)
+
+    model.get_base_model().forward = spy
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, use_cpu=True,
+                             report_to=[], save_strategy="no", remove_unused_columns=False, disable_tqdm=True)
+    meter = ThroughputCallback()
+    watched = []
+    if in_use_sampler() is not None:  # the hook is installed where memory in use can be read (glibc, CPU)
+        begin = meter.on_train_begin
+
+        def on_train_begin(*a, **kw):
+            begin(*a, **kw)
+            watched.append(meter._watch is not None)
+
+        meter.on_train_begin = on_train_begin
+    trainer = make_trainer(model=model, args=args, train_dataset=prompted_rows(4),
+                           data_collator=DataCollator(pad_token_id=0), callbacks=[meter], meter=meter,
+                           share_prefix=True)
+    try:
+        trainer.train()
+    finally:
+        del model.get_base_model().forward
+    assert watched in ([True], [])
+    # The prefix pass (one row), then the rows' rest: both without a mask, with no hook that reads the sequence.
+    assert [(rows, mask, hooked) for rows, mask, hooked in calls] == [(1, None, False), (4, None, False)]
+    handle = model.get_base_model().lm_head.register_forward_hook(lambda *a: None)
+    batch = DataCollator(pad_token_id=0)(rows(4))
+    assert has_forward_hooks(model) and not causal_suffices(model, batch["attention_mask"])  # any other hook counts
+    handle.remove()
+    handle = model.get_base_model().lm_head.register_forward_hook(observer_hook(lambda *a: None))
+    assert not has_forward_hooks(model) and causal_suffices(model, batch["attention_mask"])
+    handle.remove()
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_shared_prompt_prefix_computed_once_gives_the_same_loss_and_gradients(family):
     from finetune.model.loss import shared_prefix_length
