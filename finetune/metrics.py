@@ -59,9 +59,10 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "peak_memory_mb": (NUMBER, "peak memory of loading and training (RSS on CPU, allocated on GPU), MiB; a resumed "
                               "run: the higher of this process's and the one that wrote the checkpoint"),
     "peak_in_use_mb": (NUMBER, "peak memory in use over loading and training, MiB: on CPU the bytes the C allocator "
-                              "had handed out (tensors and other native allocations, read at the end of every "
-                              "training forward and by a thread; unlike "
-                              "RSS, not the free memory it keeps, which varies between identical runs), on GPU "
+                              "had handed out (tensors and other native allocations) plus the model's weights "
+                              "mapped from a checkpoint file, read at the end of every "
+                              "training forward and by a thread (unlike "
+                              "RSS, not the free memory it keeps, which varies between identical runs); on GPU "
                               "allocated as peak_memory_mb; a resumed run: the higher of the two processes'"),
     "memory_breakdown_mb": (MAPPING, "peak_memory_mb split into weights, trainable + optimizer state, rest"),
     "eval_peak_memory_mb": (NUMBER, "peak memory of the scoring after training, MiB"),

@@ -10,7 +10,9 @@ Peak RSS also counts memory the C allocator holds free: glibc keeps freed blocks
 that a run keeps at its peak depends on the order blocks happened to be freed and reused, which varies between
 identical runs (SmolLM2, 8 x 512 tokens, bf16: 3.3 or 4.4 GB peak RSS for the same ~2.8 GB in use). So CPU runs
 also report the peak of memory **in use** (:func:`peak_in_use_mb`): the bytes glibc's malloc has handed out and
-not yet had back (tensors' storage and other native allocations), sampled by a thread (:class:`InUseSampler`);
+not yet had back (tensors' storage and other native allocations), sampled by a thread (:class:`InUseSampler`),
+plus the model's weights that live in a file mapping instead (transformers maps a checkpoint's tensors straight from
+its safetensors file when their dtype needs no conversion: an fp32 run's weights, which glibc never hands out);
 the CPU counterpart of ``max_memory_allocated`` on a GPU.
 """
 
@@ -129,6 +131,7 @@ class InUseSampler:
 
     def __init__(self) -> None:
         self._info = self.mallinfo2()
+        self._mapped = 0  # bytes of the watched model's weights in file mappings (mapped_weight_bytes)
         self._peak = self.in_use()
         self._lock = threading.Lock()
         self.period = self.interval  # the thread's current wait between readings
@@ -136,8 +139,9 @@ class InUseSampler:
         self._thread.start()
 
     def in_use(self) -> int:
+        """Bytes glibc has handed out, plus the watched model's weights that live in file mappings."""
         info = self._info()
-        return int(info.uordblks + info.hblkhd)
+        return int(info.uordblks + info.hblkhd) + self._mapped
 
     def _sample(self) -> None:
         now = self.in_use()
@@ -159,9 +163,12 @@ class InUseSampler:
         """Also read at the end of each forward pass of ``model`` (after its output head): where a training
         step's memory in use peaks, the activations of every layer being kept for backward. Readings there fall
         at the same point of every step, so the peak does not depend on when the thread happened to read.
-        Returns the hook's handle (``.remove()``)."""
+        From then on every reading also counts the model's weights that live in a file mapping
+        (:func:`mapped_weight_bytes`), which glibc's figure leaves out. Returns the hook's handle (``.remove()``)."""
         from finetune.model.loss import causal_lm, observer_hook
 
+        self._mapped = mapped_weight_bytes(model)
+        self._sample()
         lm = causal_lm(model)
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         # An observer: the training loss's shortcuts (no mask, the shared prefix) stay on while it is installed.
@@ -170,6 +177,38 @@ class InUseSampler:
     def peak(self) -> int:
         self._sample()
         return self._peak
+
+
+def mapped_weight_bytes(model) -> int:
+    """Bytes of ``model``'s CPU parameters and buffers whose memory lies in a file mapping: weights transformers
+    mapped straight from a safetensors file (a checkpoint whose dtype needs no conversion, e.g. an fp32 run of an
+    fp32 checkpoint), and pages of them a full fine-tune has since written (copy-on-write, still inside the
+    mapping). glibc's in-use figure never counts them, yet the run holds them; 0 where ``/proc/self/maps`` cannot
+    be read. Tied weights count once."""
+    import bisect
+
+    starts, ends = [], []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):  # backed by a file (not heap, stack, anonymous)
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    starts.append(lo)
+                    ends.append(hi)
+    except OSError:
+        return 0
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    starts, ends = [starts[i] for i in order], [ends[i] for i in order]
+    seen: dict[int, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        ptr = t.data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and ptr < ends[i]:
+            seen[ptr] = max(seen.get(ptr, 0), t.numel() * t.element_size())
+    return sum(seen.values())
 
 
 _sampler: InUseSampler | None = None

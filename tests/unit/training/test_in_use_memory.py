@@ -132,3 +132,28 @@ def test_the_throughput_meter_watches_the_model_while_it_trains():
     assert len(model._forward_hooks) == 1
     meter.on_train_end(None, None, None)
     assert len(model._forward_hooks) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_mapped_from_a_checkpoint_file_count_as_in_use(tmp_path, dtype):
+    """transformers maps a safetensors checkpoint's tensors straight from the file where their dtype needs no
+    conversion (an fp32 run of an fp32 checkpoint): glibc never hands that memory out, yet the run holds it. Once
+    the model is watched, the figure counts its weights whichever way they were loaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # fp32 in the file
+    sampler = type("Sleepy", (measure.InUseSampler,), {"interval": 3600.0})()  # only our readings
+    base = sampler.in_use()
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=getattr(torch, dtype))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights > 30 * 2**20
+    mapped = measure.mapped_weight_bytes(model)
+    if dtype == "float32":
+        assert mapped > 0.95 * weights  # the installed transformers maps them: the case the count is for
+    else:
+        assert mapped == 0  # converted on loading: in glibc's heap, counted there
+    sampler.watch(model).remove()
+    rise = sampler.in_use() - base
+    assert 0.95 * weights < rise < weights + 16 * 2**20, (rise / 2**20, weights / 2**20, mapped / 2**20)
