@@ -212,6 +212,7 @@ def _arm_figures(arm: str, model, ds, meter, clock, arm_steps: int, precision, p
     return {"arm": arm, "steps": arm_steps, "packing": packing and arm == "finetune",
             "tokens": meter.tokens, "timed_tokens": timed_tokens, "timed_s": timed_s,
             "first_step_s": clock.ends[0] - clock.start,
+            "step_s": [end - begin for begin, end in zip([clock.start, *clock.ends[:-1]], clock.ends)],
             "step_tokens": [sum(lengths) for lengths in timed],
             "step_padded_tokens": [len(lengths) * meter.widths[i] for i, lengths in enumerate(timed)],
             "tokens_per_s": timed_tokens / timed_s,

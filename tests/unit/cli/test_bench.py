@@ -33,6 +33,10 @@ def test_both_arms_train_the_same_rows():
     assert sum(ours["step_padded_tokens"]) < sum(plain["step_padded_tokens"])
     for result in (ours, plain):
         assert result["tokens_per_s"] > 0 and result["peak_memory_mb"] > 0 and len(result["step_tokens"]) == 3
+        # Each step's own time, in order: they add up to the timed span, the first is first_step_s.
+        assert len(result["step_s"]) == 3 and min(result["step_s"]) > 0
+        assert result["step_s"][0] == result["first_step_s"]
+        assert abs(sum(result["step_s"]) - result["timed_s"]) < 1e-6
         # in use since the process started: the model's weights at least (the tiny model: ~1.7 MB in fp32)
         assert result["peak_in_use_mb"] > 1
         assert result["aten_ops"] > 100
