@@ -63,7 +63,8 @@ def _device(df: pd.DataFrame) -> str:
 
 
 def plot_memory(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
-    """Bar chart of peak memory per method, each bar annotated with the ratio and the metric.
+    """Bar chart of peak memory per method (the figure ``comp`` compares: peak memory in use where every run
+    reports it), each bar annotated with the ratio and the metric.
 
     Args:
         df: collected runs; failed ones are skipped.
@@ -74,16 +75,17 @@ def plot_memory(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
         ``path``, or ``None`` when no finished run reports peak memory.
     """
     ok = sort_by_order(ok_rows(df), "method", METHOD_ORDER)
-    if "peak_memory_mb" not in ok.columns:
+    column = comp.memory_column
+    if column not in ok.columns:
         return None
-    ok = ok[pd.to_numeric(ok["peak_memory_mb"], errors="coerce").notna()]
+    ok = ok[pd.to_numeric(ok[column], errors="coerce").notna()]
     if ok.empty:
         return None
     labels = [str(m) for m in ok.get("method", ok["job"]).fillna("?")]
     if len(set(labels)) < len(labels):
         labels = [f"{m} #{j}" for m, j in zip(labels, ok["job"])]
-    memory = ok["peak_memory_mb"].astype(float).to_numpy()
-    base = ok[ok.get("method") == comp.baseline]["peak_memory_mb"].astype(float).mean() \
+    memory = ok[column].astype(float).to_numpy()
+    base = ok[ok.get("method") == comp.baseline][column].astype(float).mean() \
         if "method" in ok.columns else float("nan")
     fig = _figure(max(6.0, 1.3 * len(ok) + 2.5), 4.8)
     ax = fig.add_subplot()
@@ -99,7 +101,7 @@ def plot_memory(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
         ax.annotate("\n".join(lines), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=9)
     ax.set_ylim(0, memory.max() * 1.3)
-    ax.set_ylabel(f"Peak memory (MB{_device(df)})")
+    ax.set_ylabel(f"{'Peak memory in use' if column == 'peak_in_use_mb' else 'Peak memory'} (MB{_device(df)})")
     ax.set_xlabel(f"Method (green = {comp.baseline}, the 1.00x reference)")
     ax.set_title(_title(comp.takeaway), fontsize=11)
     ax.grid(axis="y", alpha=0.3)

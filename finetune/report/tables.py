@@ -42,6 +42,7 @@ class Comparison:
         takeaway: one line stating the main result, computed from the data.
         notes: extra lines for comparison.md (e.g. which run the ratios are relative to).
         baseline: the method ratios are relative to (``lora_vs_qlora`` only).
+        memory_column: the figure its memory ratios compare (``lora_vs_qlora`` only; :func:`memory_column`).
         summary: means over seeds, one row per setting, shown before ``table`` (``qat_targets`` run over
             several seeds only).
     """
@@ -54,6 +55,24 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     baseline: str | None = None
     summary: pd.DataFrame | None = None
+    memory_column: str = "peak_memory_mb"
+
+
+def memory_column(ok: pd.DataFrame) -> str:
+    """The memory figure that compares methods across the finished runs ``ok``: ``peak_in_use_mb`` where every one
+    reports it, else ``peak_memory_mb``.
+
+    On a CPU the peak resident set also counts the free memory glibc's allocator keeps, which differs between
+    identical runs (3.3 or 4.4 GB for the same training, see README); the peak in use does not. On a GPU both are
+    ``max_memory_allocated``. Runs from before ``peak_in_use_mb`` existed compare on ``peak_memory_mb``.
+    """
+    if not ok.empty and "peak_in_use_mb" in ok.columns and \
+            pd.to_numeric(ok["peak_in_use_mb"], errors="coerce").notna().all():
+        return "peak_in_use_mb"
+    return "peak_memory_mb"
+
+
+MEMORY_WORDS = {"peak_in_use_mb": ("In use", "peak memory in use"), "peak_memory_mb": ("Memory", "peak memory")}
 
 
 def resolve_metric(df: pd.DataFrame, metric: str | None = None) -> tuple[str | None, bool]:
@@ -186,36 +205,45 @@ def _lora_vs_qlora(df: pd.DataFrame, metric: str | None, higher: bool) -> Compar
             return None
         return to_float(pd.to_numeric(base_rows[col], errors="coerce").mean())
 
-    base_mem, base_tps = mean("peak_memory_mb"), mean("train_tokens_per_s")
+    memory = memory_column(ok)
+    short, words = MEMORY_WORDS[memory]
+    if memory == "peak_in_use_mb":
+        notes.append("Memory ratios compare the peak memory in use (the allocator's bytes handed out; on a GPU "
+                     "max_memory_allocated), not the CPU peak resident set, which also counts the free memory the "
+                     "allocator keeps and differs between identical runs.")
+    base_mem, base_tps = mean(memory), mean("train_tokens_per_s")
     ratio = lambda v, b: NA if to_float(v) is None or not b else f"{to_float(v) / b:.2f}x"  # noqa: E731
     metrics = _task_metrics(df, metric)
-    headers = ["Method", "Peak memory (MB)", f"Memory vs {base} (x)", "Peak in use (MB)", "Weights (MB)", "Train time (s)", "Tokens/s",
-               f"Tokens/s vs {base} (x)"] + [_headed(m) for m in metrics] + ["Trainable params", "Trainable %"]
+    headers = ["Method", "Peak memory (MB)", "Peak in use (MB)", f"{short} vs {base} (x)", "Weights (MB)",
+               "Train time (s)", "Tokens/s", f"Tokens/s vs {base} (x)"] + [_headed(m) for m in metrics] + [
+        "Trainable params", "Trainable %"]
     rows = []
     for label, (_, r) in zip(_labels(df, "method"), df.iterrows()):
         if r["status"] != "ok":
             rows.append([label, _failed_cell(r)] + [""] * (len(headers) - 2))
             continue
-        rows.append([label, fmt(r.get("peak_memory_mb"), 0), ratio(r.get("peak_memory_mb"), base_mem),
-                     fmt(r.get("peak_in_use_mb"), 0), fmt(r.get("model_memory_mb"), 0), fmt(r.get("train_runtime_s"), 1), fmt(r.get("train_tokens_per_s"), 0),
+        rows.append([label, fmt(r.get("peak_memory_mb"), 0), fmt(r.get("peak_in_use_mb"), 0),
+                     ratio(r.get(memory), base_mem), fmt(r.get("model_memory_mb"), 0),
+                     fmt(r.get("train_runtime_s"), 1), fmt(r.get("train_tokens_per_s"), 0),
                      ratio(r.get("train_tokens_per_s"), base_tps)]
                     + [fmt_metric(m, r.get(m)) for m in metrics]
                     + [f"{human_count(r.get('trainable_params'))} / {human_count(r.get('total_params'))}",
                        fmt(r.get("trainable_pct"), 2, "%")])
     others = ok.drop(index=base_rows.index)
-    if "peak_memory_mb" in others.columns:
-        others = others[pd.to_numeric(others["peak_memory_mb"], errors="coerce").notna()]
+    if memory in others.columns:
+        others = others[pd.to_numeric(others[memory], errors="coerce").notna()]
     if ok.empty:
         takeaway = "No job finished; nothing to compare."
     elif others.empty or base_mem is None:
         takeaway = f"Only {base} has usable results; nothing to compare against."
     else:
-        best = others.loc[pd.to_numeric(others["peak_memory_mb"]).idxmin()]
-        takeaway = (f"{best['method']} uses {best['peak_memory_mb'] / base_mem:.2f}x the peak memory of {base}"
+        best = others.loc[pd.to_numeric(others[memory]).idxmin()]
+        takeaway = (f"{best['method']} uses {float(best[memory]) / base_mem:.2f}x the {words} of {base}"
                     + (f" at {metric_delta(metric, best.get(metric), mean(metric))}" if metric else ""))
         if base_tps and to_float(best.get("train_tokens_per_s")):
             takeaway += f" and {best['train_tokens_per_s'] / base_tps:.2f}x its tokens/s"
-    return Comparison("lora_vs_qlora", metric, higher, _table(rows, headers), takeaway, notes, base)
+    return Comparison("lora_vs_qlora", metric, higher, _table(rows, headers), takeaway, notes, base,
+                      memory_column=memory)
 
 
 def _first(r: pd.Series, *keys: str):

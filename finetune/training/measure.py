@@ -55,7 +55,7 @@ def release_free_memory() -> None:
 # as the memory the method needs. Measured on SmolLM2 (6 LoRA steps of 8, AMD EPYC AVX2, fp32; README):
 # LoRA 5,470 -> 4,023 MB, QLoRA-nf4 6,061 -> 4,082 MB (3,675 MB once the checkpoint mapping is released, see
 # finetune.model.load.release_checkpoint_mapping), at 0.64x the tokens/s for both (fresh pages are faulted in
-# on every step), which is why it is opt-in (``cpu_allocator=bounded``), set by the LoRA-vs-QLoRA sweep preset.
+# on every step), which is why it is opt-in (``cpu_allocator=bounded``); comparisons read the peak in use instead.
 MMAP_THRESHOLD = 1 << 20
 CPU_ALLOCATORS = ("default", "bounded")
 

@@ -193,7 +193,8 @@ def test_lora_vs_qlora_report(methods_sweep: Path) -> None:
     md = paths["markdown"].read_text()
     rows = table_rows(md)
     header, body = rows[0], rows[1:]
-    assert header[:3] == ["Method", "Peak memory (MB)", "Memory vs lora (x)"]
+    # Runs without peak_in_use_mb (from before it existed) compare on peak_memory_mb.
+    assert header[:4] == ["Method", "Peak memory (MB)", "Peak in use (MB)", "Memory vs lora (x)"]
     assert [r[0] for r in body] == ["full", "lora", "dora", "qlora-int8", "qlora-nf4"]
     by = {r[0]: dict(zip(header, r)) for r in body}
     assert by["lora"]["Memory vs lora (x)"] == "1.00x"
@@ -209,6 +210,46 @@ def test_lora_vs_qlora_report(methods_sweep: Path) -> None:
     assert "- Device: cuda" in md and "SmolLM2-135M-Instruct" in md and "chnsenticorp" in md
     assert "![lora_vs_qlora](memory_by_method.png)" in md
     assert_png(paths["plot"])
+
+
+def test_cpu_memory_ratios_compare_the_memory_in_use_not_the_resident_peak(methods_sweep: Path) -> None:
+    """On a CPU the resident peak counts the free memory glibc keeps, which differs between identical runs: with
+    every run reporting its peak in use, the ratios, the takeaway and the plot compare that instead."""
+    import json
+
+    # Resident peaks that order the methods wrongly (a high-RSS-mode LoRA run), peaks in use that do not.
+    in_use = {"qlora-nf4": 900.0, "lora": 1000.0, "full": 2500.0, "qlora-int8": 950.0}
+    rss = {"qlora-nf4": 1800.0, "lora": 1700.0, "full": 3300.0, "qlora-int8": 2000.0}
+    for job in methods_sweep.iterdir():
+        path = job / "metrics.json"
+        if not path.exists():
+            continue
+        m = json.loads(path.read_text())
+        if m["status"] == "ok":
+            m.update(peak_memory_mb=rss[m["method"]], peak_in_use_mb=in_use[m["method"]], memory_device="cpu")
+            path.write_text(json.dumps(m))
+    paths = build_report(methods_sweep)
+    md = paths["markdown"].read_text()
+    rows = table_rows(md)
+    header = rows[0]
+    by = {r[0]: dict(zip(header, r)) for r in rows[1:]}
+    assert header[:4] == ["Method", "Peak memory (MB)", "Peak in use (MB)", "In use vs lora (x)"]
+    assert by["qlora-nf4"]["In use vs lora (x)"] == "0.90x"  # on the resident peaks it would read 1.06x
+    assert by["full"]["In use vs lora (x)"] == "2.50x"
+    assert by["qlora-nf4"]["Peak memory (MB)"] == "1,800" and by["qlora-nf4"]["Peak in use (MB)"] == "900"
+    assert "**Takeaway:** qlora-nf4 uses 0.90x the peak memory in use of lora" in md
+    assert "Memory ratios compare the peak memory in use" in md
+    assert_png(paths["plot"])
+    report = generate_report(methods_sweep)
+    assert report.comparison.memory_column == "peak_in_use_mb"
+    # One run without the figure: every ratio falls back to the resident peak, so all rows compare alike.
+    lora = methods_sweep / "1" / "metrics.json"
+    m = json.loads(lora.read_text())
+    del m["peak_in_use_mb"]
+    lora.write_text(json.dumps(m))
+    report = generate_report(methods_sweep)
+    assert report.comparison.memory_column == "peak_memory_mb"
+    assert report.comparison.table.set_index("Method").loc["qlora-nf4", "Memory vs lora (x)"] == f"{1800 / 1700:.2f}x"
 
 
 def test_ratios_fall_back_to_first_ok_row(methods_sweep: Path) -> None:
