@@ -64,7 +64,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
                               "training forward and by a thread (unlike "
                               "RSS, not the free memory it keeps, which varies between identical runs); on GPU "
                               "allocated as peak_memory_mb; a resumed run: the higher of the two processes'"),
-    "memory_breakdown_mb": (MAPPING, "peak_memory_mb split into weights, trainable + optimizer state, rest"),
+    "memory_breakdown_mb": (MAPPING, "peak_memory_mb split into weights, trainable + optimizer state (the trainable "
+                                     "parameters not already in the weights, their gradients and AdamW moments), rest"),
     "eval_peak_memory_mb": (NUMBER, "peak memory of the scoring after training, MiB"),
     "memory_device": (TEXT, "cpu | cuda: what the memory figures measure"),
     # training

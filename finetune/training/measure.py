@@ -76,11 +76,22 @@ def bound_cpu_allocator() -> str | None:
     return f"glibc mmap_threshold={MMAP_THRESHOLD // 2**20} MiB"
 
 
-def memory_breakdown_mb(peak_mb: float, weights_mb: float, model) -> dict:
+def memory_breakdown_mb(peak_mb: float, weights_mb: float, model, loaded=None) -> dict:
     """Peak memory split into the weights, the trainable parameters with their gradients and AdamW's two
-    moments (4 copies of each trainable float32 value), and the rest (activations, buffers, runtime)."""
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    state = 4 * trainable / 2**20
+    moments, and the rest (activations, buffers, runtime).
+
+    ``weights_mb`` is the loaded model's footprint, measured before adapters were added; ``loaded`` maps the
+    ``id`` of every parameter it counted to a weak reference to it. A trainable parameter among them (full
+    fine-tuning) adds its gradient and two moments (3 copies), its own values being in the weights already; one
+    added after (an adapter) adds itself too (4 copies). Without ``loaded`` every trainable parameter counts 4.
+    """
+    loaded = loaded or {}
+    state = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            ref = loaded.get(id(p))
+            state += (3 if ref is not None and ref() is p else 4) * p.numel() * p.element_size()
+    state /= 2**20
     return {"weights": round(weights_mb, 1), "trainable_and_optimizer": round(state, 1),
             "rest": round(peak_mb - weights_mb - state, 1)}
 

@@ -8,6 +8,8 @@ rank scores when FSDP / DeepSpeed shard the weights).
 
 from __future__ import annotations
 
+import weakref
+
 import json
 import logging
 import time
@@ -42,6 +44,7 @@ class Job:
     sharded: bool = False
     qat_handle: Any = None
     trunk: Any = None  # finetune.evaluation.trunk.FrozenTrunk: the frozen lower layers' test states, zero-shot to final
+    loaded_params: dict = field(default_factory=dict)  # the parameters model_memory_mb counted: {id: weakref}
     callbacks: list = field(default_factory=list)
     val_ds: Any = None
     trainer: Any = None
@@ -126,6 +129,8 @@ def prepare(job: Job, run_log) -> None:
                                               sharded=job.sharded)
     job.metrics["model_path"] = resolved
     job.metrics["model_memory_mb"] = round(job.model.get_memory_footprint() / 2**20, 2)
+    # What model_memory_mb counts (memory_breakdown_mb); weak references, so an id reused later is not mistaken.
+    job.loaded_params = {id(p): weakref.ref(p) for p in job.model.parameters()}
     if job.main:
         from finetune.model.fingerprint import model_fingerprint
 
@@ -260,7 +265,8 @@ def _training_figures(job: Job, meter, trainer, steps: int) -> None:
     in_use = [r["peak_in_use_mb"] for r in ranks if r["peak_in_use_mb"] is not None]
     if in_use:
         m["peak_in_use_mb"] = max(in_use)
-    m["memory_breakdown_mb"] = memory_breakdown_mb(m["peak_memory_mb"], m["model_memory_mb"], job.model)
+    m["memory_breakdown_mb"] = memory_breakdown_mb(m["peak_memory_mb"], m["model_memory_mb"], job.model,
+                                                   job.loaded_params)
     reset_peak_memory()
     elapsed = max(r["train_runtime_s"] for r in ranks)
     tokens = sum(r["tokens"] for r in ranks)
