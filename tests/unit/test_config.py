@@ -157,3 +157,24 @@ def test_the_optimizers_taken_without_asking_transformers_are_ones_it_accepts(ti
     assert set(COMMON_OPTIMIZERS) <= set(_optimizers())
     with pytest.raises(FinetuneError, match="trainer.optim='adam_w' is not allowed"):
         validate(tiny_cfg("trainer.optim=adam_w"))
+
+
+@pytest.mark.parametrize("sweep_first", [True, False])
+def test_the_lora_vs_qlora_sweep_trains_each_method_at_its_own_learning_rate(sweep_first):
+    """The preset pins the every-layer LoRA learning rate (1e-3); full fine-tuning keeps its own (5e-5), whichever
+    of the two configs Hydra applies last (a multirun job lists the sweeper's +method before the command line's
+    +sweep, and then the preset's value came last: full fine-tuning ran at 20x its learning rate)."""
+    from finetune.config import validate
+    from tests.conftest import compose_cfg
+
+    def lr(*overrides: str) -> float:
+        parts = list(overrides)
+        sweep = "+sweep=lora_vs_qlora"
+        cfg = compose_cfg([sweep, *parts] if sweep_first else [*parts, sweep])
+        validate(cfg)
+        return cfg.trainer.lr
+
+    assert lr("+method=full") == 5e-5
+    assert lr("+method=lora") == lr("+method=qlora_int8") == lr("+method=qlora_nf4") == 1e-3
+    assert lr("+method=full", "trainer.lr=3e-4") == 3e-4  # the user's own value still wins
+    assert compose_cfg(["+method=full"]).trainer.lr == 5e-5 and compose_cfg([]).trainer.lr == 2e-3
