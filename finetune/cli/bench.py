@@ -324,9 +324,9 @@ def markdown(s: dict) -> str:
                      f"{'n/a' if in_use is None else f'**{in_use:.2f}x**'} | | {s['aten_ops_ratio']:.2f}x |")
     if s["device"] == "cpu":
         lines += ["", "Peak memory: the process's peak resident set (includes memory the C allocator keeps free, "
-                  "which varies between identical runs); peak in use: the allocator's bytes handed out plus the model's "
-                  "weights mapped from a checkpoint file, read at the end of every training forward and by a thread (the same in identical runs; GPU: both are "
-                  "max_memory_allocated)."]
+                  "which varies between identical runs); peak in use: the allocator's bytes handed out plus the "
+                  "model's weights mapped from a checkpoint file, read at the end of every training forward and by "
+                  "a thread (the same in identical runs; GPU: both are max_memory_allocated)."]
     return "\n".join(lines) + "\n"
 
 

@@ -123,8 +123,9 @@ class InUseSampler:
 
     ``mallinfo2`` walks the allocator's free lists under its lock: on a training step's fragmented heap one
     reading took ~2 ms (SmolLM2, 8 x 512 tokens, bf16), and reading every 10 ms slowed training by ~20%; at
-    :attr:`budget` (2%) of the time it reads about every 100 ms there. Memory-mapped files (weights still mapped
-    from a checkpoint), Python's small-object arenas and allocators other than glibc's are not counted. A rise
+    :attr:`budget` (2%) of the time it reads about every 100 ms there. While a model is watched (:meth:`watch`) its
+    weights that live in a file mapping are added; other mapped files, Python's small-object arenas and
+    allocators other than glibc's are not counted. A rise
     and fall between two readings is missed; a training step's peak (the activations kept for backward) lasts
     seconds, over which memory in use rises by tens of MB per reading.
     """
@@ -175,7 +176,9 @@ class InUseSampler:
         step's memory in use peaks, the activations of every layer being kept for backward. Readings there fall
         at the same point of every step, so the peak does not depend on when the thread happened to read.
         From then on every reading also counts the model's weights that live in a file mapping
-        (:func:`mapped_weight_bytes`), which glibc's figure leaves out. Returns the hook's handle (``.remove()``)."""
+        (:func:`mapped_weight_bytes`), which glibc's figure leaves out. Returns a handle whose ``.remove()``
+        removes the hook and stops counting those weights (the next job of an in-process sweep starts from its own
+        model's)."""
         from finetune.model.loss import causal_lm, observer_hook
 
         self._mapped = mapped_weight_bytes(model)
@@ -183,7 +186,16 @@ class InUseSampler:
         lm = causal_lm(model)
         head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         # An observer: the training loss's shortcuts (no mask, the shared prefix) stay on while it is installed.
-        return (head if head is not None else lm).register_forward_hook(observer_hook(lambda *_: self._sample()))
+        hook = (head if head is not None else lm).register_forward_hook(observer_hook(lambda *_: self._sample()))
+        sampler = self
+
+        class Watch:
+            def remove(self) -> None:
+                sampler._sample()  # the peak keeps the weights it held until now
+                hook.remove()
+                sampler._mapped = 0
+
+        return Watch()
 
     def peak(self) -> int:
         self._sample()

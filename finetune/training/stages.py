@@ -8,11 +8,10 @@ rank scores when FSDP / DeepSpeed shard the weights).
 
 from __future__ import annotations
 
-import weakref
-
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

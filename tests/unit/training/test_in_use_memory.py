@@ -154,6 +154,14 @@ def test_weights_mapped_from_a_checkpoint_file_count_as_in_use(tmp_path, dtype):
         assert mapped > 0.95 * weights  # the installed transformers maps them: the case the count is for
     else:
         assert mapped == 0  # converted on loading: in glibc's heap, counted there
-    sampler.watch(model).remove()
+    handle = sampler.watch(model)
     rise = sampler.in_use() - base
     assert 0.95 * weights < rise < weights + 16 * 2**20, (rise / 2**20, weights / 2**20, mapped / 2**20)
+    # Unwatched and gone (the next job of an in-process sweep): its weights no longer count; the peak keeps them.
+    handle.remove()
+    del model
+    import gc
+
+    gc.collect()
+    assert sampler.in_use() - base < 16 * 2**20
+    assert sampler.peak() - base > 0.95 * weights
