@@ -124,13 +124,29 @@ def test_two_sweep_jobs_run_side_by_side_and_the_report_is_written(tmp_path):
 
 
 def _process_span(log: str, job: str) -> tuple[float, float]:
+    """The two job processes share stderr, so a log record can land in the middle of the other's progress bar
+    line: find each record by its own stamp and message, wherever it starts."""
+    import re
     from datetime import datetime
 
     def stamp(event: str) -> float:
-        line = next(li for li in log.splitlines() if f"job {job}: process" in li and event in li)
-        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        found = re.findall(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]*\]\[INFO\] - "
+                           rf"job {job}: process \d+ {event}", log)
+        assert len(found) == 1, (job, event, found)
+        return datetime.strptime(found[0], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
     return stamp("started"), stamp("finished")
+
+
+def test_the_process_span_is_read_from_records_interleaved_with_a_progress_bar():
+    log = ("[2026-12-02 06:00:00,100][finetune.cli.train][INFO] - job 0: process 11 started\n"
+           "100%|##########| 3/3 [00:01<00:00,  2.1it/s][2026-12-02 06:00:00,200][finetune.cli.train][INFO] - "
+           "job 1: process 12 started\n"
+           "[2026-12-02 06:00:09,000][finetune.cli.train][INFO] - job 1: process 12 finished after 8.8 s\n"
+           "\r 50%|#####     | 1/2 [2026-12-02 06:00:09,500][finetune.cli.train][INFO] - job 0: process 11 finished "
+           "after 9.4 s\n")
+    (s0, e0), (s1, e1) = _process_span(log, "0"), _process_span(log, "1")
+    assert (e0 - s0, e1 - s1, s1 - s0) == pytest.approx((9.4, 8.8, 0.1), abs=1e-3)
 
 
 def test_ddp_resume_equals_the_uninterrupted_run(tmp_path):
