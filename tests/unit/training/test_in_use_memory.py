@@ -40,7 +40,9 @@ sampler.reset()  # what reset_peak_memory does, without handing the free heap ba
 base = sampler.in_use() / MiB
 _, rss_before = rss()
 held = [torch.ones(3 * MiB // 4) for _ in range(100)]  # the measured work: 300 MiB, written
-time.sleep(0.1)
+deadline = time.monotonic() + 30  # held until the thread has read it (a busy machine may delay the thread)
+while sampler._peak < (base + 300) * MiB and time.monotonic() < deadline:
+    time.sleep(0.01)
 del held
 time.sleep(0.05)
 peak = sampler.peak() / MiB
