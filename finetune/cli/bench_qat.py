@@ -90,23 +90,30 @@ def _batches(cfg: DictConfig, tok, n_steps: int) -> list[dict]:
                             f"the dataset has {len(splits.train)} (raise dataset.max_train_samples)")
     rows = random.Random(cfg.seed).sample(list(splits.train), need)
     ds = tokenize_split(rows, cfg.dataset, tok, int(cfg.trainer.max_length))
-    collate = DataCollator(pad_token_id=tok.pad_token_id)
+    collate = DataCollator(pad_token_id=tok.pad_token_id, label_plan=True)  # as finetune-train's Trainer gets them
     return [collate([ds[i] for i in range(s * bs, (s + 1) * bs)]) for s in range(n_steps)]
 
 
-def _time_steps(model, optimizer, batches: list[dict], autocast) -> float:
-    """Seconds per training step (forward + backward + optimizer step), averaged over ``batches``."""
+def _time_steps(model, optimizer, batches: list[dict], autocast, share_prefix: bool) -> float:
+    """Seconds per training step (forward + backward + optimizer step), averaged over ``batches``: the loss
+    finetune-train's Trainer computes, with its resolved ``trainer.share_prefix``, so the baseline keeps the
+    shortcuts a run without QAT takes (a prefix shared, causal attention without a mask) and each variant loses
+    those its hooks turn off, as its run would."""
     import torch
 
+    from finetune.data.encoding import PLAN_KEYS
     from finetune.model.loss import accepts_logits_to_keep, label_position_loss
 
     device = next(p for p in model.parameters()).device
     label_positions = accepts_logits_to_keep(model)  # the loss finetune-train's Trainer computes
     start = time.perf_counter()
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast():
-            loss = label_position_loss(model, batch)[0] if label_positions else model(**batch).loss
+            if label_positions:
+                loss = label_position_loss(model, batch, share_prefix=share_prefix)[0]
+            else:
+                loss = model(**{k: v for k, v in batch.items() if k not in PLAN_KEYS}).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -121,7 +128,7 @@ def benchmark(cfg: DictConfig, variants: list[str], steps: int, rounds: int) -> 
 
     from finetune.qat.attach import apply_qat
 
-    model, resolved, precision, batches, step = _setup(cfg, steps)
+    model, resolved, precision, batches, share_prefix, step = _setup(cfg, steps)
     targets = qat_targets(cfg) or list(QAT_TARGETS)
     names = ["none", *variants]
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -154,20 +161,22 @@ def benchmark(cfg: DictConfig, variants: list[str], steps: int, rounds: int) -> 
         "model": resolved, "method": "lora", "targets": targets, "bits": int(cfg.qat.bits),
         "precision": precision.name, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(), "batch_size": int(cfg.trainer.batch_size), "steps_per_round": steps,
-        "rounds": rounds, "tokens_per_step": round(tokens / steps, 1),
+        "rounds": rounds, "tokens_per_step": round(tokens / steps, 1), "share_prefix": share_prefix,
         "results": _rows(names, times, modules, tokens / steps),
     }
 
 
 def _setup(cfg: DictConfig, steps: int):
-    """The LoRA model, its resolved name, precision, ``steps`` batches, and ``step(batches) -> s/step`` (an
-    optimizer with lr 0: the weights never move, so every variant and round computes on the same model)."""
+    """The LoRA model, its resolved name, precision, ``steps`` batches, the resolved ``trainer.share_prefix``,
+    and ``step(batches) -> s/step`` (an optimizer with lr 0: the weights never move, so every variant and round
+    computes on the same model)."""
     import torch
     from transformers import set_seed
 
     from finetune.config import validate
     from finetune.model.load import load_model, resolve_precision
     from finetune.model.lora import apply_lora
+    from finetune.model.loss import resolve_share_prefix
 
     validate(cfg)
     if cfg.lora.method == "none":
@@ -182,8 +191,9 @@ def _setup(cfg: DictConfig, steps: int):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else None
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype is not None else nullcontext
-    return model, resolved, precision, _batches(cfg, tok, steps), \
-        lambda batches: _time_steps(model, optimizer, batches, autocast)
+    share = resolve_share_prefix(cfg.trainer.get("share_prefix", "auto"), device)  # as make_trainer resolves it
+    return model, resolved, precision, _batches(cfg, tok, steps), share, \
+        lambda batches: _time_steps(model, optimizer, batches, autocast, share)
 
 
 def _rows(names: list[str], times: dict[str, list[float]], modules: dict[str, int], tokens_per_step: float) -> list:

@@ -33,6 +33,31 @@ def test_benchmark_writes_every_variant(tmp_path, capsys):
     assert table in capsys.readouterr().out and "| linear+w |" in table
 
 
+@pytest.mark.parametrize("setting, expected", [([], True), (["trainer.share_prefix=false"], False)])
+def test_every_variant_trains_with_the_loss_and_shortcuts_of_the_run_it_stands_for(tmp_path, monkeypatch, setting,
+                                                                                  expected):
+    """The baseline is a run without QAT: finetune-train's loss with its resolved trainer.share_prefix (auto: on
+    the CPU) on the collator's label plan; a variant's hooks then turn the shortcuts off as in its own run."""
+    from finetune.data.encoding import LABEL_INDEX
+    from finetune.model import loss
+
+    seen = []
+    real = loss.label_position_loss
+
+    def spy(model, inputs, *args, **kwargs):
+        seen.append((kwargs.get("share_prefix", args[1] if len(args) > 1 else True), LABEL_INDEX in inputs,
+                     loss.has_forward_hooks(model)))
+        return real(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(loss, "label_position_loss", spy)
+    overrides = [o for o in TINY if not o.startswith("dataset.max_train")] + [
+        f"dataset.path={shared('chnsenticorp')}", "dataset.max_train_samples=8", *setting]
+    assert main(["--steps", "1", "--rounds", "1", "--variants", "sublayer", "--out", str(tmp_path), *overrides]) == 0
+    assert {(s, plan) for s, plan, _ in seen} == {(expected, True)}
+    assert {hooked for *_, hooked in seen} == {False, True}  # the baseline without hooks, the variant with them
+    assert json.loads((tmp_path / "qat_overhead.json").read_text())["share_prefix"] is expected
+
+
 def test_variant_configs_derive_from_the_run():
     q = compose_cfg(["qat.weight_bits=6", "qat.bits=4"]).qat
     assert variant_config(q, "linear+w").weight_bits == 6 and variant_config(q, "linear+w").bits == 4
