@@ -15,11 +15,19 @@ class FinetuneError(Exception):
     """
 
 
+def say(text: str) -> None:
+    """Print ``text`` and its newline to stderr in one write. ``print(..., file=sys.stderr)`` writes the two
+    separately (stderr passes each write straight through), so where processes share a stderr (the ranks under
+    torchrun, the jobs of a parallel sweep) another process's output could land between a line and its end."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
+
+
 def print_error(error: BaseException | str, suffix: str = "") -> None:
     """The one ``error: <first line>`` a command prints on stderr for a user's mistake (then it exits with 2)."""
     text = str(error)
     line = text.splitlines()[0] if text else type(error).__name__
-    print(f"error: {line}{suffix}", file=sys.stderr)
+    say(f"error: {line}{suffix}")
 
 
 class RunInterrupted(Exception):

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, say
 from finetune.training.measure import (hardware, host_syncs, in_use_sampler, matmul_peak_flops, model_shape,
                                       training_flops)
 
@@ -260,7 +260,7 @@ def benchmark(cfg: DictConfig, arms: list[str], steps: int, rounds: int, peak: f
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 out = Path(f"{spec}.{arm}.json")
                 if proc.returncode != 0 or not out.exists():
-                    print("\n".join(proc.stdout.strip().splitlines()[-15:]), file=sys.stderr)
+                    say("\n".join(proc.stdout.strip().splitlines()[-15:]))
                     raise FinetuneError(f"arm {arm} failed (exit status {proc.returncode}); its output is above")
                 runs[arm].append(json.loads(out.read_text()))
                 out.unlink()

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from finetune.config import CONF_DIR, QUANT_MODES
 from finetune.data.formatting import prompt_ids
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, say
 from finetune.args import as_bool, as_choice, as_number, parse_kv
 from finetune.cli.common import run_cli
 from finetune.export.common import open_run
@@ -230,7 +230,7 @@ def _answer_all(session: Session, prompts: list[str], out: Path) -> int:
         for i, prompt in enumerate(prompts, 1):
             fh.write(json.dumps(session.answer(prompt), ensure_ascii=False) + "\n")
             fh.flush()
-            print(f"answered {i}/{len(prompts)}", file=sys.stderr)
+            say(f"answered {i}/{len(prompts)}")
     return len(prompts)
 
 
@@ -263,7 +263,7 @@ def _body(argv: list[str]) -> int:
     session = Session(args["run"], opts, quant)
     if prompts is not None:
         n = batch(session, prompts, out)
-        print(f"wrote {n} answers to {out}", file=sys.stderr)
+        say(f"wrote {n} answers to {out}")
     elif args["prompt"] is not None:
         session.answer(args["prompt"], stream=True)
     else:

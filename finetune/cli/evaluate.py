@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from finetune.args import as_number, parse_kv
 from finetune.cli.common import run_cli
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, say
 from finetune.runs import atomic_write_json
 
 log = logging.getLogger("finetune.eval")
@@ -121,7 +121,7 @@ def _body(argv: list[str]) -> int:
         out = check_eval_out(own, f"eval-{result['scored']}.json")
     atomic_write_json(out, {"written_by": WRITTEN_BY, **result})
     print(json.dumps(result, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    say(f"wrote {out}")
     return 0
 
 

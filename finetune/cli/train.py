@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.config import CONF_DIR as CONFIG_TREE
-from finetune.errors import FinetuneError, print_error
+from finetune.errors import FinetuneError, print_error, say
 from finetune.training.job import run
 from finetune.training.launch import objective, run_and_record
 
@@ -55,7 +55,7 @@ def exit_after_sweep() -> None:
 
     outcome, hydra_callback.LAST_SWEEP = hydra_callback.LAST_SWEEP, None
     if outcome is not None and outcome.failed:
-        print(f"finetune-train: {outcome.summary()}", file=sys.stderr)
+        say(f"finetune-train: {outcome.summary()}")
         sys.exit(1)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from finetune.errors import FinetuneError, RunInterrupted, print_error
+from finetune.errors import FinetuneError, RunInterrupted, print_error, say
 from finetune.training.job import run
 
 log = logging.getLogger("finetune.cli.train")
@@ -97,7 +97,7 @@ def run_and_record(cfg: DictConfig) -> float:
 def _exit_interrupted(exc: RunInterrupted) -> None:
     """Training stopped on SIGTERM / SIGUSR1 after saving a checkpoint (recorded in metrics.json): one line, and
     the exit status of a process ended by that signal (128 + its number), as schedulers expect."""
-    print(f"finetune-train: {exc}", file=sys.stderr)
+    say(f"finetune-train: {exc}")
     if exc.then is not None:  # e.g. submitit's: requeue the SLURM job, then exit
         exc.then(exc.signum, None)
     sys.exit(128 + exc.signum)
