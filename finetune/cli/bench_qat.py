@@ -26,6 +26,7 @@ from finetune.config import QAT_TARGETS, SCHEME_SCALE, qat_targets
 
 log = logging.getLogger("finetune.cli.bench")
 
+COMMAND = "finetune-bench-qat"
 VARIANTS = ("sublayer", "linear", "linear+w", "static")
 
 
@@ -210,7 +211,8 @@ def _rows(names: list[str], times: dict[str, list[float]], modules: dict[str, in
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"QAT overhead on {result['model']} ({result['device']}, {result['threads']} threads, "
+    lines = [f"<!-- {COMMAND} -->", "",
+             f"QAT overhead on {result['model']} ({result['device']}, {result['threads']} threads, "
              f"{result['precision']}, LoRA, batch {result['batch_size']}, ~{result['tokens_per_step']:.0f} tokens/step, "
              f"median of {result['rounds']} rounds x {result['steps_per_round']} steps; targets "
              f"{'+'.join(result['targets'])}, {result['bits']}-bit)", "",
@@ -222,10 +224,21 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _owned(path: Path) -> bool:
+    """Whether an existing qat_overhead.json / .md was written by this command."""
+    try:
+        if path.suffix == ".json":
+            return str(json.loads(path.read_text()).get("command", "")).startswith(f"{COMMAND} ")
+        return path.read_text().startswith(f"<!-- {COMMAND} -->")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _body(argv: list[str]) -> int:
     from finetune.cli.common import ArgumentParser
+    from finetune.runs import atomic_write_json, atomic_write_text, check_out_path
 
-    p = ArgumentParser(prog="finetune-bench-qat", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4, help="training steps per variant per round (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
@@ -239,12 +252,14 @@ def _body(argv: list[str]) -> int:
     variants = parse_choices("--variants", args.variants, VARIANTS)
     cfg = compose_config(args.overrides)
     out = args.out or Path("outputs") / "bench" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
+    # Before any work: only files this command wrote are replaced, and each in one rename once the result exists.
+    for name in ("qat_overhead.json", "qat_overhead.md"):
+        check_out_path(str(out / name), key="--out", kind="file", command=COMMAND, owned_file=_owned)
     result = benchmark(cfg, variants, args.steps, args.rounds)
-    result["command"] = "finetune-bench-qat " + " ".join(argv)
-    (out / "qat_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["command"] = f"{COMMAND} " + " ".join(argv)
+    atomic_write_json(out / "qat_overhead.json", result)
     table = markdown(result)
-    (out / "qat_overhead.md").write_text(table)
+    atomic_write_text(out / "qat_overhead.md", table)
     print(table)
     print(f"written: {out / 'qat_overhead.json'}, {out / 'qat_overhead.md'}")
     return 0

@@ -76,3 +76,16 @@ def test_bad_input_is_one_line(args, fragment, capsys, tmp_path):
     assert main(["--out", str(tmp_path), *args, f"dataset.path={shared('chnsenticorp')}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and fragment in err and "\n" not in err
+
+
+def test_a_file_it_did_not_write_is_never_replaced_and_bad_input_creates_nothing(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "qat_overhead.json").write_text('{"my": "numbers"}\n')
+    assert main(["--out", str(mine), "model=tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--out" in err[0] and "qat_overhead.json" in err[0]
+    assert (mine / "qat_overhead.json").read_text() == '{"my": "numbers"}\n' and len(list(mine.iterdir())) == 1
+    fresh = tmp_path / "fresh"
+    assert main(["--out", str(fresh), "model=tiny", "trainer.share_prefix=maybe"]) == 2
+    assert "trainer.share_prefix" in capsys.readouterr().err and not fresh.exists()
