@@ -313,6 +313,8 @@ def _validate_dataset(d: DictConfig) -> None:
     for key in ("max_train_samples", "max_eval_samples", "max_test_samples"):
         if d.get(key) is not None:
             _number(f"dataset.{key}", d[key], low=1, integer=True)
+    if "max_length" in d:  # what trainer.max_length defaults to for this dataset (conf/trainer/default.yaml)
+        _number("dataset.max_length", d.max_length, low=16, integer=True)
     if d.get("eval_fraction") is not None:
         _number("dataset.eval_fraction", d.eval_fraction, low=0, high=0.5, low_open=True, high_open=True)
     for key in ("use_chat_template", "train_on_prompt"):

@@ -107,6 +107,27 @@ def test_a_bad_lora_layers_value_lists_every_allowed_form(value):
         assert form in message, (value, message)
 
 
+def test_trainer_max_length_defaults_to_the_datasets_and_an_explicit_one_wins():
+    """The default job trains and scores ChnSentiCorp at its own max_length (shorter reviews cost fewer tokens in all
+    three passes); datasets that name none keep 256; trainer.max_length, sweep presets included, overrides it."""
+    from finetune.runs import resolved_config
+
+    chn = OmegaConf.load(CONF / "dataset" / "chnsenticorp.yaml").max_length
+    assert chn < 256
+    cfg = compose_cfg()
+    validate(cfg)
+    assert cfg.trainer.max_length == chn
+    assert resolved_config(cfg).trainer.max_length == chn  # what config.yaml records
+    assert compose_cfg(["dataset.max_length=200"]).trainer.max_length == 200
+    assert compose_cfg(["trainer.max_length=512"]).trainer.max_length == 512
+    for name in ("alpaca", "sharegpt"):
+        assert compose_cfg([f"dataset={name}"]).trainer.max_length == 256
+    assert compose_cfg(["+sweep=lora_vs_qlora"]).trainer.max_length == 160
+    for bad in ("null", "8", "long"):
+        with pytest.raises(FinetuneError, match=r"^dataset\.max_length=\S+ (must be an integer|is out of range)"):
+            validate(compose_cfg([f"dataset.max_length={bad}"]))
+
+
 def test_quantization_with_full_finetuning_is_rejected():
     with pytest.raises(FinetuneError, match="quantization=nf4 with lora=none"):
         validate(compose_cfg(["quantization=nf4", "lora=none"]))
