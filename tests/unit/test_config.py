@@ -122,7 +122,8 @@ def test_trainer_max_length_defaults_to_the_datasets_and_an_explicit_one_wins():
     assert compose_cfg(["trainer.max_length=512"]).trainer.max_length == 512
     for name in ("alpaca", "sharegpt"):
         assert compose_cfg([f"dataset={name}"]).trainer.max_length == 256
-    assert compose_cfg(["+sweep=lora_vs_qlora"]).trainer.max_length == 160
+    # A preset's own trainer.max_length wins over the dataset's (here a dataset length it does not share).
+    assert compose_cfg(["dataset.max_length=200", "+sweep=lora_vs_qlora"]).trainer.max_length == 160
     for bad in ("null", "8", "long"):
         with pytest.raises(FinetuneError, match=r"^dataset\.max_length=\S+ (must be an integer|is out of range)"):
             validate(compose_cfg([f"dataset.max_length={bad}"]))
