@@ -13,6 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "finetune" / "conf"
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
+# Under pytest-xdist (the default run: `-n auto`) each worker, and every process its tests start, gets its share of
+# the cores for torch's intra-op threads, so workers never oversubscribe the CPU (set before torch is imported here).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
 # Tests never talk to a hub or to a W&B server.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
