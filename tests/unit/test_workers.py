@@ -1,0 +1,22 @@
+"""The default test run spreads tests over pytest-xdist workers: each worker, and every process its tests start,
+must use only its share of the cores, or two workers' torch threads would oversubscribe the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def test_each_worker_and_the_processes_it_starts_use_their_share_of_the_cores():
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        pytest.skip("a serial run: torch may use every core")
+    share = max(1, (os.cpu_count() or 1) // workers)
+    assert torch.get_num_threads() == share
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=dict(os.environ),
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert int(out.stdout.strip()) == share
