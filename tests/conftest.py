@@ -15,9 +15,15 @@ SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 # Under pytest-xdist (the default run: `-n auto`) each worker, and every process its tests start, gets its share of
 # the cores for torch's intra-op threads, so workers never oversubscribe the CPU (set before torch is imported here).
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+def worker_thread_share() -> int | None:
+    """Torch threads per xdist worker (the cores this process may use / workers), or None in a serial run."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers) if workers > 1 else None
+
+
+if worker_thread_share() is not None and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(worker_thread_share())
 
 # Tests never talk to a hub or to a W&B server.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import worker_thread_share
+
 
 def test_each_worker_and_the_processes_it_starts_use_their_share_of_the_cores():
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers < 2:
+    share = worker_thread_share()
+    if share is None:
         pytest.skip("a serial run: torch may use every core")
-    share = max(1, (os.cpu_count() or 1) // workers)
     if os.environ.get("OMP_NUM_THREADS", str(share)) != str(share):
         pytest.skip("OMP_NUM_THREADS was set by the caller, and the caller's choice is kept")
     assert torch.get_num_threads() == share
