@@ -22,8 +22,9 @@ def worker_thread_share() -> int | None:
     return max(1, cores // workers) if workers > 1 else None
 
 
-if worker_thread_share() is not None and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(worker_thread_share())
+_share = worker_thread_share()
+if _share is not None and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(_share)
 
 # Tests never talk to a hub or to a W&B server.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

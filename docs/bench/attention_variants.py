@@ -26,6 +26,8 @@ def main() -> int:
     p.add_argument("--suffix", type=int, default=466)
     p.add_argument("--head-dim", type=int, default=64)
     a = p.parse_args()
+    if min(a.rows, a.heads, a.suffix, a.head_dim) < 1 or a.prefix < 0:
+        p.error("--rows, --heads, --suffix and --head-dim must be at least 1, --prefix at least 0")
     B, H, P, S, D = a.rows, a.heads, a.prefix, a.suffix, a.head_dim
     L = P + S
     torch.manual_seed(0)

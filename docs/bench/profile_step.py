@@ -11,7 +11,6 @@ and profiles one batch of the 8 longest of its 48 rows (its first, longest step)
 processes at once each run ~3x slower. The data is ../shared/data/chnsenticorp unless dataset.path is given.
 """
 
-import argparse
 import os
 import random
 import sys
@@ -24,25 +23,27 @@ sys.path.insert(0, str(ROOT))
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from finetune.cli.bench import _arm_config  # noqa: E402
+from finetune.cli.bench import _arm_config, framework_trainer  # noqa: E402
 from finetune.cli.bench_qat import compose_config  # noqa: E402
-from finetune.data import DataCollator, load_splits, tokenize_split  # noqa: E402
+from finetune.cli.common import ArgumentParser, run_cli  # noqa: E402
+from finetune.data import load_splits, tokenize_split  # noqa: E402
+from finetune.errors import FinetuneError  # noqa: E402
 from finetune.model.load import load_model, resolve_precision  # noqa: E402
-from finetune.model.lora import apply_lora  # noqa: E402
 from finetune.training.measure import hardware  # noqa: E402
-from finetune.training.trainer import make_trainer, training_arguments  # noqa: E402
 
 BENCH = ["lora.target_modules=[q_proj,v_proj]", "lora.layers=null", "trainer.max_length=512",
          "trainer.batch_size=8"]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def body(argv: list[str]) -> int:
+    p = ArgumentParser(prog="profile_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", action="store_true", help="finetune-bench's framework arm instead of the default job")
     p.add_argument("--steps", type=int, default=2, help="timed steps before the profiled one (default 2)")
     p.add_argument("--rows", type=int, default=25, help="rows of the operator table (default 25)")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.steps < 0 or args.rows < 1:
+        raise FinetuneError("--steps must be at least 0 and --rows at least 1")
     overrides = list(args.overrides)
     if not any(o.startswith("dataset.path=") for o in overrides):
         overrides.insert(0, f"dataset.path={ROOT.parent / 'shared' / 'data' / 'chnsenticorp'}")
@@ -53,12 +54,7 @@ def main() -> int:
     model, tok, _ = load_model(cfg.model, cfg.quantization, precision)
     ds = tokenize_split(rows, cfg.dataset, tok, max_len)
     tmp = tempfile.mkdtemp(prefix="profile-step-")
-    acfg = _arm_config(cfg, 1, tmp)
-    model = apply_lora(model, acfg.lora)
-    targs = training_arguments(acfg.trainer, precision, Path(tmp), int(cfg.seed), [], "profile", has_eval=False)
-    trainer = make_trainer(model=model, args=targs, train_dataset=ds, callbacks=[],
-                           data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True),
-                           share_prefix=acfg.trainer.get("share_prefix", "auto"))
+    model, trainer = framework_trainer(model, tok, ds, _arm_config(cfg, 1, tmp), precision, tmp, [])
     if args.bench:
         groups = [sorted(range(len(ds)), key=lambda i: -ds[i]["length"])[:bs]]
     else:
@@ -77,8 +73,8 @@ def main() -> int:
 
     print(f"{hardware('cpu')}, {precision.name}, share_prefix={getattr(trainer, 'share_prefix', False)}, "
           f"OMP threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"{len(batches)} batch(es) of {bs}, {tokens} real tokens, rows of "
-          f"{[len(g) and ds[g[0]]['length'] for g in groups]} tokens at most")
+    print(f"{len(batches)} batch(es) of {bs}, {tokens} real tokens, longest row of each: "
+          f"{[max(ds[i]['length'] for i in g) for g in groups]}")
     print(f"warm-up: {step():.2f} s")
     for _ in range(args.steps):
         took = step()
@@ -91,4 +87,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(body, None))

@@ -84,11 +84,9 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     """Train ``steps`` steps with ``arm``'s recipe; return tokens, time, peak memory and the FLOPs needed."""
     from transformers import set_seed
 
-    from finetune.data import DataCollator, load_splits, tokenize_split
-    from finetune.model.lora import apply_lora
+    from finetune.data import load_splits, tokenize_split
     from finetune.training.measure import ThroughputCallback
     from finetune.model.load import load_model, resolve_precision
-    from finetune.training.trainer import make_trainer, training_arguments
 
     in_use_sampler()  # the peak in use covers loading and training, as the peak RSS does
     set_seed(cfg.seed)
@@ -114,13 +112,7 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
         acfg = _arm_config(cfg, arm_steps, tmp)
         if arm == "finetune":
-            model = apply_lora(model, acfg.lora)
-            args = training_arguments(acfg.trainer, precision, Path(tmp), int(cfg.seed), [], f"bench-{arm}",
-                                      has_eval=False)
-            trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
-                                   data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True),
-                                   callbacks=[meter, clock], meter=meter,
-                                   share_prefix=acfg.trainer.get("share_prefix", "auto"))
+            model, trainer = framework_trainer(model, tok, train_ds, acfg, precision, tmp, [meter, clock], meter)
         else:
             model, trainer = _plain_trainer(model, tok, ds, acfg, precision, tmp, steps, [meter, clock])
         trainer.train()
@@ -132,6 +124,22 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
     figures["aten_ops"], figures["host_syncs"] = sum(ops.values()), host_syncs(ops)
     figures["share_prefix"] = bool(getattr(trainer, "share_prefix", False))
     return figures
+
+
+def framework_trainer(model, tok, train_ds, acfg: DictConfig, precision, tmp: str, callbacks: list, meter=None):
+    """This framework's training path for the arm config ``acfg`` (see :func:`_arm_config`): LoRA applied, and
+    the Trainer finetune-train builds (label-position loss, shared prefix, length grouping). Returns
+    ``(model, trainer)``; docs/bench/profile_step.py profiles the same path."""
+    from finetune.data import DataCollator
+    from finetune.model.lora import apply_lora
+    from finetune.training.trainer import make_trainer, training_arguments
+
+    model = apply_lora(model, acfg.lora)
+    args = training_arguments(acfg.trainer, precision, Path(tmp), int(acfg.seed), [], "bench-finetune", has_eval=False)
+    trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
+                           data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True),
+                           callbacks=callbacks, meter=meter, share_prefix=acfg.trainer.get("share_prefix", "auto"))
+    return model, trainer
 
 
 OPS_ROWS = 2  # rows of the batch whose forward and backward operations are counted
