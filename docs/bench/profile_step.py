@@ -53,36 +53,39 @@ def body(argv: list[str]) -> int:
     rows = load_splits(cfg.dataset, cfg.seed).train[: 6 * bs if args.bench else 200]
     model, tok, _ = load_model(cfg.model, cfg.quantization, precision)
     ds = tokenize_split(rows, cfg.dataset, tok, max_len)
-    tmp = tempfile.mkdtemp(prefix="profile-step-")
-    model, trainer = framework_trainer(model, tok, ds, _arm_config(cfg, 1, tmp), precision, tmp, [])
-    if args.bench:
-        groups = [sorted(range(len(ds)), key=lambda i: -ds[i]["length"])[:bs]]
-    else:
-        pick = random.Random(0).sample(range(len(ds)), 5 * bs)
-        groups = [sorted(pick[j * bs:(j + 1) * bs], key=lambda i: -ds[i]["length"]) for j in range(5)]
-    batches = [trainer._prepare_inputs(trainer.data_collator([ds[i] for i in g])) for g in groups]
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    model.train()
+    need = bs if args.bench else 5 * bs
+    if len(ds) < need:
+        raise FinetuneError(f"profile_step.py needs {need} training rows of dataset.path; it has {len(ds)}")
+    with tempfile.TemporaryDirectory(prefix="profile-step-") as tmp:  # the Trainer's output_dir, left empty
+        model, trainer = framework_trainer(model, tok, ds, _arm_config(cfg, 1, tmp), precision, tmp, [])
+        if args.bench:
+            groups = [sorted(range(len(ds)), key=lambda i: -ds[i]["length"])[:bs]]
+        else:
+            pick = random.Random(0).sample(range(len(ds)), 5 * bs)
+            groups = [sorted(pick[j * bs:(j + 1) * bs], key=lambda i: -ds[i]["length"]) for j in range(5)]
+        batches = [trainer._prepare_inputs(trainer.data_collator([ds[i] for i in g])) for g in groups]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        model.train()
 
-    def step() -> float:
-        start = time.perf_counter()
-        for batch in batches:
-            trainer.compute_loss(model, batch).backward()
-            model.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        def step() -> float:
+            start = time.perf_counter()
+            for batch in batches:
+                trainer.compute_loss(model, batch).backward()
+                model.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
 
-    print(f"{hardware('cpu')}, {precision.name}, share_prefix={getattr(trainer, 'share_prefix', False)}, "
-          f"OMP threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print(f"{len(batches)} batch(es) of {bs}, {tokens} real tokens, longest row of each: "
-          f"{[max(ds[i]['length'] for i in g) for g in groups]}")
-    print(f"warm-up: {step():.2f} s")
-    for _ in range(args.steps):
-        took = step()
-        print(f"timed: {took:.2f} s, {tokens / took:.1f} real tokens/s")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        took = step()
-    print(f"profiled: {took:.2f} s")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        print(f"{hardware('cpu')}, {precision.name}, share_prefix={getattr(trainer, 'share_prefix', False)}, "
+              f"OMP threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+        print(f"{len(batches)} batch(es) of {bs}, {tokens} real tokens, longest row of each: "
+              f"{[max(ds[i]['length'] for i in g) for g in groups]}")
+        print(f"warm-up: {step():.2f} s")
+        for _ in range(args.steps):
+            took = step()
+            print(f"timed: {took:.2f} s, {tokens / took:.1f} real tokens/s")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            took = step()
+        print(f"profiled: {took:.2f} s")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 
 
