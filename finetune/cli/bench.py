@@ -348,9 +348,14 @@ def _owned(path: Path) -> bool:
         return False
 
 
-def _body(argv: list[str]) -> int:
+def check_args(argv: list[str]):
+    """Everything checked before any model loads: (arguments, arms, the composed and validated config, out).
+
+    Raises:
+        FinetuneError: a bad option, override or value, in one line.
+    """
     from finetune.cli.bench_qat import compose_config, parse_choices
-    from finetune.runs import atomic_write_json, atomic_write_text, check_out_path
+    from finetune.runs import check_out_path
 
     from finetune.cli.common import ArgumentParser
 
@@ -388,6 +393,13 @@ def _body(argv: list[str]) -> int:
     from finetune.config import validate
 
     validate(cfg)
+    return args, arms, cfg, out
+
+
+def _body(argv: list[str]) -> int:
+    from finetune.runs import atomic_write_json, atomic_write_text
+
+    args, arms, cfg, out = check_args(argv)
     result = benchmark(cfg, arms, args.steps, args.rounds)
     result["cli"] = " ".join([COMMAND, *argv])
     atomic_write_json(out / "bench.json", result)

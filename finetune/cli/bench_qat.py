@@ -45,8 +45,10 @@ def compose_config(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from finetune.cli.overrides import precheck
     from finetune.config import CONF_DIR
 
+    precheck(list(overrides), CONF_DIR, "train")  # a bad key or value: finetune-train's own one-line error
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             return compose("train", overrides=["output_dir=.", *overrides])
@@ -234,9 +236,14 @@ def _owned(path: Path) -> bool:
         return False
 
 
-def _body(argv: list[str]) -> int:
+def check_args(argv: list[str]):
+    """Everything checked before any model loads: (arguments, variants, the composed config, out).
+
+    Raises:
+        FinetuneError: a bad option, override or value, in one line.
+    """
     from finetune.cli.common import ArgumentParser
-    from finetune.runs import atomic_write_json, atomic_write_text, check_out_path
+    from finetune.runs import check_out_path
 
     p = ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,6 +262,13 @@ def _body(argv: list[str]) -> int:
     # Before any work: only files this command wrote are replaced, and each in one rename once the result exists.
     for name in ("qat_overhead.json", "qat_overhead.md"):
         check_out_path(str(out / name), key="--out", kind="file", command=COMMAND, owned_file=_owned)
+    return args, variants, cfg, out
+
+
+def _body(argv: list[str]) -> int:
+    from finetune.runs import atomic_write_json, atomic_write_text
+
+    args, variants, cfg, out = check_args(argv)
     result = benchmark(cfg, variants, args.steps, args.rounds)
     result["command"] = f"{COMMAND} " + " ".join(argv)
     atomic_write_json(out / "qat_overhead.json", result)

@@ -234,7 +234,12 @@ def _answer_all(session: Session, prompts: list[str], out: Path) -> int:
     return len(prompts)
 
 
-def _body(argv: list[str]) -> int:
+def check_args(argv: list[str]) -> tuple[dict, dict, object]:
+    """The arguments, typed and checked before any model loads: (arguments, generation options, quantization).
+
+    Raises:
+        FinetuneError: an unknown key, a bad value or a contradictory pair, in one line.
+    """
     args, _ = parse_kv(argv, ARGS, ("run",), " (finetune-chat run=<run dir> [prompt=...])")
     opts = {
         "max_new_tokens": as_number("max_new_tokens", args["max_new_tokens"], int, 1),
@@ -250,6 +255,11 @@ def _body(argv: list[str]) -> int:
         raise FinetuneError("out= is for batch mode; give prompts_file= too")
     if args["prompt"] is not None and not args["prompt"].strip():
         raise FinetuneError("prompt= is empty")
+    return args, opts, quant
+
+
+def _body(argv: list[str]) -> int:
+    args, opts, quant = check_args(argv)
     prompts, out = None, None
     if args["prompts_file"]:
         file = Path(args["prompts_file"]).expanduser()

@@ -20,19 +20,50 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from finetune.args import as_number, parse_kv
+from finetune.args import as_choice, as_number, parse_kv
 from finetune.cli.common import run_cli
 from finetune.errors import FinetuneError, say
 from finetune.runs import atomic_write_json
 
 log = logging.getLogger("finetune.eval")
 OWN_ARGS = {"run": None, "split": "test", "out": None, "batch_size": None}
+SPLITS = ("test", "validation", "train")
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     """This command's own keys, and the ``dataset.*`` config overrides."""
     own, overrides = parse_kv(argv, OWN_ARGS, ("run",), " (a finetune-train run directory)", passthrough=("dataset.",))
     own["batch_size"] = as_number("batch_size", own["batch_size"], int, 1, optional=True)
+    as_choice("split", own["split"], SPLITS)
+    return own, overrides
+
+
+def check_dataset_keys(overrides: list[str], known: list[str]) -> None:
+    """Each ``dataset.KEY=value`` names a key the dataset config has (a misspelt key would be ignored).
+
+    Raises:
+        FinetuneError: naming the key and the nearest known one.
+    """
+    from finetune.cli.overrides import nearest_key
+
+    for override in overrides:
+        key = override.split("=", 1)[0].removeprefix("dataset.")
+        if key not in known and key.rpartition(".")[0] not in known:  # a new entry of a mapping (role_map) is fine
+            guess = nearest_key(key, known)
+            hint = f"did you mean dataset.{guess}?" if guess else f"dataset keys: {', '.join(known)}"
+            raise FinetuneError(f"dataset.{key} is not a dataset key; {hint}")
+
+
+def check_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """The arguments checked before a run is read: keys and values, and the ``dataset.*`` keys against those any
+    dataset option declares (the run's own dataset is checked once it is read)."""
+    from finetune.cli.overrides import leaf_keys
+    from finetune.config import CONF_DIR
+
+    own, overrides = parse_args(argv)
+    known = sorted({k for path in (CONF_DIR / "dataset").glob("*.yaml")
+                    for k in leaf_keys(OmegaConf.load(path)) if k != "defaults"})
+    check_dataset_keys(overrides, known)
     return own, overrides
 
 
@@ -46,9 +77,11 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
 
     path, cfg = run_config(run_dir)
     run_kind(path)
+    from finetune.cli.overrides import leaf_keys
+
+    check_dataset_keys(overrides, leaf_keys(cfg.dataset))
     dcfg = OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
-    if split not in ("test", "validation", "train"):
-        raise FinetuneError(f"split={split} is not allowed; choose one of: test, validation, train")
+    as_choice("split", split, SPLITS)
     source_path = Path(str(dcfg.path)).expanduser() if dcfg.get("path") else None
     if source_path is not None and source_path.is_file():
         rows = validate_rows(read_rows(source_path), dcfg, str(source_path))
@@ -114,7 +147,7 @@ def check_eval_out(own: dict, default_name: str | None = None) -> Path | None:
 
 
 def _body(argv: list[str]) -> int:
-    own, overrides = parse_args(argv)
+    own, overrides = check_args(argv)
     out = check_eval_out(own)
     result = evaluate_run(own["run"], overrides, own["split"], own["batch_size"])
     if out is None:  # the default name depends on what was scored

@@ -16,18 +16,31 @@ from finetune.errors import print_error
 from finetune.export.int8 import ARGS, FORMATS, ExportCheckFailed, export_run
 
 
-def _body(argv: list[str]) -> int:
+def check_args(argv: list[str]) -> dict:
+    """The arguments, typed and checked before any model loads.
+
+    Raises:
+        FinetuneError: an unknown or missing key, or a bad value, in one line.
+    """
     args, _ = parse_kv(argv, ARGS, ("run", "format", "out"),
                        " (finetune-export run=<run dir> format=int8 out=<new dir>)")
-    threads = as_number("threads", args["threads"], int, 1, optional=True)
-    if threads:
-        torch.set_num_threads(threads)
+    return {**args, "format": as_choice("format", args["format"], FORMATS),
+            "threads": as_number("threads", args["threads"], int, 1, optional=True),
+            "max_samples": as_number("max_samples", args["max_samples"], int, 1, optional=True),
+            "latency_tokens": as_number("latency_tokens", args["latency_tokens"], int, 1),
+            "latency_reps": as_number("latency_reps", args["latency_reps"], int, 1),
+            "overwrite": as_bool("overwrite", args["overwrite"]),
+            "float_reference": as_bool("float_reference", args["float_reference"])}
+
+
+def _body(argv: list[str]) -> int:
+    args = check_args(argv)
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
     try:
-        export_run(args["run"], as_choice("format", args["format"], FORMATS), args["out"],
-                   as_number("max_samples", args["max_samples"], int, 1, optional=True),
-                   as_number("latency_tokens", args["latency_tokens"], int, 1),
-                   as_number("latency_reps", args["latency_reps"], int, 1), as_bool("overwrite", args["overwrite"]),
-                   args["granularity"], args["scale"], threads, as_bool("float_reference", args["float_reference"]))
+        export_run(args["run"], args["format"], args["out"], args["max_samples"], args["latency_tokens"],
+                   args["latency_reps"], args["overwrite"], args["granularity"], args["scale"], args["threads"],
+                   args["float_reference"])
     except ExportCheckFailed as exc:
         print_error(exc, "; nothing was written")
         return 1

@@ -15,11 +15,21 @@ from finetune.errors import print_error
 from finetune.export.merge import ARGS, BASES, MergeCheckError, merge_run
 
 
-def _body(argv: list[str]) -> int:
+def check_args(argv: list[str]) -> dict:
+    """The arguments, typed and checked before any model loads.
+
+    Raises:
+        FinetuneError: an unknown or missing key, or a bad value, in one line.
+    """
     args, _ = parse_kv(argv, ARGS, ("run", "out"), " (finetune-merge run=<run dir> out=<new dir>)")
+    return {**args, "check": as_bool("check", args["check"]), "overwrite": as_bool("overwrite", args["overwrite"]),
+            "base": as_choice("base", args["base"], BASES)}
+
+
+def _body(argv: list[str]) -> int:
+    args = check_args(argv)
     try:
-        merge_run(args["run"], args["out"], args["dtype"], as_bool("check", args["check"]),
-                  as_bool("overwrite", args["overwrite"]), as_choice("base", args["base"], BASES))
+        merge_run(args["run"], args["out"], args["dtype"], args["check"], args["overwrite"], args["base"])
     except MergeCheckError as exc:
         print_error(exc)
         return 1

@@ -26,7 +26,12 @@ def _metric_joined(argv: list[str]) -> list[str]:
     return out
 
 
-def _body(argv: list[str]) -> int:
+def check_args(argv: list[str]):
+    """The parsed arguments (argparse's namespace), checked before any run is read.
+
+    Raises:
+        FinetuneError: an unknown option or a bad value, in one line.
+    """
     parser = ArgumentParser(
         prog="finetune-report",
         description="Compare the jobs of a sweep: writes comparison.md, comparison.csv and a PNG plot beside them.",
@@ -35,7 +40,11 @@ def _body(argv: list[str]) -> int:
     parser.add_argument("--kind", choices=KINDS, default=None, help="comparison kind (default: detected)")
     parser.add_argument("--metric", default=None,
                         help="column to rank on, e.g. f1 or -eval_loss (leading '-': lower is better)")
-    args = parser.parse_args(_metric_joined(argv))
+    return parser.parse_args(_metric_joined(argv))
+
+
+def _body(argv: list[str]) -> int:
+    args = check_args(argv)
     report = generate_report(args.sweep_dir, args.kind, args.metric)
     print(f"Takeaway: {report.comparison.takeaway}\n")
     if report.comparison.summary is not None:

@@ -33,13 +33,23 @@ def hydra_main(cfg: DictConfig) -> float:
     return run_and_record(cfg)
 
 
+def check_args(argv: list[str]) -> None:
+    """What finetune-train checks before anything is written: the overrides composed with the config tree and
+    every value validated (each value of a sweep too), the run directory free.
+
+    Raises:
+        FinetuneError: the first problem, in one line.
+    """
+    from finetune.cli.overrides import precheck
+
+    precheck(argv, CONF_DIR, "train")
+
+
 def main() -> None:
     """finetune-train: the command line is composed and checked first (one ``error:`` line and exit status 2
     for a bad option, key or value, before anything is written), then Hydra runs."""
-    from finetune.cli.overrides import precheck
-
     try:
-        precheck(sys.argv[1:], CONF_DIR, "train")
+        check_args(sys.argv[1:])
     except FinetuneError as exc:
         print_error(exc)
         sys.exit(2)

@@ -111,6 +111,9 @@ def test_the_end_of_each_forward_is_read_so_the_activations_kept_for_backward_ar
     sampler = Sleepy()
     model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.Linear(4096, 16))
     x = torch.randn(4096, 1024)  # the first layer's output, kept for the second's backward: 64 MiB
+    # Calibration on this machine: a first forward lets the matmul library allocate what it keeps between calls
+    # (its scratch and packing buffers: ~10 MiB on an AMX Xeon, none on an AVX2 EPYC), so it is in the base below.
+    model(x)  # its output and graph are freed at once
 
     def peak_rise(watched: bool) -> float:
         handle = sampler.watch(model) if watched else None
@@ -123,8 +126,13 @@ def test_the_end_of_each_forward_is_read_so_the_activations_kept_for_backward_ar
             handle.remove()
         return rise
 
-    assert peak_rise(watched=False) < 8
-    assert 64 <= peak_rise(watched=True) < 80
+    # Unwatched, the thread never reads: the 64 MiB of activations are missed (allowance: half of them, for what a
+    # library may still hold after a call; measured 0-11 MiB on the CPUs this runs on). Watched, the hook catches
+    # them all, and only once (allowance: 32 MiB of a library's buffers in flight during the forward).
+    unwatched = peak_rise(watched=False)
+    watched = peak_rise(watched=True)
+    assert unwatched < 32, unwatched
+    assert 64 <= watched < 96, watched
 
 
 def test_the_throughput_meter_watches_the_model_while_it_trains():
