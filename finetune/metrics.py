@@ -69,6 +69,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "eval_peak_memory_mb": (NUMBER, "peak memory of the scoring after training, MiB"),
     "memory_device": (TEXT, "cpu | cuda: what the memory figures measure"),
     # training
+    "run_wall_s": (NUMBER, "wall time of this process's run, from the checked config to metrics.json, s"),
     "train_runtime_s": (NUMBER, "training time over the whole run (a resumed run included), s"),
     "train_steps": (NUMBER, "optimizer steps"),
     "train_loss": (NUMBER, "mean training loss over the steps"),

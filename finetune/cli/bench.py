@@ -168,14 +168,16 @@ def _plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     from finetune.data.encoding import LAYOUT, batch_layout
+    from finetune.model.lora import peft_wrapping
     from finetune.training.trainer import model_inputs
 
     lcfg, tcfg = acfg.lora, acfg.trainer
     bs, max_len = int(tcfg.batch_size), int(tcfg.max_length)
     meter = callbacks[0]
-    model = get_peft_model(model, LoraConfig(r=int(lcfg.r), lora_alpha=int(lcfg.alpha),
-                                             lora_dropout=float(lcfg.dropout),
-                                             target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
+    with peft_wrapping():  # the plain recipe's script would print that FutureWarning; not this comparison's concern
+        model = get_peft_model(model, LoraConfig(r=int(lcfg.r), lora_alpha=int(lcfg.alpha),
+                                                 lora_dropout=float(lcfg.dropout),
+                                                 target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
     padded = ds.map(lambda r: {
         "input_ids": r["input_ids"] + [tok.pad_token_id] * (max_len - len(r["input_ids"])),
         "attention_mask": r["attention_mask"] + [0] * (max_len - len(r["attention_mask"])),

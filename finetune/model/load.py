@@ -302,9 +302,12 @@ def load_run(run_dir: str | Path, *, quantization: DictConfig | None = None, for
     else:
         from peft import PeftModel
 
+        from finetune.model.lora import peft_wrapping
+
         check_base_model(path, cfg)
         base, _, _ = load_model(cfg.model, qcfg, precision, for_training=for_training)
-        model = PeftModel.from_pretrained(base, path / "adapter", is_trainable=for_training)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base, path / "adapter", is_trainable=for_training)
         if merge:
             model = model.merge_and_unload()
     tok = load_tokenizer(str(path / "tokenizer"), cfg.model, local_only=True)

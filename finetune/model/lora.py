@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
@@ -11,6 +13,17 @@ from finetune.model.arch import arch_spec, decoder_layers
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune.model.lora")
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around PEFT's wrapping of a model (``get_peft_model``, ``PeftModel.from_pretrained``): PEFT reads the
+    model's ``is_gradient_checkpointing``, an alias transformers 5 deprecated and warns about on every read, so a
+    run printed the same FutureWarning once per phase (training, then each scoring pass). This one warning is
+    filtered where PEFT raises it; the value PEFT reads is unchanged."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -118,7 +131,8 @@ def apply_lora(model: nn.Module, lcfg: DictConfig):
     log.info("%s on %s of %s: r=%s alpha=%s dropout=%s", lcfg.method, targets,
              "every layer" if layers is None else f"layers {layers[0]}-{layers[-1]}" if layers == list(
                  range(layers[0], layers[-1] + 1)) else f"layers {layers}", lcfg.r, lcfg.alpha, lcfg.dropout)
-    model = get_peft_model(model, config)
+    with peft_wrapping():
+        model = get_peft_model(model, config)
     use_fast_dropout(model)
     return model
 

@@ -181,7 +181,7 @@ def can_share_prefix(model) -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # config.use_cache is off for training (load_model): the two passes ask for the cache themselves.
-    if getattr(base, "is_gradient_checkpointing", False):
+    if activation_checkpointing(base):
         return False
     try:
         params = inspect.signature(base.forward).parameters
@@ -251,6 +251,14 @@ def observer_hook(hook):
     the shared prefix stay on while it is installed. Returns ``hook``."""
     setattr(hook, OBSERVER, True)
     return hook
+
+
+def activation_checkpointing(model) -> bool:
+    """Whether the model recomputes activations in backward: ``is_activation_checkpointing`` (transformers 5), else
+    the older ``is_gradient_checkpointing``, which transformers 5 keeps as an alias that warns on every read."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def has_forward_hooks(model) -> bool:

@@ -8,7 +8,6 @@ rank scores when FSDP / DeepSpeed shard the weights).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import weakref
@@ -48,6 +47,7 @@ class Job:
     val_ds: Any = None
     trainer: Any = None
     wandb_run: Any = None
+    started: float = field(default_factory=time.monotonic)  # for run_wall_s
 
     @property
     def classification(self) -> bool:
@@ -381,10 +381,13 @@ def record(job: Job) -> dict:
 
     metrics = job.metrics
     metrics.update(eval_peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(),
-                   hardware=hardware(memory_device()), status="ok")
+                   hardware=hardware(memory_device()), run_wall_s=round(time.monotonic() - job.started, 1),
+                   status="ok")
     if torch.cuda.is_available():
         metrics["gpu"] = torch.cuda.get_device_name()
     job.writer.commit(metrics)
     tracking.finish_run(job.wandb_run, metrics)
-    log.info("metrics: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
+    from finetune.report.summary import run_summary
+
+    log.info("metrics.json written: %s\n%s", job.run_dir / "metrics.json", run_summary(job.run_dir, metrics))
     return metrics

@@ -33,6 +33,9 @@ def test_generation_datasets_report_loss_and_perplexity(tmp_path, dataset, path)
     assert m["perplexity"] == pytest.approx(math.exp(m["test_loss"]), rel=1e-6)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert problems(m) == []  # every key a generation run writes is in the metrics.json schema
+    log = (run_dir / "train.log").read_text()  # the end-of-run summary, not a JSON line
+    assert "finetune-train: done in " in log and "  test perplexity " in log and '"status": "ok"' not in log
+    assert f"next: finetune-chat run={run_dir}" in log and m["run_wall_s"] > 0
 
 
 @pytest.mark.parametrize("dataset,path", [("alpaca", ("alpaca", "alpaca_en_demo.json")),

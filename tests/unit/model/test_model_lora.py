@@ -272,3 +272,20 @@ def test_lora_and_qlora_bases_are_prepared_alike(checkpointing):
     assert set(prepared["none"][0].values()) == {torch.bfloat16}
     assert prepared["nf4"] == prepared["none"] == prepared["int8"]
     assert prepared["none"][1] is checkpointing and prepared["none"][2] == (False if checkpointing else None)
+
+
+def test_wrapping_a_model_and_training_it_print_no_deprecation_warning():
+    """transformers 5 warns on every read of ``is_gradient_checkpointing``; PEFT reads it when it wraps a model and
+    the loss read it once per phase, so a run printed the same FutureWarning six times."""
+    import warnings
+
+    from finetune.model.loss import can_share_prefix
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg, model, _ = _load()
+        model = apply_lora(model, cfg.lora)
+        assert can_share_prefix(model)
+        model.get_base_model().gradient_checkpointing_enable()
+        assert not can_share_prefix(model)  # checkpointing still read: it turns the KV cache off
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
