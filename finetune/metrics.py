@@ -2,7 +2,7 @@
 
 Every key a finished (or failed) run writes is named here with its type and meaning; ``RunWriter.commit``
 checks a run's metrics against it before writing, and the report reads its columns by these names, so a key
-is spelt in one place. The README's "metrics.json" table is generated from :data:`FIELDS`.
+is spelt in one place; docs/runs.md summarises them for a reader.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The run-folder contract: opening a finished run (config, tokenizer, base model + adapter or full model),
 what a run directory holds, atomic writes, and the guards that keep finished work.
 
-Rules (README, "Nothing lost"):
+Rules (docs/runs.md, "Nothing lost"):
 
 * a run refuses a directory that already holds a run unless it resumes it or ``overwrite_run=true``;
 * a run that fails never replaces a finished run's artifacts or config;

@@ -29,7 +29,7 @@ DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "chnsenticorp"
 def body(argv: list[str]) -> int:
     from finetune.cli.common import ArgumentParser
     from finetune.errors import FinetuneError
-    from finetune.training.measure import InUseSampler
+    from finetune.training.memory import InUseSampler
 
     p = ArgumentParser(prog="heap_trace.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1, help="training steps of 8 rows (default 1)")

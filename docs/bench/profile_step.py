@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from finetune.cli.bench import _arm_config, framework_trainer  # noqa: E402
+from finetune.cli.bench import _arm_config  # noqa: E402
+from finetune.cli.bench_arms import framework_trainer  # noqa: E402
 from finetune.cli.bench_qat import compose_config  # noqa: E402
 from finetune.cli.common import ArgumentParser, run_cli  # noqa: E402
 from finetune.data import load_splits, tokenize_split  # noqa: E402

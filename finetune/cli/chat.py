@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from finetune.config import CONF_DIR, QUANT_MODES
 from finetune.data.formatting import prompt_ids
 from finetune.errors import FinetuneError, say
-from finetune.args import as_bool, as_choice, as_number, parse_kv
+from finetune.checks import as_bool, as_choice, as_number, parse_kv
 from finetune.cli.common import run_cli
 from finetune.export.common import open_run
 

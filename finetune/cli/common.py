@@ -1,6 +1,6 @@
 """What every command that is not a Hydra app shares: its log set-up, library quieting, and the one wrapper that
 turns a user's mistake (a :class:`FinetuneError`) into ``error: <message>`` on stderr and exit status 2. Their
-``key=value`` arguments are parsed by :func:`finetune.args.parse_kv`."""
+``key=value`` arguments are parsed by :func:`finetune.checks.parse_kv`."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from finetune.args import as_choice, as_number, parse_kv
+from finetune.checks import as_choice, as_number, parse_kv
 from finetune.cli.common import run_cli
 from finetune.errors import FinetuneError, say
 from finetune.runs import atomic_write_json

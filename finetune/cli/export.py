@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from finetune.args import as_bool, as_choice, as_number, parse_kv
+from finetune.checks import as_bool, as_choice, as_number, parse_kv
 from finetune.cli.common import run_cli
 from finetune.errors import print_error
 from finetune.export.int8 import ARGS, FORMATS, ExportCheckFailed, export_run

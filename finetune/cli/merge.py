@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from finetune.args import as_bool, as_choice, parse_kv
+from finetune.checks import as_bool, as_choice, parse_kv
 from finetune.cli.common import run_cli
 from finetune.errors import print_error
 from finetune.export.merge import ARGS, BASES, MergeCheckError, merge_run

@@ -21,7 +21,7 @@ from typing import Any
 
 from finetune.data.rows import SUPPORTED_EXTENSIONS, dataset_kind, read_rows, validate_rows
 from finetune.errors import FinetuneError
-from finetune.hub import hub_reachable
+from finetune.platform.hub import hub_reachable
 
 logger = logging.getLogger("finetune.data")
 

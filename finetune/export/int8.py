@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from finetune.qat.deployment import Int8Deployment, deployed_scheme
-from finetune.args import as_choice
+from finetune.checks import as_choice
 from finetune.errors import FinetuneError
 from finetune.export.common import prepare_out_dir
 from finetune.export.onnx import (
@@ -47,7 +47,7 @@ LATENCY_PROMPT = "Write a short story about a quiet hotel by the sea."
 # The check of the ONNX model against the simulation (CHECK below). The same INT8 codes in two float32 engines
 # agree to ~1e-6 where no value sits near a rounding boundary (tests/unit/qat/test_deployment.py: every scale mode
 # and granularity on the tiny model); through 30 layers of SmolLM2 a 1e-6 perturbation moves INT8 label
-# probabilities by 0.08 on average (README), so the tolerance scales with the simulation's own sensitivity, measured each time.
+# probabilities by 0.08 on average (docs/qat.md, "How precise a simulated INT8 score is"), so the tolerance scales with the simulation's own sensitivity, measured each time.
 PROB_TOLERANCE = 1e-4
 PPL_RTOL = 1e-3
 PERTURBATION = 1e-6

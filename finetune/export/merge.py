@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from finetune.data.formatting import prompt_ids
-from finetune.args import as_choice
+from finetune.checks import as_choice
 from finetune.export.common import CHECK_PROMPTS, dir_size_bytes, open_run, prepare_out_dir
 from finetune.runs import commit_dir, staging_dir
 

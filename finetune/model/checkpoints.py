@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.hub import hub_reachable
+from finetune.platform.hub import hub_reachable
 
 log = logging.getLogger("finetune.model.checkpoints")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.cpu import cpu_has_fast_bf16
+from finetune.platform.cpu import cpu_has_fast_bf16
 from finetune.errors import FinetuneError
 from finetune.model.checkpoints import resolve_model_path
 

@@ -232,6 +232,33 @@ def _simulation_config(qcfg: Any, train_handle: QATHandle | None, static_absmax:
     return sim_config, calibrated
 
 
+def _simulation_handle(model: nn.Module, targets: list[str], sim_config, calibrated, cache_weights: bool):
+    """The deployment's frozen handle (not attached yet), its static scales set from ``calibrated`` where given:
+    (handle, the decoder layers it covers)."""
+    sim, layers, skipped_bnb = build_handle(
+        model, targets, sim_config,
+        frozen=True, skip_bnb_weights=True, cache_weights=cache_weights,
+        cache_frozen_weights=cache_weights, stats_every=1, deployed_weights=True,
+    )  # fmt: skip
+    if skipped_bnb:
+        log.info(
+            "simulate_int8: %d bitsandbytes-quantized target linears keep their own weight format "
+            "(no INT8 weight simulation on them); activations are still INT8",
+            skipped_bnb,
+        )
+    static = sim_config.scale == "static"
+    missing = 0
+    for _, q in sim.activation_quantizers:
+        if static and calibrated:
+            ema = calibrated.get(q.key)
+            q.ema = None if ema is None else ema.clone()
+        missing += static and q.ema is None
+    if missing and calibrated:
+        log.info("simulate_int8: %d modules have no calibrated static scale; they use dynamic per-tensor scales", missing)
+        sim.warned_uncalibrated = True  # already said
+    return sim, layers
+
+
 @contextlib.contextmanager
 def simulate_int8(
     model: nn.Module,
@@ -283,26 +310,7 @@ def simulate_int8(
         train_handle = None
     sim_config, calibrated = _simulation_config(qcfg, train_handle, static_absmax, calibration)
     scale = sim_config.scale
-    sim, layers, skipped_bnb = build_handle(
-        model, targets, sim_config,
-        frozen=True, skip_bnb_weights=True, cache_weights=cache_weights,
-        cache_frozen_weights=cache_weights, stats_every=1, deployed_weights=True,
-    )  # fmt: skip
-    if skipped_bnb:
-        log.info(
-            "simulate_int8: %d bitsandbytes-quantized target linears keep their own weight format "
-            "(no INT8 weight simulation on them); activations are still INT8",
-            skipped_bnb,
-        )
-    missing = 0
-    for _, q in sim.activation_quantizers:
-        if scale == "static" and calibrated:
-            ema = calibrated.get(q.key)
-            q.ema = None if ema is None else ema.clone()
-        missing += scale == "static" and q.ema is None
-    if missing and calibrated:
-        log.info("simulate_int8: %d modules have no calibrated static scale; they use dynamic per-tensor scales", missing)
-        sim.warned_uncalibrated = True  # already said
+    sim, layers = _simulation_handle(model, targets, sim_config, calibrated, cache_weights)
     if SIMULATING.get(layers) is not None:
         raise FinetuneError("simulate_int8 blocks cannot be nested on the same model")
     was_attached = train_handle is not None and train_handle.attached

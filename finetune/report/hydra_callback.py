@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.errors import FinetuneError
 from finetune.report.collect import collect_runs
 from finetune.report.compare import generate_report
-from finetune.tracking import wandb_credentials
+from finetune.report.tracking import wandb_credentials
 
 log = logging.getLogger(__name__)
 

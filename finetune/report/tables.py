@@ -63,7 +63,7 @@ def memory_column(ok: pd.DataFrame) -> str:
     reports it, else ``peak_memory_mb``.
 
     On a CPU the peak resident set also counts the free memory glibc's allocator keeps, which differs between
-    identical runs (3.3 or 4.4 GB for the same training, see README); the peak in use does not. On a GPU both are
+    identical runs (3.3 or 4.4 GB for the same training, see docs/measurements/memory.md); the peak in use does not. On a GPU both are
     ``max_memory_allocated``. Runs from before ``peak_in_use_mb`` existed compare on ``peak_memory_mb``.
     """
     if not ok.empty and "peak_in_use_mb" in ok.columns and \

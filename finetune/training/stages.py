@@ -92,7 +92,7 @@ def prepare(job: Job, run_log) -> None:
     from finetune.model.load import load_model, resolve_precision
     from finetune.model.loss import resolve_share_prefix
     from finetune.training import distributed
-    from finetune.training.measure import bound_cpu_allocator, memory_device, reset_peak_memory
+    from finetune.training.memory import bound_cpu_allocator, memory_device, reset_peak_memory
 
     set_seed(cfg.seed)
     job.precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
@@ -174,7 +174,7 @@ def _frozen_trunk(job: Job):
 def adapt(job: Job) -> None:
     """LoRA (or full fine-tuning) and fake quantization on the chosen sub-layers."""
     from finetune.model.lora import apply_lora, count_params
-    from finetune.training.measure import reset_peak_memory
+    from finetune.training.memory import reset_peak_memory
 
     # peak_memory_mb covers the weights already loaded plus everything training adds, not zero-shot scoring.
     reset_peak_memory()
@@ -210,7 +210,7 @@ def _datasets(job: Job):
 
 def fit(job: Job) -> None:
     """Train with the Hugging Face Trainer; record the training figures of the whole job (all ranks)."""
-    from finetune import tracking
+    from finetune.report import tracking
     from finetune.data import DataCollator
     from finetune.training.measure import ThroughputCallback
     from finetune.training.signals import StopOnSignal
@@ -250,7 +250,7 @@ def _training_figures(job: Job, meter, trainer, steps: int) -> None:
     tokens/s and the loss; under a multi-process launch the job's figures (sum of tokens, max of peaks and
     times) and each rank's."""
     from finetune.training import distributed
-    from finetune.training.measure import memory_breakdown_mb, reset_peak_memory, rounded_mb
+    from finetune.training.memory import memory_breakdown_mb, reset_peak_memory, rounded_mb
 
     m = job.metrics
     ranks = distributed.gather({"rank": distributed.rank(), "tokens": meter.tokens, "train_runtime_s": meter.elapsed,
@@ -376,8 +376,9 @@ def record(job: Job) -> dict:
     """metrics.json (the run's last file: it marks the run finished) and the W&B summary."""
     import torch
 
-    from finetune import tracking
-    from finetune.training.measure import hardware, memory_device, peak_memory_mb
+    from finetune.report import tracking
+    from finetune.training.measure import hardware
+    from finetune.training.memory import memory_device, peak_memory_mb
 
     metrics = job.metrics
     metrics.update(eval_peak_memory_mb=round(peak_memory_mb(), 1), memory_device=memory_device(),

@@ -14,7 +14,8 @@ from finetune.training.checkpoints import (
     CHECKPOINT_FORMAT, CHECKPOINT_MANIFEST, read_checkpoint_state, write_checkpoint_state,
 )
 from finetune.model.loss import accepts_logits_to_keep, label_position_loss, resolve_share_prefix
-from finetune.training.measure import ThroughputCallback, rounded_mb
+from finetune.training.measure import ThroughputCallback
+from finetune.training.memory import rounded_mb
 from finetune.model.load import Precision
 
 log = logging.getLogger("finetune.training.trainer")

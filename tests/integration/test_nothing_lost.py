@@ -582,7 +582,7 @@ def test_unreachable_wandb_server_costs_at_most_10_s(tmp_path, monkeypatch, capl
     in one line with the sync command."""
     from omegaconf import OmegaConf
 
-    from finetune import tracking
+    from finetune.report import tracking
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)

@@ -156,7 +156,7 @@ def test_bounded_cpu_allocator_applies_in_its_own_process(tmp_path):
     import subprocess
     import sys
 
-    code = "from finetune.training.measure import bound_cpu_allocator as b; print(b())"
+    code = "from finetune.training.memory import bound_cpu_allocator as b; print(b())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "glibc mmap_threshold=1 MiB", out.stderr
 

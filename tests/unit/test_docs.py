@@ -78,9 +78,13 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
     return found
 
 
+# Imported once, before any test patches torch.cuda (bitsandbytes reads it at import).
+MODULES = {command: importlib.import_module(module) for command, module in COMMANDS.items()}
+
+
 def check_command(command: str, argv: list[str]) -> None:
     """What the command checks before it does any work (:func:`check_args` of its module)."""
-    importlib.import_module(COMMANDS[command]).check_args(argv)
+    MODULES[command].check_args(argv)
 
 
 def as_on_a_gpu_machine(monkeypatch) -> None:
@@ -98,8 +102,7 @@ def as_on_a_gpu_machine(monkeypatch) -> None:
 
 def test_every_command_module_checks_its_arguments_before_any_work():
     assert len(COMMANDS) >= 8
-    missing = [c for c, module in COMMANDS.items() if not callable(getattr(importlib.import_module(module),
-                                                                           "check_args", None))]
+    missing = [c for c, module in MODULES.items() if not callable(getattr(module, "check_args", None))]
     assert missing == []
 
 

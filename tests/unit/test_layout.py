@@ -4,6 +4,7 @@ imports it back, counting the imports inside functions (a lazy import is still a
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -82,8 +83,8 @@ def test_no_import_cycles_in_the_package() -> None:
 
 # The layers, lowest first: a module imports only its own layer and those below it.
 LAYERS = [
-    ("finetune.config", "finetune.checks", "finetune.formats", "finetune.runs", "finetune.errors", "finetune.args",
-     "finetune.hub", "finetune.tracking", "finetune.metrics", "finetune.cpu"),  # contracts, services
+    ("finetune.config", "finetune.checks", "finetune.formats", "finetune.runs", "finetune.errors", "finetune.metrics",
+     "finetune.platform"),  # contracts, services
     ("finetune.model", "finetune.data", "finetune.qat"),  # components
     ("finetune.evaluation", "finetune.export", "finetune.report"),  # what uses a model or a finished run
     ("finetune.training",),  # the stages of a run
@@ -143,3 +144,40 @@ def test_a_new_vocabulary_word_is_spelt_by_its_owners_only() -> None:
                 spelt[literal].add(name)
     assert {w: sorted(m - OWNERS[w]) for w, m in spelt.items() if m - OWNERS[w]} == {}
     assert all(spelt[w] for w in OWNERS)  # the owners do spell them (the check looks at the right thing)
+
+
+# The house's limits: a module of one concern (~400 lines), a function that reads at once (~60 lines; none past 75),
+# and the package's top level kept to the contracts every layer shares (config, checks, metrics, runs, errors): any
+# other concern gets a subpackage.
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, TOP_LEVEL = 400, 75, {"config", "checks", "metrics", "runs", "errors"}
+
+
+def house_problems(root: Path = PACKAGE) -> list[str]:
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(root.parent)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            problems.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    problems.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    top = {p.stem for p in root.glob("*.py")} - {"__init__"}
+    problems += [f"{root.name}/{m}.py: a top-level module outside the shared contracts" for m in sorted(top - TOP_LEVEL)]
+    return problems
+
+
+def test_the_house_limits_hold() -> None:
+    assert house_problems() == []
+
+
+def test_the_house_check_finds_a_long_function_a_long_module_and_a_new_top_level_module(tmp_path) -> None:
+    pkg = tmp_path / "finetune"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "config.py").write_text("def f():\n" + "    x = 1\n" * 80)
+    (pkg / "sub" / "big.py").write_text("x = 1\n" * 401)
+    (pkg / "helpers.py").write_text("")
+    assert house_problems(pkg) == ["finetune/config.py:1 f: 81 lines", "finetune/sub/big.py: 401 lines",
+                                   "finetune/helpers.py: a top-level module outside the shared contracts"]

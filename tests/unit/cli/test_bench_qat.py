@@ -69,7 +69,7 @@ def test_variant_configs_derive_from_the_run():
     (["--variants", "fast"], "--variants: unknown fast"),
     (["--steps", "0"], "--steps and --rounds"),
     (["lora=none"], "lora=none"),
-    (["lora.rank=4"], "bad override"),
+    (["lora.rank=4"], "lora.rank is not a config key; did you mean lora.r?"),
     (["--steps", "50", "model=tiny", "dataset.max_train_samples=8"], "needs 400 training rows"),
 ])
 def test_bad_input_is_one_line(args, fragment, capsys, tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from finetune.cpu import cpu_flags, cpu_has_fast_bf16, cpu_isa
+from finetune.platform.cpu import cpu_flags, cpu_has_fast_bf16, cpu_isa
 
 AVX512_BF16 = {"avx2", "avx512f", "avx512_bf16"}
 

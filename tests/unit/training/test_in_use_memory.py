@@ -1,4 +1,4 @@
-"""The CPU peak memory in use (finetune.training.measure.peak_in_use_mb): what tensors held, not what the C
+"""The CPU peak memory in use (finetune.training.memory.peak_in_use_mb): what tensors held, not what the C
 allocator happens to keep free, so identical work reports the same figure whatever the heap's history."""
 
 import json
@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from finetune.training import measure
+from finetune.training import measure, memory
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available() or measure.in_use_sampler() is None,
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or memory.in_use_sampler() is None,
                                 reason="the CPU figure, read from glibc's allocator")
 
 # Run in a fresh process: the heap's history is the point. glibc's mmap threshold is raised to 64 MiB so that the
@@ -19,12 +19,12 @@ SCRIPT = r"""
 import ctypes, ctypes.util, json, sys, time
 ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
 import torch
-from finetune.training import measure
+from finetune.training import memory
 
 MiB = 2**20
 
 def rss():
-    return measure.peak_memory_mb(), [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
+    return memory.peak_memory_mb(), [int(l.split()[1]) / 1024 for l in open("/proc/self/status")
                                       if l.startswith("VmRSS:")][0]
 
 history = sys.argv[1]
@@ -35,7 +35,7 @@ if history == "freed":  # 600 MiB held and freed before the measured work, each 
         junk.append(torch.ones(4 * MiB // 4))
         pins.append(torch.ones(16384))
     del junk
-sampler = measure.in_use_sampler()
+sampler = memory.in_use_sampler()
 sampler.reset()  # what reset_peak_memory does, without handing the free heap back first
 base = sampler.in_use() / MiB
 _, rss_before = rss()
@@ -70,7 +70,7 @@ def test_the_peak_in_use_is_what_the_work_held_whatever_the_heap_kept_free_befor
 def test_reset_starts_a_new_peak_and_a_block_the_thread_sees_counts_after_it_is_freed():
     import time
 
-    sampler = measure.in_use_sampler()
+    sampler = memory.in_use_sampler()
 
     def hold_until_read(mib: int) -> float:
         """Hold a block until the thread has read it (no reading of our own), then free it."""
@@ -83,14 +83,14 @@ def test_reset_starts_a_new_peak_and_a_block_the_thread_sees_counts_after_it_is_
         return base / 2**20
 
     hold_until_read(64)
-    measure.reset_peak_memory()
-    after_reset = measure.peak_in_use_mb()
+    memory.reset_peak_memory()
+    after_reset = memory.peak_in_use_mb()
     assert after_reset < hold_until_read(0) + 8  # the 64 MiB before the reset no longer count
     base = hold_until_read(64)
-    peak = measure.peak_in_use_mb()
+    peak = memory.peak_in_use_mb()
     assert 63 < peak - base < 80
-    measure.reset_peak_memory()
-    assert measure.peak_in_use_mb() < peak - 60
+    memory.reset_peak_memory()
+    assert memory.peak_in_use_mb() < peak - 60
 
 
 def test_a_resumed_runs_peak_in_use_is_the_higher_of_the_two_processes():
@@ -98,14 +98,14 @@ def test_a_resumed_runs_peak_in_use_is_the_higher_of_the_two_processes():
     meter.restore(10, 1.0, peak_mb=5.0, in_use_mb=1e6)
     assert meter.peak_in_use_mb() == 1e6
     meter.restore(10, 1.0, peak_mb=5.0, in_use_mb=1.0)
-    assert meter.peak_in_use_mb() == measure.peak_in_use_mb() > 1.0
+    assert meter.peak_in_use_mb() == memory.peak_in_use_mb() > 1.0
 
 
 def test_the_end_of_each_forward_is_read_so_the_activations_kept_for_backward_are_caught():
     """The thread reads at most every so often; the activations a training step keeps peak at the end of the
     forward pass, where the watched model's output is read whatever the thread's timing."""
 
-    class Sleepy(measure.InUseSampler):
+    class Sleepy(memory.InUseSampler):
         interval = 3600.0  # the thread never reads during this test: only the hook does
 
     sampler = Sleepy()
@@ -154,12 +154,12 @@ def test_weights_mapped_from_a_checkpoint_file_count_as_in_use(tmp_path, dtype):
     config = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(tmp_path)  # fp32 in the file
-    sampler = type("Sleepy", (measure.InUseSampler,), {"interval": 3600.0})()  # only our readings
+    sampler = type("Sleepy", (memory.InUseSampler,), {"interval": 3600.0})()  # only our readings
     base = sampler.in_use()
     model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=getattr(torch, dtype))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weights > 30 * 2**20
-    mapped = measure.mapped_weight_bytes(model)
+    mapped = memory.mapped_weight_bytes(model)
     if dtype == "float32":
         assert mapped > 0.95 * weights  # the installed transformers maps them: the case the count is for
     else:

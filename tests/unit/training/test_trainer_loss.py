@@ -187,7 +187,8 @@ def test_training_with_the_meter_keeps_the_mask_free_path_and_the_shared_prefix(
     from transformers import TrainingArguments
 
     from finetune.model.loss import causal_suffices, has_forward_hooks, observer_hook
-    from finetune.training.measure import ThroughputCallback, in_use_sampler
+    from finetune.training.measure import ThroughputCallback
+    from finetune.training.memory import in_use_sampler
 
     model = lora(FAMILIES["llama"]())
     model.get_base_model().config.use_cache = False

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("finetune.tracking")
+log = logging.getLogger("finetune.report.tracking")
 
 
 def wandb_credentials(wandb: Any = None) -> bool:

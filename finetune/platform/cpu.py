@@ -2,7 +2,7 @@
 
 ``/proc/cpuinfo`` says what the chip has; oneDNN (which runs PyTorch's bf16 matmuls on CPU) may be told to use less
 with ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``), as containers and benchmarks sometimes do. Below
-``AVX512_CORE_BF16`` oneDNN emulates bf16 (measured ~1 GFLOP/s, README "Precision", for a 1024-cube bf16 matmul on an AVX-512 BF16 EPYC
+``AVX512_CORE_BF16`` oneDNN emulates bf16 (measured ~1 GFLOP/s, docs/measurements/training-speed.md, "bf16 on a CPU", for a 1024-cube bf16 matmul on an AVX-512 BF16 EPYC
 limited to ``AVX2``, against ~350 unlimited), so such a process must train in fp32 whatever the chip has.
 """
 

@@ -1,0 +1,88 @@
+"""The two training paths finetune-bench compares, built the same way for every measurement of them: this
+framework's (:func:`framework_trainer`, also profiled by docs/bench/profile_step.py) and the plain Hugging Face
+recipe (:func:`plain_trainer`), and the ATen operations one step of either issues (:func:`aten_ops`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def framework_trainer(model, tok, train_ds, acfg: DictConfig, precision, tmp: str, callbacks: list, meter=None):
+    """This framework's training path for the arm config ``acfg`` (``finetune.cli.bench._arm_config``): LoRA applied, and
+    the Trainer finetune-train builds (label-position loss, shared prefix, length grouping). Returns
+    ``(model, trainer)``; docs/bench/profile_step.py profiles the same path."""
+    from finetune.data import DataCollator
+    from finetune.model.lora import apply_lora
+    from finetune.training.trainer import make_trainer, training_arguments
+
+    model = apply_lora(model, acfg.lora)
+    args = training_arguments(acfg.trainer, precision, Path(tmp), int(acfg.seed), [], "bench-finetune", has_eval=False)
+    trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
+                           data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True),
+                           callbacks=callbacks, meter=meter, share_prefix=acfg.trainer.get("share_prefix", "auto"))
+    return model, trainer
+
+
+OPS_ROWS = 2  # rows of the batch whose forward and backward operations are counted
+
+
+def aten_ops(trainer, model, arm: str):
+    """ATen operations (by name) of one forward, loss and backward of the arm's own training path on its first
+    :data:`OPS_ROWS` training rows, after the timed steps (counting slows the step it counts)."""
+    from finetune.training.measure import dispatched_ops
+    from finetune.training.trainer import model_inputs
+
+    rows = [trainer.train_dataset[i] for i in range(min(OPS_ROWS, len(trainer.train_dataset)))]
+    inputs = trainer._prepare_inputs(trainer.data_collator(rows))
+    if arm == "plain":
+        inputs = model_inputs(inputs)
+    model.train()
+    ops = dispatched_ops(lambda: trainer.compute_loss(model, inputs).backward())
+    model.zero_grad(set_to_none=True)
+    return ops
+
+
+def plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps: int, callbacks: list):
+    """The original design's recipe: PEFT LoRA, every row padded to ``max_length``, the stock Trainer and loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from finetune.data.encoding import LAYOUT, batch_layout
+    from finetune.model.lora import peft_wrapping
+    from finetune.training.trainer import model_inputs
+
+    lcfg, tcfg = acfg.lora, acfg.trainer
+    bs, max_len = int(tcfg.batch_size), int(tcfg.max_length)
+    meter = callbacks[0]
+    with peft_wrapping():  # the plain recipe's script would print that FutureWarning; not this comparison's concern
+        model = get_peft_model(model, LoraConfig(r=int(lcfg.r), lora_alpha=int(lcfg.alpha),
+                                                 lora_dropout=float(lcfg.dropout),
+                                                 target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM"))
+    padded = ds.map(lambda r: {
+        "input_ids": r["input_ids"] + [tok.pad_token_id] * (max_len - len(r["input_ids"])),
+        "attention_mask": r["attention_mask"] + [0] * (max_len - len(r["attention_mask"])),
+        "labels": r["labels"] + [-100] * (max_len - len(r["labels"]))}, remove_columns=["length"])
+
+    def collate(features):
+        # The rows' real lengths read on the host, as the framework arm's collator does: the meter never waits
+        # for a GPU in either arm.
+        batch = default_data_collator(features)
+        batch[LAYOUT] = batch_layout(batch["attention_mask"])
+        return batch
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            meter.count_batch(inputs)
+            return super().training_step(model, model_inputs(inputs), num_items_in_batch)
+
+    args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=bs, max_steps=steps,
+                             learning_rate=float(tcfg.lr), lr_scheduler_type=str(tcfg.scheduler),
+                             warmup_steps=float(tcfg.warmup_ratio), logging_steps=max(steps, 1),
+                             save_strategy="no", report_to=[], bf16=precision.bf16, fp16=precision.fp16,
+                             use_cpu=not torch.cuda.is_available(), seed=int(acfg.seed),
+                             disable_tqdm=True, dataloader_num_workers=0)
+    return model, CountingTrainer(model=model, args=args, train_dataset=padded, data_collator=collate,
+                                  callbacks=callbacks)
