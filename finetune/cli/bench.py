@@ -22,14 +22,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.cli.bench_arms import OPS_ROWS, aten_ops, framework_trainer, plain_trainer
+from finetune.cli.bench_arms import OPS_ROWS, aten_ops, framework_trainer, peer_available, plain_trainer, trl_trainer
 from finetune.errors import FinetuneError, say
 from finetune.training.measure import hardware, host_syncs, matmul_peak_flops, model_shape, training_flops
 from finetune.training.memory import in_use_sampler
 
 log = logging.getLogger("finetune.cli.bench")
 
-ARMS = ("finetune", "plain")
+ARMS = ("finetune", "plain", "trl")  # trl: TRL's SFTTrainer, where TRL is installed
 COMMAND = "finetune-bench"
 
 
@@ -115,7 +115,8 @@ def run_arm(arm: str, cfg: DictConfig, steps: int) -> dict[str, Any]:
         if arm == "finetune":
             model, trainer = framework_trainer(model, tok, train_ds, acfg, precision, tmp, [meter, clock], meter)
         else:
-            model, trainer = plain_trainer(model, tok, ds, acfg, precision, tmp, steps, [meter, clock])
+            trainer_of = plain_trainer if arm == "plain" else trl_trainer
+            model, trainer = trainer_of(model, tok, ds, acfg, precision, tmp, steps, [meter, clock])
         trainer.train()
     if len(clock.ends) != arm_steps or meter.tokens != sum(ds["length"]):
         raise RuntimeError(f"arm {arm}: {len(clock.ends)} steps of {arm_steps}, {meter.tokens} tokens of "
@@ -221,16 +222,32 @@ def benchmark(cfg: DictConfig, arms: list[str], steps: int, rounds: int, peak: f
             "share_prefix": results[0].get("share_prefix"),
             "rounds": results,
         }
-    if "finetune" in runs and "plain" in runs:
-        ours, plain = summary["arms"]["finetune"], summary["arms"]["plain"]
-        summary["tokens_per_s_ratio"] = ours["tokens_per_s"] / plain["tokens_per_s"]
-        summary["peak_memory_ratio"] = ours["peak_memory_mb"] / plain["peak_memory_mb"]
-        if ours["peak_in_use_mb"] and plain["peak_in_use_mb"]:
-            summary["peak_in_use_ratio"] = ours["peak_in_use_mb"] / plain["peak_in_use_mb"]
-        summary["aten_ops_ratio"] = ours["aten_ops"] / plain["aten_ops"]
+    summary.update(ratios(summary["arms"]))
     first = summary["arms"][arms[0]]
     summary["fraction_of_peak"] = summary["arms"].get("finetune", first)["fraction_of_peak"]
     return summary
+
+
+def ratios(arms: dict) -> dict:
+    """This framework against each other arm (``vs``: tokens/s, peak memory, peak in use, ATen ops, each ours /
+    theirs), and against the fastest of them; the plain recipe's ratios also at the top level."""
+    if "finetune" not in arms or len(arms) < 2:
+        return {}
+    ours, out = arms["finetune"], {"vs": {}}
+    for arm, theirs in arms.items():
+        if arm == "finetune":
+            continue
+        in_use = (ours["peak_in_use_mb"] / theirs["peak_in_use_mb"]
+                  if ours["peak_in_use_mb"] and theirs["peak_in_use_mb"] else None)
+        out["vs"][arm] = {"tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                          "peak_memory_ratio": ours["peak_memory_mb"] / theirs["peak_memory_mb"],
+                          "peak_in_use_ratio": in_use, "aten_ops_ratio": ours["aten_ops"] / theirs["aten_ops"]}
+    fastest = max(out["vs"], key=lambda arm: arms[arm]["tokens_per_s"])
+    out["fastest_other"] = fastest
+    out["tokens_per_s_vs_fastest_other"] = out["vs"][fastest]["tokens_per_s_ratio"]
+    if "plain" in out["vs"]:
+        out.update({k: v for k, v in out["vs"]["plain"].items() if v is not None})
+    return out
 
 
 def markdown(s: dict) -> str:
@@ -249,10 +266,13 @@ def markdown(s: dict) -> str:
         shared = ", prefix shared" if a.get("share_prefix") else ""
         lines.append(f"| {arm} | {a['tokens_per_s']:.1f} | {a['peak_memory_mb']:,.0f} | {mb(a.get('peak_in_use_mb'))} "
                      f"| {a['fraction_of_peak']:.0%} | {a['aten_ops']:,} ({a['host_syncs']}{shared}) |")
-    if "tokens_per_s_ratio" in s:
-        in_use = s.get("peak_in_use_ratio")
-        lines.append(f"| finetune / plain | **{s['tokens_per_s_ratio']:.2f}x** | **{s['peak_memory_ratio']:.2f}x** | "
-                     f"{'n/a' if in_use is None else f'**{in_use:.2f}x**'} | | {s['aten_ops_ratio']:.2f}x |")
+    for arm, r in s.get("vs", {}).items():
+        in_use = r.get("peak_in_use_ratio")
+        lines.append(f"| finetune / {arm} | **{r['tokens_per_s_ratio']:.2f}x** | **{r['peak_memory_ratio']:.2f}x** | "
+                     f"{'n/a' if in_use is None else f'**{in_use:.2f}x**'} | | {r['aten_ops_ratio']:.2f}x |")
+    if s.get("fastest_other"):
+        lines += ["", f"Fastest other arm: {s['fastest_other']}; this framework at "
+                      f"**{s['tokens_per_s_vs_fastest_other']:.2f}x** its real tokens/s."]
     if s["device"] == "cpu":
         lines += ["", "Peak memory: the process's peak resident set (includes memory the C allocator keeps free, "
                   "which varies between identical runs); peak in use: the allocator's bytes handed out plus the "
@@ -286,9 +306,10 @@ def check_args(argv: list[str]):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6, help="training steps per arm and round (default 6)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians are reported (default 1)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
-    p.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules of both arms (default q_proj,v_proj)")
-    p.add_argument("--max-length", type=int, default=512, help="trainer.max_length of both arms (default 512)")
+    p.add_argument("--arms", default=None, help=f"comma-separated subset of {', '.join(ARMS)} (default: all; trl "
+                   "where TRL is installed)")
+    p.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules of every arm (default q_proj,v_proj)")
+    p.add_argument("--max-length", type=int, default=512, help="trainer.max_length of every arm (default 512)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
     p.add_argument("--out", default="outputs/bench", help="output folder (default outputs/bench)")
     p.add_argument("overrides", nargs="*", help="finetune-train config overrides (key=value)")
@@ -297,7 +318,9 @@ def check_args(argv: list[str]):
         raise FinetuneError("--steps and --rounds must be at least 1")
     if args.max_length < 8 or args.batch_size < 1:
         raise FinetuneError("--max-length must be at least 8 and --batch-size at least 1")
-    arms = parse_choices("--arms", args.arms, ARMS)
+    arms = parse_choices("--arms", args.arms or ",".join(a for a in ARMS if a != "trl" or peer_available()), ARMS)
+    if "trl" in arms and not peer_available():
+        raise FinetuneError("--arms trl needs TRL: pip install 'finetune[bench]' (or pip install trl)")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets:
         raise FinetuneError("--targets: give at least one module name, e.g. q_proj,v_proj")

@@ -36,7 +36,7 @@ def aten_ops(trainer, model, arm: str):
 
     rows = [trainer.train_dataset[i] for i in range(min(OPS_ROWS, len(trainer.train_dataset)))]
     inputs = trainer._prepare_inputs(trainer.data_collator(rows))
-    if arm == "plain":
+    if arm != "finetune":  # the other arms' trainers take the model's own inputs
         inputs = model_inputs(inputs)
     model.train()
     ops = dispatched_ops(lambda: trainer.compute_loss(model, inputs).backward())
@@ -86,3 +86,65 @@ def plain_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps: 
                              disable_tqdm=True, dataloader_num_workers=0)
     return model, CountingTrainer(model=model, args=args, train_dataset=padded, data_collator=collate,
                                   callbacks=callbacks)
+
+
+def peer_available() -> bool:
+    """Whether TRL is installed (``pip install finetune[bench]``): the ``trl`` arm needs it."""
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def trl_trainer(model, tok, ds, acfg: DictConfig, precision, tmp: str, steps: int, callbacks: list):
+    """The peer a user would pick instead: TRL's ``SFTTrainer`` set up as its documentation recommends for LoRA
+    supervised fine-tuning on prompt-completion rows. The same token ids as the other arms (pre-tokenized:
+    ``input_ids`` and a ``completion_mask``, so the loss covers the completion only), PEFT LoRA through
+    ``peft_config``, the stock loss; on a GPU whose model runs a FlashAttention kernel, padding-free batches
+    (sequences concatenated, attention never crossing them), elsewhere batches padded to their longest row. The
+    trainer's other settings are the framework arm's (no gradient checkpointing unless the config asks for it)."""
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune.data.encoding import LAYOUT, BatchLayout, batch_layout
+    from finetune.training.trainer import model_inputs
+
+    lcfg, tcfg = acfg.lora, acfg.trainer
+    bs, max_len = int(tcfg.batch_size), int(tcfg.max_length)
+    meter = callbacks[0]
+    rows = ds.map(lambda r: {"completion_mask": [int(t != -100) for t in r["labels"]]},
+                  remove_columns=[c for c in ds.column_names if c not in ("input_ids",)])
+    padding_free = torch.cuda.is_available() and str(getattr(model.config, "_attn_implementation", "")).startswith(
+        ("flash_attention", "kernels-community/flash"))
+    args = SFTConfig(output_dir=tmp, per_device_train_batch_size=bs, max_steps=steps, learning_rate=float(tcfg.lr),
+                     lr_scheduler_type=str(tcfg.scheduler), warmup_steps=float(tcfg.warmup_ratio),
+                     logging_steps=max(steps, 1), save_strategy="no", report_to=[], bf16=precision.bf16,
+                     fp16=precision.fp16, use_cpu=not torch.cuda.is_available(), seed=int(acfg.seed),
+                     disable_tqdm=True, dataloader_num_workers=0, max_length=max_len, completion_only_loss=True,
+                     padding_free=padding_free, gradient_checkpointing=bool(tcfg.get("gradient_checkpointing")),
+                     dataset_num_proc=None)
+
+    class CountingSFTTrainer(SFTTrainer):
+        """Counts each batch's real tokens from the host-side layout, as the other arms do."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            meter.count_batch(inputs)
+            return super().training_step(model, model_inputs(inputs), num_items_in_batch)
+
+    peft_config = LoraConfig(r=int(lcfg.r), lora_alpha=int(lcfg.alpha), lora_dropout=float(lcfg.dropout),
+                             target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM")
+    trainer = CountingSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
+                                 peft_config=peft_config, callbacks=callbacks)
+    collate = trainer.data_collator
+
+    def with_layout(features):
+        batch = collate(features)
+        if "attention_mask" in batch:
+            batch[LAYOUT] = batch_layout(batch["attention_mask"])
+        else:  # padding-free: one row of concatenated sequences, each starting at position 0
+            lengths = [len(f["input_ids"]) for f in features]
+            batch[LAYOUT] = BatchLayout(tuple(lengths), max(lengths), True)
+        return batch
+
+    trainer.data_collator = with_layout
+    return trainer.model, trainer

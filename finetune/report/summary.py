@@ -74,8 +74,17 @@ def next_commands(run_dir: Path, metrics: dict) -> list[str]:
     return commands
 
 
+def shown(path: Path) -> Path:
+    """``path`` relative to the working directory where it lies below it (what a person typed), else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path(path)
+
+
 def run_summary(run_dir: Path, metrics: dict) -> str:
     """The end-of-run lines: what it scored, how long it took and how much memory, where it is, what next."""
+    run_dir = shown(run_dir)
     wall = f" in {duration(metrics['run_wall_s'])}" if metrics.get("run_wall_s") is not None else ""
     lines = [f"finetune-train: done{wall}: {run_dir}"]
     lines += [f"  {line}" for line in [*_scores(metrics), _work(metrics)] if line]

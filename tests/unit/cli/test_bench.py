@@ -76,20 +76,20 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
 
     def fake_benchmark(cfg, arms, steps, rounds):
         calls.append((arms, steps, rounds, int(cfg.trainer.max_length), list(cfg.lora.target_modules)))
+        arms_run = {"finetune": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "peak_in_use_mb": 700.0,
+                                 "fraction_of_peak": 0.5, "aten_ops": 7000, "host_syncs": 0, "share_prefix": False},
+                    "plain": {"tokens_per_s": 20.0, "peak_memory_mb": 2000.0, "peak_in_use_mb": 1750.0,
+                              "fraction_of_peak": 0.1, "aten_ops": 8000, "host_syncs": 2, "share_prefix": False}}
         return {"command": bench.COMMAND, "device": "cpu", "hardware": "cpu", "precision": "fp32",
                 "matmul_peak_flops": 1e11, "steps": steps, "rounds": rounds, "batch_size": 8, "max_length": 512,
                 "model": "m", "quantization": "none", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
-                "arms": {"finetune": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "peak_in_use_mb": 700.0,
-                                      "fraction_of_peak": 0.5, "aten_ops": 7000, "host_syncs": 0, "share_prefix": False},
-                         "plain": {"tokens_per_s": 20.0, "peak_memory_mb": 2000.0, "peak_in_use_mb": 1750.0,
-                                   "fraction_of_peak": 0.1, "aten_ops": 8000, "host_syncs": 2, "share_prefix": False}},
-                "tokens_per_s_ratio": 5.0, "peak_memory_ratio": 0.5, "peak_in_use_ratio": 0.4, "aten_ops_ratio": 0.875,
-                "fraction_of_peak": 0.5}
+                "arms": arms_run, **bench.ratios(arms_run), "fraction_of_peak": 0.5}
 
     monkeypatch.setattr(bench, "benchmark", fake_benchmark)
     out = tmp_path / "bench"
     assert bench.main(["--out", str(out), "--steps", "2", *TINY]) == 0
-    assert calls == [(["finetune", "plain"], 2, 1, 512, ["q_proj", "v_proj"])]
+    every_arm = ["finetune", "plain", "trl"] if bench.peer_available() else ["finetune", "plain"]
+    assert calls == [(every_arm, 2, 1, 512, ["q_proj", "v_proj"])]
     data = json.loads((out / "bench.json").read_text())
     assert data["tokens_per_s_ratio"] == 5.0 and data["cli"].startswith("finetune-bench")
     table = (out / "bench.md").read_text()
@@ -97,6 +97,7 @@ def test_command_writes_json_and_table(tmp_path, capsys, monkeypatch):
     assert table in capsys.readouterr().out
     assert "| finetune | 100.0 | 1,000 | 700 | 50% | 7,000 (0) |" in table
     assert "peak in use: the allocator's bytes handed out" in table
+    assert "Fastest other arm: plain; this framework at **5.00x** its real tokens/s." in table
     assert bench.main(["--out", str(out), "--steps", "2", *TINY]) == 0  # its own earlier output is replaced
 
 
@@ -120,3 +121,37 @@ def test_foreign_bench_json_is_not_overwritten(tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path), *TINY]) == 2
     assert "not written by finetune-bench" in capsys.readouterr().err
     assert (tmp_path / "bench.json").read_text() == '{"mine": 1}'
+
+
+trl = pytest.importorskip("trl", reason="the trl arm needs TRL (pip install 'finetune[bench]'; ./run installs it)")
+
+
+def test_the_trl_arm_trains_the_same_rows_on_the_same_supervised_positions(tmp_path):
+    """TRL's SFTTrainer gets the same token ids, and its completion-only loss covers exactly the positions this
+    framework's loss covers; batches are padded to their longest row on a CPU (never across examples)."""
+    from finetune.cli.bench_arms import trl_trainer
+    from finetune.data import load_splits, tokenize_split
+    from finetune.model.load import load_model, resolve_precision
+
+    cfg = _cfg()
+    precision = resolve_precision("fp32", cfg.model.dtype)
+    model, tok, _ = load_model(cfg.model, cfg.quantization, precision)
+    ds = tokenize_split(load_splits(cfg.dataset, cfg.seed).train[:6], cfg.dataset, tok, 256)
+    meter = bench._recorder(measure.ThroughputCallback)
+    _, trainer = trl_trainer(model, tok, ds, bench._arm_config(cfg, 3, str(tmp_path)), precision, str(tmp_path), 3,
+                             [meter])
+    assert trainer.train_dataset["input_ids"] == ds["input_ids"]
+    assert trainer.train_dataset["labels"] == ds["labels"]  # completion-only: the label words, nothing else
+    trainer.train()
+    assert meter.tokens == sum(ds["length"])
+    assert len(meter.widths) == 3 and meter.widths == [max(b) for b in meter.batches]  # padded to its longest row
+
+
+def test_the_summary_compares_this_framework_with_every_arm_and_the_fastest():
+    arm = lambda tps, ops: {"tokens_per_s": tps, "peak_memory_mb": 100.0, "peak_in_use_mb": 50.0,  # noqa: E731
+                            "aten_ops": ops}
+    r = bench.ratios({"finetune": arm(300.0, 1000), "plain": arm(100.0, 500), "trl": arm(150.0, 2000)})
+    assert r["fastest_other"] == "trl" and r["tokens_per_s_vs_fastest_other"] == 2.0
+    assert r["vs"]["plain"]["tokens_per_s_ratio"] == r["tokens_per_s_ratio"] == 3.0
+    assert r["vs"]["trl"]["aten_ops_ratio"] == 0.5 and r["aten_ops_ratio"] == 2.0
+    assert bench.ratios({"finetune": arm(1.0, 1)}) == {}

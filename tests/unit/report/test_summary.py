@@ -40,3 +40,9 @@ def test_a_generation_run_a_full_fine_tune_and_a_qat_run_get_their_own_lines():
 
 def test_durations():
     assert [duration(s) for s in (4.4, 59.6, 767.2, 3725)] == ["4 s", "1 min 00 s", "12 min 47 s", "1 h 02 min"]
+
+
+def test_a_run_below_the_working_directory_is_named_as_typed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_summary(tmp_path / "outputs" / "r", {}).splitlines()[0] == "finetune-train: done: outputs/r"
+    assert run_summary(Path("/elsewhere/r"), {}).splitlines()[0] == "finetune-train: done: /elsewhere/r"
