@@ -191,6 +191,39 @@ def tokenize_split(rows: list[dict], dcfg: Mapping, tokenizer, max_length: int):
 
 # Keys a training batch carries besides the model's inputs (DataCollator with label_plan=True): read by the loss
 # and the token meter, never passed to the model.
+def labelled_next(labels):
+    """``[B, T]`` bool: the positions whose next token is a label (position t predicts token t+1)."""
+    import torch
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+MIN_SHARED_PREFIX = 8  # tokens; below this a second forward call costs more than it saves
+
+
+def shared_prefix_length(input_ids, mask, keep) -> int:
+    """How many leading tokens every row of a right-padded batch shares before its first supervised position,
+    leaving every row at least one token of its own; 0 when fewer than :data:`MIN_SHARED_PREFIX` or one row.
+
+    Args:
+        input_ids: ``[B, T]`` token ids.
+        mask: ``[B, T]`` attention mask, ones then zeros.
+        keep: ``[B, T]`` bool, the positions whose logits the loss reads.
+    """
+    import torch
+
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    if keep.any():
+        same[int(keep.any(dim=0).nonzero()[0]):] = False  # the first position whose logits are needed
+    same[max(int(mask.sum(dim=1).min()) - 1, 0):] = False  # every row keeps a token of its own
+    length = int(torch.cumprod(same.int(), dim=0).sum())
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
 LABEL_INDEX, LABEL_TARGETS, LAYOUT = "label_index", "label_targets", "layout"
 PLAN_KEYS = (LABEL_INDEX, LABEL_TARGETS, LAYOUT)
 
@@ -204,6 +237,7 @@ class BatchLayout:
     row_lengths: tuple[int, ...]
     width: int
     right_padded: bool
+    shared_prefix: int = 0  # leading tokens every row shares before its first label (shared_prefix_length)
 
     @property
     def real_tokens(self) -> int:
@@ -250,7 +284,11 @@ class DataCollator:
             b, t = supervised.nonzero(as_tuple=True)
             batch[LABEL_INDEX] = b * longest + t
             batch[LABEL_TARGETS] = labels[:, 1:][supervised]
-            batch[LAYOUT] = batch_layout(batch["attention_mask"])
+            layout = batch_layout(batch["attention_mask"])
+            if layout.right_padded and "position_ids" not in batch:  # the loss may compute this prefix once
+                shared = shared_prefix_length(batch["input_ids"], batch["attention_mask"], labelled_next(labels))
+                layout = BatchLayout(layout.row_lengths, layout.width, True, shared)
+            batch[LAYOUT] = layout
         return batch
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 
+from finetune.data.encoding import MIN_SHARED_PREFIX, labelled_next, shared_prefix_length  # noqa: F401 (re-exported)
+
 
 def causal_lm(model):
     """The transformers causal LM inside ``model``: DDP / FSDP / accelerate wrappers keep it in ``.module`` (and
@@ -74,15 +76,21 @@ def label_position_nll(model, inputs: dict, share_prefix: bool = True):
 
     from finetune.data.encoding import LABEL_INDEX, LABEL_TARGETS, LAYOUT, PLAN_KEYS
 
-    if inputs.get(LABEL_INDEX) is not None and not share_prefix:
+    if inputs.get(LABEL_INDEX) is not None:
         # The collator's plan, made on the host: no step below waits for the device.
         rest = {k: v for k, v in inputs.items() if k != "labels" and k not in PLAN_KEYS}
         layout = inputs.get(LAYOUT)
-        if "position_ids" not in rest and layout is not None and layout.right_padded and not has_forward_hooks(model):
+        mask_free = ("position_ids" not in rest and layout is not None and layout.right_padded
+                     and not has_forward_hooks(model))
+        if mask_free:
             rest.pop("attention_mask", None)  # as causal_suffices: a pad is never attended by a real token
-        targets = inputs[LABEL_TARGETS]
-        with head_rows(model, inputs[LABEL_INDEX]):
-            logits = model(**rest, logits_to_keep=0).logits  # [n_supervised, vocab], row-major over (b, t)
+        targets, index = inputs[LABEL_TARGETS], inputs[LABEL_INDEX]
+        length = layout.shared_prefix if share_prefix and mask_free and can_share_prefix(model) else 0
+        if length:
+            logits = prefix_shared_rows(model, rest, index, length, layout.width)
+        else:
+            with head_rows(model, index):
+                logits = model(**rest, logits_to_keep=0).logits  # [n_supervised, vocab], row-major over (b, t)
         return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.new_full((), targets.numel())
     inputs = {k: v for k, v in inputs.items() if k not in PLAN_KEYS}
     labels = inputs["labels"]
@@ -107,15 +115,6 @@ def head_rows(model, index):
         handle.remove()
 
 
-def labelled_next(labels):
-    """``[B, T]`` bool: the positions whose next token is a label (position t predicts token t+1)."""
-    import torch
-
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != -100
-    return keep
-
-
 def kept_logits(model, inputs: dict, keep, share_prefix: bool = True):
     """The model's logits at the ``keep`` positions only (``[keep.sum(), vocab]``, row-major over (b, t)):
     the output head runs nowhere else, a right-padded batch attends causally without its mask, and with
@@ -127,30 +126,6 @@ def kept_logits(model, inputs: dict, keep, share_prefix: bool = True):
         if length:
             return prefix_shared_logits(model, rest, keep, length)
     return model(**rest, logits_to_keep=keep).logits
-
-
-MIN_SHARED_PREFIX = 8  # tokens; below this a second forward call costs more than it saves
-
-
-def shared_prefix_length(input_ids, mask, keep) -> int:
-    """How many leading tokens every row of a right-padded batch shares before its first supervised position,
-    leaving every row at least one token of its own; 0 when fewer than :data:`MIN_SHARED_PREFIX` or one row.
-
-    Args:
-        input_ids: ``[B, T]`` token ids.
-        mask: ``[B, T]`` attention mask, ones then zeros.
-        keep: ``[B, T]`` bool, the positions whose logits the loss reads.
-    """
-    import torch
-
-    if input_ids.shape[0] < 2:
-        return 0
-    same = (input_ids == input_ids[:1]).all(dim=0)
-    if keep.any():
-        same[int(keep.any(dim=0).nonzero()[0]):] = False  # the first position whose logits are needed
-    same[max(int(mask.sum(dim=1).min()) - 1, 0):] = False  # every row keeps a token of its own
-    length = int(torch.cumprod(same.int(), dim=0).sum())
-    return length if length >= MIN_SHARED_PREFIX else 0
 
 
 def resolve_share_prefix(setting, device_type: str) -> bool:
@@ -220,6 +195,25 @@ def prefix_shared_logits(model, inputs: dict, keep, length: int):
     rest[cache_argument(model)] = cache
     return model(input_ids=ids[:, length:], position_ids=positions, use_cache=True, logits_to_keep=keep[:, length:],
                  **rest).logits
+
+
+def prefix_shared_rows(model, inputs: dict, index, length: int, width: int):
+    """:func:`prefix_shared_logits` from the collator's plan: the logits of the flat positions ``index``
+    (``b x width + t``) of a right-padded, mask-free batch whose rows share their first ``length`` tokens (the
+    collator's :attr:`BatchLayout.shared_prefix`). Every size is known on the host: nothing waits for the device."""
+    import torch
+
+    ids = inputs["input_ids"]
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    cache = output_cache(model(input_ids=ids[:1, :length], use_cache=True, logits_to_keep=1, **rest))
+    cache.batch_repeat_interleave(ids.shape[0])
+    rest[cache_argument(model)] = cache
+    positions = torch.arange(length, width, device=ids.device).expand(ids.shape[0], -1)
+    # The suffix pass holds positions length .. width - 1 of each row: b x width + t is b x (width - length) + t - length.
+    suffix_index = index - (torch.div(index, width, rounding_mode="floor") + 1) * length
+    with head_rows(model, suffix_index):
+        return model(input_ids=ids[:, length:], position_ids=positions, use_cache=True, logits_to_keep=0,
+                     **rest).logits
 
 
 def right_padded(mask) -> bool:

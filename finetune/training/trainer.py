@@ -66,6 +66,9 @@ def training_arguments(tcfg: DictConfig, precision: Precision, run_dir: Path, se
         use_cpu=not _cuda(),
         logging_steps=int(tcfg.logging_steps),
         logging_first_step=True,
+        # The stock filter reads every step's loss on the host (isnan / isinf: a wait for the GPU each step) to
+        # replace a NaN or inf loss by the running mean; off, such a loss shows in the logged mean instead.
+        logging_nan_inf_filter=False,
         eval_strategy=eval_strategy,
         eval_steps=int(tcfg.eval_steps) if eval_strategy == "steps" else None,
         save_strategy=tcfg.save_strategy,

@@ -381,3 +381,88 @@ def test_the_label_plan_of_packed_rows_gives_the_unpacked_loss():
     batch = packed_forward_inputs(DataCollator(pad_token_id=0, label_plan=True)(list(packed)))
     loss, _ = label_position_loss(model, batch, share_prefix=False)
     torch.testing.assert_close(loss, reference)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_shared_prefix_from_the_collators_plan_gives_the_same_loss_and_gradients_without_waiting(family):
+    """The collator measures the shared prompt prefix on the host (``layout.shared_prefix``): the prefix runs once,
+    the rows' rest after it, with the loss and gradients of the whole batch and no host sync."""
+    from finetune.training.measure import dispatched_ops, host_syncs
+
+    model = lora(FAMILIES[family]()).eval()
+    model.get_base_model().config.use_cache = False  # as load_model leaves a model it loads for training
+    examples = prompted_rows(4)
+    reference, _ = label_position_loss(model, DataCollator(pad_token_id=0)(examples), share_prefix=False)
+    reference.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+    batch = DataCollator(pad_token_id=0, label_plan=True)(examples)
+    assert batch["layout"].shared_prefix >= 10  # the prompt's 10 shared tokens
+    calls, out = [], []
+    inner = model.get_base_model().forward
+
+    @functools.wraps(inner)
+    def spy(*args, **kw):
+        calls.append(kw["input_ids"].shape)
+        return inner(*args, **kw)
+
+    def step():
+        loss, _ = label_position_loss(model, batch, share_prefix=True)
+        loss.backward()
+        out.append(loss.detach())
+
+    model.get_base_model().forward = spy
+    try:
+        ops = dispatched_ops(step)
+    finally:
+        del model.get_base_model().forward
+    assert len(calls) == 2 and calls[0][0] == 1 and calls[1][0] == 4  # the prefix once, then the rows' rest
+    torch.testing.assert_close(out[0], reference.detach())
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+    assert host_syncs(ops) == 0, {k: n for k, n in ops.items() if "[bool]" in k or "scalar" in k or "nonzero" in k}
+
+
+def test_a_steady_state_training_step_waits_for_nothing(tmp_path):
+    """The Trainer's training step as finetune-train builds it (the collator's plan, the shared prefix on a CPU,
+    forward, loss and backward) issues no host sync in the steps between two logging steps, and the loop's own
+    per-step read of the loss (``logging_nan_inf_filter``) is off. The collator's work is not counted: it runs on the
+    host before the batch moves to the device."""
+    from transformers import TrainerCallback
+
+    from finetune.data.encoding import DataCollator as Collator
+    from finetune.training.measure import HOST_SYNCS, dispatched_ops
+    from finetune.training.trainer import make_trainer, training_arguments
+    from finetune.model.load import resolve_precision
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["model=tiny", "trainer.max_steps=4", "trainer.batch_size=4", "trainer.logging_steps=100",
+                       "trainer.save_strategy=no"])
+    args = training_arguments(cfg.trainer, resolve_precision("fp32", "float32"), tmp_path, 0, [], "t", False)
+    assert args.logging_nan_inf_filter is False  # the stock filter reads each step's loss on the host
+    model = lora(FAMILIES["llama"]()).train()
+    model.get_base_model().config.use_cache = False
+    import datasets
+
+    examples = prompted_rows(16)
+    ds = datasets.Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in examples])
+    per_step: list[dict] = []
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            per_step.append({})
+
+    trainer = make_trainer(model=model, args=args, train_dataset=ds, callbacks=[Steps()],
+                           data_collator=Collator(pad_token_id=0, label_plan=True), share_prefix=True)
+    inner = trainer.training_step
+
+    def counted(model, inputs, num_items_in_batch=None):  # the batch as it reaches the step, on the device
+        out = []
+        per_step[-1].update(dispatched_ops(lambda: out.append(inner(model, inputs, num_items_in_batch))))
+        return out[0]
+
+    trainer.training_step = counted
+    trainer.train()
+    assert len(per_step) == 4
+    for ops in per_step[1:-1]:  # the steady state: neither the first step nor the one before the run's end log
+        assert ops and {k: n for k, n in ops.items() if k in HOST_SYNCS} == {}
