@@ -91,6 +91,9 @@ def load_splits(dcfg: Mapping, seed: int) -> DataSplits:
     splits = _fill_missing_splits(splits, dcfg, label_key)
     for split in SPLITS:
         splits[split] = _subset(splits[split], caps[split], seed, label_key)
+    if not splits["train"]:
+        raise FinetuneError(f"dataset {kind!r} from {source}: the train split is empty; give more rows (or a train "
+                            f"file with rows), or lower dataset.eval_fraction={dcfg.get('eval_fraction', 0.1)}")
     logger.info(
         "dataset %s from %s: train=%d validation=%d test=%d",
         kind, source, len(splits["train"]), len(splits["validation"]), len(splits["test"]),
@@ -251,6 +254,11 @@ def _holdout(rows: list[dict], frac: float, parts: int, label_key: str | None) -
     units: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         units.setdefault(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str), []).append(i)
+    if len(units) < parts + 1:
+        raise FinetuneError(
+            f"the {len(rows)} rows hold only {len(units)} distinct row(s): identical rows stay in one split (none is "
+            f"both trained on and scored), so {parts} held-out split(s) and train need {parts + 1}; add distinct "
+            "rows or give separate train / validation / test files")
     groups: dict[Any, list[list[int]]] = {}
     for unit in units.values():
         groups.setdefault(rows[unit[0]].get(label_key) if label_key else None, []).append(unit)

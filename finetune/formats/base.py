@@ -77,11 +77,12 @@ def to_container(value: Any) -> Any:
 def coerce_label(value: Any, n_labels: int) -> int | None:
     """Return ``value`` as a label index in ``range(n_labels)``, or None when it is not one.
 
-    Accepts ints, bools and integer strings such as ``"1"`` (CSV cells); floats only when integral.
+    Accepts ints and integer strings such as ``"1"`` (CSV cells); floats only when integral. Booleans are not
+    labels: ``true`` in a file says nothing of which label word it means, so it is refused rather than guessed.
     """
     if isinstance(value, bool):
-        value = int(value)
-    elif isinstance(value, float) and value.is_integer():
+        return None
+    if isinstance(value, float) and value.is_integer():
         value = int(value)
     elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value.strip())

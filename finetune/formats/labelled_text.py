@@ -49,8 +49,9 @@ class LabelledText(DatasetFormat):
                 return row
             label = coerce_label(raw, n)
             if label is None:
+                hint = "; write the label's number, not true / false" if isinstance(raw, bool) else ""
                 raise bad_row(origin, i, f"field {label_key!r} (dataset.label_field) is {show(raw)}; expected an "
-                                         f"integer label in 0..{n - 1} (one per dataset.label_words)")
+                                         f"integer label in 0..{n - 1} (one per dataset.label_words){hint}")
             row[label_key] = label
             return row
 

@@ -229,10 +229,11 @@ def test_folder_layouts(tmp_path):
         load_splits(make_dcfg("chnsenticorp", path=str(tmp_path / "c")), 0)
 
 
-def test_bool_labels_and_alpaca_null_input(tmp_path):
+def test_bool_labels_are_refused_and_alpaca_null_input_is_empty(tmp_path):
     path = write_jsonl(tmp_path / "b.jsonl", [{"text": f"t{i}", "label": bool(i % 2)} for i in range(20)])
-    splits = load_splits(make_dcfg("chnsenticorp", path=str(path)), 0)
-    assert {type(r["label"]) for r in splits.train} == {int}
+    with pytest.raises(FinetuneError, match=r"b\.jsonl: row 0 field 'label' \(dataset.label_field\) is bool False; "
+                                            r"expected an integer label in 0..1 .*not true / false"):
+        load_splits(make_dcfg("chnsenticorp", path=str(path)), 0)
     rows = [{"instruction": f"q{i}", "input": None, "output": "a"} for i in range(20)]
     path = write_jsonl(tmp_path / "a.jsonl", rows)
     splits = load_splits(make_dcfg("alpaca", path=str(path)), 0)
@@ -332,3 +333,26 @@ def test_a_new_dataset_in_a_known_format_needs_only_config(tmp_path):
                      (["dataset.format=alpaca"], "dataset.task")):  # a classification task in a generation format
         with pytest.raises(FinetuneError, match=key):
             validate(compose_cfg([*TINY, *yaml_only, *bad], tmp_path / "bad"))
+
+
+def test_a_file_of_repeated_rows_is_refused_in_one_line_naming_why(tmp_path):
+    """20 copies of one review (a quick first try with a copied line) used to land all in validation, then the
+    length-grouped sampler failed on the empty train split with a traceback."""
+    path = write_jsonl(tmp_path / "same.jsonl", [{"text": "房间很干净。", "label": 1}] * 20)
+    with pytest.raises(FinetuneError, match=r"the 20 rows hold only 1 distinct row\(s\): identical rows stay in one "
+                                            r"split .* need 3; add distinct rows or give separate"):
+        load_splits(make_dcfg("chnsenticorp", path=str(path)), 0)
+    distinct = write_jsonl(tmp_path / "one_label.jsonl", [{"text": f"干净 {i}", "label": 1} for i in range(20)])
+    splits = load_splits(make_dcfg("chnsenticorp", path=str(distinct)), 0)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (16, 2, 2)
+
+
+def test_a_split_left_empty_by_a_few_large_groups_of_copies_is_refused(tmp_path):
+    rows = [{"text": "a", "label": 1}] * 17 + [{"text": "b", "label": 1}, {"text": "c", "label": 1}]
+    path = write_jsonl(tmp_path / "lumpy.jsonl", rows)
+    try:
+        splits = load_splits(make_dcfg("chnsenticorp", path=str(path)), 0)
+    except FinetuneError as exc:
+        assert "the train split is empty" in str(exc) and "dataset.eval_fraction" in str(exc)
+    else:
+        assert splits.train and splits.validation and splits.test  # never an empty train split
