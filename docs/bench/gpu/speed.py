@@ -65,9 +65,9 @@ def jobs(dry_run: bool) -> list[tuple[str, list[str], int]]:
 def run_job(name: str, command: list[str], limit: int, out: Path) -> dict:
     """Run one job under its time limit; its bench.json (or its output's tail) is its record."""
     folder = out / name
-    command = [*command, "--out", str(folder)] if "finetune.cli.bench" in command else command
-    if "finetune.cli.bench" in command or "profile_step.py" in " ".join(command):
-        command = [*command, f"dataset.path={DATA}"]
+    if "finetune.cli.bench" in command:  # its options before the overrides (argparse reads one run of positionals)
+        command = [*command[:3], "--out", str(folder), *command[3:]]
+    command = [*command, f"dataset.path={DATA}"]
     start = time.monotonic()
     try:
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit)
