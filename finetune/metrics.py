@@ -22,7 +22,8 @@ OPTIONAL_TEXT = (str, type(None))
 # name -> (allowed types, meaning)
 FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     # what ran
-    "status": (TEXT, "running | ok | failed (written last: ok marks a finished run)"),
+    "status": (TEXT, "running | ok | failed | interrupted (stopped by a signal or Ctrl-C; resume it) (written "
+                     "last: ok marks a finished run)"),
     "job": (TEXT, "job number within a sweep (0 for a single run)"),
     "method": (TEXT, "LoRA | DoRA | QLoRA-int8 | QLoRA-nf4 | full, with a QAT suffix where trained with QAT"),
     "model": (TEXT, "model.name_or_path as given"),

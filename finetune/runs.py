@@ -148,6 +148,10 @@ def find_run_root(path: Path) -> Path | None:
     return None
 
 
+class RunDirHeld(FinetuneError):
+    """A run was refused because its directory already holds a run (which is left exactly as it was)."""
+
+
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to start a run in a directory that already holds one, unless resuming or overwriting it.
 
@@ -158,7 +162,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         return
     status = read_status(run_dir)
     held = f"a run (metrics.json status '{status}')" if status else "a run"
-    raise FinetuneError(
+    raise RunDirHeld(
         f"output_dir={run_dir} already holds {held}; give a new hydra.run.dir, resume it with "
         "trainer.resume_from_checkpoint=auto, or pass overwrite_run=true to replace it")
 

@@ -139,6 +139,10 @@ class ReportCallback(Callback):
             if not sweep_dir:
                 log.warning("comparison report skipped: the config has no hydra.sweep.dir")
                 return
+            if nothing_ran():
+                log.warning("no job of this sweep ran (each one's directory already holds a run): the report of the "
+                            "earlier runs in %s is left as it was", sweep_dir)
+                return
             report = generate_report(sweep_dir, self.kind, self.metric)
             log.info("comparison report: %s", report.comparison.takeaway)
             log.info("wrote %s", ", ".join(str(p) for p in report.paths.values()))
@@ -170,6 +174,20 @@ class SweepOutcome:
 
 # The outcome of the last sweep that ended in this process (None before one ends).
 LAST_SWEEP: SweepOutcome | None = None
+# What each job of the sweep under way came to in this process: job -> (status, error, refused). A job refused
+# because its directory already holds a run leaves that run's metrics.json as it was (status ok): only this
+# record says the job did not run.
+JOB_OUTCOMES: dict[str, tuple[str, str, bool]] = {}
+
+
+def note_job_outcome(job: str, status: str | None, error: str | None = None, refused: bool = False) -> None:
+    """Record what a job of the sweep under way came to (finetune.training.launch calls it for each job)."""
+    JOB_OUTCOMES[str(job)] = (str(status or "failed"), str(error or ""), refused)
+
+
+def nothing_ran() -> bool:
+    """Every job this process was given was refused (its directory held a run): the sweep made no run."""
+    return bool(JOB_OUTCOMES) and all(refused for _, _, refused in JOB_OUTCOMES.values())
 
 
 def sweep_outcome(sweep_dir: str | os.PathLike) -> SweepOutcome:
@@ -181,7 +199,10 @@ def sweep_outcome(sweep_dir: str | os.PathLike) -> SweepOutcome:
         return SweepOutcome(str(sweep_dir), 0, [("-", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)])
     failed = [(str(row["job"]), str(row.get("error") or row["status"]))
               for _, row in df.iterrows() if row["status"] != "ok"]
-    return SweepOutcome(str(sweep_dir), len(df), failed)
+    listed = {job for job, _ in failed}
+    failed += [(job, error or status) for job, (status, error, _) in sorted(JOB_OUTCOMES.items())
+               if status != "ok" and job not in listed]
+    return SweepOutcome(str(sweep_dir), max(len(df), len(JOB_OUTCOMES)), failed)
 
 
 class SweepOutcomeCallback(Callback):
@@ -190,6 +211,7 @@ class SweepOutcomeCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global LAST_SWEEP
         LAST_SWEEP = None
+        JOB_OUTCOMES.clear()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global LAST_SWEEP

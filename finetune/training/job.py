@@ -80,11 +80,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, RunInterrupted):
             log.warning("run stopped: %s", message)
+        elif isinstance(exc, KeyboardInterrupt):
+            log.warning("run stopped by Ctrl-C outside a training step: nothing of it was saved to resume from")
         elif isinstance(exc, FinetuneError):
             log.error("run failed: %s", message)
         else:
             log.error("job failed:\n%s", traceback.format_exc())
-        failure = {"status": "failed", "job": job, "error": message, "error_type": type(exc).__name__,
+        # Stopped on request (a signal after its checkpoint, or Ctrl-C) is not a failure of the run: resume it.
+        stopped = isinstance(exc, (RunInterrupted, KeyboardInterrupt))
+        failure = {"status": "interrupted" if stopped else "failed", "job": job, "error": message or "Ctrl-C",
+                   "error_type": type(exc).__name__,
                    "overrides": overrides or []}
         if not writer.started and not holds_run(run_dir):  # a fresh directory: nothing there to lose
             Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from finetune.errors import FinetuneError, RunInterrupted, print_error, say
+from finetune.runs import RunDirHeld
 from finetune.training.job import run
 
 log = logging.getLogger("finetune.cli.train")
@@ -47,8 +48,20 @@ def objective(metrics: dict) -> float:
 
 def run_and_record(cfg: DictConfig) -> float:
     """Run one job. A user error in a single run exits 2 with one line; in a sweep every failure is
-    recorded in the job's metrics.json and the sweep goes on (``isolate_jobs``: each job in its own process)."""
+    recorded in the job's metrics.json and the sweep goes on (``isolate_jobs``: each job in its own process).
+    Ctrl-C during training stops after a checkpoint of the step (:mod:`finetune.training.signals`); elsewhere, or
+    pressed twice, it stops at once: one line and exit status 130, never a traceback."""
+    try:
+        return _run_and_record(cfg)
+    except KeyboardInterrupt:
+        say("finetune-train: stopped by Ctrl-C; nothing since the last checkpoint was saved (metrics.json says "
+            "status: interrupted)")
+        sys.exit(128 + 2)  # as a shell reports a process ended by SIGINT
+
+
+def _run_and_record(cfg: DictConfig) -> float:
     from finetune.training import distributed, sweep_jobs
+
     multirun, overrides, job, group = _hydra_context()
     run_dir = Path(cfg.output_dir)
     if group and cfg.logger.get("backend") == "wandb" and not cfg.logger.get("group"):
@@ -80,7 +93,11 @@ def run_and_record(cfg: DictConfig) -> float:
         except RunInterrupted as exc:  # the scheduler wants the sweep to stop, not the next job to start
             _exit_interrupted(exc)
         except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded in metrics.json by run()
-            metrics = {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            metrics = {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                       "refused": isinstance(exc, RunDirHeld)}
+        from finetune.report.hydra_callback import note_job_outcome
+
+        note_job_outcome(job, metrics.get("status"), metrics.get("error"), bool(metrics.get("refused")))
         if metrics.get("status") != "ok":
             log.error("job %s failed: %s (see %s)", job, metrics.get("error"), run_dir)
             return float("nan")
@@ -95,7 +112,7 @@ def run_and_record(cfg: DictConfig) -> float:
 
 
 def _exit_interrupted(exc: RunInterrupted) -> None:
-    """Training stopped on SIGTERM / SIGUSR1 after saving a checkpoint (recorded in metrics.json): one line, and
+    """Training stopped on SIGTERM / SIGUSR1 / SIGINT after saving a checkpoint (recorded in metrics.json): one line, and
     the exit status of a process ended by that signal (128 + its number), as schedulers expect."""
     say(f"finetune-train: {exc}")
     if exc.then is not None:  # e.g. submitit's: requeue the SLURM job, then exit

@@ -1,5 +1,6 @@
-"""Stop training cleanly when a scheduler asks: SIGTERM (SLURM's time limit or preemption, ``kill``, torchrun
-passing on its own SIGTERM) or SIGUSR1 (SLURM's advance warning, ``sbatch --signal=USR1@120``).
+"""Stop training cleanly when a scheduler or a person asks: SIGTERM (SLURM's time limit or preemption, ``kill``,
+torchrun passing on its own SIGTERM), SIGUSR1 (SLURM's advance warning, ``sbatch --signal=USR1@120``) or SIGINT (a
+person's Ctrl-C; a second Ctrl-C stops at once, without a checkpoint of the step under way).
 
 Without this, the default SIGTERM ends the process at once and every step since the last checkpoint is lost
 (up to ``trainer.save_steps``). With it, the step under way finishes, a checkpoint of that step is written the
@@ -23,12 +24,13 @@ from collections.abc import Iterator
 
 from transformers import TrainerCallback
 
-from finetune.errors import RunInterrupted
+from finetune.errors import RunInterrupted, say
 from finetune.training import distributed
 
 log = logging.getLogger("finetune.training.signals")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT: a person's Ctrl-C is a stop request too; a second Ctrl-C stops at once (:meth:`StopOnSignal._handle`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopOnSignal(TrainerCallback):
@@ -40,8 +42,14 @@ class StopOnSignal(TrainerCallback):
         self.previous: dict = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            say("Ctrl-C again: stopping now, without a checkpoint of the step under way")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
+            if signum == signal.SIGINT:
+                say("Ctrl-C: the step under way finishes and is saved, then the run stops (Ctrl-C again stops now)")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopOnSignal]:
@@ -80,6 +88,8 @@ class StopOnSignal(TrainerCallback):
             return None
         name = signal.Signals(self.received).name
         then = self.previous.get(self.received)
+        if then is signal.default_int_handler:  # Python's own Ctrl-C handler, not a library's: it would raise
+            then = None                         # KeyboardInterrupt after the clean stop
         return RunInterrupted(
             f"stopped by {name} after step {self.stopped_at}: {checkpoint_dir}/checkpoint-{self.stopped_at} saved; "
             "continue with trainer.resume_from_checkpoint=auto (same run directory)", self.received,

@@ -63,7 +63,8 @@ def _passing_on_stop_signals(proc):
     """While the sweep waits for a job process, a stop signal (SIGTERM, SIGUSR1) sent to the sweep alone is passed
     on to the job, which saves a checkpoint of its step and stops; the signals received are collected, so the
     sweep then stops too instead of starting its next job. (A signal sent to the whole process group, as a
-    scheduler does, reaches the job directly as well; it acts on the first.)"""
+    scheduler does, reaches the job directly as well; it acts on the first.) Ctrl-C (SIGINT) is not passed on: the
+    terminal sends it to the job too."""
     import os
     import signal
     import threading
@@ -76,6 +77,13 @@ def _passing_on_stop_signals(proc):
         return
 
     def pass_on(signum, frame):  # noqa: ARG001 - the signal module's signature
+        if signum == signal.SIGINT:
+            # A terminal's Ctrl-C reaches the job's process too (the whole foreground group): passing it on would
+            # count as the second Ctrl-C there, which stops at once. Pressed again, the sweep stops now as well.
+            if signal.SIGINT in received:
+                raise KeyboardInterrupt
+            received.append(signum)
+            return
         received.append(signum)
         if proc.pid is not None and proc.exitcode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -390,7 +390,7 @@ signal.signal(signal.SIGUSR2, _requeue)
 
 # SIGTERM end to end: tests/integration/test_distributed.py (to one rank of two); SIGUSR1's handling:
 # tests/unit/training/test_signals.py. Here submitit's SIGUSR2, which takes the same path and then its handler.
-@pytest.mark.parametrize("name, status, requeued", [("SIGUSR2", 255, True)])
+@pytest.mark.parametrize("name, status, requeued", [("SIGUSR2", 255, True), ("SIGINT", 130, False)])
 def test_a_stop_signal_saves_the_step_under_way_and_the_resume_equals_the_uninterrupted_run(
         tmp_path, uninterrupted, name, status, requeued):
     """SIGTERM (a scheduler's time limit or preemption) or, under submitit, SIGUSR2 during step 5, two steps after
@@ -409,7 +409,7 @@ def test_a_stop_signal_saves_the_step_under_way_and_the_resume_equals_the_uninte
                      "trainer.resume_from_checkpoint=auto (same run directory)"]
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 5
     stopped = json.loads((run_dir / "metrics.json").read_text())
-    assert stopped["status"] == "failed" and stopped["error_type"] == "RunInterrupted"
+    assert stopped["status"] == "interrupted" and stopped["error_type"] == "RunInterrupted"
     assert not (run_dir / "adapter").exists()
     if requeued:  # the same command again, as SLURM restarts a requeued job
         again = _train_process(run_dir, env={"SLURM_RESTART_COUNT": "1"})
@@ -422,26 +422,33 @@ def test_a_stop_signal_saves_the_step_under_way_and_the_resume_equals_the_uninte
         assert resumed.get(key) == uninterrupted.get(key), key
 
 
-def test_a_stop_signal_to_a_sweep_stops_its_job_with_a_checkpoint_and_starts_no_other(tmp_path):
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stop_signal_to_a_sweep_stops_its_job_with_a_checkpoint_and_starts_no_other(tmp_path, name, status):
     """SIGTERM to the sweep's own process alone (jobs isolated in processes of their own) while job 0 trains: it is
-    passed on to the job, which saves a checkpoint of its step and stops; job 1 never starts; exit status 143."""
+    passed on to the job, which saves a checkpoint of its step and stops; job 1 never starts; exit status 143.
+    Ctrl-C, which a terminal sends to its whole foreground process group (the sweep and its job), does the same once
+    (exit status 130): the job saves its step and stops, no other job starts."""
     sweep = tmp_path / "sweep"
     args = ["-m", *RESUME, f"dataset.path={shared('chnsenticorp')}", f"hydra.sweep.dir={sweep}", "lora.r=4,8"]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", "from finetune.cli.train import main; main()", *args], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
     deadline = time.time() + 600
     while not (sweep / "0" / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "the job ended before the sweep could be stopped"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=600) == 143, proc.stderr.read()
+    if name == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == status, proc.stderr.read()
     last = proc.stderr.read().strip().splitlines()[-1]
     stopped = json.loads((sweep / "0" / "metrics.json").read_text())
-    assert stopped["error_type"] == "RunInterrupted", stopped
+    assert stopped["error_type"] == "RunInterrupted" and stopped["status"] == "interrupted", stopped
     step = int(stopped["error"].split("after step ")[1].split(":")[0])
     assert 3 <= step < 16 and (sweep / "0" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
-    assert last == f"finetune-train: job 0: {stopped['error']}; the sweep stopped on SIGTERM before its next job"
+    assert last == f"finetune-train: job 0: {stopped['error']}; the sweep stopped on {name} before its next job"
     assert not (sweep / "1").exists()
 
 

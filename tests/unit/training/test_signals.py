@@ -63,3 +63,22 @@ def test_only_a_requeued_slurm_job_without_a_resume_setting_resumes_by_itself():
     c = cfg("runs/x/checkpoints/checkpoint-50")  # the user's own choice stands
     assert not requeued_resume(c, {"SLURM_RESTART_COUNT": "1"})
     assert c.trainer.resume_from_checkpoint == "runs/x/checkpoints/checkpoint-50"
+
+
+def test_ctrl_c_stops_at_the_step_end_and_a_second_ctrl_c_stops_at_once(capsys):
+    import pytest
+
+    stopper = StopOnSignal()
+    with stopper.installed():
+        state, control = TrainerState(), TrainerControl()
+        state.global_step = 3
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the step under way goes on
+        assert "Ctrl-C: the step under way finishes and is saved" in capsys.readouterr().err
+        stopper.on_step_end(None, state, control)
+        assert control.should_save and control.should_training_stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert "Ctrl-C again: stopping now" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert str(stopper.interruption("r/checkpoints")).startswith("stopped by SIGINT after step 3: "
+                                                                 "r/checkpoints/checkpoint-3 saved")
