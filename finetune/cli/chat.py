@@ -28,7 +28,7 @@ from finetune.export.common import open_run
 log = logging.getLogger("finetune.cli.chat")
 
 ARGS = {"run": None, "prompt": None, "prompts_file": None, "out": None, "max_new_tokens": "128",
-        "temperature": "0", "top_p": "1.0", "quantization": None, "load_in_4bit": "false", "load_in_8bit": "false", "seed": "0"}
+        "temperature": "0", "top_p": "1.0", "quantization": None, "load_in_4bit": "false", "load_in_8bit": "false", "seed": "0", "trust_remote_code": "false"}
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 
 
@@ -255,6 +255,9 @@ def check_args(argv: list[str]) -> tuple[dict, dict, object]:
         raise FinetuneError("out= is for batch mode; give prompts_file= too")
     if args["prompt"] is not None and not args["prompt"].strip():
         raise FinetuneError("prompt= is empty")
+    from finetune.model.load import allow_remote_code
+
+    allow_remote_code(as_bool("trust_remote_code", args["trust_remote_code"]))
     return args, opts, quant
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from finetune.checks import as_choice, as_number, parse_kv
+from finetune.checks import as_bool, as_choice, as_number, parse_kv
+from finetune.model.load import allow_remote_code
 from finetune.cli.common import run_cli
 from finetune.errors import FinetuneError, say
 from finetune.runs import atomic_write_json
 
 log = logging.getLogger("finetune.eval")
-OWN_ARGS = {"run": None, "split": "test", "out": None, "batch_size": None}
+OWN_ARGS = {"run": None, "split": "test", "out": None, "batch_size": None, "trust_remote_code": "false"}
 SPLITS = ("test", "validation", "train")
 
 
@@ -35,6 +36,7 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     own, overrides = parse_kv(argv, OWN_ARGS, ("run",), " (a finetune-train run directory)", passthrough=("dataset.",))
     own["batch_size"] = as_number("batch_size", own["batch_size"], int, 1, optional=True)
     as_choice("split", own["split"], SPLITS)
+    allow_remote_code(as_bool("trust_remote_code", own["trust_remote_code"]))
     return own, overrides
 
 

@@ -14,6 +14,7 @@ from finetune.checks import as_bool, as_choice, as_number, parse_kv
 from finetune.cli.common import run_cli
 from finetune.errors import print_error
 from finetune.export.int8 import ARGS, FORMATS, ExportCheckFailed, export_run
+from finetune.model.load import allow_remote_code
 
 
 def check_args(argv: list[str]) -> dict:
@@ -24,6 +25,7 @@ def check_args(argv: list[str]) -> dict:
     """
     args, _ = parse_kv(argv, ARGS, ("run", "format", "out"),
                        " (finetune-export run=<run dir> format=int8 out=<new dir>)")
+    allow_remote_code(as_bool("trust_remote_code", args["trust_remote_code"]))
     return {**args, "format": as_choice("format", args["format"], FORMATS),
             "threads": as_number("threads", args["threads"], int, 1, optional=True),
             "max_samples": as_number("max_samples", args["max_samples"], int, 1, optional=True),

@@ -13,6 +13,7 @@ from finetune.checks import as_bool, as_choice, parse_kv
 from finetune.cli.common import run_cli
 from finetune.errors import print_error
 from finetune.export.merge import ARGS, BASES, MergeCheckError, merge_run
+from finetune.model.load import allow_remote_code
 
 
 def check_args(argv: list[str]) -> dict:
@@ -22,6 +23,7 @@ def check_args(argv: list[str]) -> dict:
         FinetuneError: an unknown or missing key, or a bad value, in one line.
     """
     args, _ = parse_kv(argv, ARGS, ("run", "out"), " (finetune-merge run=<run dir> out=<new dir>)")
+    allow_remote_code(as_bool("trust_remote_code", args["trust_remote_code"]))
     return {**args, "check": as_bool("check", args["check"]), "overwrite": as_bool("overwrite", args["overwrite"]),
             "base": as_choice("base", args["base"], BASES)}
 

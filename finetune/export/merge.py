@@ -37,7 +37,8 @@ QUANT_RTOL = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 1e-2}
 # checkpoint computes what the int8 model computes. Its own distance from its de-quantized weights, measured on the
 # same prompts without the adapter, bounds how close any merge can come; the merge may be this many times as far.
 INT8_KERNEL_FACTOR = 1.5
-ARGS = {"run": None, "out": None, "dtype": "float32", "check": "true", "overwrite": "false", "base": "trained"}
+ARGS = {"run": None, "out": None, "dtype": "float32", "check": "true", "overwrite": "false", "base": "trained",
+        "trust_remote_code": "false"}
 BASES = ("trained", "original")
 NO_QUANT = {"mode": "none"}
 

@@ -278,6 +278,29 @@ def check_base_model(run_dir: Path, cfg: DictConfig) -> None:
             "model; restore that base (for a hub model, pin model.revision when training)")
 
 
+# Whether the person at the command line allows a finished run's model to run code from its files
+# (``trust_remote_code=true`` on finetune-eval / -chat / -merge / -export). A run directory can come from anyone:
+# its config.yaml alone never switches remote code on, as Hugging Face's own tools take the flag only from the person.
+_REMOTE_CODE_ALLOWED = [False]
+
+
+def allow_remote_code(allowed: bool) -> None:
+    """Set what the person said (``trust_remote_code=``) for the runs this process loads."""
+    _REMOTE_CODE_ALLOWED[0] = bool(allowed)
+
+
+def _remote_code_from_the_person(path: Path, cfg: DictConfig) -> None:
+    """The run's ``model.trust_remote_code`` only where the person allowed it.
+
+    Raises:
+        FinetuneError: the run was trained with remote code on and the person did not allow it.
+    """
+    if cfg.model.get("trust_remote_code") and not _REMOTE_CODE_ALLOWED[0]:
+        raise FinetuneError(f"run={path} was trained with model.trust_remote_code=true ({cfg.model.name_or_path} runs "
+                            "code from its own files); pass trust_remote_code=true if you trust that code")
+    cfg.model.trust_remote_code = bool(cfg.model.get("trust_remote_code")) and _REMOTE_CODE_ALLOWED[0]
+
+
 def load_run(run_dir: str | Path, *, quantization: DictConfig | None = None, for_training: bool = False,
              merge: bool = False):
     """Load a finished run for inference.
@@ -294,6 +317,7 @@ def load_run(run_dir: str | Path, *, quantization: DictConfig | None = None, for
 
     path, cfg = run_config(run_dir)
     kind = run_kind(path)
+    _remote_code_from_the_person(path, cfg)
     precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
     qcfg = quantization if quantization is not None else cfg.quantization
     if kind == "model":

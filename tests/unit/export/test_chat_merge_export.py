@@ -431,3 +431,32 @@ def test_merge_overwrite_replaces_only_a_merge_output(runs, tmp_path, capsys):
     (foreign / "data.bin").write_bytes(b"\x00" * 8)
     line = _one_error_line(capsys, merge_cli.main([f"run={runs['lora']}", f"out={foreign}", "overwrite=true"]))
     assert "not written by finetune-merge" in line and (foreign / "data.bin").read_bytes() == b"\x00" * 8
+
+
+# ------------------------------------------------------------------------------------------------ remote code
+
+
+@pytest.mark.parametrize("command", ["eval", "chat", "merge", "export"])
+def test_a_runs_own_config_never_switches_remote_code_on(runs, command, tmp_path, capsys):
+    """A run directory can come from anyone: one whose config.yaml sets model.trust_remote_code=true is loaded only
+    when the person says trust_remote_code=true on the command line; without it, one line and nothing written."""
+    from finetune.cli import evaluate as eval_cli
+    from finetune.model.load import allow_remote_code
+
+    run_dir = tmp_path / "received"
+    shutil.copytree(runs["lora"], run_dir)
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("trust_remote_code: false", "trust_remote_code: true"))
+    out = tmp_path / "out"
+    argv = {"eval": (eval_cli.main, [f"run={run_dir}", f"out={out}.json"]),
+            "chat": (chat.main, [f"run={run_dir}", "prompt=hi", "max_new_tokens=2"]),
+            "merge": (merge_cli.main, [f"run={run_dir}", f"out={out}"]),
+            "export": (export_cli.main, [f"run={run_dir}", "format=int8", f"out={out}"])}[command]
+    try:
+        line = _one_error_line(capsys, argv[0](argv[1]))
+        assert "was trained with model.trust_remote_code=true" in line and "pass trust_remote_code=true" in line
+        assert not out.exists() and not (tmp_path / "out.json").exists()
+        if command == "merge":  # the person's word loads it (the tiny model needs no code of its own)
+            assert merge_cli.main([*argv[1], "trust_remote_code=true"]) == 0 and (out / "config.json").is_file()
+    finally:
+        allow_remote_code(False)
