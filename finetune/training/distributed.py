@@ -116,14 +116,15 @@ def agree(check) -> Any:
     """Run ``check()`` on rank 0 and make every rank share its outcome: its return value, or its
     :class:`FinetuneError` raised on every rank (so a refusal never leaves the other ranks waiting)."""
     outcome: tuple[str, Any] = ("ok", None)
+    error: FinetuneError | None = None
     if is_main():
         try:
             outcome = ("ok", check())
         except FinetuneError as exc:
-            outcome = ("error", str(exc))
+            outcome, error = ("error", str(exc)), exc
     outcome = broadcast(outcome)
     if outcome[0] == "error":
-        raise FinetuneError(outcome[1])
+        raise error if error is not None else FinetuneError(outcome[1])  # rank 0 keeps the error's own kind
     return outcome[1]
 
 

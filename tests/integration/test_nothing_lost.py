@@ -655,3 +655,25 @@ def test_output_dir_on_the_command_line_leaves_no_empty_hydra_folder(good_run, t
                             f"output_dir={tmp_path / 'x'}", "--cfg", "job"], capture_output=True, text=True,
                            cwd=tmp_path, env=env, timeout=300)
     assert shown.returncode == 0 and f"output_dir: {tmp_path / 'x'}" in shown.stdout, shown.stderr
+
+
+def test_two_runs_started_together_into_one_directory_one_owns_it_the_other_is_refused(tmp_path, uninterrupted):
+    """Two real processes into one hydra.run.dir, started together with different seeds: the first to its checks
+    owns the directory for its lifetime (a lock the kernel drops if it dies); the other stops at once with one line
+    naming the holder or the finished run, and writes nothing there. The owner's run is the uninterrupted one."""
+    run_dir = tmp_path / "shared"
+    first = _train_process(run_dir)
+    second = _train_process(run_dir, "seed=7")
+    codes = {first.wait(timeout=600), second.wait(timeout=600)}
+    errors = {p: p.stderr.read() for p in (first, second)}
+    assert codes == {0, 2}, errors
+    owner, refused = (first, second) if first.returncode == 0 else (second, first)
+    lines = [line for line in errors[refused].splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and ("is in use by another run right now (pid " in lines[0]
+                                or "already holds a run" in lines[0]), errors[refused]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["seed"] == (42 if owner is first else 7)
+    if owner is first:  # the run is the seed-42 run, whole
+        for key in COMPARED:
+            assert metrics.get(key) == uninterrupted.get(key), key
+    assert not (run_dir / ".finetune.lock").exists() and not list(run_dir.glob("failed-*"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from finetune.runs import RunWriter
 from finetune.training import stages
 from finetune.training.job import _RunLog
@@ -44,3 +46,25 @@ def test_each_stage_can_be_called_alone_and_adds_what_it_names(tiny_cfg):
         run_log.close()
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["status"] == "ok" and (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_run_directory_has_one_owner_at_a_time(tmp_path):
+    """The lock is taken before the directory is checked; a second writer is refused at once naming the holder,
+    touching nothing; once the owner lets go (or dies: the kernel drops a flock) the directory is free again."""
+    import os
+
+    from finetune.runs import LOCK_FILE, RunDirBusy, RunWriter
+
+    run_dir = tmp_path / "run"
+    owner = RunWriter(run_dir, resume=False, overwrite=False)
+    owner.check()
+    assert f"pid {os.getpid()}" in (run_dir / LOCK_FILE).read_text()
+    other = RunWriter(run_dir, resume=False, overwrite=False)
+    with pytest.raises(RunDirBusy, match=rf"output_dir={run_dir} is in use by another run right now \(pid {os.getpid()}"):
+        other.check()
+    assert (run_dir / LOCK_FILE).exists()  # the refused writer removed nothing of the owner's
+    owner.release()
+    assert not run_dir.exists()  # made by the lock, never used: gone again
+    again = RunWriter(run_dir, resume=False, overwrite=False)
+    again.check()
+    again.release()
