@@ -88,7 +88,10 @@ def load_splits(dcfg: Mapping, seed: int) -> DataSplits:
             "set dataset.path=<file or folder> (json / jsonl / csv / parquet)"
         )
 
-    splits = _fill_missing_splits(splits, dcfg, label_key)
+    try:
+        splits = _fill_missing_splits(splits, dcfg, label_key)
+    except FinetuneError as exc:  # which data it could not split
+        raise FinetuneError(f"dataset {kind!r} from {source}: {exc}") from None
     for split in SPLITS:
         splits[split] = _subset(splits[split], caps[split], seed, label_key)
     if not splits["train"]:

@@ -59,7 +59,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     Raises:
         FinetuneError: a user error (bad value, file, combination); anything else a run can raise.
     """
-    from finetune.runs import RunDirHeld, RunWriter, atomic_write_json, holds_run
+    from finetune.runs import REFUSED, RunWriter, atomic_write_json, holds_run
     from finetune.training import distributed
     from finetune.training.checkpoints import requeued_resume, resolve_resume  # light: no Trainer import
 
@@ -77,7 +77,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     except BaseException as exc:
         if not distributed.is_main():  # rank 0 records the failure; the others only stop
             raise
-        if isinstance(exc, RunDirHeld):  # the directory is another run's: nothing of this attempt is written there
+        if isinstance(exc, REFUSED):  # the directory is another run's: nothing of this attempt is written there
             log.error("run refused: %s", str(exc).splitlines()[0])
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from finetune.errors import FinetuneError, RunInterrupted, print_error, say
-from finetune.runs import RunDirHeld
+from finetune.runs import REFUSED
 from finetune.training.job import run
 
 log = logging.getLogger("finetune.cli.train")
@@ -94,7 +94,7 @@ def _run_and_record(cfg: DictConfig) -> float:
             _exit_interrupted(exc)
         except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded in metrics.json by run()
             metrics = {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                       "refused": isinstance(exc, RunDirHeld)}
+                       "refused": isinstance(exc, REFUSED)}
         from finetune.report.hydra_callback import note_job_outcome
 
         note_job_outcome(job, metrics.get("status"), metrics.get("error"), bool(metrics.get("refused")))
