@@ -275,7 +275,10 @@ def _body(argv: list[str]) -> int:
         out = check_out_path(str(out), kind="file", command="finetune-chat", owned_file=answers_file)
     session = Session(args["run"], opts, quant)
     if prompts is not None:
-        n = batch(session, prompts, out)
+        from finetune.platform.locks import out_lock
+
+        with out_lock(out):  # two batches into one answers file never both write it
+            n = batch(session, prompts, out)
         say(f"wrote {n} answers to {out}")
     elif args["prompt"] is not None:
         session.answer(args["prompt"], stream=True)

@@ -149,7 +149,16 @@ def check_eval_out(own: dict, default_name: str | None = None) -> Path | None:
 
 
 def _body(argv: list[str]) -> int:
+    import contextlib
+
+    from finetune.platform.locks import out_lock
+
     own, overrides = check_args(argv)
+    with out_lock(own["out"]) if own.get("out") else contextlib.nullcontext():
+        return _evaluate(own, overrides)
+
+
+def _evaluate(own: dict, overrides: list[str]) -> int:
     out = check_eval_out(own)
     result = evaluate_run(own["run"], overrides, own["split"], own["batch_size"])
     if out is None:  # the default name depends on what was scored

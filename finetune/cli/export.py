@@ -39,10 +39,13 @@ def _body(argv: list[str]) -> int:
     args = check_args(argv)
     if args["threads"]:
         torch.set_num_threads(args["threads"])
+    from finetune.platform.locks import out_lock
+
     try:
-        export_run(args["run"], args["format"], args["out"], args["max_samples"], args["latency_tokens"],
-                   args["latency_reps"], args["overwrite"], args["granularity"], args["scale"], args["threads"],
-                   args["float_reference"])
+        with out_lock(args["out"]):  # two exports into one out= never both write it
+            export_run(args["run"], args["format"], args["out"], args["max_samples"], args["latency_tokens"],
+                       args["latency_reps"], args["overwrite"], args["granularity"], args["scale"], args["threads"],
+                       args["float_reference"])
     except ExportCheckFailed as exc:
         print_error(exc, "; nothing was written")
         return 1

@@ -29,9 +29,12 @@ def check_args(argv: list[str]) -> dict:
 
 
 def _body(argv: list[str]) -> int:
+    from finetune.platform.locks import out_lock
+
     args = check_args(argv)
     try:
-        merge_run(args["run"], args["out"], args["dtype"], args["check"], args["overwrite"], args["base"])
+        with out_lock(args["out"]):  # two merges into one out= never both write it
+            merge_run(args["run"], args["out"], args["dtype"], args["check"], args["overwrite"], args["base"])
     except MergeCheckError as exc:
         print_error(exc)
         return 1

@@ -460,3 +460,21 @@ def test_a_runs_own_config_never_switches_remote_code_on(runs, command, tmp_path
             assert merge_cli.main([*argv[1], "trust_remote_code=true"]) == 0 and (out / "config.json").is_file()
     finally:
         allow_remote_code(False)
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_out_has_one_writer_at_a_time(runs, command, tmp_path, capsys):
+    """While one command writes out= (here: this process holds its lock, as a first merge would), a second command
+    given the same out= is refused at once with one line naming the holder, and writes nothing."""
+    import os
+
+    from finetune.platform.locks import out_lock
+
+    out = tmp_path / "out"
+    main, argv = {"merge": (merge_cli.main, [f"run={runs['lora']}", f"out={out}"]),
+                  "export": (export_cli.main, [f"run={runs['lora']}", "format=int8", f"out={out}"])}[command]
+    with out_lock(out):
+        line = _one_error_line(capsys, main(argv))
+        assert f"out={out} is being written by another command right now (pid {os.getpid()}:" in line
+        assert not out.exists()
+    assert not list(tmp_path.glob(".out.finetune.lock"))  # the holder removed its lock file
