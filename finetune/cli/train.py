@@ -50,12 +50,38 @@ def main() -> None:
     for a bad option, key or value, before anything is written), then Hydra runs."""
     try:
         check_args(sys.argv[1:])
+        sweep_lock = hold_sweep_dir(sys.argv[1:])
     except FinetuneError as exc:
         print_error(exc)
         sys.exit(2)
     sys.argv[1:] = run_dir_follows_output_dir(sys.argv[1:])
-    hydra_main()
+    try:
+        hydra_main()
+    finally:
+        if sweep_lock is not None:
+            sweep_lock.release()
     exit_after_sweep()
+
+
+def hold_sweep_dir(argv: list[str]):
+    """A sweep given its folder (``hydra.sweep.dir=D``) owns it while it runs, as a run owns its directory: a second
+    sweep started into ``D`` meanwhile stops before Hydra writes anything there. (The default folder has the time
+    in its name.) Returns the held lock, or None.
+
+    Raises:
+        FinetuneError: another sweep holds the folder (naming its pid and command).
+    """
+    from finetune.platform.locks import RunDirLock
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
+    sweep = any(a in ("-m", "--multirun") or a.startswith("+sweep=") for a in argv)
+    if not (sweep and given and given[-1] and "${" not in given[-1]):
+        return None
+    lock = RunDirLock(given[-1])
+    lock.busy = (f"hydra.sweep.dir={given[-1]} is in use by another sweep right now ({{holder}}); wait for it to "
+                 "end, or give another hydra.sweep.dir")
+    lock.acquire()
+    return lock
 
 
 def exit_after_sweep() -> None:

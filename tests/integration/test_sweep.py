@@ -64,3 +64,25 @@ def test_a_sweep_whose_jobs_are_all_refused_exits_1_and_keeps_the_earlier_report
     assert "already holds a run" in last
     assert (sweep_dir / "comparison.md").read_bytes() == report
     assert {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()} == runs
+
+
+def test_a_sweep_folder_has_one_owner_at_a_time(tmp_path):
+    """While a sweep runs in hydra.sweep.dir (here this process holds the folder, as that sweep would), a second
+    sweep into it stops before Hydra writes anything there: one line naming the holder, exit status 2."""
+    import os
+
+    from finetune.platform.locks import RunDirLock
+
+    sweep_dir = tmp_path / "sweep"
+    held = RunDirLock(sweep_dir)
+    held.acquire()
+    try:
+        proc = cli("finetune.cli.train", "-m", *TINY, f"dataset.path={shared('chnsenticorp')}", "lora.r=4,8",
+                   f"hydra.sweep.dir={sweep_dir}", check=False)
+    finally:
+        before = sorted(p.name for p in sweep_dir.iterdir())
+        held.release()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: hydra.sweep.dir={sweep_dir} is in use by another sweep right now (pid {os.getpid()}:")
+    assert before == [".finetune.lock"]  # nothing of the second sweep: no multirun.yaml, no job folder
