@@ -77,9 +77,8 @@ def hold_sweep_dir(argv: list[str]):
     sweep = any(a in ("-m", "--multirun") or a.startswith("+sweep=") for a in argv)
     if not (sweep and given and given[-1] and "${" not in given[-1]):
         return None
-    lock = RunDirLock(given[-1])
-    lock.busy = (f"hydra.sweep.dir={given[-1]} is in use by another sweep right now ({{holder}}); wait for it to "
-                 "end, or give another hydra.sweep.dir")
+    lock = RunDirLock(given[-1], busy=f"hydra.sweep.dir={given[-1]} is in use by another sweep right now "
+                                      "({holder}); wait for it to end, or give another hydra.sweep.dir")
     lock.acquire()
     return lock
 

@@ -181,20 +181,25 @@ def output_cache(output):
     return output.get("past_key_values") if cache is None else cache
 
 
-def prefix_shared_logits(model, inputs: dict, keep, length: int):
-    """The logits at ``keep`` of a right-padded, mask-free batch whose rows share their first ``length`` tokens,
-    the prefix run once (one row) and its keys and values repeated for every row (a differentiable repeat: the
-    rows' gradients reach the prefix and sum there, as they would from ``B`` identical copies)."""
+def _after_shared_prefix(model, inputs: dict, length: int) -> dict:
+    """The prefix every row shares, run once (one row), its keys and values repeated for every row (a
+    differentiable repeat: the rows' gradients reach the prefix and sum there, as from ``B`` identical copies):
+    the keyword arguments of the pass over the rows' rest (``input_ids[:, length:]``, positions, the cache)."""
     import torch
 
     ids = inputs["input_ids"]
     rest = {k: v for k, v in inputs.items() if k != "input_ids"}
     cache = output_cache(model(input_ids=ids[:1, :length], use_cache=True, logits_to_keep=1, **rest))
     cache.batch_repeat_interleave(ids.shape[0])
-    positions = torch.arange(length, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
     rest[cache_argument(model)] = cache
-    return model(input_ids=ids[:, length:], position_ids=positions, use_cache=True, logits_to_keep=keep[:, length:],
-                 **rest).logits
+    positions = torch.arange(length, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    return {"input_ids": ids[:, length:], "position_ids": positions, "use_cache": True, **rest}
+
+
+def prefix_shared_logits(model, inputs: dict, keep, length: int):
+    """The logits at ``keep`` of a right-padded, mask-free batch whose rows share their first ``length`` tokens,
+    the prefix run once (:func:`_after_shared_prefix`)."""
+    return model(**_after_shared_prefix(model, inputs, length), logits_to_keep=keep[:, length:]).logits
 
 
 def prefix_shared_rows(model, inputs: dict, index, length: int, width: int):
@@ -203,17 +208,11 @@ def prefix_shared_rows(model, inputs: dict, index, length: int, width: int):
     collator's :attr:`BatchLayout.shared_prefix`). Every size is known on the host: nothing waits for the device."""
     import torch
 
-    ids = inputs["input_ids"]
-    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
-    cache = output_cache(model(input_ids=ids[:1, :length], use_cache=True, logits_to_keep=1, **rest))
-    cache.batch_repeat_interleave(ids.shape[0])
-    rest[cache_argument(model)] = cache
-    positions = torch.arange(length, width, device=ids.device).expand(ids.shape[0], -1)
-    # The suffix pass holds positions length .. width - 1 of each row: b x width + t is b x (width - length) + t - length.
+    # The second pass holds positions length .. width - 1 of each row: b x width + t is b x (width - length) + t - length.
     suffix_index = index - (torch.div(index, width, rounding_mode="floor") + 1) * length
+    rest = _after_shared_prefix(model, inputs, length)
     with head_rows(model, suffix_index):
-        return model(input_ids=ids[:, length:], position_ids=positions, use_cache=True, logits_to_keep=0,
-                     **rest).logits
+        return model(**rest, logits_to_keep=0).logits
 
 
 def right_padded(mask) -> bool:

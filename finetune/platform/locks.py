@@ -63,11 +63,12 @@ class FileLock:
 class RunDirLock(FileLock):
     """One owner per run directory: ``<dir>/.finetune.lock``, held for the run's lifetime."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, busy: str | None = None):
         self.run_dir = Path(run_dir)
         self.created_dir = False
-        super().__init__(self.run_dir / LOCK_FILE, f"output_dir={self.run_dir} is in use by another run right now "
-                                                   "({holder}); wait for it to end, or give another hydra.run.dir")
+        super().__init__(self.run_dir / LOCK_FILE, busy or f"output_dir={self.run_dir} is in use by another run right "
+                                                           "now ({holder}); wait for it to end, or give another "
+                                                           "hydra.run.dir")
 
     def acquire(self) -> None:
         if not self.run_dir.exists():

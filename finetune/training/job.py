@@ -91,7 +91,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
             log.error("job failed:\n%s", traceback.format_exc())
         # Stopped on request (a signal after its checkpoint, or Ctrl-C) is not a failure of the run: resume it.
         stopped = isinstance(exc, (RunInterrupted, KeyboardInterrupt))
-        failure = {"status": "interrupted" if stopped else "failed", "job": job, "error": message or "Ctrl-C",
+        if isinstance(exc, KeyboardInterrupt):
+            message = "stopped by Ctrl-C outside a training step (no checkpoint of it)"
+        failure = {"status": "interrupted" if stopped else "failed", "job": job, "error": message,
                    "error_type": type(exc).__name__,
                    "overrides": overrides or []}
         if not writer.started and not holds_run(run_dir):  # a fresh directory: nothing there to lose
