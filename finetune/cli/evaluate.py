@@ -69,6 +69,24 @@ def check_args(argv: list[str]) -> tuple[dict, list[str]]:
     return own, overrides
 
 
+def what_is_scored(dcfg, split: str) -> tuple[Path | None, str]:
+    """The file scored whole (or None: a split of a folder or hub source) and the name the result goes by."""
+    as_choice("split", split, SPLITS)
+    source_path = Path(str(dcfg.path)).expanduser() if dcfg.get("path") else None
+    if source_path is not None and source_path.is_file():
+        return source_path, source_path.stem
+    return None, split
+
+
+def default_out(run_dir: str, overrides: list[str], split: str) -> str:
+    """``<run>/eval-<split or file stem>.json``, known before anything is scored (so it can be held meanwhile)."""
+    from finetune.runs import run_config
+
+    path, cfg = run_config(run_dir)
+    dcfg = OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
+    return str(path / f"eval-{what_is_scored(dcfg, split)[1]}.json")
+
+
 def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_size: int | None = None) -> dict:
     """Score a run on a split or file; returns the result dict (also what the CLI writes)."""
     from finetune.data import load_splits, read_rows, tokenize_split, validate_rows
@@ -83,15 +101,14 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
 
     check_dataset_keys(overrides, leaf_keys(cfg.dataset))
     dcfg = OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
-    as_choice("split", split, SPLITS)
-    source_path = Path(str(dcfg.path)).expanduser() if dcfg.get("path") else None
-    if source_path is not None and source_path.is_file():
+    source_path, scored = what_is_scored(dcfg, split)
+    if source_path is not None:
         rows = validate_rows(read_rows(source_path), dcfg, str(source_path))
-        source, scored = f"file:{source_path.resolve()}", source_path.stem
+        source = f"file:{source_path.resolve()}"
     else:
         splits = load_splits(dcfg, cfg.seed)
         rows = getattr(splits, split)
-        source, scored = splits.source, split
+        source = splits.source
     if not rows:
         raise FinetuneError(f"no rows to score in {source} ({split})")
 
@@ -149,20 +166,19 @@ def check_eval_out(own: dict, default_name: str | None = None) -> Path | None:
 
 
 def _body(argv: list[str]) -> int:
-    import contextlib
-
     from finetune.platform.locks import out_lock
 
     own, overrides = check_args(argv)
-    with out_lock(own["out"]) if own.get("out") else contextlib.nullcontext():
+    given = bool(own.get("out"))
+    if not given:  # the run's own result file, held while this command scores, as out= is
+        own["out"] = default_out(own["run"], overrides, own["split"])
+    with out_lock(own["out"], key="out" if given else None):
         return _evaluate(own, overrides)
 
 
 def _evaluate(own: dict, overrides: list[str]) -> int:
     out = check_eval_out(own)
     result = evaluate_run(own["run"], overrides, own["split"], own["batch_size"])
-    if out is None:  # the default name depends on what was scored
-        out = check_eval_out(own, f"eval-{result['scored']}.json")
     atomic_write_json(out, {"written_by": WRITTEN_BY, **result})
     print(json.dumps(result, indent=2))
     say(f"wrote {out}")

@@ -87,9 +87,10 @@ class RunDirLock(FileLock):
 
 
 @contextlib.contextmanager
-def out_lock(out: str | Path, key: str = "out") -> Iterator[None]:
+def out_lock(out: str | Path, key: str | None = "out") -> Iterator[None]:
     """Hold ``out`` (a file or folder a command writes) for the block: a lock file beside it,
     ``.<name>.finetune.lock``, so two commands given one ``out=`` never both write it (the second is refused at once).
+    ``key`` names the argument in the refusal (None: a path the person did not give, named as it is).
 
     Raises:
         RunDirBusy: another command is writing ``out`` right now.
@@ -97,8 +98,8 @@ def out_lock(out: str | Path, key: str = "out") -> Iterator[None]:
     target = Path(out).expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(target.parent / f".{target.name}.finetune.lock",
-                    f"{key}={out} is being written by another command right now ({{holder}}); wait for it to end, "
-                    "or give another path")
+                    f"{f'{key}=' if key else ''}{out} is being written by another command right now ({{holder}}); "
+                    f"wait for it to end, or give {'another path' if key else 'out=<another file>'}")
     lock.acquire()
     try:
         yield

@@ -127,6 +127,10 @@ class ReportCallback(Callback):
     def __init__(self, kind: str | None = None, metric: str | None = None, wandb: bool = True) -> None:
         self.kind, self.metric, self.wandb = kind, metric, wandb
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global SWEEP_UNDER_WAY
+        SWEEP_UNDER_WAY = (self, config)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Build the report for ``config.hydra.sweep.dir``; failures become a logged warning.
 
@@ -134,6 +138,8 @@ class ReportCallback(Callback):
             config: the sweep's composed config (with its ``hydra`` node).
             **kwargs: unused (Hydra passes ``config_name``).
         """
+        global SWEEP_UNDER_WAY
+        SWEEP_UNDER_WAY = None
         try:
             sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
             if not sweep_dir:
@@ -153,6 +159,21 @@ class ReportCallback(Callback):
             images = [report.paths["plot"]] if "plot" in report.paths else []
             log_table_to_wandb(report.runs, config, table=report.comparison.table, images=images,
                                sweep_dir=sweep_dir, summary=report.comparison.summary)
+
+
+# The report callback and config of a sweep that started in this process and has not ended (None otherwise).
+SWEEP_UNDER_WAY: tuple[ReportCallback, DictConfig] | None = None
+
+
+def report_stopped_sweep() -> None:
+    """A sweep stopped by a signal (its job saved a checkpoint and stopped; no other job starts) never reaches
+    Hydra's end of multirun: write its report here, listing what ran, the stopped job as ``interrupted``."""
+    global SWEEP_UNDER_WAY
+    started, SWEEP_UNDER_WAY = SWEEP_UNDER_WAY, None
+    if started is not None:
+        callback, config = started
+        log.warning("the sweep stopped before its last job: writing the report of the jobs that ran")
+        callback.on_multirun_end(config)
 
 
 @dataclass
@@ -208,12 +229,28 @@ def sweep_outcome(sweep_dir: str | os.PathLike) -> SweepOutcome:
 class SweepOutcomeCallback(Callback):
     """Hydra callback: when a multirun ends, record in :data:`LAST_SWEEP` which of its jobs did not finish."""
 
+    def __init__(self) -> None:
+        self.kept: tuple[Path, bytes] | None = None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Forget the last sweep; keep the bytes of an earlier sweep's multirun.yaml in this folder (Hydra rewrites
+        it next), to put back if this sweep makes no run."""
         global LAST_SWEEP
         LAST_SWEEP = None
         JOB_OUTCOMES.clear()
+        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+        record = Path(str(sweep_dir)) / "multirun.yaml" if sweep_dir else None
+        self.kept = (record, record.read_bytes()) if record is not None and record.is_file() else None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Note the outcome in :data:`LAST_SWEEP`; when every job was refused, the folder's records stay those of
+        the runs it holds: the earlier multirun.yaml is put back."""
         global LAST_SWEEP
         sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
         LAST_SWEEP = sweep_outcome(sweep_dir) if sweep_dir else None
+        if self.kept is not None and nothing_ran():
+            from finetune.runs import atomic_write_text
+
+            record, text = self.kept
+            atomic_write_text(record, text.decode())
+        self.kept = None

@@ -113,7 +113,11 @@ def _run_and_record(cfg: DictConfig) -> float:
 
 def _exit_interrupted(exc: RunInterrupted) -> None:
     """Training stopped on SIGTERM / SIGUSR1 / SIGINT after saving a checkpoint (recorded in metrics.json): one line, and
-    the exit status of a process ended by that signal (128 + its number), as schedulers expect."""
+    the exit status of a process ended by that signal (128 + its number), as schedulers expect. A sweep stopped so
+    writes its report first (what ran, this job as interrupted)."""
+    from finetune.report.hydra_callback import report_stopped_sweep
+
+    report_stopped_sweep()
     say(f"finetune-train: {exc}")
     if exc.then is not None:  # e.g. submitit's: requeue the SLURM job, then exit
         exc.then(exc.signum, None)

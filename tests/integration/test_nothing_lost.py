@@ -7,6 +7,7 @@ included), a few cases again as subprocesses.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -427,7 +428,8 @@ def test_a_stop_signal_to_a_sweep_stops_its_job_with_a_checkpoint_and_starts_no_
     """SIGTERM to the sweep's own process alone (jobs isolated in processes of their own) while job 0 trains: it is
     passed on to the job, which saves a checkpoint of its step and stops; job 1 never starts; exit status 143.
     Ctrl-C, which a terminal sends to its whole foreground process group (the sweep and its job), does the same once
-    (exit status 130): the job saves its step and stops, no other job starts."""
+    (exit status 130): the job saves its step and stops, no other job starts. Either way the sweep's report is
+    written, listing the job that ran as interrupted."""
     sweep = tmp_path / "sweep"
     args = ["-m", *RESUME, f"dataset.path={shared('chnsenticorp')}", f"hydra.sweep.dir={sweep}", "lora.r=4,8"]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -450,6 +452,9 @@ def test_a_stop_signal_to_a_sweep_stops_its_job_with_a_checkpoint_and_starts_no_
     assert 3 <= step < 16 and (sweep / "0" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert last == f"finetune-train: job 0: {stopped['error']}; the sweep stopped on {name} before its next job"
     assert not (sweep / "1").exists()
+    # the report lists what ran: the stopped job, as interrupted
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "interrupted")], rows
 
 
 def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):

@@ -49,20 +49,21 @@ def test_multirun_records_failures_and_writes_the_report(tmp_path):
 
 
 def test_a_sweep_whose_jobs_are_all_refused_exits_1_and_keeps_the_earlier_report(tmp_path):
-    """The same -m command twice with one hydra.sweep.dir: the second refuses both jobs (their finished runs are
-    kept), exits 1 with one line naming them, and leaves the first sweep's report as it was."""
+    """The -m command twice with one hydra.sweep.dir: the second refuses both jobs (their finished runs are
+    kept), exits 1 with one line naming them, and leaves the first sweep's report and multirun.yaml as they were."""
     sweep_dir = tmp_path / "sweep"
     args = ["finetune.cli.train", "-m", *TINY, f"dataset.path={shared('chnsenticorp')}", "lora.r=4,8",
             f"hydra.sweep.dir={sweep_dir}"]
     assert cli(*args, check=False).returncode == 0
-    report = (sweep_dir / "comparison.md").read_bytes()
+    report, record = (sweep_dir / "comparison.md").read_bytes(), (sweep_dir / "multirun.yaml").read_bytes()
     runs = {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()}
-    again = cli(*args, check=False)
+    again = cli(*args, "seed=7", check=False)  # a different command: Hydra writes its own multirun.yaml first
     assert again.returncode == 1, again.stderr[-3000:]
     last = again.stderr.strip().splitlines()[-1]
     assert last.startswith("finetune-train: 2 of 2 jobs of the sweep failed: job 0 (output_dir=") and "job 1 (" in last
     assert "already holds a run" in last
     assert (sweep_dir / "comparison.md").read_bytes() == report
+    assert (sweep_dir / "multirun.yaml").read_bytes() == record  # the record of the sweep that made the runs
     assert {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()} == runs
 
 

@@ -478,3 +478,48 @@ def test_out_has_one_writer_at_a_time(runs, command, tmp_path, capsys):
         assert f"out={out} is being written by another command right now (pid {os.getpid()}:" in line
         assert not out.exists()
     assert not list(tmp_path.glob(".out.finetune.lock"))  # the holder removed its lock file
+
+
+def test_evals_default_result_file_has_one_writer_at_a_time(runs, capsys):
+    """finetune-eval without out= writes <run>/eval-<split>.json: that file is held while it scores, so a second
+    finetune-eval of the same run and split is refused at once (one line naming the holder) instead of both writing
+    it; another split's file is free."""
+    import os
+
+    from finetune.cli import evaluate as eval_cli
+    from finetune.platform.locks import out_lock
+
+    result = runs["lora"] / "eval-test.json"
+    before = snapshot(runs["lora"])
+    with out_lock(result):
+        line = _one_error_line(capsys, eval_cli.main([f"run={runs['lora']}"]))
+        assert line.startswith(f"error: {result} is being written by another command right now (pid {os.getpid()}:")
+        assert line.endswith("wait for it to end, or give out=<another file>")
+        during = snapshot(runs["lora"])
+        assert during.pop(f".{result.name}.finetune.lock") and during == before  # only the holder's lock file
+    assert snapshot(runs["lora"]) == before
+
+
+def test_two_merges_started_together_into_one_out_one_writes_it_the_other_is_refused(runs, tmp_path):
+    """Two real finetune-merge processes given one out=, started together: one writes the merged model, the other
+    stops with one error line (the first holds out=, or has already written it) and exit status 2; out= holds one
+    whole merge, as a merge run alone writes it."""
+    import os
+    import subprocess
+
+    out, alone = tmp_path / "merged", tmp_path / "alone"
+    assert merge_cli.main([f"run={runs['lora']}", f"out={alone}", "check=false"]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "finetune.cli.merge", f"run={runs['lora']}", f"out={out}",
+                               "check=false"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    refused = next(err for rc, err in results if rc == 2)
+    errors = [line for line in refused.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in refused, refused
+    assert f"out={out} is being written by another command right now" in errors[0] or "exists" in errors[0], errors
+    assert load_file(out / "model.safetensors").keys() == load_file(alone / "model.safetensors").keys()
+    for name, tensor in load_file(alone / "model.safetensors").items():
+        assert torch.equal(load_file(out / "model.safetensors")[name], tensor), name
+    assert not list(tmp_path.glob(".*.finetune.lock"))
