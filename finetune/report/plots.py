@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from finetune.report.collect import ok_rows
 from finetune.report.format import cell_text, fmt_metric, is_fraction_metric, metric_label
 from finetune.report.qat import by_scheme, low_bit_label, mean_and_se, qat_scores, replicated
-from finetune.report.tables import GRID_AXES, METHOD_ORDER, TARGET_ORDER, Comparison, sort_by_order
+from finetune.report.tables import GRID_AXES, METHOD_ORDER, TARGET_ORDER, Comparison, sort_by_order, varying_overrides
 
 DPI = 120
 _FP_COLOR, _INT8_COLOR, _BAR_COLOR, _BASE_COLOR = "#4C72B0", "#DD8452", "#4C72B0", "#55A868"
@@ -31,8 +31,8 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _title(text: str, width: int = 70) -> str:
-    return "\n".join(textwrap.wrap(text, width))
+def _title(text: str, width: int = 70, lines: int = 3) -> str:
+    return "\n".join(textwrap.wrap(textwrap.shorten(text, width * lines, placeholder=" …"), width))
 
 
 def _axis_label(metric: str) -> str:
@@ -265,7 +265,8 @@ def plot_generic(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
     if ok.empty:
         return None
     values = _as_display(metric, ok[metric])
-    labels = [textwrap.shorten(f"{j}: {o or 'defaults'}", 40) for j, o in zip(ok["job"], ok["overrides"])]
+    label = dict(zip(df.index, varying_overrides(df["overrides"])))
+    labels = [textwrap.shorten(f"{j}: {label[i]}", 40) for i, j in zip(ok.index, ok["job"])]
     fig = _figure(7.5, 1.2 + 0.45 * len(ok))
     ax = fig.add_subplot()
     bars = ax.barh(labels, values, color=_BAR_COLOR)

@@ -337,6 +337,15 @@ def _lora_grid(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison
     return Comparison("lora_grid", metric, higher, _table(rows, headers), takeaway)
 
 
+def varying_overrides(overrides: pd.Series) -> list[str]:
+    """Each job's overrides less those every job shares (the part that tells the jobs apart); ``same overrides``
+    where nothing differs, ``defaults`` where a job has none."""
+    split = [str(o or "").split() for o in overrides]
+    shared = set.intersection(*(set(s) for s in split)) if len(split) > 1 else set()
+    out = [" ".join(o for o in s if o not in shared) for s in split]
+    return [text or ("same overrides" if s else "defaults") for text, s in zip(out, split)]
+
+
 def _generic(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
     metrics = _task_metrics(df, metric)
     headers = ["Job", "Overrides", "Method", "Status"] + [_headed(m) for m in metrics] \
@@ -355,9 +364,10 @@ def _generic(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparison:
         takeaway = f"{len(ok)} of {len(df)} jobs finished; none reports a metric."
     else:
         values = pd.to_numeric(scored[metric])
-        best = scored.loc[values.idxmax() if higher else values.idxmin()]
-        takeaway = (f"Best of {len(scored)} runs: job {best['job']} ({best.get('overrides') or 'defaults'})"
-                    f" with {metric_text(metric, best[metric])}")
+        label = dict(zip(df.index, varying_overrides(df.get("overrides", pd.Series([""] * len(df), df.index)))))
+        best = values.idxmax() if higher else values.idxmin()
+        takeaway = (f"Best of {len(scored)} runs: job {scored.loc[best, 'job']} ({label[best]})"
+                    f" with {metric_text(metric, scored.loc[best, metric])}")
     return Comparison("generic", metric, higher, _table(rows, headers), takeaway)
 
 

@@ -685,3 +685,20 @@ def test_sweep_outcome_names_every_job_that_did_not_finish(tmp_path: Path) -> No
     write_job(ok, 0, ["lora.r=4"], cls_metrics("lora", "none", 3000.0, 500.0, 0.8, 100))
     callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(ok)}}}))
     assert hydra_callback.LAST_SWEEP.failed == []
+
+
+def test_a_generic_report_names_each_job_by_what_sets_it_apart(tmp_path: Path) -> None:
+    """Overrides every job shares (the sweep's common settings) say nothing about which job won: the takeaway and the
+    plot's labels keep only those that differ, and say so where none does."""
+    from finetune.report.tables import varying_overrides
+
+    common = ["model=tiny", "trainer.max_steps=2", "dataset.path=/data/x"]
+    sweep = tmp_path / "sweep"
+    write_job(sweep, 0, [*common, "seed=0"], cls_metrics("lora", "none", 2000.0, 1000.0, 0.80, 811_008))
+    write_job(sweep, 1, [*common, "seed=1"], cls_metrics("lora", "none", 2000.0, 1000.0, 0.85, 811_008, seed=1))
+    report = generate_report(sweep, "generic")
+    assert report.comparison.takeaway.startswith("Best of 2 runs: job 1 (seed=1) with ")
+    assert "model=tiny" not in report.comparison.takeaway and report.paths["plot"].is_file()
+    assert varying_overrides(pd.Series(["a=1 b=2", "a=1 b=2"])) == ["same overrides", "same overrides"]
+    assert varying_overrides(pd.Series(["", "a=1"])) == ["defaults", "a=1"]
+    assert varying_overrides(pd.Series(["a=1 b=2"])) == ["a=1 b=2"]
