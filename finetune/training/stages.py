@@ -281,8 +281,8 @@ def _training_figures(job: Job, meter, trainer, steps: int) -> None:
         # Which steps this process trained: the figures above cover the whole run, these say it was resumed.
         st = trainer._resumed_state or {}
         m["resumed_from"] = {"checkpoint": str(job.resume), "step": st.get("global_step")}
-    if distributed.launched():
-        strategy = str(job.cfg.get("distributed", {}).get("strategy", "none"))
+    strategy = str(job.cfg.get("distributed", {}).get("strategy", "none"))
+    if distributed.launched() or strategy != "none":  # also one process under torchrun with a strategy set
         m["distributed"] = {**distributed.describe(strategy), "per_rank": [
             {**r, "train_runtime_s": round(r["train_runtime_s"], 2),
              "tokens_per_s": round(r["tokens"] / r["train_runtime_s"], 2) if r["train_runtime_s"] > 0 else 0.0}
