@@ -104,13 +104,22 @@ def test_a_sweep_is_one_array_and_a_job_signalled_before_its_limit_is_requeued_a
               "job 0's first checkpoint", proc)
     subprocess.run(["scancel", "--signal=USR2", f"{array}_0"], env=slurm, check=True, timeout=60)
 
-    def held_back() -> bool:  # SLURM holds a requeued job back (its begin time) about two minutes
+    def queue_state() -> str:
         return subprocess.run(["squeue", "-h", "-j", f"{array}_0", "-o", "%T %r"], env=slurm, capture_output=True,
-                              text=True, timeout=60).stdout.strip() == "PENDING BeginTime"
+                              text=True, timeout=60).stdout.strip()
 
-    _wait_for(held_back, "job 0's requeue", proc)
-    # Let it start now: the scheduler would after that delay; this saves the test's time only.
-    subprocess.run(["scontrol", "update", f"JobId={array}_0", "StartTime=now"], env=slurm, check=True, timeout=60)
+    _wait_for(lambda: "REQUEUED" in {r["State"] for r in _sacct(slurm, f"{array}_0")}, "job 0's requeue", proc)
+    # SLURM holds a requeued job back about two minutes (its begin time) once the first run has completed; let it
+    # start now (the scheduler would after that delay: this saves the test's time only).
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        state = queue_state()
+        if state == "PENDING BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={array}_0", "StartTime=now"], env=slurm, timeout=60)
+            break
+        if state.startswith("RUNNING") or not state:
+            break
+        time.sleep(0.1)
     output = proc.communicate(timeout=600)[0]  # Hydra's log and the command's own lines
     assert proc.returncode == 0, output[-3000:]
 
