@@ -21,7 +21,6 @@ in ``--out`` (``summary.md``, ``summary.json``, each job's output). Nothing is d
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -145,16 +144,9 @@ def _table(results: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for every job's results and summary.md")
-    parser.add_argument("--dry-run", action="store_true", help="the tiny model on whatever machine this is")
-    parser.add_argument("--only", default=None, help="comma-separated job names to run (default: all)")
-    args = parser.parse_args(argv)
-    listed = jobs(args.dry_run)
-    selected = [j for j in listed if args.only is None or j[0] in args.only.split(",")]
-    if not selected:
-        parser.error(f"--only {args.only}: no such job; jobs: {', '.join(j[0] for j in listed)}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    from speed import parse_args  # the sibling script's options (run as a script: its folder is on the path)
+
+    args, selected = parse_args(__doc__, jobs, argv)
     results = []
     for name, command, limit, refusal in selected:
         results.append(run_job(name, command, limit, refusal, args.dry_run, args.out))

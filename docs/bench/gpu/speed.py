@@ -81,16 +81,24 @@ def run_job(name: str, command: list[str], limit: int, out: Path) -> dict:
             "command": " ".join(command), "table": table}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str, listing, argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple]]:
+    """The GPU scripts' shared options (``--out``, ``--dry-run``, ``--only``) and the jobs they select from
+    ``listing(dry_run)`` (tuples whose first item is the job's name); exit status 2 for an unknown job."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for every job's results and summary.md")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on whatever machine this is")
     parser.add_argument("--only", default=None, help="comma-separated job names to run (default: all)")
     args = parser.parse_args(argv)
-    selected = [j for j in jobs(args.dry_run) if args.only is None or j[0] in args.only.split(",")]
+    listed = listing(args.dry_run)
+    selected = [j for j in listed if args.only is None or j[0] in args.only.split(",")]
     if not selected:
-        parser.error(f"--only {args.only}: no such job; jobs: {', '.join(j[0] for j in jobs(args.dry_run))}")
+        parser.error(f"--only {args.only}: no such job; jobs: {', '.join(j[0] for j in listed)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    return args, selected
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, selected = parse_args(__doc__, jobs, argv)
     results = []
     for name, command, limit in selected:
         results.append(run_job(name, command, limit, args.out))
