@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,9 +33,9 @@ COMPARED = ("train_steps", "train_loss", "train_tokens", "eval_loss", "accuracy"
 def slurm():
     """The local cluster, started for this module (and stopped after it, unless it was running before); the
     environment its clients need (SLURM_CONF)."""
-    if shutil.which("slurmctld") is None and not Path("/usr/sbin/slurmctld").exists():
-        pytest.skip("SLURM is not installed: scripts/slurm-local install (Debian's slurm-wlm, slurmdbd, munge, "
-                    "mariadb-server) lets these tests run")
+    check = subprocess.run([SCRIPT, "check"], capture_output=True, text=True, timeout=60)
+    if check.returncode != 0:  # "[slurm-local] missing ...: scripts/slurm-local install ..."
+        pytest.skip(f"SLURM is not installed: {check.stderr.strip().removeprefix('[slurm-local] ')}")
     was_running = subprocess.run([SCRIPT, "status"], capture_output=True).returncode == 0
     started = subprocess.run([SCRIPT, "start"], capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, f"the local SLURM cluster did not start:\n{started.output[-3000:]}"
