@@ -78,13 +78,17 @@ def what_is_scored(dcfg, split: str) -> tuple[Path | None, str]:
     return None, split
 
 
+def dataset_config(cfg, overrides: list[str]):
+    """The run's dataset config with this command's ``dataset.*`` overrides."""
+    return OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
+
+
 def default_out(run_dir: str, overrides: list[str], split: str) -> str:
     """``<run>/eval-<split or file stem>.json``, known before anything is scored (so it can be held meanwhile)."""
     from finetune.runs import run_config
 
     path, cfg = run_config(run_dir)
-    dcfg = OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
-    return str(path / f"eval-{what_is_scored(dcfg, split)[1]}.json")
+    return str(path / f"eval-{what_is_scored(dataset_config(cfg, overrides), split)[1]}.json")
 
 
 def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_size: int | None = None) -> dict:
@@ -100,7 +104,7 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
     from finetune.cli.overrides import leaf_keys
 
     check_dataset_keys(overrides, leaf_keys(cfg.dataset))
-    dcfg = OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
+    dcfg = dataset_config(cfg, overrides)
     source_path, scored = what_is_scored(dcfg, split)
     if source_path is not None:
         rows = validate_rows(read_rows(source_path), dcfg, str(source_path))

@@ -189,8 +189,6 @@ def tokenize_split(rows: list[dict], dcfg: Mapping, tokenizer, max_length: int):
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-# Keys a training batch carries besides the model's inputs (DataCollator with label_plan=True): read by the loss
-# and the token meter, never passed to the model.
 def labelled_next(labels):
     """``[B, T]`` bool: the positions whose next token is a label (position t predicts token t+1)."""
     import torch
@@ -224,6 +222,8 @@ def shared_prefix_length(input_ids, mask, keep) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
+# Keys a training batch carries besides the model's inputs (DataCollator with label_plan=True): read by the loss
+# and the token meter, never passed to the model.
 LABEL_INDEX, LABEL_TARGETS, LAYOUT = "label_index", "label_targets", "layout"
 PLAN_KEYS = (LABEL_INDEX, LABEL_TARGETS, LAYOUT)
 

@@ -16,6 +16,7 @@ finetune-train sets its exit status: 1 when any job failed, so a script or a sch
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ class ReportCallback(Callback):
             if not sweep_dir:
                 log.warning("comparison report skipped: the config has no hydra.sweep.dir")
                 return
-            if nothing_ran():
+            if nothing_ran(sweep_dir):
                 log.warning("no job of this sweep ran (each one's directory already holds a run): the report of the "
                             "earlier runs in %s is left as it was", sweep_dir)
                 return
@@ -195,20 +196,46 @@ class SweepOutcome:
 
 # The outcome of the last sweep that ended in this process (None before one ends).
 LAST_SWEEP: SweepOutcome | None = None
-# What each job of the sweep under way came to in this process: job -> (status, error, refused). A job refused
-# because its directory already holds a run leaves that run's metrics.json as it was (status ok): only this
-# record says the job did not run.
-JOB_OUTCOMES: dict[str, tuple[str, str, bool]] = {}
+# What each job of the sweep under way came to, written into the sweep folder by the process that ran the job (the
+# sweep's own, a launcher's worker, a SLURM job): ``<sweep>/.finetune-jobs/<job>.json``. A job refused because its
+# directory already holds a run leaves that run's metrics.json as it was (status ok): only this record says the job
+# did not run.
+OUTCOMES = ".finetune-jobs"
 
 
-def note_job_outcome(job: str, status: str | None, error: str | None = None, refused: bool = False) -> None:
+def note_job_outcome(sweep_dir: str | os.PathLike, job: str, status: str | None, error: str | None = None,
+                     refused: bool = False) -> None:
     """Record what a job of the sweep under way came to (finetune.training.launch calls it for each job)."""
-    JOB_OUTCOMES[str(job)] = (str(status or "failed"), str(error or ""), refused)
+    from finetune.runs import atomic_write_json
+
+    folder = Path(sweep_dir) / OUTCOMES
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / f"{job}.json", {"job": str(job), "status": str(status or "failed"),
+                                               "error": str(error or ""), "refused": bool(refused)})
 
 
-def nothing_ran() -> bool:
-    """Every job this process was given was refused (its directory held a run): the sweep made no run."""
-    return bool(JOB_OUTCOMES) and all(refused for _, _, refused in JOB_OUTCOMES.values())
+def job_outcomes(sweep_dir: str | os.PathLike) -> dict[str, tuple[str, str, bool]]:
+    """The records of :func:`note_job_outcome`: job -> (status, error, refused)."""
+    out = {}
+    for file in sorted((Path(sweep_dir) / OUTCOMES).glob("*.json")):
+        try:
+            r = json.loads(file.read_text())
+            out[str(r["job"])] = (str(r["status"]), str(r["error"]), bool(r["refused"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a record cut short: the job's own metrics.json still speaks for it
+    return out
+
+
+def forget_job_outcomes(sweep_dir: str | os.PathLike) -> None:
+    """A new sweep into the folder: the records of an earlier one say nothing of it."""
+    for file in (Path(sweep_dir) / OUTCOMES).glob("*.json"):
+        file.unlink(missing_ok=True)
+
+
+def nothing_ran(sweep_dir: str | os.PathLike) -> bool:
+    """Every job of the sweep was refused (its directory held a run): the sweep made no run."""
+    outcomes = job_outcomes(sweep_dir)
+    return bool(outcomes) and all(refused for _, _, refused in outcomes.values())
 
 
 def sweep_outcome(sweep_dir: str | os.PathLike) -> SweepOutcome:
@@ -220,10 +247,14 @@ def sweep_outcome(sweep_dir: str | os.PathLike) -> SweepOutcome:
         return SweepOutcome(str(sweep_dir), 0, [("-", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)])
     failed = [(str(row["job"]), str(row.get("error") or row["status"]))
               for _, row in df.iterrows() if row["status"] != "ok"]
-    listed = {job for job, _ in failed}
-    failed += [(job, error or status) for job, (status, error, _) in sorted(JOB_OUTCOMES.items())
+    listed, outcomes = {job for job, _ in failed}, job_outcomes(sweep_dir)
+    failed += [(job, error or status) for job, (status, error, _) in sorted(outcomes.items(), key=_job_order)
                if status != "ok" and job not in listed]
-    return SweepOutcome(str(sweep_dir), max(len(df), len(JOB_OUTCOMES)), failed)
+    return SweepOutcome(str(sweep_dir), max(len(df), len(outcomes)), failed)
+
+
+def _job_order(item: tuple[str, Any]) -> tuple:
+    return (0, int(item[0]), "") if item[0].isdigit() else (1, 0, item[0])
 
 
 class SweepOutcomeCallback(Callback):
@@ -237,8 +268,9 @@ class SweepOutcomeCallback(Callback):
         it next), to put back if this sweep makes no run."""
         global LAST_SWEEP
         LAST_SWEEP = None
-        JOB_OUTCOMES.clear()
         sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+        if sweep_dir:
+            forget_job_outcomes(sweep_dir)
         record = Path(str(sweep_dir)) / "multirun.yaml" if sweep_dir else None
         self.kept = (record, record.read_bytes()) if record is not None and record.is_file() else None
 
@@ -248,7 +280,7 @@ class SweepOutcomeCallback(Callback):
         global LAST_SWEEP
         sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
         LAST_SWEEP = sweep_outcome(sweep_dir) if sweep_dir else None
-        if self.kept is not None and nothing_ran():
+        if self.kept is not None and sweep_dir and nothing_ran(sweep_dir):
             from finetune.runs import atomic_write_text
 
             record, text = self.kept

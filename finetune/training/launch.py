@@ -20,11 +20,7 @@ log = logging.getLogger("finetune.cli.train")
 
 
 def _hydra_context() -> tuple[bool, list[str], str, str | None]:
-    """(multirun?, this job's overrides, job id, sweep group) — defaults when called outside Hydra.
-
-    The sweep group is ``<sweep name>/<time>`` (the sweep folder below multirun_sweeps/), shared by every
-    job of one sweep so W&B groups them together.
-    """
+    """(multirun?, this job's overrides, job id, sweep folder) — defaults when called outside Hydra."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -33,8 +29,7 @@ def _hydra_context() -> tuple[bool, list[str], str, str | None]:
     except ValueError:
         return False, [], "0", None
     multirun = hc.mode == RunMode.MULTIRUN
-    group = "/".join(Path(hc.sweep.dir).parts[-2:]) if multirun else None
-    return multirun, list(hc.overrides.task), str(hc.job.get("num", "0")), group
+    return multirun, list(hc.overrides.task), str(hc.job.get("num", "0")), str(hc.sweep.dir) if multirun else None
 
 
 def objective(metrics: dict) -> float:
@@ -62,10 +57,13 @@ def run_and_record(cfg: DictConfig) -> float:
 def _run_and_record(cfg: DictConfig) -> float:
     from finetune.training import distributed, sweep_jobs
 
-    multirun, overrides, job, group = _hydra_context()
+    from finetune.report.hydra_callback import note_job_outcome
+
+    multirun, overrides, job, sweep_dir = _hydra_context()
     run_dir = Path(cfg.output_dir)
-    if group and cfg.logger.get("backend") == "wandb" and not cfg.logger.get("group"):
-        cfg.logger.group = group
+    if sweep_dir and cfg.logger.get("backend") == "wandb" and not cfg.logger.get("group"):
+        # <sweep name>/<time> (the sweep folder below multirun_sweeps/): W&B groups the sweep's jobs together
+        cfg.logger.group = "/".join(Path(sweep_dir).parts[-2:])
     distributed.adopt_slurm_tasks()
     if distributed.launched():
         if multirun and not sweep_jobs.launcher_isolates():
@@ -78,6 +76,8 @@ def _run_and_record(cfg: DictConfig) -> float:
             _exit_interrupted(exc)
         except FinetuneError as exc:
             if multirun:  # recorded in the job's metrics.json by rank 0
+                if distributed.is_main():
+                    note_job_outcome(sweep_dir, job, "failed", str(exc).splitlines()[0], isinstance(exc, REFUSED))
                 return float("nan")
             print_error(exc)
             sys.exit(2)
@@ -95,9 +95,7 @@ def _run_and_record(cfg: DictConfig) -> float:
         except (FinetuneError, Exception) as exc:  # noqa: BLE001 - recorded in metrics.json by run()
             metrics = {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                        "refused": isinstance(exc, REFUSED)}
-        from finetune.report.hydra_callback import note_job_outcome
-
-        note_job_outcome(job, metrics.get("status"), metrics.get("error"), bool(metrics.get("refused")))
+        note_job_outcome(sweep_dir, job, metrics.get("status"), metrics.get("error"), bool(metrics.get("refused")))
         if metrics.get("status") != "ok":
             log.error("job %s failed: %s (see %s)", job, metrics.get("error"), run_dir)
             return float("nan")

@@ -50,10 +50,12 @@ def test_multirun_records_failures_and_writes_the_report(tmp_path):
 
 def test_a_sweep_whose_jobs_are_all_refused_exits_1_and_keeps_the_earlier_report(tmp_path):
     """The -m command twice with one hydra.sweep.dir: the second refuses both jobs (their finished runs are
-    kept), exits 1 with one line naming them, and leaves the first sweep's report and multirun.yaml as they were."""
+    kept), exits 1 with one line naming them, and leaves the first sweep's report and multirun.yaml as they were.
+    Through the parallel launcher, whose jobs run in worker processes: each job's refusal reaches the sweep from the
+    sweep folder's job records (the sweep's own process saw it before; a worker's it never did: exit 0)."""
     sweep_dir = tmp_path / "sweep"
     args = ["finetune.cli.train", "-m", *TINY, f"dataset.path={shared('chnsenticorp')}", "lora.r=4,8",
-            f"hydra.sweep.dir={sweep_dir}"]
+            "hydra/launcher=parallel", f"hydra.sweep.dir={sweep_dir}"]
     assert cli(*args, check=False).returncode == 0
     report, record = (sweep_dir / "comparison.md").read_bytes(), (sweep_dir / "multirun.yaml").read_bytes()
     runs = {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()}
