@@ -80,8 +80,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
                               "above still cover the whole run"),
     "qat": (MAPPING, "the QAT settings and statistics of training (per-group SNR, scales)"),
     # scores
-    "zero_shot_accuracy": (NUMBER, "the base model's test accuracy before training"),
-    "zero_shot_f1": (NUMBER, "the base model's test macro-F1 before training"),
+    "zero_shot_accuracy": (NUMBER, "the base model's test accuracy (before training, or after it with the adapters off)"),
+    "zero_shot_f1": (NUMBER, "the base model's test macro-F1 (as zero_shot_accuracy)"),
     "zero_shot_cached": (FLAG, "whether the zero-shot scores came from the score cache"),
     "eval_loss": (NUMBER, "validation loss over the response tokens"),
     "perplexity": (NUMBER, "exp(eval_loss) for classification; exp(test_loss) for generation"),

@@ -3,9 +3,9 @@
 The key is a hash of everything the scores depend on: the base model's weights (file contents, or the hub
 snapshot's commit), its load settings (dtype, quantization, attention implementation), the tokenizer files,
 the scored rows (text and label), the prompt and label configuration, ``max_length`` and the precision. The
-batch size is not in it: scoring is batch-invariant (each row scored over its real tokens only). The cache
-holds each row's label log-likelihoods; accuracy and F1 are recomputed from them. A damaged or mismatched
-entry is ignored and recomputed. Entries live in ``<cache root>/scores`` (``FINETUNE_CACHE`` moves the root).
+batch size is not in it: scoring is batch-invariant (each row scored over its real tokens only), except for
+LLM.int8() with outlier columns, whose key holds it. The cache holds each row's label log-likelihoods; accuracy
+and F1 are recomputed from them. A damaged or mismatched entry is ignored and recomputed. Entries live in ``<cache root>/scores`` (``FINETUNE_CACHE`` moves the root).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ PROMPT_KEYS = ("task", "text_field", "label_field", "label_words", "instruction"
                "prompt", "system", "template")
 
 
-def score_key(fingerprint: str, cfg: DictConfig, rows: list[dict], max_length: int, precision: str) -> str:
-    """The cache key of the zero-shot scores of ``rows`` under ``cfg``."""
+def score_key(fingerprint: str, cfg: DictConfig, rows: list[dict], max_length: int, precision: str,
+              batch_size: int | None = None) -> str:
+    """The cache key of the zero-shot scores of ``rows`` under ``cfg``; ``batch_size`` where the scores depend on
+    it (a model whose rows are not scored independently of their batch mates: LLM.int8() with outlier columns)."""
     dcfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     fields = (dcfg.get("text_field"), dcfg.get("label_field"))
     spec = {
@@ -38,12 +40,20 @@ def score_key(fingerprint: str, cfg: DictConfig, rows: list[dict], max_length: i
         "prompt": {k: dcfg.get(k) for k in PROMPT_KEYS if k in dcfg},
         "max_length": int(max_length),
         "precision": precision,
+        **({} if batch_size is None else {"batch_size": int(batch_size)}),
     }
     h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
     for row in rows:
         h.update(json.dumps([row.get(f) for f in fields], ensure_ascii=False, default=str).encode())
         h.update(b"\x00")
     return h.hexdigest()
+
+
+def scores_dir():
+    """Where the entries live: ``<cache root>/scores``."""
+    from finetune.model.checkpoints import cache_root
+
+    return cache_root() / "scores"
 
 
 def cached_scores(key: str | None, n_rows: int, compute: Callable[[], list[list[float]]]) -> tuple[list[list[float]], bool]:
@@ -54,10 +64,9 @@ def cached_scores(key: str | None, n_rows: int, compute: Callable[[], list[list[
     """
     if key is None:
         return compute(), False
-    from finetune.model.checkpoints import cache_root
     from finetune.runs import atomic_write_json
 
-    path = cache_root() / "scores" / f"{key}.json"
+    path = scores_dir() / f"{key}.json"
     try:
         entry = json.loads(path.read_text())
         scores = entry["scores"]

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from finetune.data import DataCollator, build_messages, encode_prompt, encode_train, label_word_ids
 from finetune.model.loss import (MIN_SHARED_PREFIX, accepts_logits_to_keep, cache_argument, can_share_prefix,
                                  has_forward_hooks, kept_logits, label_position_nll, labelled_next, output_cache)
+from finetune.platform.cpu import return_free_heap
 
 log = logging.getLogger("finetune.evaluation.scoring")
 
@@ -37,12 +38,28 @@ def _device(model) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
-def _batches(seqs: list[list[int]], batch_size: int, desc: str = "scoring"):
-    """Indices grouped into batches of similar length (sorted): little padding, same results."""
+def _batches(seqs: list[list[int]], batch_size: int, desc: str = "scoring", model=None):
+    """Indices grouped into batches of similar length (sorted): little padding, same results. After each batch of a
+    ``model`` whose every batch leaves a new high-water mark on the heap (:func:`heap_grows_per_batch`), the heap's
+    free pages go back to the OS."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     starts = range(0, len(order), batch_size)
+    trim = model is not None and heap_grows_per_batch(model)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=len(starts) < 2):
         yield order[start : start + batch_size]
+        if trim:
+            return_free_heap()
+
+
+def heap_grows_per_batch(model) -> bool:
+    """Whether ``model`` computes on the CPU with LLM.int8() layers that split outlier columns off
+    (``llm_int8_threshold`` > 0). Which columns exceed the threshold, and so the shape of the fp16 matmul beside the
+    int8 one, changes with every batch; the C heap then keeps each batch's freed buffers and its peak RSS climbs
+    batch after batch: 1.3 to 3.7 GB scoring 200 reviews on SmolLM2, 1.8 GB when its free pages are returned after
+    each batch (docs/measurements/memory.md)."""
+    from finetune.model.arch import splits_outlier_columns
+
+    return _device(model).type == "cpu" and splits_outlier_columns(model)
 
 
 def _pad(seqs: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +206,7 @@ def label_scores(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_lengt
                 trunk.prepare(model)
                 log.info("scoring from the states recorded at layer %d: layers %d and up recomputed", trunk.start,
                          trunk.start)
-            for idx in _batches(prompts, batch_size, "scoring labels"):
+            for idx in _batches(prompts, batch_size, "scoring labels", model):
                 if replay:
                     logits = trunk.last_token_logits(model, idx)
                 else:
@@ -200,7 +217,7 @@ def label_scores(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_lengt
         else:
             for j, word in enumerate(words):
                 seqs = [p + word for p in prompts]
-                for idx in _batches(seqs, batch_size, f"scoring label {j + 1}/{len(words)}"):
+                for idx in _batches(seqs, batch_size, f"scoring label {j + 1}/{len(words)}", model):
                     ids, mask = _pad([seqs[i] for i in idx], tokenizer.pad_token_id, device)
                     logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
                     for b, i in enumerate(idx):
@@ -238,7 +255,7 @@ def scores_and_loss(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_le
     scores = torch.zeros(len(rows), len(words))
     total_nll, total_tokens = 0.0, 0
     with autocast(model, bf16):
-        for idx in _batches([e["input_ids"] for e in encoded], batch_size, "scoring labels and loss"):
+        for idx in _batches([e["input_ids"] for e in encoded], batch_size, "scoring labels and loss", model):
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx]).items()
                      if k in ("input_ids", "attention_mask", "labels")}
             labelled = labelled_next(batch["labels"])
@@ -293,7 +310,10 @@ def zero_shot(model, tokenizer, rows: list[dict], cfg: DictConfig, resolved: str
     if cfg.eval.get("zero_shot_cache", True):
         fingerprint = model_fingerprint(resolved, cfg.model)
         if fingerprint is not None:
-            key = score_cache.score_key(fingerprint, cfg, rows, max_length, precision.name)
+            from finetune.model.arch import splits_outlier_columns
+
+            key = score_cache.score_key(fingerprint, cfg, rows, max_length, precision.name,
+                                        batch_size if splits_outlier_columns(model) else None)
     scores, hit = score_cache.cached_scores(
         key, len(rows),
         lambda: label_scores(model, tokenizer, rows, cfg.dataset, max_length, batch_size, precision.bf16,
@@ -314,7 +334,7 @@ def loss_and_perplexity(model, dataset, pad_token_id: int, batch_size: int, bf16
     rows = [dataset[i] for i in range(len(dataset))]
     # The output head only where the next token is a label (the training loss's path); all positions otherwise.
     label_positions = accepts_logits_to_keep(model)
-    for idx in _batches([r["input_ids"] for r in rows], batch_size, "eval loss"):
+    for idx in _batches([r["input_ids"] for r in rows], batch_size, "eval loss", model):
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx]).items() if k in ("input_ids", "attention_mask", "labels")}
         # Shift so position t predicts token t+1; -100 marks prompt and padding.
         shift_labels = batch["labels"][:, 1:]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from finetune.evaluation.scoring import _device, keep_last, last_logits
-from finetune.model.arch import arch_spec, decoder_layers, unwrapped
+from finetune.model.arch import arch_spec, decoder_layers, splits_outlier_columns, unwrapped
 
 log = logging.getLogger("finetune.evaluation.trunk")
 
@@ -99,6 +99,8 @@ class FrozenTrunk:
         if config is None or config.model_type not in REPLAYABLE or self.start <= 0:
             return False
         if self.start >= len(decoder_layers(model, arch_spec(config.model_type))):
+            return False
+        if splits_outlier_columns(model):  # a row's states depend on its batch: replayed rows would score otherwise
             return False
         return accepts_logits_to_keep(model) and can_share_prefix(model) and not has_forward_hooks(model)
 

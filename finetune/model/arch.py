@@ -160,3 +160,11 @@ def model_type_of(model: nn.Module) -> str:
             f"cannot apply QAT to a {type(base).__name__}: it has no config.model_type to look up its sub-layers"
         )
     return model_type
+
+
+def splits_outlier_columns(model: nn.Module) -> bool:
+    """Whether ``model`` has LLM.int8() layers that run the input columns above ``llm_int8_threshold`` in fp16 beside
+    the int8 matmul. Which columns those are is decided over the whole batch, so a row's result depends on the rows
+    it is batched with (and each batch makes a matmul of a new shape): such a model's scores are not batch-invariant."""
+    return any(type(m).__name__ == "Linear8bitLt" and getattr(getattr(m, "state", None), "threshold", 0.0) > 0
+               for m in model.modules())

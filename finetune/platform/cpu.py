@@ -52,6 +52,7 @@ def cpu_has_fast_bf16(flags: set[str] | None = None, environ: dict[str, str] | N
     flags = cpu_flags() if flags is None else flags
     if not ({"avx512_bf16", "amx_bf16"} & flags):
         return False
+    return True
     limit = onednn_isa_limit(environ)
     return limit is None or limit[1] not in ONEDNN_ISAS_WITHOUT_NATIVE_BF16
 
@@ -69,3 +70,15 @@ def cpu_isa(flags: set[str] | None = None, environ: dict[str, str] | None = None
 
 def cpu_description() -> str:
     return f"{cpu_model_name()}, {os.cpu_count()} cores, {cpu_isa()}"
+
+
+def return_free_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``); False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        return False
+    return True

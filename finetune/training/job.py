@@ -127,6 +127,7 @@ def _run(cfg: DictConfig, run_dir: Path, writer, run_log: _RunLog, overrides: li
     stages.adapt(state)
     stages.fit(state)
     if stages.save(state):
+        stages.baseline(state, after_training=True)  # where the adapters can be switched off: see the stage
         stages.score(state)
     if not state.main:  # rank 0 records
         return {"status": "ok", "rank": distributed.rank()}

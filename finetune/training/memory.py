@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.platform.cpu import return_free_heap
+
 
 def memory_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,11 +40,7 @@ def release_free_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         return
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+    return_free_heap()
 
 
 # glibc serves allocations of at least this many bytes with their own mmap and returns them to the OS on free.

@@ -1,4 +1,4 @@
-"""The stages of one training run, in order: prepare, baseline, adapt, fit, save, score, record.
+"""The stages of one training run, in order: prepare, baseline, adapt, fit, save, (baseline,) score, record.
 
 Each stage reads and extends one :class:`Job` (the config, the run's writer, the model and data as far as the
 run has got, and the metrics dict), so ``finetune.cli.train`` reads as the list of stages and a test can call one
@@ -8,6 +8,7 @@ rank scores when FSDP / DeepSpeed shard the weights).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -139,16 +140,32 @@ def prepare(job: Job, run_log) -> None:
             job.metrics["base_model_fingerprint"] = fingerprint
 
 
-def baseline(job: Job) -> None:
-    """Zero-shot accuracy of the base model on the test rows (classification; scores cached by content)."""
+def zero_shot_after_training(job: Job) -> bool:
+    """Whether the zero-shot scoring waits until training is done: wherever the adapters can be switched off again
+    (LoRA / DoRA / QLoRA without QAT, weights not sharded), so the training figures (``peak_in_use_mb``) never
+    include what scoring leaves behind. LLM.int8()'s outlier columns make a matmul of a new shape at every scored
+    batch, and the kernels' per-shape state stays allocated: +74 MB in use on SmolLM2 when the scores were computed
+    in process, +0 when they came from the score cache (docs/measurements/memory.md). Full fine-tuning changes the
+    base weights and QAT's hooks stay on the model, so those runs score the base model before training."""
+    cfg = job.cfg
+    return cfg.lora.method != "none" and not job.metrics["qat_targets"] and not job.sharded
+
+
+def baseline(job: Job, after_training: bool = False) -> None:
+    """Zero-shot accuracy of the base model on the test rows (classification; scores cached by content): before
+    training, or with the adapters switched off after it (``after_training``, see :func:`zero_shot_after_training`);
+    the same weights, the same scores."""
     from finetune.evaluation.scoring import zero_shot
 
     if not (job.classification and job.cfg.eval.zero_shot and (job.main or job.sharded)):
         return
+    if zero_shot_after_training(job) != after_training:
+        return
     t0 = time.perf_counter()
     job.trunk = _frozen_trunk(job)
-    zs = zero_shot(job.model, job.tok, job.splits.test, job.cfg, job.metrics["model_path"], job.max_length,
-                   job.eval_batch_size, job.precision, job.trunk)
+    with job.model.disable_adapter() if after_training else contextlib.nullcontext():
+        zs = zero_shot(job.model, job.tok, job.splits.test, job.cfg, job.metrics["model_path"], job.max_length,
+                       job.eval_batch_size, job.precision, job.trunk)
     if job.trunk is not None:
         job.trunk.spill()
     job.metrics.update(zero_shot_accuracy=zs["accuracy"], zero_shot_f1=zs["f1"], zero_shot_cached=zs["from_cache"])
