@@ -343,8 +343,8 @@ def _validate_trainer(t: DictConfig) -> None:
     _bool("trainer.packing", _sub(t, "packing"))
     _bool("trainer.torch_compile", _sub(t, "torch_compile"))
     share = _sub(t, "share_prefix")
-    if share != "auto" and not isinstance(share, bool):
-        raise FinetuneError(f"trainer.share_prefix={share!r} is not allowed; allowed: auto, true, false")
+    if share not in ("auto", "packed") and not isinstance(share, bool):
+        raise FinetuneError(f"trainer.share_prefix={share!r} is not allowed; allowed: auto, true, false, packed")
     _number("trainer.logging_steps", t.logging_steps, low=1, integer=True)
     _choice("trainer.eval_strategy", t.eval_strategy, STRATEGIES)
     _number("trainer.eval_steps", t.eval_steps, low=1, integer=True)

@@ -34,8 +34,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "quantization": (TEXT, "quantization.mode of the base: none | int8 | nf4"),
     "qat_targets": (LIST, "the QAT sub-layer groups trained with fake quantization ([] = none)"),
     "precision": (TEXT, "the compute precision training and scoring used: fp32 | bf16 | fp16"),
-    "share_prefix": (FLAG, "whether training computed the prompt prefix a batch's rows share once per batch "
-                           "(trainer.share_prefix, auto resolved)"),
+    "share_prefix": ((bool, str), "whether training computed the prompt prefix a batch's rows share once per batch "
+                                  "(trainer.share_prefix, auto resolved): true, false or packed (in one pass)"),
     "seed": (NUMBER, "the run's seed"),
     "overrides": (LIST, "the command-line overrides of this job"),
     "lora": (MAPPING, "r, alpha, dropout, target_modules and layers of the adapter"),

@@ -86,10 +86,12 @@ def label_position_nll(model, inputs: dict, share_prefix: bool = True):
             rest.pop("attention_mask", None)  # as causal_suffices: a pad is never attended by a real token
         targets, index = inputs[LABEL_TARGETS], inputs[LABEL_INDEX]
         length = layout.shared_prefix if share_prefix and mask_free and can_share_prefix(model) else 0
-        if length:
+        if length and share_prefix == "packed" and takes_block_mask(model):
+            logits = prefix_packed_rows(model, rest, index, length, layout.width)
+        elif length:
             logits = prefix_shared_rows(model, rest, index, length, layout.width)
         else:
-            with head_rows(model, index):
+            with head_rows(model, index), rows_not_packed() if mask_free else contextlib.nullcontext():
                 logits = model(**rest, logits_to_keep=0).logits  # [n_supervised, vocab], row-major over (b, t)
         return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.new_full((), targets.numel())
     inputs = {k: v for k, v in inputs.items() if k not in PLAN_KEYS}
@@ -97,6 +99,30 @@ def label_position_nll(model, inputs: dict, share_prefix: bool = True):
     keep = labelled_next(labels)
     logits = kept_logits(model, inputs, keep, share_prefix)  # [n_supervised, vocab], row-major over (b, t)
     return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum"), keep.sum()
+
+
+@contextlib.contextmanager
+def rows_not_packed():
+    """Within it, transformers does not look for packed sequences in a forward without an attention mask.
+
+    Given position ids and no mask (the mask-free path, whose model makes its own position ids), transformers'
+    mask preparation reads back from the device whether any row's positions restart (``find_packed_sequence_indices``:
+    one host sync per forward). The collator's plan already says no: right-padded rows, one sequence each (a packed
+    batch carries its own ``position_ids`` and never takes this path)."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        yield
+        return
+    found = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = found
 
 
 @contextlib.contextmanager
@@ -128,18 +154,22 @@ def kept_logits(model, inputs: dict, keep, share_prefix: bool = True):
     return model(**rest, logits_to_keep=keep).logits
 
 
-def resolve_share_prefix(setting, device_type: str) -> bool:
-    """``trainer.share_prefix`` (``auto`` / true / false) for training that computes on ``device_type``.
+def resolve_share_prefix(setting, device_type: str) -> bool | str:
+    """``trainer.share_prefix`` (``auto`` / true / false / ``packed``) for training that computes on ``device_type``.
 
     ``auto`` shares the prefix on the CPU only. There a step's time follows its FLOPs, and the prefix pass removes
     the ~46 prompt tokens every row repeats. A GPU step of a small model follows instead the number of operations
     launched (each costs ~10-20 us of host time whatever its size), and the prefix pass is a second forward and
     backward through every layer: ``finetune-bench`` counts the dispatched ATen operations of one forward and
     backward (``aten_ops``), about twice as many with the prefix shared as without on SmolLM2.
+
+    ``packed`` shares it in one pass instead of two (:func:`prefix_packed_rows`): as many operations as not sharing,
+    at the cost of attention over the whole packed sequence; not a default anywhere it was measured
+    (docs/measurements/training-speed.md).
     """
     if setting == "auto":
         return device_type == "cpu"
-    return bool(setting)
+    return "packed" if setting == "packed" else bool(setting)
 
 
 def can_share_prefix(model) -> bool:
@@ -213,6 +243,39 @@ def prefix_shared_rows(model, inputs: dict, index, length: int, width: int):
     rest = _after_shared_prefix(model, inputs, length)
     with head_rows(model, suffix_index):
         return model(**rest, logits_to_keep=0).logits
+
+
+def prefix_packed_rows(model, inputs: dict, index, length: int, width: int):
+    """:func:`prefix_shared_rows` in one forward pass instead of two: the batch laid out as one sequence, the shared
+    prefix once and then each row's rest (``length + B x (width - length)`` tokens), each row's positions as in the
+    batch, and a block attention mask in which every token attends to the prefix and to the tokens of its own row
+    before it. The loss and every gradient are the batch's (the prefix's gradients summed over the rows, as the KV
+    cache repeat sums them), from as many operations as one unshared forward and backward, where the two-pass
+    form issues about twice as many; attention then spans the whole packed sequence under the mask (its FLOPs grow
+    with its square). Every size is known on the host: nothing waits for the device."""
+    import torch
+
+    ids = inputs["input_ids"]
+    rows, rest = ids.shape[0], width - length
+    device = ids.device
+    packed = torch.cat([ids[0, :length], ids[:, length:].reshape(-1)]).unsqueeze(0)
+    own = torch.arange(length, width, device=device)
+    positions = torch.cat([torch.arange(length, device=device), own.repeat(rows)])
+    block = torch.cat([torch.full((length,), -1, device=device), torch.arange(rows, device=device).repeat_interleave(rest)])
+    allowed = ((block[None, :] == -1) | (block[None, :] == block[:, None])) & (positions[None, :] <= positions[:, None])
+    dtype = next(p.dtype for p in causal_lm(model).parameters() if p.is_floating_point())
+    mask = torch.zeros(allowed.shape, dtype=torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(
+        device.type) else dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    # Flat position b x width + t (t >= length) is length + b x rest + t - length = index - b x length in the packing.
+    packed_index = index - torch.div(index, width, rounding_mode="floor") * length
+    with head_rows(model, packed_index):
+        return model(input_ids=packed, position_ids=positions.unsqueeze(0), attention_mask=mask[None, None],
+                     logits_to_keep=0).logits
+
+
+def takes_block_mask(model) -> bool:
+    """Whether the model's attention applies a 4-D attention mask as given (SDPA and eager; FlashAttention does not)."""
+    return getattr(causal_lm(model).config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 def right_padded(mask) -> bool:

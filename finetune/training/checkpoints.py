@@ -194,7 +194,9 @@ def check_resume_config(cfg, checkpoint: str, precision: str | None = None, shar
             "continue it")
     shared = _trained_share_prefix(checkpoint)
     if share_prefix is not None and shared is not None and shared != share_prefix:
-        def said(flag: bool) -> str:
+        def said(flag: bool | str) -> str:
+            if flag == "packed":
+                return "with the shared prompt prefix packed into one pass"
             return "with the shared prompt prefix computed once per batch" if flag else "without sharing the prompt prefix"
 
         raise FinetuneError(
@@ -203,11 +205,11 @@ def check_resume_config(cfg, checkpoint: str, precision: str | None = None, shar
             f"trainer.share_prefix={str(shared).lower()} to continue it")
 
 
-def _trained_share_prefix(checkpoint: str) -> bool | None:
+def _trained_share_prefix(checkpoint: str) -> bool | str | None:
     """Whether the run that wrote ``checkpoint`` shared the prompt prefix: its checkpoint state records it; a
     checkpoint of an earlier release does not, and its run's config.yaml then holds true or false (before ``auto``)."""
     recorded = (read_checkpoint_state(checkpoint) or {}).get("share_prefix")
-    if isinstance(recorded, bool):
+    if isinstance(recorded, bool) or recorded == "packed":
         return recorded
     path = Path(checkpoint).parent.parent / "config.yaml"
     try:

@@ -218,3 +218,23 @@ def test_the_label_plan_trains_the_same_adapter_as_the_boolean_selection(tmp_pat
     assert planned["train_loss"] == unplanned["train_loss"]
     wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_run_with_the_prefix_packed_into_one_pass_trains_as_the_two_pass_run(tmp_path, monkeypatch):
+    """trainer.share_prefix=packed: the same steps as sharing the prefix in two passes (fp32, to rounding), recorded
+    as packed; a checkpoint trained one way is not resumed the other."""
+    from finetune.model import loss
+
+    calls = []
+    packing = loss.prefix_packed_rows
+    monkeypatch.setattr(loss, "prefix_packed_rows", lambda *a: calls.append(1) or packing(*a))
+    common = (f"dataset.path={shared('chnsenticorp')}", "trainer.precision=fp32", "trainer.max_steps=3",
+              "trainer.save_strategy=steps", "trainer.save_steps=3", "lora.dropout=0")
+    packed, run_dir = _run(tmp_path, *common, "trainer.share_prefix=packed", name="packed")
+    assert len(calls) == 3  # one packed pass per training step
+    two_pass, _ = _run(tmp_path, *common, "trainer.share_prefix=true", name="two-pass")
+    assert packed["share_prefix"] == "packed" and two_pass["share_prefix"] is True
+    assert packed["train_loss"] == pytest.approx(two_pass["train_loss"], rel=1e-5)
+    with pytest.raises(FinetuneError, match="packed into one pass.*trainer.share_prefix=packed to continue it"):
+        _run(tmp_path, *common, "trainer.share_prefix=true", "trainer.max_steps=4", "trainer.resume_from_checkpoint=auto",
+             name="packed")

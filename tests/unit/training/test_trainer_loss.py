@@ -423,11 +423,12 @@ def test_the_shared_prefix_from_the_collators_plan_gives_the_same_loss_and_gradi
     assert host_syncs(ops) == 0, {k: n for k, n in ops.items() if "[bool]" in k or "scalar" in k or "nonzero" in k}
 
 
-def test_a_steady_state_training_step_waits_for_nothing(tmp_path):
-    """The Trainer's training step as finetune-train builds it (the collator's plan, the shared prefix on a CPU,
-    forward, loss and backward) issues no host sync in the steps between two logging steps, and the loop's own
-    per-step read of the loss (``logging_nan_inf_filter``) is off. The collator's work is not counted: it runs on the
-    host before the batch moves to the device."""
+@pytest.mark.parametrize("share", [True, False, "packed"])
+def test_a_steady_state_training_step_waits_for_nothing(tmp_path, share):
+    """The Trainer's training step as finetune-train builds it (the collator's plan, the shared prefix as on a CPU,
+    not shared as on a GPU, or packed; forward, loss and backward) issues no host sync in the steps between two
+    logging steps, and the loop's own per-step read of the loss (``logging_nan_inf_filter``) is off. The collator's
+    work is not counted: it runs on the host before the batch moves to the device."""
     from transformers import TrainerCallback
 
     from finetune.data.encoding import DataCollator as Collator
@@ -453,7 +454,7 @@ def test_a_steady_state_training_step_waits_for_nothing(tmp_path):
             per_step.append({})
 
     trainer = make_trainer(model=model, args=args, train_dataset=ds, callbacks=[Steps()],
-                           data_collator=Collator(pad_token_id=0, label_plan=True), share_prefix=True)
+                           data_collator=Collator(pad_token_id=0, label_plan=True), share_prefix=share)
     inner = trainer.training_step
 
     def counted(model, inputs, num_items_in_batch=None):  # the batch as it reaches the step, on the device
@@ -466,3 +467,49 @@ def test_a_steady_state_training_step_waits_for_nothing(tmp_path):
     assert len(per_step) == 4
     for ops in per_step[1:-1]:  # the steady state: neither the first step nor the one before the run's end log
         assert ops and {k: n for k, n in ops.items() if k in HOST_SYNCS} == {}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_shared_prefix_packed_into_one_pass_gives_the_same_loss_and_gradients_from_the_unshared_op_count(family):
+    """``trainer.share_prefix=packed``: the prefix once and each row's rest after it as one sequence under a block
+    mask, one forward pass: the whole batch's loss and gradients, no host sync, and the operations of an unshared
+    step rather than the two-pass form's twice as many."""
+    from finetune.training.measure import dispatched_ops, host_syncs
+
+    model = lora(FAMILIES[family]()).eval()
+    model.get_base_model().config.use_cache = False
+    examples = prompted_rows(4)
+    plain = DataCollator(pad_token_id=0)(examples)
+    reference, _ = label_position_loss(model, plain, share_prefix=False)
+    reference.backward()
+    expected = lora_grads(model)
+    model.zero_grad()
+    batch = DataCollator(pad_token_id=0, label_plan=True)(examples)
+    length, width = batch["layout"].shared_prefix, batch["layout"].width
+    calls, out = [], []
+    inner = model.get_base_model().forward
+
+    @functools.wraps(inner)
+    def spy(*args, **kw):
+        calls.append(tuple(kw["input_ids"].shape))
+        return inner(*args, **kw)
+
+    def step(share):
+        loss, _ = label_position_loss(model, batch, share_prefix=share)
+        loss.backward()
+        out.append(loss.detach())
+
+    model.get_base_model().forward = spy
+    try:
+        packed_ops = dispatched_ops(lambda: step("packed"))
+    finally:
+        del model.get_base_model().forward
+    assert length >= 10 and calls == [(1, length + 4 * (width - length))]  # one pass over the packed sequence
+    torch.testing.assert_close(out[0], reference.detach())
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+    assert host_syncs(packed_ops) == 0
+    model.zero_grad()
+    two_pass = sum(dispatched_ops(lambda: step(True)).values())
+    unshared = sum(dispatched_ops(lambda: label_position_loss(model, batch, share_prefix=False)[0].backward()).values())
+    assert sum(packed_ops.values()) < 1.2 * unshared < 0.7 * two_pass, (sum(packed_ops.values()), unshared, two_pass)
