@@ -52,7 +52,6 @@ def cpu_has_fast_bf16(flags: set[str] | None = None, environ: dict[str, str] | N
     flags = cpu_flags() if flags is None else flags
     if not ({"avx512_bf16", "amx_bf16"} & flags):
         return False
-    return True
     limit = onednn_isa_limit(environ)
     return limit is None or limit[1] not in ONEDNN_ISAS_WITHOUT_NATIVE_BF16
 

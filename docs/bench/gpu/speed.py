@@ -3,7 +3,8 @@
 
 1. finetune-bench's three arms (this framework, the plain recipe, TRL's SFTTrainer) at SmolLM2-135M's shapes,
    LoRA and QLoRA-nf4 (the launch-bound regime: a small model's step follows its operations and host syncs);
-2. this framework's arm with ``trainer.torch_compile=true``;
+2. this framework's arm with ``trainer.torch_compile=true``, and with the prompt prefix shared in one pass
+   (``trainer.share_prefix=packed``: the unshared step's operation count, attention over the packed sequence);
 3. the three arms at Qwen2.5-7B's shapes (``model=qwen2.5-7b-shapes``, random bf16 weights built on the GPU), LoRA
    and QLoRA-nf4, batch x length that fits one 80 GB GPU;
 4. where a step of this framework goes at 135M (docs/bench/profile_step.py: top operations).
@@ -56,8 +57,10 @@ def jobs(dry_run: bool) -> list[tuple[str, list[str], int]]:
     return [("135m_lora", [*bench, *at_135m], 75),
             ("135m_nf4", [*bench, *at_135m, "quantization=nf4"], 75),
             ("135m_lora_compiled", [*bench, "--arms", "finetune", *at_135m, "trainer.torch_compile=true"], 60),
-            ("7b_lora", [*bench, *at_7b], 120),
-            ("7b_nf4", [*bench, *at_7b, "quantization=nf4"], 90),
+            ("135m_lora_packed", [*bench, "--arms", "finetune", "--steps", "20", *SMOLLM2_SHAPES,
+                                  "trainer.share_prefix=packed"], 30),
+            ("7b_lora", [*bench, *at_7b], 110),
+            ("7b_nf4", [*bench, *at_7b, "quantization=nf4"], 85),
             ("profile_135m", [sys.executable, str(ROOT / "docs/bench/profile_step.py"), "--bench", "--steps", "3",
                               *SMOLLM2_SHAPES], 45)]
 
