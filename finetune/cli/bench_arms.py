@@ -21,7 +21,8 @@ def framework_trainer(model, tok, train_ds, acfg: DictConfig, precision, tmp: st
     args = training_arguments(acfg.trainer, precision, Path(tmp), int(acfg.seed), [], "bench-finetune", has_eval=False)
     trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
                            data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True),
-                           callbacks=callbacks, meter=meter, share_prefix=acfg.trainer.get("share_prefix", "auto"))
+                           callbacks=callbacks, meter=meter, share_prefix=acfg.trainer.get("share_prefix", "auto"),
+                           head_chunk=int(acfg.trainer.get("head_chunk") or 0))
     return model, trainer
 
 

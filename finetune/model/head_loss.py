@@ -19,6 +19,10 @@ import torch.nn.functional as F
 PLAIN_HEAD_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     device = tensor.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
@@ -30,10 +34,10 @@ class _ChunkedHeadNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int):
         dtype = _compute_dtype(hidden)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
         w = weight.to(dtype)
         for start in range(0, hidden.shape[0], chunk):
-            logits = (hidden[start:start + chunk].to(dtype) @ w.t()).float()
+            logits = _at_least_fp32(hidden[start:start + chunk].to(dtype) @ w.t())
             total = total + F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk, ctx.dtype = chunk, dtype
@@ -45,17 +49,17 @@ class _ChunkedHeadNLL(torch.autograd.Function):
         dtype, chunk = ctx.dtype, ctx.chunk
         w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(dtype, torch.float32), device=weight.device) \
             if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(dtype)
-            probs = (h @ w.t()).float().softmax(-1)
+            probs = _at_least_fp32(h @ w.t()).softmax(-1)
             probs[torch.arange(h.shape[0], device=h.device), targets[start:start + chunk]] -= 1.0
             g = (probs * grad).to(dtype)  # d loss / d logits of this chunk
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (g.t() @ h).float()
+                grad_weight += g.t() @ h
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 

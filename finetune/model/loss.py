@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 from finetune.data.encoding import MIN_SHARED_PREFIX, labelled_next, shared_prefix_length  # noqa: F401 (re-exported)
+from finetune.model.head_loss import can_chunk_head, chunked_head_nll, head_bypassed
 
 
 def causal_lm(model):
@@ -38,7 +39,8 @@ def accepts_logits_to_keep(model) -> bool:
     return has_arg and hasattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep")
 
 
-def label_position_loss(model, inputs: dict, num_items_in_batch=None, share_prefix: bool = True):
+def label_position_loss(model, inputs: dict, num_items_in_batch=None, share_prefix: bool | str = True,
+                        head_chunk: int = 0):
     """Causal-LM cross-entropy computed from the logits of the supervised positions only.
 
     The output head is applied only where the next token is a label (``labels[:, t + 1] != -100``):
@@ -49,18 +51,19 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, share_pref
     / ``num_items_in_batch``, else their mean).
 
     With ``share_prefix`` the prompt prefix every row of the batch starts with is computed once (see
-    :func:`shared_prefix_length`).
+    :func:`shared_prefix_length`). With ``head_chunk`` > 0 the head and its loss run that many supervised rows at a
+    time (:mod:`finetune.model.head_loss`).
 
     Returns:
         ``(loss, normalised_by_num_items)``.
     """
-    loss, n_tokens = label_position_nll(model, inputs, share_prefix)
+    loss, n_tokens = label_position_nll(model, inputs, share_prefix, head_chunk)
     if num_items_in_batch is not None:
         return loss / num_items_in_batch, True
     return loss / n_tokens.clamp(min=1), False
 
 
-def label_position_nll(model, inputs: dict, share_prefix: bool = True):
+def label_position_nll(model, inputs: dict, share_prefix: bool | str = True, head_chunk: int = 0):
     """Summed next-token cross-entropy over the label tokens, from the supervised positions' logits only.
 
     With ``share_prefix``, a right-padded batch whose rows all start with the same unsupervised tokens (the
@@ -86,14 +89,20 @@ def label_position_nll(model, inputs: dict, share_prefix: bool = True):
             rest.pop("attention_mask", None)  # as causal_suffices: a pad is never attended by a real token
         targets, index = inputs[LABEL_TARGETS], inputs[LABEL_INDEX]
         length = layout.shared_prefix if share_prefix and mask_free and can_share_prefix(model) else 0
-        if length and share_prefix == "packed" and takes_block_mask(model):
-            logits = prefix_packed_rows(model, rest, index, length, layout.width)
-        elif length:
-            logits = prefix_shared_rows(model, rest, index, length, layout.width)
-        else:
-            with head_rows(model, index), rows_not_packed() if mask_free else contextlib.nullcontext():
-                logits = model(**rest, logits_to_keep=0).logits  # [n_supervised, vocab], row-major over (b, t)
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.new_full((), targets.numel())
+        lm = causal_lm(model)
+        chunk = head_chunk if head_chunk and head_chunk < targets.numel() and can_chunk_head(lm) else 0
+        with head_bypassed(lm) if chunk else contextlib.nullcontext():  # then the "logits" are the head's input
+            if length and share_prefix == "packed" and takes_block_mask(model):
+                logits = prefix_packed_rows(model, rest, index, length, layout.width)
+            elif length:
+                logits = prefix_shared_rows(model, rest, index, length, layout.width)
+            else:
+                with head_rows(model, index), rows_not_packed() if mask_free else contextlib.nullcontext():
+                    logits = model(**rest, logits_to_keep=0).logits  # [n_supervised, vocab], row-major over (b, t)
+        n = targets.new_full((), targets.numel())
+        if chunk:
+            return chunked_head_nll(logits, lm.get_output_embeddings().weight, targets, chunk), n
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), n
     inputs = {k: v for k, v in inputs.items() if k not in PLAN_KEYS}
     labels = inputs["labels"]
     keep = labelled_next(labels)

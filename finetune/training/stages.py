@@ -197,7 +197,8 @@ def fit(job: Job) -> None:
     trainer = make_trainer(model=job.model, args=args, train_dataset=train_ds, eval_dataset=job.val_ds,
                            data_collator=DataCollator(pad_token_id=job.tok.pad_token_id, label_plan=True),
                            callbacks=job.callbacks + [meter], meter=meter,
-                           share_prefix=job.share_prefix, precision=job.precision.name)
+                           share_prefix=job.share_prefix, precision=job.precision.name,
+                           head_chunk=int(tcfg.get("head_chunk") or 0))
     job.metrics["share_prefix"] = trainer.share_prefix
     trainer.add_callback(stopper := StopOnSignal())  # after the Trainer's own: its step-end decisions come first
     with stopper.installed():

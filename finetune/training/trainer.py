@@ -132,7 +132,8 @@ class LabelPositionTrainer(Trainer):
     """Trainer whose training loss projects only the supervised positions onto the vocabulary."""
 
     meter: ThroughputCallback | None = None  # the run's throughput meter (make_trainer)
-    share_prefix: bool = True  # trainer.share_prefix (make_trainer)
+    share_prefix: bool | str = True  # trainer.share_prefix (make_trainer)
+    head_chunk: int = 0  # trainer.head_chunk (make_trainer)
     precision: str | None = None  # the run's resolved precision (make_trainer), recorded in each checkpoint
     _label_positions: bool | None = None
     _resumed_state: dict | None = None
@@ -147,7 +148,7 @@ class LabelPositionTrainer(Trainer):
         if return_outputs or "labels" not in inputs or not self._label_positions:
             self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
             return super().compute_loss(model, model_inputs(inputs), return_outputs, num_items_in_batch)
-        loss, scaled = label_position_loss(model, inputs, num_items_in_batch, self.share_prefix)
+        loss, scaled = label_position_loss(model, inputs, num_items_in_batch, self.share_prefix, self.head_chunk)
         if scaled and self.args.average_tokens_across_devices:
             # num_items_in_batch counts every process's tokens; DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
@@ -275,7 +276,7 @@ class LabelPositionTrainer(Trainer):
 
 
 def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool | str = "auto",
-                 precision: str | None = None, **kwargs):
+                 precision: str | None = None, head_chunk: int = 0, **kwargs):
     """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
     whose length-grouped order is seeded, and whose checkpoints resume exactly.
 
@@ -288,10 +289,11 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
             ``trainer.share_prefix``.
         precision: the run's resolved precision (fp32 / bf16 / fp16), recorded in each checkpoint: ``auto`` can
             resolve otherwise on another machine, and a resume there would not continue the run.
+        head_chunk: supervised rows per chunk of the output head and its loss (``trainer.head_chunk``; 0: whole).
     """
     callbacks = list(kwargs.pop("callbacks", None) or [])
     trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
-    trainer.meter, trainer.precision = meter, precision
+    trainer.meter, trainer.precision, trainer.head_chunk = meter, precision, int(head_chunk or 0)
     trainer.share_prefix = resolve_share_prefix(share_prefix, trainer.args.device.type)
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, _ResumeStateCallback):
