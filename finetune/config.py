@@ -342,6 +342,8 @@ def _validate_trainer(t: DictConfig) -> None:
     _bool("trainer.gradient_checkpointing", t.gradient_checkpointing)
     _bool("trainer.packing", _sub(t, "packing"))
     _bool("trainer.torch_compile", _sub(t, "torch_compile"))
+    if _sub(t, "pad_to_multiple_of") is not None:
+        _number("trainer.pad_to_multiple_of", _sub(t, "pad_to_multiple_of"), low=1, integer=True)
     if _sub(t, "head_chunk") is not None:
         _number("trainer.head_chunk", _sub(t, "head_chunk"), low=0, integer=True)
     share = _sub(t, "share_prefix")

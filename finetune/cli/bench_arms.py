@@ -20,7 +20,8 @@ def framework_trainer(model, tok, train_ds, acfg: DictConfig, precision, tmp: st
     model = apply_lora(model, acfg.lora)
     args = training_arguments(acfg.trainer, precision, Path(tmp), int(acfg.seed), [], "bench-finetune", has_eval=False)
     trainer = make_trainer(model=model, args=args, train_dataset=train_ds,
-                           data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True),
+                           data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True,
+                                                      pad_to_multiple_of=acfg.trainer.get("pad_to_multiple_of")),
                            callbacks=callbacks, meter=meter, share_prefix=acfg.trainer.get("share_prefix", "auto"),
                            head_chunk=int(acfg.trainer.get("head_chunk") or 0))
     return model, trainer

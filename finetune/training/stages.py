@@ -195,7 +195,8 @@ def fit(job: Job) -> None:
     args = training_arguments(tcfg, job.precision, job.run_dir, cfg.seed, ["wandb"] if job.wandb_run else [], name,
                               has_eval=job.val_ds is not None, dist_cfg=cfg.get("distributed"))
     trainer = make_trainer(model=job.model, args=args, train_dataset=train_ds, eval_dataset=job.val_ds,
-                           data_collator=DataCollator(pad_token_id=job.tok.pad_token_id, label_plan=True),
+                           data_collator=DataCollator(pad_token_id=job.tok.pad_token_id, label_plan=True,
+                                                      pad_to_multiple_of=tcfg.get("pad_to_multiple_of")),
                            callbacks=job.callbacks + [meter], meter=meter,
                            share_prefix=job.share_prefix, precision=job.precision.name,
                            head_chunk=int(tcfg.get("head_chunk") or 0))

@@ -238,3 +238,26 @@ def test_a_run_with_the_prefix_packed_into_one_pass_trains_as_the_two_pass_run(t
     with pytest.raises(FinetuneError, match="packed into one pass.*trainer.share_prefix=packed to continue it"):
         _run(tmp_path, *common, "trainer.share_prefix=true", "trainer.max_steps=4", "trainer.resume_from_checkpoint=auto",
              name="packed")
+
+
+def test_batches_padded_to_a_multiple_train_as_batches_padded_to_their_longest_row(tmp_path, monkeypatch):
+    """trainer.pad_to_multiple_of buckets the training batches' widths (fewer shapes to compile for); the extra pads
+    come after every real token and carry no label: the same steps (fp32, to rounding)."""
+    from finetune.training.trainer import LabelPositionTrainer
+
+    widths = []
+    real = LabelPositionTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        widths.append(inputs["input_ids"].shape[1])
+        return real(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(LabelPositionTrainer, "compute_loss", compute_loss)
+    common = (f"dataset.path={shared('chnsenticorp')}", "trainer.precision=fp32", "trainer.max_steps=3", "lora.dropout=0",
+              "trainer.max_length=100")
+    bucketed, _ = _run(tmp_path, *common, "trainer.pad_to_multiple_of=32", name="bucketed")
+    assert len(widths) == 3 and all(w % 32 == 0 for w in widths), widths
+    plain, _ = _run(tmp_path, *common, name="plain")
+    assert any(w % 32 for w in widths[3:6]), widths  # without it the widths are the rows' own
+    assert bucketed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    assert bucketed["train_tokens"] == plain["train_tokens"]  # real tokens, not pads

@@ -3,7 +3,7 @@
 
 1. finetune-bench's three arms (this framework, the plain recipe, TRL's SFTTrainer) at SmolLM2-135M's shapes,
    LoRA and QLoRA-nf4 (the launch-bound regime: a small model's step follows its operations and host syncs);
-2. this framework's arm with ``trainer.torch_compile=true``, and with the prompt prefix shared in one pass
+2. this framework's arm with ``trainer.torch_compile=true`` (batch widths bucketed to multiples of 64), and with the prompt prefix shared in one pass
    (``trainer.share_prefix=packed``: the unshared step's operation count, attention over the packed sequence);
 3. the three arms at Qwen2.5-7B's shapes (``model=qwen2.5-7b-shapes``, random bf16 weights built on the GPU), LoRA
    and QLoRA-nf4, batch x length that fits one 80 GB GPU;
@@ -56,7 +56,8 @@ def jobs(dry_run: bool) -> list[tuple[str, list[str], int]]:
     at_7b = ["--steps", "6", "--batch-size", "4", "--max-length", "1024", "model=qwen2.5-7b-shapes"]
     return [("135m_lora", [*bench, *at_135m], 75),
             ("135m_nf4", [*bench, *at_135m, "quantization=nf4"], 75),
-            ("135m_lora_compiled", [*bench, "--arms", "finetune", *at_135m, "trainer.torch_compile=true"], 60),
+            ("135m_lora_compiled", [*bench, "--arms", "finetune", *at_135m, "trainer.torch_compile=true",
+                                    "trainer.pad_to_multiple_of=64"], 60),
             ("135m_lora_packed", [*bench, "--arms", "finetune", "--steps", "20", *SMOLLM2_SHAPES,
                                   "trainer.share_prefix=packed"], 30),
             ("7b_lora", [*bench, *at_7b], 110),
