@@ -49,14 +49,22 @@ def test_multirun_records_failures_and_writes_the_report(tmp_path):
 
 
 def test_a_sweep_whose_jobs_are_all_refused_exits_1_and_keeps_the_earlier_report(tmp_path):
-    """The -m command twice with one hydra.sweep.dir: the second refuses both jobs (their finished runs are
-    kept), exits 1 with one line naming them, and leaves the first sweep's report and multirun.yaml as they were.
-    Through the parallel launcher, whose jobs run in worker processes: each job's refusal reaches the sweep from the
-    sweep folder's job records (the sweep's own process saw it before; a worker's it never did: exit 0)."""
+    """The -m command twice with one hydra.sweep.dir, through the parallel launcher. The first runs its two jobs side
+    by side and writes the report. The second refuses both jobs (their finished runs are kept), exits 1 with one line
+    naming them, and leaves the first sweep's report and multirun.yaml as they were: the launcher's jobs run in worker
+    processes, and each job's refusal reaches the sweep from the sweep folder's job records (the sweep's own process
+    saw it before; a worker's it never did: exit 0)."""
     sweep_dir = tmp_path / "sweep"
     args = ["finetune.cli.train", "-m", *TINY, f"dataset.path={shared('chnsenticorp')}", "lora.r=4,8",
-            "hydra/launcher=parallel", f"hydra.sweep.dir={sweep_dir}"]
-    assert cli(*args, check=False).returncode == 0
+            "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}"]
+    first = cli(*args, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    jobs = [json.loads((sweep_dir / str(i) / "metrics.json").read_text()) for i in (0, 1)]
+    assert [j["status"] for j in jobs] == ["ok", "ok"] and sorted(j["lora"]["r"] for j in jobs) == [4, 8]
+    assert "Joblib.Parallel(n_jobs=2," in first.stdout + first.stderr
+    # side by side: each job process's lifetime (from its start to its end, as it logs them) overlaps the other's
+    spans = [_process_span(first.stderr, job) for job in ("0", "1")]
+    assert max(s[0] for s in spans) < min(s[1] for s in spans), spans
     report, record = (sweep_dir / "comparison.md").read_bytes(), (sweep_dir / "multirun.yaml").read_bytes()
     runs = {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()}
     again = cli(*args, "seed=7", check=False)  # a different command: Hydra writes its own multirun.yaml first
@@ -67,6 +75,21 @@ def test_a_sweep_whose_jobs_are_all_refused_exits_1_and_keeps_the_earlier_report
     assert (sweep_dir / "comparison.md").read_bytes() == report
     assert (sweep_dir / "multirun.yaml").read_bytes() == record  # the record of the sweep that made the runs
     assert {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()} == runs
+
+
+def _process_span(log: str, job: str) -> tuple[float, float]:
+    """The two job processes share stderr, so a log record can land in the middle of the other's progress bar
+    line: find each record by its own stamp and message, wherever it starts."""
+    import re
+    from datetime import datetime
+
+    def stamp(event: str) -> float:
+        found = re.findall(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]*\]\[INFO\] - "
+                           rf"job {job}: process \d+ {event}", log)
+        assert len(found) == 1, (job, event, found)
+        return datetime.strptime(found[0], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    return stamp("started"), stamp("finished")
 
 
 def test_a_sweep_folder_has_one_owner_at_a_time(tmp_path):
