@@ -1,7 +1,9 @@
-"""finetune-export: a run's deployment as a real INT8 ONNX model, checked against the simulation
-(:mod:`finetune.export.int8` does the work).
+"""finetune-export: a run's deployment as a real INT8 ONNX model checked against the simulation
+(:mod:`finetune.export.int8`), or as a GGUF file for llama.cpp and Ollama read back and checked
+(:mod:`finetune.export.gguf`).
 
     finetune-export run=outputs/<date>/<time> format=int8 out=int8/
+    finetune-export run=outputs/<date>/<time> format=gguf quant=q8_0 out=gguf/
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def check_args(argv: list[str]) -> dict:
     args, _ = parse_kv(argv, ARGS, ("run", "format", "out"),
                        " (finetune-export run=<run dir> format=int8 out=<new dir>)")
     allow_remote_code(as_bool("trust_remote_code", args["trust_remote_code"]))
+    from finetune.export.gguf import QUANTS
+
     return {**args, "format": as_choice("format", args["format"], FORMATS),
+            "quant": as_choice("quant", args["quant"], QUANTS),
             "threads": as_number("threads", args["threads"], int, 1, optional=True),
             "max_samples": as_number("max_samples", args["max_samples"], int, 1, optional=True),
             "latency_tokens": as_number("latency_tokens", args["latency_tokens"], int, 1),
@@ -43,6 +48,11 @@ def _body(argv: list[str]) -> int:
 
     try:
         with out_lock(args["out"]):  # two exports into one out= never both write it
+            if args["format"] == "gguf":
+                from finetune.export.gguf import export_gguf
+
+                export_gguf(args["run"], args["out"], args["quant"], args["max_samples"], args["overwrite"])
+                return 0
             export_run(args["run"], args["format"], args["out"], args["max_samples"], args["latency_tokens"],
                        args["latency_reps"], args["overwrite"], args["granularity"], args["scale"], args["threads"],
                        args["float_reference"])

@@ -40,8 +40,8 @@ __all__ = ["export_run", "load_exported"]
 
 log = logging.getLogger("finetune.export.int8")
 
-FORMATS = ("int8",)
-ARGS = {"run": None, "format": None, "out": None, "max_samples": None, "latency_tokens": "16", "latency_reps": "3",
+FORMATS = ("int8", "gguf")
+ARGS = {"run": None, "format": None, "out": None, "quant": "q8_0", "max_samples": None, "latency_tokens": "16", "latency_reps": "3",
         "threads": None, "granularity": None, "scale": None, "float_reference": "true", "overwrite": "false", "trust_remote_code": "false"}
 LATENCY_PROMPT = "Write a short story about a quiet hotel by the sea."
 # The check of the ONNX model against the simulation (CHECK below). The same INT8 codes in two float32 engines
@@ -153,7 +153,7 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     from finetune.export.merge import merged_model
     from finetune.runs import run_config, run_kind, run_metrics
 
-    as_choice("format", fmt, FORMATS)
+    as_choice("format", fmt, ("int8",))
     path, cfg = run_config(run)
     run_kind(path)
     trained = QATConfig.from_cfg(cfg.qat)

@@ -523,3 +523,39 @@ def test_two_merges_started_together_into_one_out_one_writes_it_the_other_is_ref
     for name, tensor in load_file(alone / "model.safetensors").items():
         assert torch.equal(load_file(out / "model.safetensors")[name], tensor), name
     assert not list(tmp_path.glob(".*.finetune.lock"))
+
+
+@pytest.mark.parametrize("run_name,quant", [("lora", "f16"), ("nf4", "q8_0"), ("full", "q4_0")])
+def test_gguf_export_is_read_back_by_transformers_as_the_merged_model(runs, tmp_path, run_name, quant):
+    """format=gguf: the merged model in one GGUF file (weights on llama.cpp's grids, tokenizer, chat template) that
+    transformers reads back to the merged model's logits and predictions; a Modelfile beside it."""
+    import gguf
+
+    from finetune.cli import export as export_cli
+    from finetune.export.gguf import LOGIT_TOLERANCE
+
+    out = tmp_path / quant
+    assert export_cli.main([f"run={runs[run_name]}", "format=gguf", f"quant={quant}", f"out={out}"]) == 0
+    record = json.loads((out / "export.json").read_text())
+    check = record["check"]
+    assert check["max_weight_diff_on_grid"] == 0 and check["tokenizer_round_trip"]  # every weight, exactly
+    assert check["n_scored"] == 6 and 0 <= check["prediction_agreement"] <= 1
+    if quant == "f16":
+        assert check["max_rel_logit_diff"] <= LOGIT_TOLERANCE and check["prediction_agreement"] >= 0.99
+    assert record["size_bytes"] == (out / "model.gguf").stat().st_size < record["float32_size_bytes"]
+    reader = gguf.GGUFReader(out / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == quant.upper() and types["output_norm.weight"] == "F32"
+    assert "tokenizer.chat_template" in reader.fields and "FROM ./model.gguf" in (out / "Modelfile").read_text()
+
+
+def test_gguf_export_of_a_permutation_free_file_would_fail_its_check(runs, tmp_path, monkeypatch, capsys):
+    """The round trip is a real check: q / k rows written in transformers' order instead of llama.cpp's are read
+    back as other weights, and nothing is written (also for a quantized file)."""
+    from finetune.cli import export as export_cli
+    from finetune.export import gguf as gguf_export
+
+    monkeypatch.setattr(gguf_export, "_permute", lambda weight, heads: weight)
+    out = tmp_path / "bad"
+    assert export_cli.main([f"run={runs['lora']}", "format=gguf", "quant=q4_0", f"out={out}"]) == 1
+    assert "is not the merged model" in capsys.readouterr().err and not out.exists()
