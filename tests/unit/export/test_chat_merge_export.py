@@ -331,8 +331,11 @@ def test_run_without_adapter_or_model(cli, runs, tmp_path, capsys):
 
 
 def test_unknown_export_format(runs, tmp_path, capsys):
-    line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=gguf", f"out={tmp_path / 'o'}"]))
-    assert "format=gguf" in line and "int8" in line
+    line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=onnx", f"out={tmp_path / 'o'}"]))
+    assert "format=onnx" in line and "int8" in line and "gguf" in line
+    line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=gguf", "quant=q2_k",
+                                                    f"out={tmp_path / 'o'}"]))
+    assert "quant=q2_k" in line and "q8_0" in line and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("cli", [merge_cli, export_cli])
