@@ -14,7 +14,7 @@ import torch
 
 from finetune.checks import as_bool, as_choice, as_number, parse_kv
 from finetune.cli.common import run_cli
-from finetune.errors import print_error
+from finetune.errors import FinetuneError, print_error
 from finetune.export.int8 import ARGS, FORMATS, ExportCheckFailed, export_run
 from finetune.model.load import allow_remote_code
 
@@ -30,8 +30,14 @@ def check_args(argv: list[str]) -> dict:
     allow_remote_code(as_bool("trust_remote_code", args["trust_remote_code"]))
     from finetune.export.gguf import QUANTS
 
-    return {**args, "format": as_choice("format", args["format"], FORMATS),
-            "quant": as_choice("quant", args["quant"], QUANTS),
+    fmt = as_choice("format", args["format"], FORMATS)
+    only = {"gguf": ("quant",), "int8": ("granularity", "scale")}  # keys of one format whose default is unset
+    for other, keys in only.items():
+        given = [k for k in keys if args[k] is not None]
+        if other != fmt and given:
+            raise FinetuneError(f"{given[0]}= applies to format={other} only, not format={fmt}")
+    return {**args, "format": fmt,
+            "quant": as_choice("quant", args["quant"] or "q8_0", QUANTS),
             "threads": as_number("threads", args["threads"], int, 1, optional=True),
             "max_samples": as_number("max_samples", args["max_samples"], int, 1, optional=True),
             "latency_tokens": as_number("latency_tokens", args["latency_tokens"], int, 1),

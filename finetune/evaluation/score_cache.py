@@ -5,7 +5,8 @@ snapshot's commit), its load settings (dtype, quantization, attention implementa
 the scored rows (text and label), the prompt and label configuration, ``max_length`` and the precision. The
 batch size is not in it: scoring is batch-invariant (each row scored over its real tokens only), except for
 LLM.int8() with outlier columns, whose key holds it. The cache holds each row's label log-likelihoods; accuracy
-and F1 are recomputed from them. A damaged or mismatched entry is ignored and recomputed. Entries live in ``<cache root>/scores`` (``FINETUNE_CACHE`` moves the root).
+and F1 are recomputed from them. A damaged or mismatched entry is ignored and recomputed. Entries live in
+``<cache root>/scores`` (``FINETUNE_CACHE`` moves the root).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ LOGIT_TOLERANCE = 5e-3
 F16_AGREEMENT = 0.99
 # Kept in Q8_0 by quant=q4_0, as llama.cpp's quantizer keeps the output rows in more bits than the layers: in Q4_0
 # the (tied) embedding and head of SmolLM2 gave the merged model's answer on 7 of 200 reviews.
-HEAD_TENSORS = ("token_embd.weight", "output.weight")
+HEAD_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")  # llama.cpp's token_embd and output
 
 
 def _ggml_type(quant: str):
@@ -50,7 +50,8 @@ def _file_type(quant: str) -> int:
 
 
 def check_exportable(model) -> None:
-    """One line naming what is not a llama-family model with untied rope scaling llama.cpp reads as ``llama``."""
+    """One line naming what this writer cannot express: a family other than llama.cpp's ``llama`` architecture,
+    sliding-window attention, or rotary scaling (not written into the file)."""
     config = model.config
     if config.model_type not in ("llama", "mistral"):
         raise FinetuneError(f"format=gguf writes llama.cpp's llama architecture; this run's base model is "
@@ -58,6 +59,10 @@ def check_exportable(model) -> None:
     if getattr(config, "sliding_window", None):
         raise FinetuneError("format=gguf: this model uses sliding-window attention, which llama.cpp's llama "
                             "architecture does not")
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise FinetuneError(f"format=gguf: this model scales its rotary embedding ({rope.get('rope_type')}), which "
+                            "this export does not write yet")
 
 
 def _rope_theta(config) -> float:
@@ -72,6 +77,17 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
         weight.shape)
 
 
+def _grid_type(hf_name: str, shape: tuple[int, ...], quant: str):
+    """The GGML block type a weight is stored in (None: F32 for 1-D, F16 where rows are not whole blocks of 32)."""
+    import gguf
+
+    if len(shape) == 1:
+        return None
+    if quant == "q4_0" and hf_name in HEAD_TENSORS:  # the vocabulary rows in 4 bits flip a small model's answers
+        return gguf.GGMLQuantizationType.Q8_0
+    return None if shape[-1] % 32 else _ggml_type(quant)
+
+
 def _tensors(model, quant: str):
     """(GGUF name, data, raw type or None) for every weight, in the model's order; the head is left out where it
     is tied to the embeddings (llama.cpp reads ``token_embd`` then)."""
@@ -80,7 +96,6 @@ def _tensors(model, quant: str):
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    qtype = _ggml_type(quant)
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
@@ -92,12 +107,10 @@ def _tensors(model, quant: str):
             data = _permute(data, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             data = _permute(data, config.num_key_value_heads)
-        kind = qtype
-        if quant == "q4_0" and target in HEAD_TENSORS:
-            kind = gguf.GGMLQuantizationType.Q8_0  # the vocabulary rows in 4 bits flip a small model's answers
+        kind = _grid_type(name, data.shape, quant)
         if data.ndim == 1:
             yield target, data, None  # norms stay F32, as llama.cpp's converter keeps them
-        elif kind is None or data.shape[-1] % 32:
+        elif kind is None:
             yield target, data.astype(np.float16), None
         else:
             yield target, gguf.quants.quantize(data, kind), kind
@@ -134,8 +147,7 @@ def write_gguf(model, tok, path: Path, quant: str, name: str) -> dict:
     """Write ``model`` (a merged, float transformers Llama) and ``tok`` into ``path``; returns what was written."""
     import gguf
 
-    check_exportable(model)
-    config = model.config
+    config = model.config  # check_exportable(model) has passed
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
     writer.add_context_length(int(config.max_position_embeddings))
@@ -177,16 +189,13 @@ def _grid_weights(model, quant: str) -> dict[str, torch.Tensor]:
     commutes with llama.cpp's row order and can be compared in transformers' order."""
     import gguf
 
-    qtype = _ggml_type(quant)
     out = {}
     for name, tensor in model.state_dict().items():
         data = tensor.detach().to(torch.float32).cpu().numpy()
-        kind = qtype
-        if quant == "q4_0" and name in ("model.embed_tokens.weight", "lm_head.weight"):  # HEAD_TENSORS
-            kind = gguf.GGMLQuantizationType.Q8_0
+        kind = _grid_type(name, data.shape, quant)
         if data.ndim == 1:
             grid = data
-        elif kind is None or data.shape[-1] % 32:
+        elif kind is None:
             grid = data.astype(np.float16).astype(np.float32)
         else:
             grid = gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)

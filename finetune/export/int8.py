@@ -41,8 +41,8 @@ __all__ = ["export_run", "load_exported"]
 log = logging.getLogger("finetune.export.int8")
 
 FORMATS = ("int8", "gguf")
-ARGS = {"run": None, "format": None, "out": None, "quant": "q8_0", "max_samples": None, "latency_tokens": "16", "latency_reps": "3",
-        "threads": None, "granularity": None, "scale": None, "float_reference": "true", "overwrite": "false", "trust_remote_code": "false"}
+ARGS = {"run": None, "format": None, "out": None, "quant": None, "max_samples": None, "latency_tokens": "16",
+        "latency_reps": "3", "threads": None, "granularity": None, "scale": None, "float_reference": "true", "overwrite": "false", "trust_remote_code": "false"}
 LATENCY_PROMPT = "Write a short story about a quiet hotel by the sea."
 # The check of the ONNX model against the simulation (CHECK below). The same INT8 codes in two float32 engines
 # agree to ~1e-6 where no value sits near a rounding boundary (tests/unit/qat/test_deployment.py: every scale mode

@@ -295,10 +295,25 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
     trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
     trainer.meter, trainer.precision, trainer.head_chunk = meter, precision, int(head_chunk or 0)
     trainer.share_prefix = resolve_share_prefix(share_prefix, trainer.args.device.type)
+    _say_what_cannot_apply(trainer)
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, _ResumeStateCallback):
             cb.trainer = trainer
     return trainer
+
+
+def _say_what_cannot_apply(trainer) -> None:
+    """A warning where a switch asked for cannot take effect on this model (it then trains as without it)."""
+    from finetune.model.head_loss import can_chunk_head
+    from finetune.model.loss import causal_lm, takes_block_mask
+
+    lm = causal_lm(trainer.model)
+    if trainer.head_chunk and not can_chunk_head(lm):
+        log.warning("trainer.head_chunk=%d: a %s head is not chunked (its logits are not just the head applied to "
+                    "the hidden states); the whole head is used", trainer.head_chunk, lm.config.model_type)
+    if trainer.share_prefix == "packed" and not takes_block_mask(lm):
+        log.warning("trainer.share_prefix=packed: attn_implementation=%s ignores a block mask; the prefix is shared "
+                    "in two passes instead", getattr(lm.config, "_attn_implementation", None))
 
 
 class _ResumeStateCallback(TrainerCallback):

@@ -89,6 +89,11 @@ def test_public_keys_exist():
     ("trainer.torch_compile=sometimes", "trainer.torch_compile"),
     ("trainer.share_prefix=1", "trainer.share_prefix=1 is not allowed; allowed: auto, true, false"),
     ("trainer.share_prefix=gpu", "trainer.share_prefix"),
+    ("trainer.share_prefix=packing", "allowed: auto, true, false, packed"),
+    ("trainer.head_chunk=-1", "trainer.head_chunk"),
+    ("trainer.head_chunk=many", "trainer.head_chunk"),
+    ("trainer.pad_to_multiple_of=0", "trainer.pad_to_multiple_of"),
+    ("trainer.pad_to_multiple_of=8.5", "trainer.pad_to_multiple_of"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     cfg = compose_cfg(override.split())

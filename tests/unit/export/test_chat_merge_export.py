@@ -336,6 +336,13 @@ def test_unknown_export_format(runs, tmp_path, capsys):
     line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=gguf", "quant=q2_k",
                                                     f"out={tmp_path / 'o'}"]))
     assert "quant=q2_k" in line and "q8_0" in line and not (tmp_path / "o").exists()
+    # a key of the other format is refused, not silently ignored
+    line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=int8", "quant=q4_0",
+                                                    f"out={tmp_path / 'o'}"]))
+    assert line == "error: quant= applies to format=gguf only, not format=int8"
+    line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=gguf", "scale=token",
+                                                    f"out={tmp_path / 'o'}"]))
+    assert "scale= applies to format=int8 only" in line and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("cli", [merge_cli, export_cli])
@@ -554,11 +561,33 @@ def test_gguf_export_is_read_back_by_transformers_as_the_merged_model(runs, tmp_
 
 def test_gguf_export_of_a_permutation_free_file_would_fail_its_check(runs, tmp_path, monkeypatch, capsys):
     """The round trip is a real check: q / k rows written in transformers' order instead of llama.cpp's are read
-    back as other weights, and nothing is written (also for a quantized file)."""
+    back as other weights, and the failed export replaces nothing (also for a quantized file)."""
     from finetune.cli import export as export_cli
     from finetune.export import gguf as gguf_export
 
+    out = tmp_path / "gguf"
+    assert export_cli.main([f"run={runs['lora']}", "format=gguf", "quant=q8_0", f"out={out}"]) == 0
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
     monkeypatch.setattr(gguf_export, "_permute", lambda weight, heads: weight)
-    out = tmp_path / "bad"
-    assert export_cli.main([f"run={runs['lora']}", "format=gguf", "quant=q8_0", f"out={out}"]) == 1
-    assert "is not the merged model" in capsys.readouterr().err and not out.exists()
+    assert export_cli.main([f"run={runs['lora']}", "format=gguf", "quant=q8_0", f"out={out}", "overwrite=true"]) == 1
+    assert "is not the merged model" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good  # the failed attempt replaced nothing
+    assert [p.name for p in tmp_path.iterdir()] == ["gguf"]  # and left no staging folder behind
+
+
+@pytest.mark.parametrize("config,fragment", [
+    ({"model_type": "gpt2"}, "base model is 'gpt2' (supported: llama, mistral)"),
+    ({"model_type": "mistral", "sliding_window": 4096}, "sliding-window attention"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "(llama3)"),
+])
+def test_gguf_export_refuses_what_it_cannot_write_in_one_line(config, fragment):
+    from types import SimpleNamespace
+
+    from finetune.errors import FinetuneError
+    from finetune.export.gguf import check_exportable
+
+    with pytest.raises(FinetuneError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        check_exportable(SimpleNamespace(config=SimpleNamespace(**config)))
+    check_exportable(SimpleNamespace(config=SimpleNamespace(model_type="llama", rope_parameters={
+        "rope_type": "default", "rope_theta": 1e4})))  # SmolLM2's

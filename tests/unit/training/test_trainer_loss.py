@@ -513,3 +513,25 @@ def test_the_shared_prefix_packed_into_one_pass_gives_the_same_loss_and_gradient
     two_pass = sum(dispatched_ops(lambda: step(True)).values())
     unshared = sum(dispatched_ops(lambda: label_position_loss(model, batch, share_prefix=False)[0].backward()).values())
     assert sum(packed_ops.values()) < 1.2 * unshared < 0.7 * two_pass, (sum(packed_ops.values()), unshared, two_pass)
+
+
+def test_a_switch_that_cannot_apply_to_the_model_says_so(tmp_path, caplog):
+    """trainer.head_chunk on a head whose logits are more than the head applied (GPT-2's family is not on the list)
+    and share_prefix=packed under an attention that ignores block masks: one warning each, training goes on."""
+    import logging
+
+    from finetune.model.load import resolve_precision
+    from finetune.training.trainer import training_arguments
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["model=tiny", "trainer.max_steps=1", "trainer.save_strategy=no"])
+    args = training_arguments(cfg.trainer, resolve_precision("fp32", "float32"), tmp_path, 0, [], "t", False)
+    gpt2 = lora(FAMILIES["gpt2"]())
+    llama = lora(FAMILIES["llama"]())
+    llama.get_base_model().config._attn_implementation = "flash_attention_2"
+    with caplog.at_level(logging.WARNING, logger="finetune.training.trainer"):
+        make_trainer(model=gpt2, args=args, head_chunk=64, share_prefix=True)
+        make_trainer(model=llama, args=args, head_chunk=64, share_prefix="packed")
+    said = [r.getMessage() for r in caplog.records if r.name == "finetune.training.trainer"]
+    assert len(said) == 2 and "trainer.head_chunk=64: a gpt2 head is not chunked" in said[0]
+    assert "trainer.share_prefix=packed: attn_implementation=flash_attention_2" in said[1]
