@@ -3,10 +3,15 @@
     finetune-eval run=outputs/<date>/<time>                                     # the run's own test split
     finetune-eval run=outputs/<date>/<time> dataset.path=../shared/data/chnsenticorp/validation.jsonl
     finetune-eval run=... dataset.path=<folder> split=validation out=scores.json
+    finetune-eval run=outputs/<date>/<time> harness=lm_eval                     # lm-eval on the run's own test split
+    finetune-eval run=outputs/<date>/<time> harness=lm_eval tasks=run,hellaswag limit=100
 
 Arguments are ``key=value`` like the training CLI: ``run`` (required), ``split`` (test | validation | train,
 for folder / hub sources), ``out`` (default: <run>/eval-<split or file stem>.json), ``batch_size``, and any
-``dataset.*`` key of the run's config. A single file is scored whole. The result names the precision it scored
+``dataset.*`` key of the run's config. ``harness=lm_eval`` scores with lm-evaluation-harness instead: ``tasks``
+(comma-separated lm-eval task names; ``run``, the default, is the run's own dataset as a local task, compared
+row by row with this project's scorer), ``limit`` (documents per task); the result goes to
+<run>/eval-lm_eval-<split or file stem>.json. A single file is scored whole. The result names the precision it scored
 in (the run's ``trainer.precision``, resolved on this machine), with a warning where the run's own differed.
 """
 
@@ -27,15 +32,26 @@ from finetune.errors import FinetuneError, say
 from finetune.runs import atomic_write_json
 
 log = logging.getLogger("finetune.eval")
-OWN_ARGS = {"run": None, "split": "test", "out": None, "batch_size": None, "trust_remote_code": "false"}
+OWN_ARGS = {"run": None, "split": "test", "out": None, "batch_size": None, "trust_remote_code": "false",
+            "harness": "finetune", "tasks": "run", "limit": None}
 SPLITS = ("test", "validation", "train")
+HARNESSES = ("finetune", "lm_eval")
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     """This command's own keys, and the ``dataset.*`` config overrides."""
     own, overrides = parse_kv(argv, OWN_ARGS, ("run",), " (a finetune-train run directory)", passthrough=("dataset.",))
     own["batch_size"] = as_number("batch_size", own["batch_size"], int, 1, optional=True)
+    own["limit"] = as_number("limit", own["limit"], int, 1, optional=True)
     as_choice("split", own["split"], SPLITS)
+    as_choice("harness", own["harness"], HARNESSES)
+    if own["harness"] == "lm_eval":
+        from finetune.evaluation.harness import lm_eval_version, parse_tasks
+
+        own["tasks"] = parse_tasks(own["tasks"])
+        lm_eval_version()  # installed, or one line saying how
+    elif own["tasks"] != OWN_ARGS["tasks"] or own["limit"] is not None:
+        raise FinetuneError("tasks= and limit= are lm-eval's: give harness=lm_eval with them")
     allow_remote_code(as_bool("trust_remote_code", own["trust_remote_code"]))
     return own, overrides
 
@@ -83,25 +99,24 @@ def dataset_config(cfg, overrides: list[str]):
     return OmegaConf.merge(cfg.dataset, OmegaConf.from_dotlist([o.removeprefix("dataset.") for o in overrides]))
 
 
-def default_out(run_dir: str, overrides: list[str], split: str) -> str:
-    """``<run>/eval-<split or file stem>.json``, known before anything is scored (so it can be held meanwhile)."""
+def default_out(run_dir: str, overrides: list[str], split: str, harness: str = "finetune") -> str:
+    """``<run>/eval-<split or file stem>.json`` (``eval-lm_eval-...`` with lm-eval), known before anything is
+    scored (so it can be held meanwhile)."""
     from finetune.runs import run_config
 
     path, cfg = run_config(run_dir)
-    return str(path / f"eval-{what_is_scored(dataset_config(cfg, overrides), split)[1]}.json")
+    prefix = "eval-" if harness == "finetune" else f"eval-{harness}-"
+    return str(path / f"{prefix}{what_is_scored(dataset_config(cfg, overrides), split)[1]}.json")
 
 
-def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_size: int | None = None) -> dict:
-    """Score a run on a split or file; returns the result dict (also what the CLI writes)."""
-    from finetune.data import load_splits, read_rows, tokenize_split, validate_rows
-    from finetune.evaluation.scoring import classify, loss_and_perplexity
-    from finetune.model.load import resolve_precision
-    from finetune.model.load import load_run
-    from finetune.runs import run_config, run_kind, run_metrics
+def rows_to_score(path: Path, cfg, overrides: list[str], split: str) -> tuple[list[dict], str, str, object]:
+    """The rows scored, their source, the name the result goes by and the dataset config.
 
-    path, cfg = run_config(run_dir)
-    run_kind(path)
+    Raises:
+        FinetuneError: a misspelt ``dataset.*`` key, a bad file, or no rows.
+    """
     from finetune.cli.overrides import leaf_keys
+    from finetune.data import load_splits, read_rows, validate_rows
 
     check_dataset_keys(overrides, leaf_keys(cfg.dataset))
     dcfg = dataset_config(cfg, overrides)
@@ -115,7 +130,20 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
         source = splits.source
     if not rows:
         raise FinetuneError(f"no rows to score in {source} ({split})")
+    return rows, source, scored, dcfg
 
+
+def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_size: int | None = None) -> dict:
+    """Score a run on a split or file; returns the result dict (also what the CLI writes)."""
+    from finetune.data import tokenize_split
+    from finetune.evaluation.scoring import classify, loss_and_perplexity
+    from finetune.model.load import resolve_precision
+    from finetune.model.load import load_run
+    from finetune.runs import run_config, run_kind, run_metrics
+
+    path, cfg = run_config(run_dir)
+    run_kind(path)
+    rows, source, scored, dcfg = rows_to_score(path, cfg, overrides, split)
     model, tok, cfg, path = load_run(path)
     precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
     bs = int(batch_size or cfg.eval.batch_size)
@@ -175,14 +203,19 @@ def _body(argv: list[str]) -> int:
     own, overrides = check_args(argv)
     given = bool(own.get("out"))
     if not given:  # the run's own result file, held while this command scores, as out= is
-        own["out"] = default_out(own["run"], overrides, own["split"])
+        own["out"] = default_out(own["run"], overrides, own["split"], own["harness"])
     with out_lock(own["out"], key="out" if given else None):
         return _evaluate(own, overrides)
 
 
 def _evaluate(own: dict, overrides: list[str]) -> int:
     out = check_eval_out(own)
-    result = evaluate_run(own["run"], overrides, own["split"], own["batch_size"])
+    if own["harness"] == "lm_eval":
+        from finetune.cli.eval_harness import harness_run
+
+        result = harness_run(own, overrides)
+    else:
+        result = evaluate_run(own["run"], overrides, own["split"], own["batch_size"])
     atomic_write_json(out, {"written_by": WRITTEN_BY, **result})
     print(json.dumps(result, indent=2))
     say(f"wrote {out}")

@@ -102,12 +102,17 @@ def encode_prompt(row: Mapping, dcfg: Mapping, tokenizer, max_length: int) -> li
     ``encode_prompt(row) + label_word_ids(...)[i]`` equals the start of the training ids for label i.
     For generation it is every turn before the last assistant turn, cut from the left to ``max_length``.
     """
+    return tokenize_text(tokenizer, prompt_text(row, dcfg, tokenizer, max_length))[-max_length:]
+
+
+def prompt_text(row: Mapping, dcfg: Mapping, tokenizer, max_length: int) -> str:
+    """The prompt :func:`encode_prompt` tokenizes, as text (a classification review already cut to fit)."""
     if dcfg.get("task") == "classification":
         row = _with_text(row, dcfg, _fit_review(row, dcfg, tokenizer, max_length)[0], None)
     messages = build_messages(row, dcfg)
     asst = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     n = asst[-1] if asst else len(messages)
-    return tokenize_text(tokenizer, render(messages, n, True, dcfg, tokenizer))[-max_length:]
+    return render(messages, n, True, dcfg, tokenizer)
 
 
 def label_word_ids(tokenizer, dcfg: Mapping) -> list[list[int]]:

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("finetune.evaluation.score_cache")
 
-VERSION = 2  # bump when the scoring changes what it returns (2: 4-bit layers no longer use the fused CPU kernel)
+VERSION = 3  # bump when the scoring changes what it returns (2: 4-bit layers no longer use the fused CPU kernel;
+#             3: the output head in fp32 under bf16)
 # The dataset keys that change a prompt or its scoring (the row's fields are hashed with the row itself).
 PROMPT_KEYS = ("task", "text_field", "label_field", "label_words", "instruction", "use_chat_template",
                "prompt", "system", "template")

@@ -32,6 +32,33 @@ def autocast(model, bf16: bool):
     return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
 
 
+@contextlib.contextmanager
+def fp32_head(model, bf16: bool):
+    """Under bf16 autocast, the output head's logits computed in fp32 while label words are scored.
+
+    In bf16 a logit near 20 is rounded to a multiple of 0.125: two label words a fraction of that apart come
+    out equal, and the first one wins the tie (5 of 776 test reviews of the default LoRA run on an AVX-512 BF16
+    CPU). The head runs on one position per scored row, so fp32 costs next to nothing there. A head that is not
+    a plain ``nn.Linear`` (quantized, adapted, hooked) is left as it is.
+    """
+    head = model.get_output_embeddings() if bf16 and hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not head.weight.is_floating_point() or head._forward_hooks \
+            or head._forward_pre_hooks:
+        yield
+        return
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return F.linear(x.float(), head.weight.float(), bias)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def _device(model) -> torch.device:
     """The device of the model's first parameter (CPU for a model without torch parameters, e.g. an ONNX one)."""
     first = next(model.parameters(), None)
@@ -195,7 +222,7 @@ def label_scores(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_lengt
     prompts = [encode_prompt(row, dcfg, tokenizer, max_length) for row in rows]
     scores = torch.zeros(len(rows), len(words))
     single = all(len(w) == 1 for w in words)
-    with autocast(model, bf16):
+    with autocast(model, bf16), fp32_head(model, bf16):
         if single:
             # One pass: the next-token distribution after the prompt holds every label word.
             first = torch.tensor([w[0] for w in words])
@@ -254,7 +281,7 @@ def scores_and_loss(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_le
     collate = DataCollator(pad_token_id=tokenizer.pad_token_id)
     scores = torch.zeros(len(rows), len(words))
     total_nll, total_tokens = 0.0, 0
-    with autocast(model, bf16):
+    with autocast(model, bf16), fp32_head(model, bf16):
         for idx in _batches([e["input_ids"] for e in encoded], batch_size, "scoring labels and loss", model):
             batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx]).items()
                      if k in ("input_ids", "attention_mask", "labels")}

@@ -14,6 +14,10 @@ from finetune.cli.evaluate import main
     (["run=/tmp", "lr=1"], "unknown key 'lr'"),
     (["split=test"], "missing run="),
     (["run=/nonexistent/run"], "no such run directory"),
+    (["run=/tmp", "harness=helm"], "harness"),
+    (["run=/tmp", "tasks=hellaswag"], "give harness=lm_eval"),
+    (["run=/tmp", "harness=lm_eval", "tasks=,"], "at least one"),
+    (["run=/tmp", "harness=lm_eval", "limit=0"], "limit=0"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, fragment, capsys):
     assert main(argv) == 2

@@ -1,0 +1,149 @@
+"""The exported GGUF file run in llama.cpp itself, through llama-cpp-python (the ``llamacpp`` extra).
+
+Three measurements go into export.json beside the torch merged model's: the test rows scored in llama.cpp (the
+prompt ids this project builds, so the tokenizer is not in question; the label word's logit after the prompt,
+as :func:`finetune.evaluation.scoring.label_scores` decides), how llama.cpp's own tokenizer encodes those prompts,
+and the time per generated token with a KV cache, greedy, against the torch model's on the same prompt, in the same
+process, one after the other, with the same thread count.
+
+More: docs/after-training.md, section "Export a GGUF file for llama.cpp and Ollama".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "FINETUNE_EXTRAS=llamacpp ./run ... (or pip install 'finetune[llamacpp]'; builds llama.cpp: a C compiler and cmake)"
+NEW_TOKENS = 64     # tokens generated per timing
+TIMING_REPEATS = 3  # the fastest of these is reported (the machine's noise is one-sided)
+
+
+def version() -> str | None:
+    """llama-cpp-python's version, or None where it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+def threads() -> int:
+    """The thread count both runtimes use: torch's (one per core unless set)."""
+    return max(1, torch.get_num_threads())
+
+
+def load(path: Path, n_ctx: int):
+    """The GGUF file in llama.cpp, on the CPU, quiet."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads(), n_threads_batch=threads(),
+                 n_gpu_layers=0, logits_all=False, verbose=False)
+
+
+def _last_logits(llm) -> np.ndarray:
+    return np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+
+
+def label_predictions(llm, prompts: list[list[int]], first_ids: list[int]) -> list[int]:
+    """The label whose first token has the largest logit after each prompt, in llama.cpp."""
+    preds = []
+    for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        logits = _last_logits(llm)[first_ids]
+        preds.append(int(np.argmax(logits)))
+    return preds
+
+
+def tokenizer_agreement(llm, texts: list[str], expected: list[list[int]]) -> float:
+    """Share of prompts that llama.cpp's tokenizer (the GGUF's vocabulary) encodes to this project's ids."""
+    same = sum(llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) == e for t, e in zip(texts, expected))
+    return same / max(1, len(texts))
+
+
+def llama_cpp_decode_ms(llm, prompt: list[int], n_new: int = NEW_TOKENS) -> tuple[float, float]:
+    """(prompt ms, ms per generated token) in llama.cpp: greedy, one token per step on the KV cache."""
+    best_prompt, best_step = float("inf"), float("inf")
+    for _ in range(TIMING_REPEATS):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        for _ in range(n_new):
+            llm.eval([int(np.argmax(_last_logits(llm)))])
+        t2 = time.perf_counter()
+        best_prompt, best_step = min(best_prompt, t1 - t0), min(best_step, (t2 - t1) / n_new)
+    return 1000 * best_prompt, 1000 * best_step
+
+
+@torch.no_grad()
+def torch_decode_ms(model, prompt: list[int], n_new: int = NEW_TOKENS) -> tuple[float, float]:
+    """(prompt ms, ms per generated token) for a torch model in fp32: greedy, one token per step on the KV cache."""
+    device = next(model.parameters()).device
+    best_prompt, best_step = float("inf"), float("inf")
+    for _ in range(TIMING_REPEATS):
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+        t1 = time.perf_counter()
+        for _ in range(n_new):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        t2 = time.perf_counter()
+        best_prompt, best_step = min(best_prompt, t1 - t0), min(best_step, (t2 - t1) / n_new)
+    return 1000 * best_prompt, 1000 * best_step
+
+
+def measure(path: Path, model, tok, rows: list[dict] | None, cfg, torch_preds: list[int] | None) -> dict:
+    """Score and time the GGUF file in llama.cpp; the torch model timed the same way. ``{"installed": False}``
+    (and the way to install it) where llama-cpp-python is not."""
+    from finetune.data import encode_prompt, label_word_ids
+    from finetune.data.encoding import prompt_text
+    from finetune.evaluation.scoring import scores_to_metrics
+
+    found = version()
+    if found is None:
+        return {"installed": False, "install": INSTALL_HINT}
+    max_len = int(cfg.trainer.max_length)
+    timing_rows = rows or []
+    prompts = [encode_prompt(r, cfg.dataset, tok, max_len) for r in timing_rows]
+    llm = load(path, n_ctx=max(512, max_len + 2 * NEW_TOKENS))
+    out: dict = {"installed": True, "llama_cpp_python": found, "threads": threads(),
+                 "cpu": os.environ.get("FINETUNE_CPU_NAME") or _cpu_name()}
+    if rows:
+        first = [w[0] for w in label_word_ids(tok, cfg.dataset)]
+        preds = label_predictions(llm, prompts, first)
+        scores = torch.nn.functional.one_hot(torch.tensor(preds), len(first)).float()
+        out["accuracy"] = scores_to_metrics(scores, rows, cfg.dataset)["accuracy"]
+        out["n_scored"] = len(rows)
+        if torch_preds is not None:
+            out["prediction_agreement_with_torch"] = round(sum(a == b for a, b in zip(preds, torch_preds)) / len(rows), 4)
+        texts = [prompt_text(r, cfg.dataset, tok, max_len) for r in timing_rows[:50]]
+        out["tokenizer_agreement"] = tokenizer_agreement(llm, texts, prompts[:50])
+    prompt = prompts[0] if prompts else tok("Write a short poem about the sea.", add_special_tokens=False)["input_ids"]
+    lp, ls = llama_cpp_decode_ms(llm, prompt)
+    model32 = model.float().eval()
+    tp, ts = torch_decode_ms(model32, prompt)
+    out["decode"] = {"prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "repeats_best_of": TIMING_REPEATS,
+                     "llama_cpp_ms_per_token": round(ls, 3), "torch_fp32_ms_per_token": round(ts, 3),
+                     "llama_cpp_prompt_ms": round(lp, 2), "torch_fp32_prompt_ms": round(tp, 2),
+                     "speedup_per_token": round(ts / ls, 3)}
+    del llm
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
