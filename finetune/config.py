@@ -30,15 +30,43 @@ SCALE_MODES = {
     "tensor": "dynamic, one scale per sequence over its real tokens (absmax / 127)",
     "token": "dynamic, one scale per token (absmax / 127)",
     "static": "static, one calibrated scale per quantized input",
+    "block32": "dynamic, one scale per 32 consecutive values of a token (absmax / 127, stored as fp16): llama.cpp's "
+               "Q8_0 activations",
 }
 GRANULARITIES = ("sublayer", "linear")
 # qat.scheme: what trains with fake-quant and what the simulated deployment runs.
 #   a8    activations only (qat.bits wide); deployed as w8a8
 #   w8a8  + INT8 per-output-channel weights (symmetric, -127..127)
 #   w4a8  + INT4 group-wise weights (qat.group_size, torchao's grid), INT8 per-token activations by default
-SCHEMES = ("a8", "w8a8", "w4a8")
-SCHEME_WEIGHT_BITS = {"a8": None, "w8a8": 8, "w4a8": 4}
-SCHEME_SCALE = {"a8": "tensor", "w8a8": "tensor", "w4a8": "token"}  # qat.scale=null takes the scheme's
+#   q8_0 / q4_0  llama.cpp's CPU arithmetic for GGUF Q8_0 / Q4_0 weights: weights on that block grid, every linear's
+#         input in Q8_0 blocks of 32 (finetune.qat.ggml); exported with finetune-export format=gguf quant=q8_0 | q4_0
+SCHEMES = ("a8", "w8a8", "w4a8", "q8_0", "q4_0")
+GGML_SCHEMES = ("q8_0", "q4_0")
+SCHEME_WEIGHT_BITS = {"a8": None, "w8a8": 8, "w4a8": 4, "q8_0": 8, "q4_0": 4}
+# qat.scale=null takes the scheme's
+SCHEME_SCALE = {"a8": "tensor", "w8a8": "tensor", "w4a8": "token", "q8_0": "block32", "q4_0": "block32"}
+
+
+def check_ggml_scheme(scheme: str, targets: list[str] | tuple[str, ...], granularity: str, scale: str | None) -> None:
+    """``qat.scheme=q8_0 | q4_0`` simulates llama.cpp, which runs every linear of every layer on its grid.
+
+    Raises:
+        FinetuneError: naming what to set (both targets, ``qat.granularity=linear``, ``qat.scale=block32``).
+    """
+    if scheme not in GGML_SCHEMES:
+        if scale == "block32":
+            raise FinetuneError(f"qat.scale=block32 is llama.cpp's activation grid: use it with qat.scheme=q8_0 or "
+                                f"q4_0 (got qat.scheme={scheme})")
+        return
+    if sorted(targets) != ["attn", "ffn"]:
+        raise FinetuneError(f"qat.scheme={scheme} simulates llama.cpp, which quantizes every linear: set "
+                            f"qat_targets=[attn,ffn] (got {list(targets)})")
+    if granularity != "linear":
+        raise FinetuneError(f"qat.scheme={scheme} simulates llama.cpp, which quantizes the input of every linear: "
+                            f"set qat.granularity=linear (got {granularity})")
+    if scale not in (None, "block32"):
+        raise FinetuneError(f"qat.scheme={scheme} simulates llama.cpp's Q8_0 activations: leave qat.scale=null "
+                            f"(block32), got {scale}")
 
 
 def scheme_widths(scheme: str, bits: int, weight_bits: int | None) -> int | None:
@@ -132,6 +160,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_eval(cfg.eval)
     _validate_dataset(cfg.dataset)
     _validate_trainer(cfg.trainer)
+    if targets and cfg.qat.get("scheme") in GGML_SCHEMES and _sub(cfg.trainer, "head_chunk"):
+        raise FinetuneError(f"trainer.head_chunk computes the output head from its weight directly, which would skip "
+                            f"the head's Q8_0 grid of qat.scheme={cfg.qat.scheme}; set trainer.head_chunk=null")
     if cfg.trainer.packing and cfg.dataset.task != "generation":
         raise FinetuneError(f"trainer.packing=true applies to generation datasets (alpaca, sharegpt); "
                             f"dataset={cfg.dataset.name} is {cfg.dataset.task}: leave trainer.packing=false")
@@ -286,6 +317,8 @@ def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
             f"qat.scheme={scheme} with quantization={quant_mode} is not supported: the base weights are already "
             "bitsandbytes-quantized; use qat.scheme=a8 (activation QAT still applies)"
         )
+    if targets or a.scale == "block32" or (scheme in GGML_SCHEMES and a.get("eval_int8")):
+        check_ggml_scheme(scheme, targets or QAT_TARGETS, a.granularity, a.scale)  # a PTQ baseline runs both
     if scheme != "a8":
         scheme_widths(scheme, a.bits, a.weight_bits)  # the scheme's fixed widths
         if a.get("eval_bits") not in (None, 8):

@@ -14,9 +14,12 @@ from pathlib import Path
 log = logging.getLogger("finetune.eval")
 
 
-def harness_run(own: dict, overrides: list[str]) -> dict:
-    """Score ``own["run"]`` on ``own["tasks"]`` with lm-eval; returns the result written to the eval file."""
-    from finetune.cli.evaluate import rows_to_score
+def harness_run(own: dict, rows_to_score) -> dict:
+    """Score ``own["run"]`` on ``own["tasks"]`` with lm-eval; returns the result written to the eval file.
+
+    ``rows_to_score(path, cfg)``: the rows of the split or file asked for, their source, the name the result goes
+    by and the dataset config (finetune-eval's own selection, with its ``dataset.*`` overrides).
+    """
     from finetune.evaluation import harness
     from finetune.model.load import load_run, resolve_precision
     from finetune.runs import run_config, run_kind
@@ -27,7 +30,7 @@ def harness_run(own: dict, overrides: list[str]) -> dict:
     harness.preflight(names)  # a misspelt or unreachable task is refused before the model is loaded
     own_rows, source, scored, dcfg = None, None, None, cfg.dataset
     if harness.OWN_TASK in names:
-        rows, source, scored, dcfg = rows_to_score(path, cfg, overrides, own["split"])
+        rows, source, scored, dcfg = rows_to_score(path, cfg)
         own_rows = rows[: own["limit"]] if own["limit"] else rows
     model, tok, cfg, path = load_run(path)
     precision = resolve_precision(cfg.trainer.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")

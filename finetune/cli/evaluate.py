@@ -213,7 +213,7 @@ def _evaluate(own: dict, overrides: list[str]) -> int:
     if own["harness"] == "lm_eval":
         from finetune.cli.eval_harness import harness_run
 
-        result = harness_run(own, overrides)
+        result = harness_run(own, lambda path, cfg: rows_to_score(path, cfg, overrides, own["split"]))
     else:
         result = evaluate_run(own["run"], overrides, own["split"], own["batch_size"])
     atomic_write_json(out, {"written_by": WRITTEN_BY, **result})

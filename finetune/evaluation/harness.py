@@ -168,7 +168,7 @@ def float_logits_lm(model, tokenizer, batch_size: int):
     """lm-eval's HFLM over an already-loaded model, handing lm-eval fp32 logits.
 
     lm-eval takes the log-softmax of the logits in their own dtype. This project's scorer computes the head's
-    logits in fp32 (:func:`finetune.evaluation.scoring.fp32_head`, applied around this too) and takes the
+    logits in fp32 (:func:`finetune.evaluation.head.fp32_head`, applied around this too) and takes the
     log-softmax in fp32; so does this. The layers below the head run in the run's precision either way.
     """
     from lm_eval.models.huggingface import HFLM
@@ -234,7 +234,8 @@ def evaluate(model, tokenizer, names: list[str], own_rows: list[dict] | None, dc
     """
     from lm_eval import simple_evaluate
 
-    from finetune.evaluation.scoring import autocast, fp32_head
+    from finetune.evaluation.head import fp32_head
+    from finetune.evaluation.scoring import autocast
 
     with tempfile.TemporaryDirectory(prefix="finetune-lm-eval-") as tmp:
         folder = Path(tmp)

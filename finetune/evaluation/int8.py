@@ -72,7 +72,8 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     # A static-scale PTQ baseline is calibrated on training rows, as QAT's observer is (never on test rows).
     calibration = calibration_batches(splits, dcfg, tok, max_len, bs) if QATConfig.from_cfg(qcfg).scale == "static" \
         else None
-    for target_set in PTQ_TARGET_SETS:
+    # llama.cpp's grids run every linear, so their PTQ baseline is attn+ffn only
+    for target_set in (QAT_TARGETS,) if config.weight_grid else PTQ_TARGET_SETS:
         with simulate_int8(model, list(target_set), qcfg, calibration=calibration) as sim:
             scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
         result["int8_scale"] = sim.config.scale
@@ -91,5 +92,7 @@ def _log(kind: str, targets, scores: dict, bits: int = 8, weights: str = "INT8")
 
 
 def _weights(how: dict) -> str:
+    if how.get("int8_scheme") in ("q8_0", "q4_0"):
+        return f"llama.cpp {how['int8_scheme'].upper()}"
     group = how.get("int8_weight_group_size")
     return f"INT4 group-{group}" if group else "INT8"

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from finetune.data import DataCollator, build_messages, encode_prompt, encode_train, label_word_ids
 from finetune.model.loss import (MIN_SHARED_PREFIX, accepts_logits_to_keep, cache_argument, can_share_prefix,
                                  has_forward_hooks, kept_logits, label_position_nll, labelled_next, output_cache)
+from finetune.evaluation.head import fp32_head
 from finetune.platform.cpu import return_free_heap
 
 log = logging.getLogger("finetune.evaluation.scoring")
@@ -30,33 +31,6 @@ def autocast(model, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
-
-
-@contextlib.contextmanager
-def fp32_head(model, bf16: bool):
-    """Under bf16 autocast, the output head's logits computed in fp32 while label words are scored.
-
-    In bf16 a logit near 20 is rounded to a multiple of 0.125: two label words a fraction of that apart come
-    out equal, and the first one wins the tie (5 of 776 test reviews of the default LoRA run on an AVX-512 BF16
-    CPU). The head runs on one position per scored row, so fp32 costs next to nothing there. A head that is not
-    a plain ``nn.Linear`` (quantized, adapted, hooked) is left as it is.
-    """
-    head = model.get_output_embeddings() if bf16 and hasattr(model, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or not head.weight.is_floating_point() or head._forward_hooks \
-            or head._forward_pre_hooks:
-        yield
-        return
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            bias = None if head.bias is None else head.bias.float()
-            return F.linear(x.float(), head.weight.float(), bias)
-
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward
 
 
 def _device(model) -> torch.device:

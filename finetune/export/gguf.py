@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.export import llama_cpp
 
 log = logging.getLogger("finetune.export.gguf")
 
@@ -230,6 +231,7 @@ def reload_check(stage: Path, model, tok, quant: str, rows: list[dict] | None, c
         a = label_scores(model, tok, rows, cfg.dataset, max_len, 16)
         b = label_scores(back, tok, rows, cfg.dataset, max_len, 16)
         same = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+        out["torch_predictions"] = a.argmax(-1).tolist()  # for llama.cpp's comparison; not written
         out.update(n_scored=len(rows), prediction_agreement=round(same, 4),
                    accuracy_torch=scores_to_metrics(a, rows, cfg.dataset)["accuracy"],
                    accuracy_gguf=scores_to_metrics(b, rows, cfg.dataset)["accuracy"])
@@ -246,6 +248,19 @@ def check_failed(check: dict, quant: str) -> bool:
         return True
     return quant == "f16" and (check["max_rel_logit_diff"] > LOGIT_TOLERANCE
                                or check.get("prediction_agreement", 1.0) < F16_AGREEMENT)
+
+
+def _say_llama_cpp(found: dict, quant: str) -> None:
+    if not found.get("installed"):
+        print(f"llama.cpp: not measured (llama-cpp-python is not installed: {found['install']})")
+        return
+    if "accuracy" in found:
+        print(f"{quant} in llama.cpp: accuracy {found['accuracy']:.4f} on {found['n_scored']} rows, the torch model's "
+              f"prediction on {found.get('prediction_agreement_with_torch', float('nan')):.1%}")
+    d = found["decode"]
+    print(f"{quant} in llama.cpp: {d['llama_cpp_ms_per_token']:.1f} ms per generated token against "
+          f"{d['torch_fp32_ms_per_token']:.1f} ms for the torch fp32 model ({d['speedup_per_token']:.2f}x), "
+          f"{found['threads']} threads")
 
 
 def export_gguf(run: str, out: str, quant: str, max_samples: int | None, overwrite: bool) -> dict:
@@ -275,9 +290,11 @@ def export_gguf(run: str, out: str, quant: str, max_samples: int | None, overwri
         record = {"format": "gguf", "quant": quant, "run": str(path), "method": method_name(cfg),
                   "base_weights": info.get("base_weights"), **written,
                   "float32_size_bytes": sum(p.numel() * 4 for p in model.parameters()), "check": check}
+        torch_preds = check.pop("torch_predictions", None)
         if check_failed(check, quant):
             raise ExportCheckFailed(f"format=gguf quant={quant}: the file read back by transformers is not the merged "
                                     f"model: {json.dumps(check)}")
+        record["llama_cpp"] = llama_cpp.measure(stage / FILE, model, tok, rows, cfg, torch_preds)
         atomic_write_json(stage / "export.json", record)
         commit_dir(stage, target, "finetune-export", {"run": str(path)})
     finally:
@@ -287,5 +304,6 @@ def export_gguf(run: str, out: str, quant: str, max_samples: int | None, overwri
         print(f"{quant}: the merged model's prediction on {check['prediction_agreement']:.1%} of {check['n_scored']} "
               f"rows; accuracy {check['accuracy_gguf']:.4f} read back from the file, {check['accuracy_torch']:.4f} "
               "for the merged model")
+    _say_llama_cpp(record["llama_cpp"], quant)
     print(f"wrote {target}: {FILE} ({record['size_bytes'] / 2**20:.1f} MB, {quant}), Modelfile, export.json")
     return record

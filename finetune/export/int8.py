@@ -128,6 +128,22 @@ def _calibrate(model, tok, cfg, deployment: Int8Deployment) -> dict:
         return sim.static_absmax()
 
 
+def _check_w8a8(scheme: str, path) -> None:
+    """format=int8 writes the w8a8 deployment only.
+
+    Raises:
+        FinetuneError: a run trained for another deployment, saying which export fits it.
+    """
+    deployed = deployed_scheme(scheme)
+    if deployed in ("q8_0", "q4_0"):
+        raise FinetuneError(f"format=int8 writes w8a8 ONNX; run={path} was trained with qat.scheme={scheme} "
+                            f"(llama.cpp's grid): export it with format=gguf quant={scheme}")
+    if deployed != "w8a8":
+        raise FinetuneError(f"format=int8 writes w8a8 (ONNX MatMulInteger on INT8 weights); run={path} was trained "
+                            f"with qat.scheme={scheme} (INT4 group-wise weights), which this runtime path "
+                            "cannot express; its simulated score (accuracy_int8) is the w4a8 deployment's")
+
+
 def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, latency_tokens: int = 16,
                latency_reps: int = 3, overwrite: bool = False, granularity: str | None = None,
                scale: str | None = None, threads: int | None = None, float_reference: bool = True) -> dict:
@@ -157,12 +173,9 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     path, cfg = run_config(run)
     run_kind(path)
     trained = QATConfig.from_cfg(cfg.qat)
-    if deployed_scheme(trained.scheme) != "w8a8":
-        raise FinetuneError(f"format=int8 writes w8a8 (ONNX MatMulInteger on INT8 weights); run={path} was trained "
-                            f"with qat.scheme={trained.scheme} (INT4 group-wise weights), which this runtime path "
-                            "cannot express; its simulated score (accuracy_int8) is the w4a8 deployment's")
+    _check_w8a8(trained.scheme, path)
     granularity = as_choice("granularity", granularity or trained.granularity, GRANULARITIES)
-    scale = as_choice("scale", scale or trained.scale, SCALE_MODES)
+    scale = as_choice("scale", scale or trained.scale, tuple(m for m in SCALE_MODES if m != "block32"))
     bits = cfg.qat.get("eval_bits")
     if bits not in (None, 8):
         raise FinetuneError(f"format=int8 runs 8-bit activations; run={path} was simulated with qat.eval_bits={bits}, "

@@ -49,7 +49,10 @@ def load(path: Path, n_ctx: int):
 
 
 def _last_logits(llm) -> np.ndarray:
-    return np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    """The logits after the last evaluated token, read from the context (llama-cpp-python 0.3 keeps ``scores``
+    only with ``logits_all=True``, which would run the head on every prompt position)."""
+    row = llm._ctx.get_logits_ith(-1)
+    return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).astype(np.float32)
 
 
 def label_predictions(llm, prompts: list[list[int]], first_ids: list[int]) -> list[int]:
@@ -129,8 +132,7 @@ def measure(path: Path, model, tok, rows: list[dict] | None, cfg, torch_preds: l
         out["tokenizer_agreement"] = tokenizer_agreement(llm, texts, prompts[:50])
     prompt = prompts[0] if prompts else tok("Write a short poem about the sea.", add_special_tokens=False)["input_ids"]
     lp, ls = llama_cpp_decode_ms(llm, prompt)
-    model32 = model.float().eval()
-    tp, ts = torch_decode_ms(model32, prompt)
+    tp, ts = torch_decode_ms(model.eval(), prompt)
     out["decode"] = {"prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "repeats_best_of": TIMING_REPEATS,
                      "llama_cpp_ms_per_token": round(ls, 3), "torch_fp32_ms_per_token": round(ts, 3),
                      "llama_cpp_prompt_ms": round(lp, 2), "torch_fp32_prompt_ms": round(tp, 2),

@@ -223,11 +223,12 @@ def _simulation_config(qcfg: Any, train_handle: QATHandle | None, static_absmax:
         raise FinetuneError(f"qat.eval_bits={eval_bits} contradicts qat.scheme={config.scheme} (8-bit activations); "
                             "use qat.scheme=a8 to simulate other activation widths")
     deployed = deployed_scheme(config.scheme)
-    # The deployment's weights: INT8 per output channel (scheme a8 here, weight_bits 8), or w4a8's INT4 groups.
+    # The deployment's weights: INT8 per output channel (scheme a8 here, weight_bits 8), w4a8's INT4 groups, or
+    # llama.cpp's Q8_0 / Q4_0 blocks (the scheme fixes the widths and the block32 activations).
+    own = deployed in ("w4a8", "q8_0", "q4_0")
     sim_config = QATConfig(
-        scheme="w4a8" if deployed == "w4a8" else "a8", bits=eval_bits, scale=scale, granularity=config.granularity,
-        weight_bits=None if deployed == "w4a8" else 8, group_size=config.group_size, start_step=0,
-        ema_decay=config.ema_decay,
+        scheme=deployed if own else "a8", bits=eval_bits, scale=scale, granularity=config.granularity,
+        weight_bits=None if own else 8, group_size=config.group_size, start_step=0, ema_decay=config.ema_decay,
     )
     return sim_config, calibrated
 

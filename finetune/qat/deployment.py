@@ -12,17 +12,21 @@ from typing import Any
 
 import torch.nn as nn
 
-from finetune.config import GRANULARITIES, SCALE_MODES
+from finetune.config import GRANULARITIES, SCALE_MODES, check_ggml_scheme
 from finetune.model.arch import ArchSpec, arch_spec, decoder_layers, model_type_of, validate_targets
 from finetune.errors import FinetuneError
 
 BITS = 8  # activations of the deployment
-SCHEMES = ("w8a8", "w4a8")
+SCHEMES = ("w8a8", "w4a8", "q8_0", "q4_0")
 GRID = "symmetric signed INT8, codes -127..127, no zero point, round half to even"
 WEIGHTS = {
     "w8a8": "INT8 per output channel, scale = absmax(row) / 127, of the merged (adapter-included) weight",
     "w4a8": "INT4 per group of {g} input features, codes -8..7, scale = absmax(group) / 7.5 (torchao's grid), of "
             "the merged (adapter-included) weight",
+    "q8_0": "llama.cpp's Q8_0: blocks of 32 input features, codes -127..127, scale = absmax(block) / 127 in fp16, of "
+            "the merged weight; every linear's input in Q8_0 blocks of 32",
+    "q4_0": "llama.cpp's Q4_0: blocks of 32 input features, codes -8..7, scale = (the block's largest-magnitude "
+            "value) / -8 in fp16, of the merged weight; every linear's input in Q8_0 blocks of 32",
 }
 
 
@@ -89,6 +93,7 @@ class Int8Deployment:
             raise FinetuneError(f"qat.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.scale not in SCALE_MODES:
             raise FinetuneError(f"qat.scale must be one of {', '.join(SCALE_MODES)}, got {self.scale!r}")
+        check_ggml_scheme(self.scheme, self.targets, self.granularity, self.scale)
 
     @classmethod
     def from_cfg(cls, targets: Any, qcfg: Any) -> Int8Deployment:
@@ -101,11 +106,13 @@ class Int8Deployment:
 
     @property
     def weight_bits(self) -> int:
-        return 4 if self.scheme == "w4a8" else 8
+        return 4 if self.scheme in ("w4a8", "q4_0") else 8
 
     @property
     def weight_group(self) -> int | None:
         """Input features per weight scale, ``None`` for one scale per output channel."""
+        if self.scheme in ("q8_0", "q4_0"):
+            return 32
         return self.group_size if self.scheme == "w4a8" else None
 
     def gemm_linears(self, model: nn.Module) -> list[GemmLinear]:
@@ -137,10 +144,13 @@ class Int8Deployment:
                "targets": list(self.targets), "granularity": self.granularity, "scale": self.scale}
         if self.scheme == "w4a8":
             out["group_size"] = self.group_size
+        if self.scheme in ("q8_0", "q4_0"):  # llama.cpp's own grids, not the symmetric INT8 one
+            out.update(grid="llama.cpp Q8_0 blocks of 32 (activations), fp16 scales", group_size=32,
+                       export=f"finetune-export format=gguf quant={self.scheme}")
         return out
 
 
 def deployed_scheme(training_scheme: str) -> str:
     """The deployment a run trained with ``qat.scheme`` is scored and exported as: ``a8`` (activation-only QAT)
-    and ``w8a8`` deploy as ``w8a8``, ``w4a8`` as ``w4a8``."""
-    return "w4a8" if training_scheme == "w4a8" else "w8a8"
+    and ``w8a8`` deploy as ``w8a8``; ``w4a8``, ``q8_0`` and ``q4_0`` as themselves."""
+    return training_scheme if training_scheme in ("w4a8", "q8_0", "q4_0") else "w8a8"

@@ -147,6 +147,7 @@ class QATHandle:
         self.quant_on = False  # read by every hook: enabled AND attached
         self.token_mask: torch.Tensor | None = None  # the current batch's [B, T] real-token mask
         self._backbone: nn.Module | None = None
+        self.ends = None  # qat.scheme=q8_0 | q4_0: the embedding and head on llama.cpp's Q8_0 (ggml.EndsQuantizer)
 
     # -- switching -------------------------------------------------------------------------------
     @property
@@ -169,6 +170,8 @@ class QATHandle:
             self._hooks.append(module.register_forward_pre_hook(_PreHook(quantizer, self), with_kwargs=True))
         for wq in self.weight_quantizers:
             wq.install()
+        if self.ends is not None:
+            self.ends.install()
         self.attached = True
         self.quant_on = self._enabled
 
@@ -180,6 +183,8 @@ class QATHandle:
         self.token_mask = None
         for wq in self.weight_quantizers:
             wq.uninstall()
+        if self.ends is not None:
+            self.ends.uninstall()
         self.attached = False
         self.quant_on = False
 
@@ -364,8 +369,13 @@ def build_handle(
                 WeightQuantizer(
                     module, name, key, group, kind, config.weight_bits, handle,
                     cache=cache_weights, cache_frozen=cache_frozen_weights, group_size=config.weight_group,
+                    grid=config.weight_grid,
                 )  # fmt: skip
             )
+    if config.weight_grid is not None:
+        from finetune.qat.ggml import EndsQuantizer
+
+        handle.ends = EndsQuantizer(model, handle)
     if dropout_seen and not frozen:
         log.warning(
             "qat.weight_bits: LoRA dropout is not applied on weight-fake-quantized linears (their forward "

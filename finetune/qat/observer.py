@@ -35,7 +35,7 @@ class ActivationQuantizer:
             calibrated static scales between a training handle and :func:`simulate_int8`).
         group: ``attn`` or ``ffn``.
         bits: 4..8.
-        mode: ``tensor`` | ``token`` | ``static``.
+        mode: ``tensor`` | ``token`` | ``static`` | ``block32`` (llama.cpp's Q8_0 blocks, no scale kept here).
         ema_decay: static observer decay.
         stats_every: record training-mode stats every N calls (>= 1).
         frozen: static observer never updates (simulated INT8 inference).
@@ -107,7 +107,12 @@ class ActivationQuantizer:
         """Fake-quantize ``x`` ([..., hidden]); ``training`` is the hooked module's ``.training``."""
         if x.numel() == 0:
             return x
-        q = fake_quant_ste(x, self._scale(x, training), self.qmax)
+        if self.mode == "block32":  # llama.cpp's Q8_0 activations: the block grid is the whole quantizer
+            from finetune.qat.ggml import fake_quant_activation
+
+            q = fake_quant_activation(x)
+        else:
+            q = fake_quant_ste(x, self._scale(x, training), self.qmax)
         self.calls += 1
         if not training or self.frozen or (self.calls - 1) % self.stats_every == 0:
             self._record(x, q)

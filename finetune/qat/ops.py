@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from finetune.config import GRANULARITIES, SCALE_MODES, SCHEME_SCALE, SCHEMES, scheme_widths
+from finetune.config import GGML_SCHEMES, GRANULARITIES, SCALE_MODES, SCHEME_SCALE, SCHEMES, scheme_widths
 from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,16 @@ class QATConfig:
 
     @property
     def weight_group(self) -> int | None:
-        """Input features per weight scale (``w4a8``), or ``None`` (one scale per output channel)."""
+        """Input features per weight scale (``w4a8``; 32 on llama.cpp's grids), or ``None`` (one scale per output
+        channel)."""
+        if self.scheme in GGML_SCHEMES:
+            return 32
         return self.group_size if self.scheme == "w4a8" else None
+
+    @property
+    def weight_grid(self) -> str | None:
+        """``q8_0`` | ``q4_0``: the weights on llama.cpp's block grid (:mod:`finetune.qat.ggml`); else None."""
+        return self.scheme if self.scheme in GGML_SCHEMES else None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -309,7 +317,8 @@ def fake_quant(x: torch.Tensor, bits: int = 8, mode: str = "tensor", scale: torc
     return fake_quant_ste(x, scale, qmax_of(bits))
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int = 8, group_size: int | None = None) -> torch.Tensor:
+def fake_quant_weight(w: torch.Tensor, bits: int = 8, group_size: int | None = None, grid: str | None = None
+                      ) -> torch.Tensor:
     """Weight fake-quant in ``[out, in]`` layout (STE).
 
     Args:
@@ -320,6 +329,8 @@ def fake_quant_weight(w: torch.Tensor, bits: int = 8, group_size: int | None = N
             torchao's grid (``absmax / ((qmax - qmin) / 2)``, codes ``-2**(bits-1)..2**(bits-1)-1``) and
             arithmetic (``x * (1 / s)``), exactly what torchao's ``IntxFakeQuantizeConfig(torch.int4,
             group_size=g)`` computes.
+        grid: ``q8_0`` | ``q4_0``: llama.cpp's block grid instead (:func:`finetune.qat.ggml.fake_quant_weight`;
+            ``bits`` and ``group_size`` are the grid's).
 
     Returns:
         ``w`` fake-quantized, same shape and dtype.
@@ -328,6 +339,10 @@ def fake_quant_weight(w: torch.Tensor, bits: int = 8, group_size: int | None = N
         FinetuneError: ``bits`` outside 4..8 (names ``qat.weight_bits``), or ``group_size`` does not divide
             ``in_features`` (names ``qat.group_size``).
     """
+    if grid is not None:
+        from finetune.qat import ggml
+
+        return ggml.fake_quant_weight(w, grid)
     bits = check_bits(bits, "qat.weight_bits")
     if group_size is None:
         return fake_quant_ste(w, dynamic_scale(w, bits, "token"), qmax_of(bits))

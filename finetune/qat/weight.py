@@ -173,6 +173,7 @@ class WeightQuantizer:
         bits: 4..8.
         group_size: ``None`` (one scale per output channel) or input features per scale (``qat.scheme=w4a8``);
             see :func:`finetune.qat.ops.fake_quant_weight`.
+        grid: ``q8_0`` | ``q4_0``: llama.cpp's block grid (``qat.scheme=q8_0 | q4_0``), else None.
         state: an object whose boolean ``quant_on`` says whether fake-quant is active now; when it
             is off the class forward runs unchanged.
         cache: reuse the quantized weight across calls made under ``torch.no_grad()`` while no
@@ -194,9 +195,10 @@ class WeightQuantizer:
         cache: bool = False,
         cache_frozen: bool = False,
         group_size: int | None = None,
+        grid: str | None = None,
     ) -> None:
         self.module, self.name, self.key, self.group, self.kind = module, name, key, group, kind
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.grid = bits, group_size, grid
         in_features = effective_weight(module, kind)[0].shape[1] if group_size is not None else 0
         if group_size is not None and in_features % group_size:
             raise FinetuneError(f"qat.group_size={group_size} does not divide the {in_features} input features of "
@@ -245,7 +247,7 @@ class WeightQuantizer:
         else:
             self._cached = None  # never hold a stale copy through training
         w, b = effective_weight(self.module, self.kind)
-        wq = fake_quant_weight(w, self.bits, self.group_size)
+        wq = fake_quant_weight(w, self.bits, self.group_size, self.grid)
         if wq.dtype != dtype:
             wq = wq.to(dtype)
         if b is not None and b.dtype != dtype:
@@ -270,7 +272,7 @@ class WeightQuantizer:
     def snr_db(self) -> float:
         """Weight quantization SNR in dB of the current effective weight (computed now, host sync)."""
         w, _ = effective_weight(self.module, self.kind)
-        wq = fake_quant_weight(w, self.bits, self.group_size)
+        wq = fake_quant_weight(w, self.bits, self.group_size, self.grid)
         sig = float(torch.linalg.vector_norm(w, dtype=torch.float32) ** 2)
         noise = float(torch.linalg.vector_norm(w - wq, dtype=torch.float32) ** 2)
         if noise == 0.0:

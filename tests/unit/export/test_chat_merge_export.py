@@ -557,6 +557,22 @@ def test_gguf_export_is_read_back_by_transformers_as_the_merged_model(runs, tmp_
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == quant.upper() and types["output_norm.weight"] == "F32"
     assert "tokenizer.chat_template" in reader.fields and "FROM ./model.gguf" in (out / "Modelfile").read_text()
+    _check_llama_cpp(record["llama_cpp"], quant)
+
+
+def _check_llama_cpp(found: dict, quant: str) -> None:
+    """The file in llama.cpp itself where llama-cpp-python is installed (the llamacpp extra); else the record says
+    how to get it."""
+    from finetune.export import llama_cpp
+
+    if llama_cpp.version() is None:
+        assert found == {"installed": False, "install": llama_cpp.INSTALL_HINT}
+        return
+    assert found["n_scored"] == 6 and found["tokenizer_agreement"] == 1.0
+    if quant == "f16":  # llama.cpp computes what the merged model computes, at f16's round-off
+        assert found["prediction_agreement_with_torch"] == 1.0
+    decode = found["decode"]
+    assert decode["llama_cpp_ms_per_token"] > 0 and decode["torch_fp32_ms_per_token"] > 0
 
 
 def test_gguf_export_of_a_permutation_free_file_would_fail_its_check(runs, tmp_path, monkeypatch, capsys):
