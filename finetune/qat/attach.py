@@ -102,12 +102,20 @@ def apply_qat(
         config.granularity,
         config.bits,
         config.scale,
-        f", {config.weight_bits}-bit per-channel weights" if config.weight_bits else "",
+        _weights_in_words(config),
         len(handle.activation_quantizers),
         len(handle.weight_quantizers),
         "on from the start" if handle.enabled else f"switching on at step {config.start_step}",
     )
     return handle
+
+
+def _weights_in_words(config: QATConfig) -> str:
+    if config.weight_grid:
+        return f", llama.cpp {config.weight_grid.upper()} weights and Q8_0 embedding / head"
+    if config.weight_group:
+        return f", {config.weight_bits}-bit weights in groups of {config.weight_group}"
+    return f", {config.weight_bits}-bit per-channel weights" if config.weight_bits else ""
 
 
 def active_handle(model: nn.Module) -> QATHandle | None:
