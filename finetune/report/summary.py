@@ -15,6 +15,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from finetune.config import GGML_SCHEMES
+
 
 def duration(seconds: float) -> str:
     """``12 min 47 s``, ``1 h 03 min``, ``42 s``."""
@@ -46,7 +48,8 @@ def _scores(m: dict) -> list[str]:
     if validation:
         lines.append("validation " + "  ".join(validation))
     if m.get("accuracy_int8") is not None:
-        lines.append(f"simulated INT8 deployment ({m.get('int8_eval', 'qat')}): accuracy {m['accuracy_int8']:.3f}")
+        what = f"llama.cpp {m['int8_scheme'].upper()}" if m.get("int8_scheme") in GGML_SCHEMES else "INT8"
+        lines.append(f"simulated {what} deployment ({m.get('int8_eval', 'qat')}): accuracy {m['accuracy_int8']:.3f}")
     return lines
 
 
@@ -67,7 +70,10 @@ def next_commands(run_dir: Path, metrics: dict) -> list[str]:
     commands = [f"finetune-chat run={run}"]
     if metrics.get("method") != "full":
         commands.append(f"finetune-merge run={run} out={shlex.quote(str(run_dir) + '-merged')}")
-    if metrics.get("qat_targets") or metrics.get("int8_eval"):
+    scheme = metrics.get("int8_scheme")
+    if scheme in GGML_SCHEMES:  # trained for llama.cpp's grid: its export is the GGUF file of that grid
+        commands.append(f"finetune-export run={run} format=gguf quant={scheme} out={shlex.quote(str(run_dir) + '-gguf')}")
+    elif metrics.get("qat_targets") or metrics.get("int8_eval"):
         commands.append(f"finetune-export run={run} format=int8 out={shlex.quote(str(run_dir) + '-int8')}")
     commands.append(f"finetune-eval run={run} dataset.path=<another file>")
     commands.append(f"finetune-report {shlex.quote(str(run_dir.parent))}")  # this run beside the others there

@@ -36,6 +36,10 @@ def test_a_generation_run_a_full_fine_tune_and_a_qat_run_get_their_own_lines():
     text = run_summary(RUN, qat)
     assert "simulated INT8 deployment (qat): accuracy 0.700" in text
     assert "finetune-export run=outputs/2026-12-06/17-02-11 format=int8 out=outputs/2026-12-06/17-02-11-int8" in text
+    grid = {**qat, "qat_targets": ["attn", "ffn"], "int8_scheme": "q4_0"}
+    text = run_summary(RUN, grid)  # trained for llama.cpp's grid: deployed as that GGUF file, not as INT8 ONNX
+    assert "simulated llama.cpp Q4_0 deployment (qat): accuracy 0.700" in text and "format=int8" not in text
+    assert "finetune-export run=outputs/2026-12-06/17-02-11 format=gguf quant=q4_0 out=outputs/2026-12-06/17-02-11-gguf" in text
 
 
 def test_durations():
