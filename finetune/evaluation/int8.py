@@ -12,7 +12,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from finetune.config import QAT_TARGETS
+from finetune.config import GGML_SCHEMES, QAT_TARGETS
 from finetune.data import DataSplits, tokenize_split
 from finetune.qat.deployment import deployed_scheme
 from finetune.evaluation.scoring import classify, loss_and_perplexity
@@ -92,7 +92,7 @@ def _log(kind: str, targets, scores: dict, bits: int = 8, weights: str = "INT8")
 
 
 def _weights(how: dict) -> str:
-    if how.get("int8_scheme") in ("q8_0", "q4_0"):
+    if how.get("int8_scheme") in GGML_SCHEMES:
         return f"llama.cpp {how['int8_scheme'].upper()}"
     group = how.get("int8_weight_group_size")
     return f"INT4 group-{group}" if group else "INT8"

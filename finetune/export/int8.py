@@ -32,7 +32,7 @@ from finetune.export.onnx import (
     to_int8,
     write_info,
 )
-from finetune.config import GRANULARITIES, QAT_TARGETS, SCALE_MODES
+from finetune.config import GGML_SCHEMES, GRANULARITIES, QAT_TARGETS, SCALE_MODES
 from finetune.qat.ops import QATConfig
 from finetune.runs import commit_dir, staging_dir
 
@@ -135,7 +135,7 @@ def _check_w8a8(scheme: str, path) -> None:
         FinetuneError: a run trained for another deployment, saying which export fits it.
     """
     deployed = deployed_scheme(scheme)
-    if deployed in ("q8_0", "q4_0"):
+    if deployed in GGML_SCHEMES:
         raise FinetuneError(f"format=int8 writes w8a8 ONNX; run={path} was trained with qat.scheme={scheme} "
                             f"(llama.cpp's grid): export it with format=gguf quant={scheme}")
     if deployed != "w8a8":

@@ -12,12 +12,13 @@ More: docs/after-training.md, section "Export a GGUF file for llama.cpp and Olla
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from finetune.platform.cpu import cpu_model_name
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def measure(path: Path, model, tok, rows: list[dict] | None, cfg, torch_preds: l
     prompts = [encode_prompt(r, cfg.dataset, tok, max_len) for r in timing_rows]
     llm = load(path, n_ctx=max(512, max_len + 2 * NEW_TOKENS))
     out: dict = {"installed": True, "llama_cpp_python": found, "threads": threads(),
-                 "cpu": os.environ.get("FINETUNE_CPU_NAME") or _cpu_name()}
+                 "cpu": cpu_model_name()}
     if rows:
         first = [w[0] for w in label_word_ids(tok, cfg.dataset)]
         preds = label_predictions(llm, prompts, first)
@@ -140,12 +141,3 @@ def measure(path: Path, model, tok, rows: list[dict] | None, cfg, torch_preds: l
     del llm
     return out
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"

@@ -17,6 +17,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from finetune.model.arch import ALLOWED_TARGETS, arch_spec, decoder_layers, model_type_of, validate_targets
+from finetune.config import GGML_SCHEMES
 from finetune.qat.deployment import deployed_scheme
 from finetune.errors import FinetuneError
 from finetune.qat.handle import (
@@ -233,7 +234,7 @@ def _simulation_config(qcfg: Any, train_handle: QATHandle | None, static_absmax:
     deployed = deployed_scheme(config.scheme)
     # The deployment's weights: INT8 per output channel (scheme a8 here, weight_bits 8), w4a8's INT4 groups, or
     # llama.cpp's Q8_0 / Q4_0 blocks (the scheme fixes the widths and the block32 activations).
-    own = deployed in ("w4a8", "q8_0", "q4_0")
+    own = deployed in ("w4a8", *GGML_SCHEMES)
     sim_config = QATConfig(
         scheme=deployed if own else "a8", bits=eval_bits, scale=scale, granularity=config.granularity,
         weight_bits=None if own else 8, group_size=config.group_size, start_step=0, ema_decay=config.ema_decay,

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch.nn as nn
 
-from finetune.config import GRANULARITIES, SCALE_MODES, check_ggml_scheme
+from finetune.config import GGML_SCHEMES, GRANULARITIES, SCALE_MODES, check_ggml_scheme
 from finetune.model.arch import ArchSpec, arch_spec, decoder_layers, model_type_of, validate_targets
 from finetune.errors import FinetuneError
 
 BITS = 8  # activations of the deployment
-SCHEMES = ("w8a8", "w4a8", "q8_0", "q4_0")
+SCHEMES = ("w8a8", "w4a8", *GGML_SCHEMES)
 GRID = "symmetric signed INT8, codes -127..127, no zero point, round half to even"
 WEIGHTS = {
     "w8a8": "INT8 per output channel, scale = absmax(row) / 127, of the merged (adapter-included) weight",
@@ -111,7 +111,7 @@ class Int8Deployment:
     @property
     def weight_group(self) -> int | None:
         """Input features per weight scale, ``None`` for one scale per output channel."""
-        if self.scheme in ("q8_0", "q4_0"):
+        if self.scheme in GGML_SCHEMES:
             return 32
         return self.group_size if self.scheme == "w4a8" else None
 
@@ -144,7 +144,7 @@ class Int8Deployment:
                "targets": list(self.targets), "granularity": self.granularity, "scale": self.scale}
         if self.scheme == "w4a8":
             out["group_size"] = self.group_size
-        if self.scheme in ("q8_0", "q4_0"):  # llama.cpp's own grids, not the symmetric INT8 one
+        if self.scheme in GGML_SCHEMES:  # llama.cpp's own grids, not the symmetric INT8 one
             out.update(grid="llama.cpp Q8_0 blocks of 32 (activations), fp16 scales", group_size=32,
                        export=f"finetune-export format=gguf quant={self.scheme}")
         return out
@@ -153,4 +153,4 @@ class Int8Deployment:
 def deployed_scheme(training_scheme: str) -> str:
     """The deployment a run trained with ``qat.scheme`` is scored and exported as: ``a8`` (activation-only QAT)
     and ``w8a8`` deploy as ``w8a8``; ``w4a8``, ``q8_0`` and ``q4_0`` as themselves."""
-    return training_scheme if training_scheme in ("w4a8", "q8_0", "q4_0") else "w8a8"
+    return training_scheme if training_scheme in ("w4a8", *GGML_SCHEMES) else "w8a8"

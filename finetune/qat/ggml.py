@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from finetune.config import GGML_SCHEMES
 from finetune.errors import FinetuneError
 
 BLOCK = 32
-GRIDS = ("q8_0", "q4_0")
+GRIDS = GGML_SCHEMES
 
 
 def _blocks(x: torch.Tensor, what: str) -> torch.Tensor:

