@@ -25,7 +25,7 @@ CONF = ROOT / "finetune" / "conf"
 PAGE = ROOT / "docs" / "configuration.md"
 
 # Groups whose options hold keys of their own (package = the group's path), in the order of the page.
-GROUPS = ["model", "quantization", "lora", "qat_targets", "dataset", "trainer", "distributed", "logger",
+GROUPS = ["model", "quantization", "lora", "qat_targets", "distill", "dataset", "trainer", "distributed", "logger",
           "hydra/launcher"]
 PRESETS = ["method", "sweep", "experiment"]  # @package _global_: a set of overrides of other groups' keys
 

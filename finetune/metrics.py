@@ -79,6 +79,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "resumed_from": (MAPPING, "a resumed run: the checkpoint (path) and its optimizer step; the training figures "
                               "above still cover the whole run"),
     "qat": (MAPPING, "the QAT settings and statistics of training (per-group SNR, scales)"),
+    "distill": (MAPPING, "distill=self | run: the teacher, alpha, temperature, KL direction, start step and the mean "
+                         "cross-entropy and T^2 x KL per distilled token"),
     # scores
     "zero_shot_accuracy": (NUMBER, "the base model's test accuracy (before training, or after it with the adapters off)"),
     "zero_shot_f1": (NUMBER, "the base model's test macro-F1 (as zero_shot_accuracy)"),

@@ -64,19 +64,38 @@ def label_position_loss(model, inputs: dict, num_items_in_batch=None, share_pref
 
 
 def label_position_nll(model, inputs: dict, share_prefix: bool | str = True, head_chunk: int = 0):
-    """Summed next-token cross-entropy over the label tokens, from the supervised positions' logits only.
-
-    With ``share_prefix``, a right-padded batch whose rows all start with the same unsupervised tokens (the
-    system prompt and instruction of a classification prompt) runs them once, as a one-row pass whose keys and
-    values every row then attends to: the loss and every gradient are those of the whole batch (the gradients of
-    the shared part summed over the rows), without computing the prefix once per row. See
-    :func:`shared_prefix_length` for when it applies.
+    """Summed next-token cross-entropy over the label tokens, from the supervised positions' logits only
+    (:func:`label_position_logits`; with ``head_chunk`` the head and its loss run that many rows at a time).
 
     Returns:
         ``(nll_sum, n_tokens)``: scalar tensors, the summed loss (differentiable) and the number of label tokens.
     """
     import torch.nn.functional as F
 
+    from finetune.data.encoding import LABEL_INDEX, LABEL_TARGETS
+
+    lm = causal_lm(model)
+    chunk = 0
+    if head_chunk and inputs.get(LABEL_INDEX) is not None:
+        chunk = head_chunk if head_chunk < inputs[LABEL_TARGETS].numel() and can_chunk_head(lm) else 0
+    with head_bypassed(lm) if chunk else contextlib.nullcontext():  # then the "logits" are the head's input
+        logits, targets = label_position_logits(model, inputs, share_prefix)
+    n = targets.new_full((), targets.numel())
+    if chunk:
+        return chunked_head_nll(logits, lm.get_output_embeddings().weight, targets, chunk), n
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), n
+
+
+def label_position_logits(model, inputs: dict, share_prefix: bool | str = True):
+    """The logits of the supervised positions only and their targets: ``([n_supervised, vocab], [n_supervised])``,
+    row-major over (batch, position).
+
+    With ``share_prefix``, a right-padded batch whose rows all start with the same unsupervised tokens (the
+    system prompt and instruction of a classification prompt) runs them once, as a one-row pass whose keys and
+    values every row then attends to: the loss and every gradient are those of the whole batch (the gradients of
+    the shared part summed over the rows), without computing the prefix once per row. See
+    :func:`shared_prefix_length` for when it applies.
+    """
     from finetune.data.encoding import LABEL_INDEX, LABEL_TARGETS, LAYOUT, PLAN_KEYS
 
     if inputs.get(LABEL_INDEX) is not None:
@@ -89,25 +108,16 @@ def label_position_nll(model, inputs: dict, share_prefix: bool | str = True, hea
             rest.pop("attention_mask", None)  # as causal_suffices: a pad is never attended by a real token
         targets, index = inputs[LABEL_TARGETS], inputs[LABEL_INDEX]
         length = layout.shared_prefix if share_prefix and mask_free and can_share_prefix(model) else 0
-        lm = causal_lm(model)
-        chunk = head_chunk if head_chunk and head_chunk < targets.numel() and can_chunk_head(lm) else 0
-        with head_bypassed(lm) if chunk else contextlib.nullcontext():  # then the "logits" are the head's input
-            if length and share_prefix == "packed" and takes_block_mask(model):
-                logits = prefix_packed_rows(model, rest, index, length, layout.width)
-            elif length:
-                logits = prefix_shared_rows(model, rest, index, length, layout.width)
-            else:
-                with head_rows(model, index), rows_not_packed() if mask_free else contextlib.nullcontext():
-                    logits = model(**rest, logits_to_keep=0).logits  # [n_supervised, vocab], row-major over (b, t)
-        n = targets.new_full((), targets.numel())
-        if chunk:
-            return chunked_head_nll(logits, lm.get_output_embeddings().weight, targets, chunk), n
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), n
+        if length and share_prefix == "packed" and takes_block_mask(model):
+            return prefix_packed_rows(model, rest, index, length, layout.width), targets
+        if length:
+            return prefix_shared_rows(model, rest, index, length, layout.width), targets
+        with head_rows(model, index), rows_not_packed() if mask_free else contextlib.nullcontext():
+            return model(**rest, logits_to_keep=0).logits, targets  # [n_supervised, vocab]
     inputs = {k: v for k, v in inputs.items() if k not in PLAN_KEYS}
     labels = inputs["labels"]
     keep = labelled_next(labels)
-    logits = kept_logits(model, inputs, keep, share_prefix)  # [n_supervised, vocab], row-major over (b, t)
-    return F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="sum"), keep.sum()
+    return kept_logits(model, inputs, keep, share_prefix), labels[:, 1:][keep[:, :-1]]
 
 
 @contextlib.contextmanager

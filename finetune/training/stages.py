@@ -42,6 +42,7 @@ class Job:
     main: bool = True
     sharded: bool = False
     qat_handle: Any = None
+    distiller: Any = None  # finetune.training.distill.Distiller (distill=self | run)
     trunk: Any = None  # finetune.evaluation.trunk.FrozenTrunk: the frozen lower layers' test states, zero-shot to final
     loaded_params: dict = field(default_factory=dict)  # the parameters model_memory_mb counted: {id: weakref}
     callbacks: list = field(default_factory=list)
@@ -87,6 +88,10 @@ def prepare(job: Job, run_log) -> None:
 
     cfg, dcfg, tcfg = job.cfg, job.cfg.dataset, job.cfg.trainer
     job.splits = splits = load_splits(dcfg, cfg.seed)  # before the heavy imports below: a bad file fails fast
+    if "distill" in cfg:
+        from finetune.training.distill import check_teacher
+
+        check_teacher(cfg.distill)  # a teacher run that is not there fails before any weights load
 
     from transformers import set_seed
 
@@ -158,6 +163,9 @@ def adapt(job: Job) -> None:
 
         job.qat_handle = apply_qat(job.model, targets, job.cfg.qat)
         job.callbacks.append(QATCallback(job.qat_handle, int(job.cfg.qat.start_step)))
+    from finetune.training.distill import build_distiller
+
+    job.distiller = build_distiller(job.cfg, job.tok, job.qat_handle)
 
 
 def _datasets(job: Job):
@@ -199,7 +207,7 @@ def fit(job: Job) -> None:
                                                       pad_to_multiple_of=tcfg.get("pad_to_multiple_of")),
                            callbacks=job.callbacks + [meter], meter=meter,
                            share_prefix=job.share_prefix, precision=job.precision.name,
-                           head_chunk=int(tcfg.get("head_chunk") or 0))
+                           head_chunk=int(tcfg.get("head_chunk") or 0), distiller=job.distiller)
     job.metrics["share_prefix"] = trainer.share_prefix
     trainer.add_callback(stopper := StopOnSignal())  # after the Trainer's own: its step-end decisions come first
     with stopper.installed():
@@ -207,6 +215,8 @@ def fit(job: Job) -> None:
     if (interrupted := stopper.interruption(args.output_dir)) is not None:
         raise interrupted
     job.trainer = trainer
+    if job.distiller is not None:
+        job.metrics["distill"] = job.distiller.summary()
     if job.qat_handle is not None:
         # Quantization statistics of training; then fake-quant off so the fp scores below are full precision.
         job.metrics["qat"] = job.qat_handle.summary()

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from transformers import Trainer, TrainerCallback
 
+from finetune.errors import FinetuneError
 from finetune.training.checkpoints import (
     CHECKPOINT_FORMAT, CHECKPOINT_MANIFEST, read_checkpoint_state, write_checkpoint_state,
 )
@@ -135,6 +136,7 @@ class LabelPositionTrainer(Trainer):
     share_prefix: bool | str = True  # trainer.share_prefix (make_trainer)
     head_chunk: int = 0  # trainer.head_chunk (make_trainer)
     precision: str | None = None  # the run's resolved precision (make_trainer), recorded in each checkpoint
+    distiller = None  # finetune.training.distill.Distiller (distill=self | run), or None
     _label_positions: bool | None = None
     _resumed_state: dict | None = None
     _4bit_modules: list | None = None
@@ -148,12 +150,20 @@ class LabelPositionTrainer(Trainer):
         if return_outputs or "labels" not in inputs or not self._label_positions:
             self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
             return super().compute_loss(model, model_inputs(inputs), return_outputs, num_items_in_batch)
-        loss, scaled = label_position_loss(model, inputs, num_items_in_batch, self.share_prefix, self.head_chunk)
+        if self.distiller is not None and model.training and self.distiller.active(self.state.global_step):
+            loss, scaled = self.distiller.loss(model, inputs, num_items_in_batch, self.share_prefix)
+        else:
+            loss, scaled = label_position_loss(model, inputs, num_items_in_batch, self.share_prefix, self.head_chunk)
         if scaled and self.args.average_tokens_across_devices:
             # num_items_in_batch counts every process's tokens; DDP averages the gradients.
             loss = loss * self.accelerator.num_processes
         self.loss_is_scaled_for_ga = scaled
         return loss
+
+    def log(self, logs, *args, **kwargs):
+        if self.distiller is not None and "loss" in logs:  # a training log: the distillation terms since the last
+            logs.update(self.distiller.pop_log())
+        return super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         return super().prediction_step(model, model_inputs(inputs), *args, **kwargs)
@@ -276,7 +286,7 @@ class LabelPositionTrainer(Trainer):
 
 
 def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool | str = "auto",
-                 precision: str | None = None, head_chunk: int = 0, **kwargs):
+                 precision: str | None = None, head_chunk: int = 0, distiller=None, **kwargs):
     """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
     whose length-grouped order is seeded, and whose checkpoints resume exactly.
 
@@ -290,10 +300,16 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
         precision: the run's resolved precision (fp32 / bf16 / fp16), recorded in each checkpoint: ``auto`` can
             resolve otherwise on another machine, and a resume there would not continue the run.
         head_chunk: supervised rows per chunk of the output head and its loss (``trainer.head_chunk``; 0: whole).
+        distiller: the run's :class:`finetune.training.distill.Distiller` (its loss replaces the labels' alone; its
+            running sums ride in each checkpoint).
     """
-    callbacks = list(kwargs.pop("callbacks", None) or [])
+    callbacks = list(kwargs.pop("callbacks", None) or []) + ([distiller] if distiller is not None else [])
     trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
     trainer.meter, trainer.precision, trainer.head_chunk = meter, precision, int(head_chunk or 0)
+    trainer.distiller = distiller
+    if distiller is not None and not accepts_logits_to_keep(trainer.model):
+        raise FinetuneError(f"distill={distiller.mode} needs a model whose forward takes logits_to_keep (the "
+                            f"supervised positions' logits); {type(trainer.model).__name__} does not")
     trainer.share_prefix = resolve_share_prefix(share_prefix, trainer.args.device.type)
     _say_what_cannot_apply(trainer)
     for cb in trainer.callback_handler.callbacks:

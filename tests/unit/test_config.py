@@ -94,6 +94,14 @@ def test_public_keys_exist():
     ("trainer.head_chunk=many", "trainer.head_chunk"),
     ("trainer.pad_to_multiple_of=0", "trainer.pad_to_multiple_of"),
     ("trainer.pad_to_multiple_of=8.5", "trainer.pad_to_multiple_of"),
+    ("distill=self", "distill=self: the teacher is this model with its fake-quant off, so it needs QAT"),
+    ("distill=run", "distill.teacher=None is not allowed"),
+    ("distill=self qat_targets=[ffn] distill.teacher=outputs/x", "distill.teacher=outputs/x is read by distill=run only"),
+    ("distill=run distill.teacher=x distill.alpha=1.5", "distill.alpha"),
+    ("distill=run distill.teacher=x distill.temperature=0", "distill.temperature"),
+    ("distill=run distill.teacher=x distill.kl=symmetric", "distill.kl='symmetric' is not allowed; choose one of: forward, reverse"),
+    ("distill=run distill.teacher=x distill.start_step=-1", "distill.start_step"),
+    ("distill=run distill.teacher=x trainer.head_chunk=64", "set trainer.head_chunk=0"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     cfg = compose_cfg(override.split())

@@ -124,8 +124,8 @@ def _string_literals(tree: ast.Module) -> list[str]:
 OWNERS = {
     # QAT target groups: named in config, mapped to every family's modules in the architecture table; "attn" is
     # also the name of a LoRA target preset.
-    "ffn": {"finetune.config", "finetune.model.arch"},
-    "attn": {"finetune.config", "finetune.model.arch", "finetune.model.lora"},
+    "ffn": {"finetune.config", "finetune.config.qat", "finetune.model.arch"},
+    "attn": {"finetune.config", "finetune.config.qat", "finetune.model.arch", "finetune.model.lora"},
     # weight-quantization backends: named and checked in config, built in model/load.py; finetune-chat accepts
     # the Hugging Face flag load_in_4bit as a spelling of nf4.
     "nf4": {"finetune.config", "finetune.model.load", "finetune.cli.chat"},

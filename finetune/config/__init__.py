@@ -18,77 +18,16 @@ from finetune.checks import number as _number
 from finetune.checks import text as _text
 from finetune.checks import text_list as _text_list
 from finetune.errors import FinetuneError
+# The QAT and distillation vocabularies, re-exported: finetune.config is where every layer reads them.
+from finetune.config.distill import DISTILL_MODES, KL_DIRECTIONS, validate_distill  # noqa: F401
+from finetune.config.qat import (GGML_SCHEMES, QAT_TARGETS, GRANULARITIES, SCALE_MODES, SCHEME_SCALE,  # noqa: F401
+                                 SCHEME_WEIGHT_BITS, SCHEMES, check_ggml_scheme, scheme_widths, validate_qat)
 
 # The Hydra config tree, package data (a normal, non-editable install carries it with the code); absolute, so
 # console scripts, `python -m` and every other command find it from any directory.
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# The QAT vocabulary (qat.scheme / qat.scale / qat.granularity); finetune.qat implements it.
-# qat.scale: how an INT8 activation scale is found, as the deployment computes it (finetune.qat.ops.activation_scale
-# computes the dynamic ones for training, the simulation and the ONNX export alike).
-SCALE_MODES = {
-    "tensor": "dynamic, one scale per sequence over its real tokens (absmax / 127)",
-    "token": "dynamic, one scale per token (absmax / 127)",
-    "static": "static, one calibrated scale per quantized input",
-    "block32": "dynamic, one scale per 32 consecutive values of a token (absmax / 127, stored as fp16): llama.cpp's "
-               "Q8_0 activations",
-}
-GRANULARITIES = ("sublayer", "linear")
-# qat.scheme: what trains with fake-quant and what the simulated deployment runs.
-#   a8    activations only (qat.bits wide); deployed as w8a8
-#   w8a8  + INT8 per-output-channel weights (symmetric, -127..127)
-#   w4a8  + INT4 group-wise weights (qat.group_size, torchao's grid), INT8 per-token activations by default
-#   q8_0 / q4_0  llama.cpp's CPU arithmetic for GGUF Q8_0 / Q4_0 weights: weights on that block grid, every linear's
-#         input in Q8_0 blocks of 32 (finetune.qat.ggml); exported with finetune-export format=gguf quant=q8_0 | q4_0
-SCHEMES = ("a8", "w8a8", "w4a8", "q8_0", "q4_0")
-GGML_SCHEMES = ("q8_0", "q4_0")
-SCHEME_WEIGHT_BITS = {"a8": None, "w8a8": 8, "w4a8": 4, "q8_0": 8, "q4_0": 4}
-# qat.scale=null takes the scheme's
-SCHEME_SCALE = {"a8": "tensor", "w8a8": "tensor", "w4a8": "token", "q8_0": "block32", "q4_0": "block32"}
-
-
-def check_ggml_scheme(scheme: str, targets: list[str] | tuple[str, ...], granularity: str, scale: str | None) -> None:
-    """``qat.scheme=q8_0 | q4_0`` simulates llama.cpp, which runs every linear of every layer on its grid.
-
-    Raises:
-        FinetuneError: naming what to set (both targets, ``qat.granularity=linear``, ``qat.scale=block32``).
-    """
-    if scheme not in GGML_SCHEMES:
-        if scale == "block32":
-            raise FinetuneError(f"qat.scale=block32 is llama.cpp's activation grid: use it with qat.scheme=q8_0 or "
-                                f"q4_0 (got qat.scheme={scheme})")
-        return
-    if sorted(targets) != ["attn", "ffn"]:
-        raise FinetuneError(f"qat.scheme={scheme} simulates llama.cpp, which quantizes every linear: set "
-                            f"qat_targets=[attn,ffn] (got {list(targets)})")
-    if granularity != "linear":
-        raise FinetuneError(f"qat.scheme={scheme} simulates llama.cpp, which quantizes the input of every linear: "
-                            f"set qat.granularity=linear (got {granularity})")
-    if scale not in (None, "block32"):
-        raise FinetuneError(f"qat.scheme={scheme} simulates llama.cpp's Q8_0 activations: leave qat.scale=null "
-                            f"(block32), got {scale}")
-
-
-def scheme_widths(scheme: str, bits: int, weight_bits: int | None) -> int | None:
-    """The weight width a QAT scheme trains with, checked against ``qat.bits`` / ``qat.weight_bits``.
-
-    Raises:
-        FinetuneError: the widths contradict the scheme (the ``w*a8`` schemes fix both).
-    """
-    wanted = SCHEME_WEIGHT_BITS[scheme]
-    if wanted is None:
-        return weight_bits
-    if weight_bits not in (None, wanted):
-        raise FinetuneError(f"qat.weight_bits={weight_bits} contradicts qat.scheme={scheme} "
-                            f"({wanted}-bit weights); leave qat.weight_bits=null")
-    if bits != 8:
-        raise FinetuneError(f"qat.bits={bits} contradicts qat.scheme={scheme} (8-bit activations); "
-                            "use qat.scheme=a8 for other activation widths")
-    return wanted
-
-
-# The sub-layer groups of qat_targets and LoRA presets; finetune.model.arch maps each to every family's modules.
-QAT_TARGETS = ("attn", "ffn")
+# The LoRA presets; finetune.model.arch maps each to every family's modules.
 LORA_METHODS = ("lora", "dora", "none")
 TARGET_PRESETS = ("qv", "attn", "ffn", "all-linear", "auto")
 QUANT_MODES = ("none", "int8", "nf4")
@@ -156,10 +95,12 @@ def validate(cfg: DictConfig) -> None:
     _validate_quantization(cfg.quantization)
     _validate_lora(cfg.lora, cfg.quantization.mode)
     targets = qat_targets(cfg)
-    _validate_qat(cfg.qat, targets, cfg.quantization.mode)
+    validate_qat(cfg.qat, targets, cfg.quantization.mode)
     _validate_eval(cfg.eval)
     _validate_dataset(cfg.dataset)
     _validate_trainer(cfg.trainer)
+    if "distill" in cfg:
+        validate_distill(cfg.distill, targets, _sub(cfg.trainer, "head_chunk"))
     if targets and cfg.qat.get("scheme") in GGML_SCHEMES and _sub(cfg.trainer, "head_chunk"):
         raise FinetuneError(f"trainer.head_chunk computes the output head from its weight directly, which would skip "
                             f"the head's Q8_0 grid of qat.scheme={cfg.qat.scheme}; set trainer.head_chunk=null")
@@ -288,42 +229,6 @@ def _validate_distributed(d: DictConfig, quant_mode: str) -> None:
             raise FinetuneError("distributed=deepspeed_* needs CUDA GPUs; on CPU use distributed=ddp")
         if not isinstance(d.get("config"), DictConfig):
             raise FinetuneError("distributed.config must be a DeepSpeed config mapping (see conf/distributed/)")
-
-
-def _validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
-    """``qat.*`` is checked whether or not a target is set: a typo there must not wait for the run that uses it."""
-    _number("qat.bits", a.bits, low=4, high=8, integer=True)
-    scheme = a.get("scheme", "a8")
-    _choice("qat.scheme", scheme, SCHEMES)
-    _number("qat.group_size", a.get("group_size", 32), low=2, integer=True)
-    if a.scale is not None:
-        _choice("qat.scale", a.scale, SCALE_MODES)
-    _choice("qat.granularity", a.granularity, GRANULARITIES)
-    if a.weight_bits is not None:
-        _number("qat.weight_bits", a.weight_bits, low=4, high=8, integer=True)
-    _number("qat.start_step", a.start_step, low=0, integer=True)
-    _number("qat.ema_decay", a.ema_decay, low=0, high=1, low_open=True, high_open=True)
-    if a.get("eval_int8") is not None:
-        _bool("qat.eval_int8", a.eval_int8)
-    if a.get("eval_bits") is not None:
-        _number("qat.eval_bits", a.eval_bits, low=4, high=8, integer=True)
-    if targets and a.weight_bits is not None and quant_mode != "none":
-        raise FinetuneError(
-            f"qat.weight_bits with quantization={quant_mode} is not supported: the base weights are already "
-            "bitsandbytes-quantized; drop qat.weight_bits (activation QAT still applies)"
-        )
-    if targets and scheme != "a8" and quant_mode != "none":
-        raise FinetuneError(
-            f"qat.scheme={scheme} with quantization={quant_mode} is not supported: the base weights are already "
-            "bitsandbytes-quantized; use qat.scheme=a8 (activation QAT still applies)"
-        )
-    if targets or a.scale == "block32" or (scheme in GGML_SCHEMES and a.get("eval_int8")):
-        check_ggml_scheme(scheme, targets or QAT_TARGETS, a.granularity, a.scale)  # a PTQ baseline runs both
-    if scheme != "a8":
-        scheme_widths(scheme, a.bits, a.weight_bits)  # the scheme's fixed widths
-        if a.get("eval_bits") not in (None, 8):
-            raise FinetuneError(f"qat.eval_bits={a.eval_bits} contradicts qat.scheme={scheme} (8-bit activations); "
-                                "use qat.scheme=a8 to simulate other activation widths")
 
 
 def _validate_eval(e: DictConfig) -> None:
