@@ -3,6 +3,7 @@
     finetune-bench-qat dataset.path=../shared/data/chnsenticorp              # SmolLM2, the default LoRA run
     finetune-bench-qat --steps 4 --rounds 3 model=qwen2.5-0.5b trainer.batch_size=4
     finetune-bench-qat --variants sublayer,linear dataset.path=...           # a subset of the variants
+    finetune-bench-qat --variants linear,qkd dataset.path=...                # what distill=self adds to a QAT step
 
 More: docs/modules.md, section ``finetune.cli.bench_qat``.
 """
@@ -27,7 +28,8 @@ from finetune.config import QAT_TARGETS, SCHEME_SCALE, qat_targets
 log = logging.getLogger("finetune.cli.bench")
 
 COMMAND = "finetune-bench-qat"
-VARIANTS = ("sublayer", "linear", "linear+w", "static")
+# qkd: linear plus distill=self (the model with fake-quant off as teacher: one more forward without gradients)
+VARIANTS = ("sublayer", "linear", "linear+w", "static", "qkd")
 
 
 def parse_choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
@@ -64,7 +66,7 @@ def variant_config(base: DictConfig, variant: str) -> DictConfig:
         q["scale"] = SCHEME_SCALE[q.get("scheme") or "a8"]
     if variant == "sublayer":
         q.update(granularity="sublayer")
-    elif variant == "linear":
+    elif variant in ("linear", "qkd"):
         q.update(granularity="linear", weight_bits=None)
     elif variant == "linear+w":
         q.update(granularity="linear", weight_bits=q.get("weight_bits") or 8)
@@ -97,11 +99,11 @@ def _batches(cfg: DictConfig, tok, n_steps: int) -> list[dict]:
     return [collate([ds[i] for i in range(s * bs, (s + 1) * bs)]) for s in range(n_steps)]
 
 
-def _time_steps(model, optimizer, batches: list[dict], autocast, share_prefix: bool) -> float:
+def _time_steps(model, optimizer, batches: list[dict], autocast, share_prefix: bool, distiller=None) -> float:
     """Seconds per training step (forward + backward + optimizer step), averaged over ``batches``: the loss
     finetune-train's Trainer computes, with its resolved ``trainer.share_prefix``, so the baseline keeps the
     shortcuts a run without QAT takes (a prefix shared, causal attention without a mask) and each variant loses
-    those its hooks turn off, as its run would."""
+    those its hooks turn off, as its run would. With ``distiller`` the loss is its distillation loss."""
     import torch
 
     from finetune.data.encoding import PLAN_KEYS
@@ -113,7 +115,9 @@ def _time_steps(model, optimizer, batches: list[dict], autocast, share_prefix: b
     for batch in batches:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast():
-            if label_positions:
+            if distiller is not None:
+                loss = distiller.loss(model, batch, share_prefix=share_prefix)[0]
+            elif label_positions:
                 loss = label_position_loss(model, batch, share_prefix=share_prefix)[0]
             else:
                 loss = model(**{k: v for k, v in batch.items() if k not in PLAN_KEYS}).loss
@@ -138,12 +142,16 @@ def benchmark(cfg: DictConfig, variants: list[str], steps: int, rounds: int) -> 
     modules: dict[str, int] = {}
 
     def one(name: str, timed: bool) -> None:
-        handle = None
+        handle = distiller = None
         if name != "none":
             handle = apply_qat(model, targets, variant_config(cfg.qat, name))
             modules[name] = len(handle.module_names()) + len(handle.weight_module_names())
+        if name == "qkd":
+            from finetune.training.distill import Distiller
+
+            distiller = Distiller(OmegaConf.merge(cfg.distill, {"mode": "self", "teacher": None}), qat_handle=handle)
         try:
-            sec = step(batches if timed else batches[:1])
+            sec = step(batches if timed else batches[:1], distiller)
         finally:
             if handle is not None:
                 handle.remove()
@@ -196,7 +204,7 @@ def _setup(cfg: DictConfig, steps: int):
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype is not None else nullcontext
     share = resolve_share_prefix(cfg.trainer.get("share_prefix", "auto"), device)  # as make_trainer resolves it
     return model, resolved, precision, _batches(cfg, tok, steps), share, \
-        lambda batches: _time_steps(model, optimizer, batches, autocast, share)
+        lambda batches, distiller=None: _time_steps(model, optimizer, batches, autocast, share, distiller)
 
 
 def _rows(names: list[str], times: dict[str, list[float]], modules: dict[str, int], tokens_per_step: float) -> list:

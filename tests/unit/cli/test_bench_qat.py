@@ -15,22 +15,41 @@ def test_benchmark_writes_every_variant(tmp_path, capsys):
     data = shared("chnsenticorp")
     overrides = [o for o in TINY if not o.startswith("dataset.max_train")] + [
         f"dataset.path={data}", "dataset.max_train_samples=8", "qat_targets=[attn,ffn]"]
-    code = main(["--steps", "2", "--rounds", "2", "--variants", "sublayer,linear,linear+w,static",
+    code = main(["--steps", "2", "--rounds", "2", "--variants", "sublayer,linear,linear+w,static,qkd",
                  "--out", str(tmp_path), *overrides])
     assert code == 0
     result = json.loads((tmp_path / "qat_overhead.json").read_text())
     rows = {r["variant"]: r for r in result["results"]}
-    assert list(rows) == ["none", "sublayer", "linear", "linear+w", "static"]
+    assert list(rows) == ["none", "sublayer", "linear", "linear+w", "static", "qkd"]
     assert rows["none"]["ratio"] == 1.0 and rows["none"]["quantized_modules"] == 0
     layers = 2  # the tiny model
     assert rows["sublayer"]["quantized_modules"] == rows["static"]["quantized_modules"] == 2 * layers
-    assert rows["linear"]["quantized_modules"] == 7 * layers  # q, k, v, o + gate, up, down
+    assert rows["linear"]["quantized_modules"] == rows["qkd"]["quantized_modules"] == 7 * layers  # q, k, v, o + gate, up, down
     assert rows["linear+w"]["quantized_modules"] == 2 * 7 * layers  # + their weights
     for r in rows.values():
         assert len(r["rounds_sec_per_step"]) == 2 and r["sec_per_step"] > 0 and r["tokens_per_s"] > 0
     assert result["targets"] == ["attn", "ffn"] and result["steps_per_round"] == 2
     table = (tmp_path / "qat_overhead.md").read_text()
     assert table in capsys.readouterr().out and "| linear+w |" in table
+
+
+def test_the_qkd_variant_trains_with_the_distillation_loss(tmp_path, monkeypatch):
+    """qkd is the linear variant plus distill=self: every timed step computes the distillation loss (the teacher's
+    forward with fake-quant off, then the student's), the other variants never do."""
+    from finetune.training import distill
+
+    calls = []
+    real = distill.Distiller.loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        calls.append((self.mode, self.handle.quant_on))
+        return real(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(distill.Distiller, "loss", spy)
+    overrides = [o for o in TINY if not o.startswith("dataset.max_train")] + [
+        f"dataset.path={shared('chnsenticorp')}", "dataset.max_train_samples=8", "qat_targets=[attn,ffn]"]
+    assert main(["--steps", "2", "--rounds", "1", "--variants", "linear,qkd", "--out", str(tmp_path), *overrides]) == 0
+    assert calls == [("self", True)] * 3  # one warm-up step and two timed ones, with fake-quant on
 
 
 @pytest.mark.parametrize("setting, expected", [([], True), (["trainer.share_prefix=false"], False)])
