@@ -103,6 +103,9 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "int8_scheme": (TEXT, "the deployed scheme: w8a8 | w4a8"),
     "int8_scale": (TEXT, "tensor | token | static: the simulation's activation scales"),
     "int8_weight_group_size": (NUMBER, "INT4 weight group size (w4a8)"),
+    "int8_batch_size": (NUMBER, "qat.eval_batch_size: rows per forward of the simulation, whatever eval.batch_size"),
+    "int8_spread_rescorings": (NUMBER, "qat.eval_spread: perturbed re-scorings behind each *_int8_spread"),
+    "int8_perturbation": (NUMBER, "relative size of the k-th re-scoring's input perturbation: 1 + k x this"),
     # failures
     "error": (TEXT, "the failure's first line"),
     "error_type": (TEXT, "the failure's exception type"),
@@ -112,6 +115,10 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 PATTERNS: list[tuple[re.Pattern, tuple[type, ...], str]] = [
     (re.compile(r"(accuracy|f1|loss|perplexity)_int8(_(" + "|".join(QAT_TARGETS) + "))?"), NUMBER,
      "simulated INT8 score of the deployment; _attn / _ffn: PTQ of that group alone"),
+    (re.compile(r"(accuracy|f1|loss|perplexity)_int8_spread(_(" + "|".join(QAT_TARGETS) + "))?"), LIST,
+     "[lowest, highest] of that simulated score over itself and its perturbed re-scorings: its round-off range"),
+    (re.compile(r"int8_flipped(_(" + "|".join(QAT_TARGETS) + "))?"), NUMBER,
+     "share of the scored rows whose simulated prediction a perturbed re-scoring changed"),
 ]
 
 

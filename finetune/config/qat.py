@@ -92,6 +92,8 @@ def validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
         _bool("qat.eval_int8", a.eval_int8)
     if a.get("eval_bits") is not None:
         _number("qat.eval_bits", a.eval_bits, low=4, high=8, integer=True)
+    _number("qat.eval_batch_size", a.get("eval_batch_size", 16), low=1, integer=True)
+    _number("qat.eval_spread", a.get("eval_spread", 0), low=0, integer=True)
     if targets and a.weight_bits is not None and quant_mode != "none":
         raise FinetuneError(
             f"qat.weight_bits with quantization={quant_mode} is not supported: the base weights are already "

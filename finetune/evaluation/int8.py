@@ -8,6 +8,7 @@ each target set a QAT run can choose (attn, ffn, attn+ffn), so every QAT row has
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from omegaconf import DictConfig
@@ -27,10 +28,67 @@ PTQ_TARGET_SETS = (*((group,) for group in QAT_TARGETS), QAT_TARGETS)
 def _score(model, tok, splits: DataSplits, dcfg: DictConfig, max_len: int, bs: int, bf16: bool) -> dict:
     if dcfg.task == "classification":
         out = classify(model, tok, splits.test, dcfg, max_len, bs, bf16)
-        return {"accuracy_int8": out["accuracy"], "f1_int8": out["f1"]}
+        return {"accuracy_int8": out["accuracy"], "f1_int8": out["f1"], "predictions": out["predictions"]}
     rows = splits.test or splits.validation
     lp = loss_and_perplexity(model, tokenize_split(rows, dcfg, tok, max_len), tok.pad_token_id, bs, bf16)
     return {"loss_int8": lp["eval_loss"], "perplexity_int8": lp["perplexity"]}
+
+
+DEFAULT_BATCH = 16  # qat.eval_batch_size where a run's config predates it (eval.batch_size's default then)
+
+
+def int8_batch_size(qcfg) -> int:
+    """Rows per forward of every simulated-INT8 scoring and calibration (``qat.eval_batch_size``). Never
+    ``eval.batch_size``: a batch's shapes decide how its GEMMs round, a rounding difference can move a value across
+    an INT8 rounding boundary, and a simulated score would then depend on a memory setting."""
+    return int(qcfg.get("eval_batch_size") or DEFAULT_BATCH)
+
+
+def perturbation(model) -> float:
+    """The relative size of one re-scoring's input perturbation: one rounding step of the dtype the input
+    embeddings come out in (bf16: 2^-7; fp32: 1.2e-7), at least 1e-6 (what the export's own check uses)."""
+    import torch
+
+    dtype = model.get_input_embeddings().weight.dtype
+    return max(1e-6, torch.finfo(dtype).eps if dtype.is_floating_point else 0.0)
+
+
+@contextlib.contextmanager
+def perturbed_inputs(model, factor: float):
+    """Within it the input embeddings are scaled by ``factor``."""
+    def hook(module, args, output):  # noqa: ANN001, ANN202
+        return output * factor
+
+    handle = model.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def scores_with_spread(model, tok, splits: DataSplits, dcfg: DictConfig, max_len: int, bs: int, bf16: bool,
+                       rescorings: int) -> dict:
+    """The simulated scores and, with ``rescorings`` > 0, their round-off spread: the range of each score over the
+    scoring itself and ``rescorings`` more with the input embeddings scaled by ``1 + k x`` :func:`perturbation`
+    (k = 1..n), and the share of rows whose prediction any of them changes (``int8_flipped``). A difference between
+    two simulated scores smaller than their spread is round-off, not quantization."""
+    scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
+    preds = scores.pop("predictions", None)
+    if not rescorings:
+        return scores
+    step = perturbation(model)
+    again = []
+    for k in range(1, rescorings + 1):
+        with perturbed_inputs(model, 1.0 + k * step):
+            again.append(_score(model, tok, splits, dcfg, max_len, bs, bf16))
+    out = dict(scores)
+    for key, value in scores.items():
+        values = [value, *(a[key] for a in again)]
+        out[f"{key}_spread"] = [min(values), max(values)]
+    if preds is not None:
+        flipped = {i for a in again for i, (p, q) in enumerate(zip(preds, a["predictions"])) if p != q}
+        out["int8_flipped"] = round(len(flipped) / max(len(preds), 1), 6)
+    return out
 
 
 CALIBRATION_ROWS = 64  # training rows that calibrate a static PTQ baseline
@@ -46,26 +104,31 @@ def calibration_batches(splits: DataSplits, dcfg: DictConfig, tok, max_len: int,
 
 
 def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictConfig, targets: list[str], handle,
-                 max_len: int, bs: int, bf16: bool) -> dict:
-    """Simulated-INT8 scores of a trained model.
+                 max_len: int, bf16: bool) -> dict:
+    """Simulated-INT8 scores of a trained model, in batches of :func:`int8_batch_size` rows, each with its round-off
+    spread over ``qat.eval_spread`` re-scorings (:func:`scores_with_spread`).
 
     Returns:
         For a QAT run: ``accuracy_int8`` / ``f1_int8`` (or ``perplexity_int8``) on its own targets.
         Without QAT (PTQ): the same keys for attn+ffn, plus ``accuracy_int8_attn`` / ``..._ffn`` etc. for the
-        single-target sets, and ``int8_eval: "ptq"``.
+        single-target sets, and ``int8_eval: "ptq"``; each score's ``<key>_spread`` and ``int8_flipped`` (with
+        the set's suffix) where ``qat.eval_spread`` > 0.
     """
     from finetune.qat.attach import simulate_int8
 
     bits = int(qcfg.get("eval_bits") or 8)
+    bs, rescorings = int8_batch_size(qcfg), int(qcfg.get("eval_spread") or 0)
     config = QATConfig.from_cfg(qcfg)
     # Recorded so a QAT run is only ever paired with a PTQ run simulated the same way.
     how = {"int8_eval_bits": bits, "int8_granularity": str(qcfg.granularity),
-           "int8_scheme": deployed_scheme(config.scheme)}
+           "int8_scheme": deployed_scheme(config.scheme), "int8_batch_size": bs}
+    if rescorings:
+        how.update(int8_spread_rescorings=rescorings, int8_perturbation=perturbation(model))
     if config.weight_group is not None:
         how["int8_weight_group_size"] = config.weight_group
     if targets:
         with simulate_int8(model, targets, qcfg, handle=handle) as sim:
-            scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
+            scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings)
         _log("QAT", targets, scores, bits, _weights(how))
         return {**scores, "int8_eval": "qat", "int8_targets": list(targets), **how, "int8_scale": sim.config.scale}
     result: dict = {"int8_eval": "ptq", "int8_targets": list(QAT_TARGETS), **how}
@@ -75,18 +138,23 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     # llama.cpp's grids run every linear, so their PTQ baseline is attn+ffn only
     for target_set in (QAT_TARGETS,) if config.weight_grid else PTQ_TARGET_SETS:
         with simulate_int8(model, list(target_set), qcfg, calibration=calibration) as sim:
-            scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
+            scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings)
         result["int8_scale"] = sim.config.scale
         _log("PTQ", target_set, scores, bits, _weights(how))
         if target_set == QAT_TARGETS:
             result.update(scores)
         else:
-            result.update({f"{k}_{target_set[0]}": v for k, v in scores.items()})
+            result.update({f"{k}_{target_set[0]}": v for k, v in scores.items()})  # accuracy_int8_ffn, ...
     return result
 
 
 def _log(kind: str, targets, scores: dict, bits: int = 8, weights: str = "INT8") -> None:
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    def shown_value(key: str, value) -> str:
+        if isinstance(value, list):
+            return f"{key.removesuffix('_spread')} round-off range {value[0]:.4f}-{value[1]:.4f}"
+        return f"{key} {value:.4f}"
+
+    shown = ", ".join(shown_value(k, v) for k, v in scores.items())
     log.info("simulated deployment, %d-bit activations / %s weights (%s on %s): %s", bits, weights, kind,
              "+".join(targets), shown)
 

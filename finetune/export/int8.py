@@ -118,11 +118,11 @@ def static_absmax(path: Path, deployment: Int8Deployment) -> tuple[dict | None, 
 
 def _calibrate(model, tok, cfg, deployment: Int8Deployment) -> dict:
     from finetune.data import load_splits
-    from finetune.evaluation.int8 import calibration_batches
+    from finetune.evaluation.int8 import calibration_batches, int8_batch_size
     from finetune.qat.attach import simulate_int8
 
-    splits = load_splits(cfg.dataset, cfg.seed)
-    batches = calibration_batches(splits, cfg.dataset, tok, int(cfg.trainer.max_length), int(cfg.eval.batch_size))
+    splits = load_splits(cfg.dataset, cfg.seed)  # calibrated as the run's PTQ baseline was (the same batches)
+    batches = calibration_batches(splits, cfg.dataset, tok, int(cfg.trainer.max_length), int8_batch_size(cfg.qat))
     qcfg = {"granularity": deployment.granularity, "scale": "static", "eval_bits": 8}
     with simulate_int8(model, list(deployment.targets), qcfg, calibration=batches) as sim:
         return sim.static_absmax()

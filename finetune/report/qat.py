@@ -24,7 +24,7 @@ PTQ_SUFFIX = {**{group: f"_{group}" for group in QAT_TARGETS}, "+".join(QAT_TARG
 # seed also picks the training and test rows, so runs of different seeds are not comparable one to one).
 PAIR_KEYS = ("seed", "model", "dataset", "quantization", "lr", "lora.r", "lora.alpha", "lora.dropout",
              "lora.target_modules", "int8_eval_bits", "int8_granularity", "int8_scale", "int8_scheme", "int8_weight_group_size",
-             "n_train", "n_test")
+             "int8_batch_size", "n_train", "n_test")
 
 
 def low_bit_label(df: pd.DataFrame) -> str:

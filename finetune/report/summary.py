@@ -49,7 +49,9 @@ def _scores(m: dict) -> list[str]:
         lines.append("validation " + "  ".join(validation))
     if m.get("accuracy_int8") is not None:
         what = f"llama.cpp {m['int8_scheme'].upper()}" if m.get("int8_scheme") in GGML_SCHEMES else "INT8"
-        lines.append(f"simulated {what} deployment ({m.get('int8_eval', 'qat')}): accuracy {m['accuracy_int8']:.3f}")
+        spread = m.get("accuracy_int8_spread")
+        rng = f" (round-off range {spread[0]:.3f}-{spread[1]:.3f})" if spread else ""
+        lines.append(f"simulated {what} deployment ({m.get('int8_eval', 'qat')}): accuracy {m['accuracy_int8']:.3f}{rng}")
     return lines
 
 

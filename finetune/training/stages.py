@@ -346,7 +346,7 @@ def _int8_and_samples(job: Job, metrics: dict) -> None:
         from finetune.evaluation.int8 import int8_metrics
 
         metrics.update(int8_metrics(job.model, job.tok, job.splits, cfg.dataset, cfg.qat, job.metrics["qat_targets"],
-                                    job.qat_handle, job.max_length, job.eval_batch_size, bf16))
+                                    job.qat_handle, job.max_length, bf16))
     for sample in sample_generations(job.model, job.tok, job.splits.test or job.splits.validation, cfg.dataset,
                                      int(cfg.eval.num_samples), int(cfg.eval.max_new_tokens), bf16, job.max_length):
         log.info("sample | prompt: %s | completion: %s | reference: %s", sample["prompt"].replace("\n", " "),
