@@ -20,7 +20,7 @@ from finetune.checks import text_list as _text_list
 from finetune.errors import FinetuneError
 # The QAT and distillation vocabularies, re-exported: finetune.config is where every layer reads them.
 from finetune.config.distill import DISTILL_MODES, KL_DIRECTIONS, validate_distill  # noqa: F401
-from finetune.config.qat import (GGML_SCHEMES, QAT_TARGETS, GRANULARITIES, SCALE_MODES, SCHEME_SCALE,  # noqa: F401
+from finetune.config.qat import (BASELINE_KINDS, GGML_SCHEMES, QAT_TARGETS, parse_baseline, GRANULARITIES, SCALE_MODES, SCHEME_SCALE,  # noqa: F401
                                  SCHEME_WEIGHT_BITS, SCHEMES, check_ggml_scheme, scheme_widths, validate_qat)
 
 # The Hydra config tree, package data (a normal, non-editable install carries it with the code); absolute, so

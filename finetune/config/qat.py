@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.checks import boolean as _bool
 from finetune.checks import choice as _choice
@@ -33,6 +35,53 @@ GGML_SCHEMES = ("q8_0", "q4_0")
 SCHEME_WEIGHT_BITS = {"a8": None, "w8a8": 8, "w4a8": 4, "q8_0": 8, "q4_0": 4}
 # qat.scale=null takes the scheme's
 SCHEME_SCALE = {"a8": "tensor", "w8a8": "tensor", "w4a8": "token", "q8_0": "block32", "q4_0": "block32"}
+
+
+# qat.baselines: post-training-quantization baselines scored beside round-to-nearest (finetune.qat.baselines)
+BASELINE_KINDS = ("token", "percentile", "mse", "smoothquant", "mixed", "hadamard")
+BASELINE_FORMS = "token, percentile[-<p>], mse, smoothquant-<alpha>, mixed, hadamard"
+
+
+def parse_baseline(name: Any) -> tuple[str, float]:
+    """``(kind, argument)`` of a ``qat.baselines`` entry: ``percentile-<p>`` (p in (0, 100], 99.99 when bare),
+    ``smoothquant-<alpha>`` (alpha in [0, 1]); the argument is 0 for the others.
+
+    Raises:
+        FinetuneError: naming the entry and the allowed forms.
+    """
+    kind, _, arg = str(name).partition("-")
+    try:
+        value = float(arg) if arg else {"percentile": 99.99}.get(kind, 0.0)
+    except ValueError:
+        value = None
+    ok = (kind in BASELINE_KINDS and value is not None and (bool(arg) == (kind == "smoothquant") or kind == "percentile")
+          and (kind != "percentile" or 0 < value <= 100) and (kind != "smoothquant" or 0 <= value <= 1))
+    if not isinstance(name, str) or not ok:
+        raise FinetuneError(f"qat.baselines: {name!r} is not a baseline; allowed: {BASELINE_FORMS} "
+                            "(p a percentile in (0, 100], alpha a migration strength in [0, 1])")
+    return kind, value
+
+
+def check_baselines(a: DictConfig, targets: list[str]) -> None:
+    """``qat.baselines`` are post-training baselines of a run without QAT, scored where its PTQ is."""
+    names = a.get("baselines") or []
+    sets = a.get("baseline_targets") or []
+    if not OmegaConf.is_list(sets) or not sets or any(
+            str(t) not in ("attn", "ffn", "attn+ffn") for t in sets):
+        shown = list(sets) if OmegaConf.is_list(sets) else sets
+        raise FinetuneError(f"qat.baseline_targets={shown!r} is not allowed; allowed: a non-empty list of attn, ffn, "
+                            "attn+ffn")
+    for name in names:
+        kind, _ = parse_baseline(name)
+        if kind in ("smoothquant", "mixed", "hadamard") and a.granularity != "linear":
+            raise FinetuneError(f"qat.baselines: {name} transforms each linear's own input: set "
+                                f"qat.granularity=linear (got {a.granularity})")
+    if names and (targets or a.get("eval_int8") is not True):
+        raise FinetuneError("qat.baselines are post-training-quantization baselines: score them on a run without "
+                            "qat_targets, with qat.eval_int8=true")
+    if names and a.get("scheme") in GGML_SCHEMES:
+        raise FinetuneError(f"qat.baselines: qat.scheme={a.scheme} is llama.cpp's own deployment (its PTQ is the "
+                            "GGUF export); use the baselines with a8, w8a8 or w4a8")
 
 
 def check_ggml_scheme(scheme: str, targets: list[str] | tuple[str, ...], granularity: str, scale: str | None) -> None:
@@ -94,6 +143,9 @@ def validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
         _number("qat.eval_bits", a.eval_bits, low=4, high=8, integer=True)
     _number("qat.eval_batch_size", a.get("eval_batch_size", 16), low=1, integer=True)
     _number("qat.eval_spread", a.get("eval_spread", 0), low=0, integer=True)
+    if a.get("baselines") is not None and not OmegaConf.is_list(a.baselines):
+        raise FinetuneError(f"qat.baselines={a.baselines!r} is not allowed; allowed: a list of {BASELINE_FORMS}")
+    check_baselines(a, targets)
     if targets and a.weight_bits is not None and quant_mode != "none":
         raise FinetuneError(
             f"qat.weight_bits with quantization={quant_mode} is not supported: the base weights are already "

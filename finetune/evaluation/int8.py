@@ -145,7 +145,36 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
             result.update(scores)
         else:
             result.update({f"{k}_{target_set[0]}": v for k, v in scores.items()})  # accuracy_int8_ffn, ...
+    if qcfg.get("baselines"):
+        result["ptq_baselines"] = baseline_scores(model, tok, splits, dcfg, qcfg, max_len, bf16)
     return result
+
+
+def baseline_sets(qcfg) -> list[tuple[str, ...]]:
+    """The target sets ``qat.baseline_targets`` names (``attn``, ``ffn``, ``attn+ffn``)."""
+    return [tuple(t for t in QAT_TARGETS if t in str(name).split("+")) for name in qcfg.get("baseline_targets") or []]
+
+
+def baseline_scores(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictConfig, max_len: int,
+                    bf16: bool) -> dict:
+    """Each ``qat.baselines`` entry scored on each ``qat.baseline_targets`` set, calibrated on training rows
+    (:func:`calibration_batches`), every score with its round-off spread: ``{name: {set: scores, "how": ...}}``."""
+    from finetune.qat.attach import simulate_int8
+    from finetune.qat.baselines import baseline_qcfg
+
+    bs, rescorings = int8_batch_size(qcfg), int(qcfg.get("eval_spread") or 0)
+    calibration = calibration_batches(splits, dcfg, tok, max_len, bs)
+    out: dict = {}
+    for name in qcfg.baselines:
+        entry: dict = {"calibration": f"{len(calibration)} batches of the first {CALIBRATION_ROWS} training rows"}
+        for target_set in baseline_sets(qcfg):
+            with simulate_int8(model, list(target_set), qcfg, calibration=calibration, baseline=str(name)) as sim:
+                scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings)
+            entry["scale"] = sim.config.scale
+            _log(f"PTQ {name}", target_set, scores)
+            entry["+".join(target_set)] = scores
+        out[str(name)] = entry
+    return out
 
 
 def _log(kind: str, targets, scores: dict, bits: int = 8, weights: str = "INT8") -> None:

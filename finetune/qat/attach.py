@@ -279,6 +279,7 @@ def simulate_int8(
     cache_weights: bool = True,
     calibration=None,
     static_absmax: Mapping[str, float] | None = None,
+    baseline: str | None = None,
 ) -> Iterator[QATHandle]:
     """Simulated INT8 deployment inside the ``with`` block; the model is restored on exit.
 
@@ -306,6 +307,8 @@ def simulate_int8(
             static QAT run): batches (dicts of ``input_ids`` / ``attention_mask``) run once through the model,
             in eval mode and without gradients, to calibrate the static scales the same way QAT's observer
             does (EMA of the per-batch max over real tokens); then frozen.
+        baseline: a post-training baseline of :mod:`finetune.qat.baselines` (``qat.baselines``), set up on the
+            simulation and calibrated on ``calibration`` (training rows) where it needs to.
 
     Yields:
         The simulation's own :class:`QATHandle` (``.summary()`` gives the INT8 SNRs).
@@ -315,6 +318,10 @@ def simulate_int8(
             when nested in another ``simulate_int8`` block on the same model.
     """
     targets = validate_targets(targets)
+    if baseline is not None:
+        from finetune.qat.baselines import baseline_qcfg
+
+        qcfg = baseline_qcfg(qcfg, baseline)  # its scale mode
     train_handle = handle if handle is not None else active_handle(model)
     if train_handle is not None and train_handle.removed:
         train_handle = None
@@ -328,6 +335,10 @@ def simulate_int8(
         train_handle.detach()
     SIMULATING[layers] = sim
     try:
+        if baseline is not None:  # the float model's statistics: no handle attached
+            from finetune.qat.baselines import apply_baseline
+
+            log.info("simulate_int8: baseline %s: %s", baseline, apply_baseline(model, sim, baseline, calibration))
         if scale == "static" and not calibrated:
             _calibrate(model, sim, layers, calibration)
         sim.enabled = True

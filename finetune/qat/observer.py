@@ -47,7 +47,7 @@ class ActivationQuantizer:
 
     __slots__ = (
         "name", "key", "group", "bits", "qmax", "mode", "ema_decay", "stats_every", "frozen",
-        "ema", "calls", "sig", "noise", "on_uncalibrated", "tokens", "calibrating",
+        "ema", "calls", "sig", "noise", "on_uncalibrated", "tokens", "calibrating", "clip", "transform",
     )  # fmt: skip
 
     def __init__(
@@ -75,6 +75,8 @@ class ActivationQuantizer:
         self.on_uncalibrated = None  # callback(self) when a static scale is needed but was never observed
         self.tokens = None  # an object whose ``token_mask`` ([B, T] bool or None) marks the batch's real tokens
         self.calibrating = False  # static: observe in eval mode too (post-training calibration)
+        self.clip = None  # static calibration: ("percentile", p) | ("mse", 0) instead of the max (finetune.qat.baselines)
+        self.transform = None  # an InputTransform around quantization (finetune.qat.baselines: SmoothQuant, Hadamard)
 
     def _mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         mask = getattr(self.tokens, "token_mask", None)
@@ -88,7 +90,12 @@ class ActivationQuantizer:
         # static: observe in training mode, frozen in eval mode (what static INT8 deployment uses).
         if (training or self.calibrating) and not self.frozen:
             mask = self._mask_for(x)
-            amax = absmax(x) if mask is None else sequence_absmax(x, mask).max()  # padding is never observed
+            if self.clip is not None:
+                from finetune.qat.baselines import clipped_absmax
+
+                amax = clipped_absmax(x, mask, self.clip, self.bits)
+            else:
+                amax = absmax(x) if mask is None else sequence_absmax(x, mask).max()  # padding is never observed
             if training:  # data parallel: every rank observes the max over all ranks' batches, so all quantize alike
                 amax = max_across_ranks(amax)
             if self.ema is None:
@@ -107,16 +114,20 @@ class ActivationQuantizer:
         """Fake-quantize ``x`` ([..., hidden]); ``training`` is the hooked module's ``.training``."""
         if x.numel() == 0:
             return x
-        if self.mode == "block32":  # llama.cpp's Q8_0 activations: the block grid is the whole quantizer
-            from finetune.qat.ggml import fake_quant_activation
-
-            q = fake_quant_activation(x)
-        else:
-            q = fake_quant_ste(x, self._scale(x, training), self.qmax)
+        if self.transform is not None:
+            x = self.transform.input(x)
+        q = self._quantize(x, training)
         self.calls += 1
         if not training or self.frozen or (self.calls - 1) % self.stats_every == 0:
             self._record(x, q)
-        return q
+        return q if self.transform is None else self.transform.input_back(q)
+
+    def _quantize(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        if self.mode == "block32":  # llama.cpp's Q8_0 activations: the block grid is the whole quantizer
+            from finetune.qat.ggml import fake_quant_activation
+
+            return fake_quant_activation(x)
+        return fake_quant_ste(x, self._scale(x, training), self.qmax)
 
     @torch.no_grad()
     def _record(self, x: torch.Tensor, q: torch.Tensor) -> None:

@@ -208,6 +208,7 @@ class WeightQuantizer:
         self.cache_frozen = cache_frozen
         self._cached: tuple | None = None
         self._orig_forward = None
+        self.transform = None  # an InputTransform around quantization (finetune.qat.baselines), set before first use
 
     def install(self) -> None:
         if "forward" in vars(self.module):
@@ -247,7 +248,10 @@ class WeightQuantizer:
         else:
             self._cached = None  # never hold a stale copy through training
         w, b = effective_weight(self.module, self.kind)
-        wq = fake_quant_weight(w, self.bits, self.group_size, self.grid)
+        t = self.transform
+        wq = fake_quant_weight(w if t is None else t.weight(w), self.bits, self.group_size, self.grid)
+        if t is not None:
+            wq = t.weight_back(wq)
         if wq.dtype != dtype:
             wq = wq.to(dtype)
         if b is not None and b.dtype != dtype:

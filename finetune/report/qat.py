@@ -62,13 +62,34 @@ def ptq_score(df: pd.DataFrame, row: pd.Series, key: str) -> float | None:
     return None if base is None else to_float(base.get(key + PTQ_SUFFIX[label]))
 
 
+def best_ptq(df: pd.DataFrame, row: pd.Series, key: str, generation: bool) -> tuple[float | None, str | None]:
+    """The strongest post-training baseline for the targets of QAT run ``row``: round-to-nearest (``rtn``) or one
+    of its baseline run's ``qat.baselines`` (metrics.json ``ptq_baselines``) on the same target set, by ``key``
+    (highest accuracy, lowest perplexity). ``(score, name)``; ``(None, None)`` without a baseline."""
+    label = str(row.get("qat_targets"))
+    base = ptq_baseline(df, row) if label in PTQ_SUFFIX and label != "none" else None
+    if base is None:
+        return None, None
+    found = {"rtn": to_float(base.get(key + PTQ_SUFFIX[label]))}
+    prefix, suffix = "ptq_baselines.", f".{label}.{key}"
+    for column in base.index:
+        if column.startswith(prefix) and column.endswith(suffix):
+            found[column[len(prefix):-len(suffix)]] = to_float(base.get(column))
+    found = {name: v for name, v in found.items() if v is not None and v == v}
+    if not found:
+        return None, None
+    name = (min if generation else max)(found, key=found.get)
+    return found[name], name
+
+
 def qat_scores(df: pd.DataFrame, generation: bool) -> pd.DataFrame:
     """One row per finished run (same index as ``df``), in display units (percent / points, or perplexity).
 
     Columns: ``targets``, ``seed``, ``fp``, ``q`` (simulated INT-n), ``gap`` (what INT-n loses: points of
     accuracy, or perplexity added), ``ptq`` (the baseline's INT-n score on the same targets; NaN for the
     no-QAT row) and ``vs_ptq`` (QAT minus PTQ; positive = better for accuracy, negative for perplexity).
-    Classification adds ``f1``, ``f1_q``, ``ptq_f1`` and ``vs_ptq_f1``.
+    Classification adds ``f1``, ``f1_q``, ``ptq_f1`` and ``vs_ptq_f1``. ``best``, ``best_name`` and ``vs_best``:
+    the strongest PTQ baseline on the same targets (:func:`best_ptq`) and QAT minus it.
     """
     fp, q = ("perplexity", "perplexity_int8") if generation else ("accuracy", "accuracy_int8")
     scale = 1.0 if generation else 100.0
@@ -88,6 +109,9 @@ def qat_scores(df: pd.DataFrame, generation: bool) -> pd.DataFrame:
                "ptq": ptq(r, q)}
         rec["gap"] = rec["q"] - rec["fp"] if generation else rec["fp"] - rec["q"]
         rec["vs_ptq"] = rec["q"] - rec["ptq"]
+        best, rec["best_name"] = best_ptq(df, r, q, generation)
+        rec["best"] = math.nan if best is None else best * scale
+        rec["vs_best"] = rec["q"] - rec["best"]
         if not generation:
             rec.update(f1=value(r, "f1"), f1_q=value(r, "f1_int8"), ptq_f1=ptq(r, "f1_int8"))
             rec["vs_ptq_f1"] = rec["f1_q"] - rec["ptq_f1"]
@@ -135,8 +159,11 @@ def seed_summary(scores: pd.DataFrame, generation: bool, order: tuple[str, ...])
     rows = {}
     for targets, group in scores.groupby("targets", sort=False):
         rec: dict = {"runs": len(group)}
-        for column in group.columns.drop(["targets", "seed"]):
+        for column in group.columns.drop(["targets", "seed", "best_name"], errors="ignore"):
             rec[column] = mean_and_se(group[column])[0]
+        names = group["best_name"].dropna() if "best_name" in group else pd.Series(dtype=object)
+        rec["best_name"] = "/".join(sorted(set(names))) if len(names) else None  # the baselines that were best
+        rec["vs_best_se"] = mean_and_se(group["vs_best"].dropna())[1] if "vs_best" in group else math.nan
         for diff, suffix in (("vs_ptq", ""),) + (() if generation else (("vs_ptq_f1", "_f1"),)):
             paired = group[diff].dropna()
             rec[f"{diff}_se"] = mean_and_se(paired)[1]
@@ -204,6 +231,13 @@ def summary_table(summary: pd.DataFrame, low: str, generation: bool) -> pd.DataF
                 + [plus_minus(r["vs_ptq"], r["vs_ptq_se"], False), won(r)] + cells(r, ("f1", "f1_q", "ptq_f1"))
                 + [plus_minus(r["vs_ptq_f1"], r["vs_ptq_f1_se"], False), won(r, "_f1")]
                 for t, r in summary.iterrows()]
+    if "best_name" in summary and summary["best_name"].map(lambda n: n not in (None, "rtn")).any():
+        # a sweep whose baseline runs scored qat.baselines: QAT against the strongest of them, paired by seed
+        unit = "ppl" if generation else "pts"
+        headers += [f"Best PTQ {low} (baseline)", f"QAT vs best PTQ ({unit}, mean ± SE)"]
+        for row, (_, r) in zip(rows, summary.iterrows()):
+            row += [NA if r["best"] != r["best"] else f"{display_number(r['best'], generation)} ({r['best_name']})",
+                    plus_minus(r["vs_best"], r["vs_best_se"], generation)]
     return pd.DataFrame(rows, columns=headers, dtype=object)
 
 

@@ -44,13 +44,21 @@ def test_the_simulated_score_and_its_shapes_are_the_same_at_every_eval_batch_siz
 
 
 def test_every_simulated_score_has_its_round_off_range(tmp_path):
-    m = _run(tmp_path, "ptq", "qat_targets=[]", "qat.eval_int8=true", "qat.eval_spread=2")
+    m = _run(tmp_path, "ptq", "qat_targets=[]", "qat.eval_int8=true", "qat.eval_spread=2",
+             "qat.baselines=[token,smoothquant-0.5]", "qat.baseline_targets=[ffn,attn+ffn]")
     assert problems(m) == [] and m["int8_spread_rescorings"] == 2 and m["int8_perturbation"] == 1e-6
     for suffix in ("", "_attn", "_ffn"):  # PTQ: attn+ffn, and each group alone
         for key in ("accuracy_int8", "f1_int8"):
             low, high = m[f"{key}_spread{suffix}"]
             assert low <= m[f"{key}{suffix}"] <= high, (key, suffix)
         assert 0.0 <= m[f"int8_flipped{suffix}"] <= 1.0
+    baselines = m["ptq_baselines"]  # each baseline on each set, with the same spread
+    assert list(baselines) == ["token", "smoothquant-0.5"]
+    assert baselines["token"]["scale"] == "token" and baselines["smoothquant-0.5"]["scale"] == "tensor"
+    for entry in baselines.values():
+        for target_set in ("ffn", "attn+ffn"):
+            low, high = entry[target_set]["accuracy_int8_spread"]
+            assert low <= entry[target_set]["accuracy_int8"] <= high
     off = _run(tmp_path, "off", "qat.eval_spread=0")
     assert "accuracy_int8_spread" not in off and "int8_flipped" not in off and "accuracy_int8" in off
 

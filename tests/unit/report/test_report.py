@@ -384,6 +384,29 @@ def test_qat_report_over_seeds_pairs_each_run_with_the_ptq_run_of_its_own_seed(t
     assert_png(report.paths["plot"])
 
 
+def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(tmp_path: Path) -> None:
+    """Where the no-QAT runs scored qat.baselines, the summary adds the best baseline on the same targets (by
+    accuracy, round-to-nearest included) and QAT's paired difference to it."""
+    root = tmp_path / "qkd_regime"
+    write_seeded_qat_sweep(root, {
+        1: {"none": (0.80, {"attn": 0.70, "ffn": 0.50, "attn+ffn": 0.45}), "ffn": (0.76, 0.72)},
+        2: {"none": (0.82, {"attn": 0.80, "ffn": 0.55, "attn+ffn": 0.52}), "ffn": (0.78, 0.74)},
+    })
+    best = {1: {"token": 0.60, "smoothquant-0.5": 0.78}, 2: {"token": 0.70, "smoothquant-0.5": 0.69}}
+    for job in root.iterdir():
+        m = json.loads((job / "metrics.json").read_text())
+        if m["qat_targets"] == []:
+            m["ptq_baselines"] = {name: {"scale": "tensor", "ffn": {"accuracy_int8": acc, "f1_int8": acc - 0.02}}
+                                  for name, acc in best[m["seed"]].items()}
+            (job / "metrics.json").write_text(json.dumps(m))
+    summary = generate_report(root).comparison.summary.set_index("Targets")
+    # seed 1: smoothquant-0.5 (78.0) beats QAT (72.0) by 6 points; seed 2: token (70.0) loses to QAT (74.0) by 4
+    assert summary.loc["ffn", "Best PTQ INT8 (baseline)"] == "74.0 (smoothquant-0.5/token)"
+    assert summary.loc["ffn", "QAT vs best PTQ (pts, mean ± SE)"] == "-1.0 ± 5.0"
+    assert summary.loc["ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+20.5 ± 1.5"  # round-to-nearest alone
+    assert summary.loc["none", "Best PTQ INT8 (baseline)"] == "n/a"
+
+
 def test_qat_report_over_seeds_without_a_baseline_for_a_seed(tmp_path: Path) -> None:
     """A seed whose no-QAT run failed: its QAT runs have no PTQ pair and are left out of the paired mean."""
     root = tmp_path / "qat_seeds"
