@@ -208,6 +208,22 @@ def _calibrate(model: nn.Module, sim: QATHandle, layers: nn.Module, batches) -> 
     log.info("simulate_int8: static scales calibrated on %d batches (post-training calibration)", n)
 
 
+def _with_baseline_scale(qcfg: Any, baseline: str | None) -> Any:
+    """``qcfg`` with the activation scale mode a post-training baseline scores with (``qat.baselines``)."""
+    if baseline is None:
+        return qcfg
+    from finetune.qat.baselines import baseline_qcfg
+
+    return baseline_qcfg(qcfg, baseline)
+
+
+def _set_up_baseline(model: nn.Module, sim: QATHandle, baseline: str | None, calibration) -> None:
+    if baseline is not None:
+        from finetune.qat.baselines import apply_baseline
+
+        log.info("simulate_int8: baseline %s: %s", baseline, apply_baseline(model, sim, baseline, calibration))
+
+
 def _simulation_config(qcfg: Any, train_handle: QATHandle | None, static_absmax: Mapping[str, float] | None,
                        calibration) -> tuple[QATConfig, dict[str, Any]]:
     """The deployment :func:`simulate_int8` simulates (eval bits, the deployed scheme's weights, the scale mode)
@@ -318,10 +334,7 @@ def simulate_int8(
             when nested in another ``simulate_int8`` block on the same model.
     """
     targets = validate_targets(targets)
-    if baseline is not None:
-        from finetune.qat.baselines import baseline_qcfg
-
-        qcfg = baseline_qcfg(qcfg, baseline)  # its scale mode
+    qcfg = _with_baseline_scale(qcfg, baseline)
     train_handle = handle if handle is not None else active_handle(model)
     if train_handle is not None and train_handle.removed:
         train_handle = None
@@ -335,10 +348,7 @@ def simulate_int8(
         train_handle.detach()
     SIMULATING[layers] = sim
     try:
-        if baseline is not None:  # the float model's statistics: no handle attached
-            from finetune.qat.baselines import apply_baseline
-
-            log.info("simulate_int8: baseline %s: %s", baseline, apply_baseline(model, sim, baseline, calibration))
+        _set_up_baseline(model, sim, baseline, calibration)  # the float model's statistics: no handle attached
         if scale == "static" and not calibrated:
             _calibrate(model, sim, layers, calibration)
         sim.enabled = True

@@ -98,14 +98,14 @@ def _input_groups(model: nn.Module, sim) -> list[list[tuple[nn.Module, object]]]
     """The simulation's quantized linears grouped by the input they read, per decoder layer: a group's linears but
     its output projection (q/k/v; gate/up) share one, each output projection reads its own. Each entry is
     ``(linear, activation quantizer)``."""
-    from finetune.model.arch import arch_spec, model_type_of
+    from finetune.model.arch import GROUPS, arch_spec, model_type_of
 
     spec = arch_spec(model_type_of(model))
     by_key = {q.key: (m, q) for m, q in sim.activation_quantizers}
     groups = []
     layers = sorted({int(k.split(".")[1]) for k in by_key})
     for i in layers:
-        for group in ("attn", "ffn"):
+        for group in GROUPS:
             names = spec.linears(group)
             for part in (names[:-1], names[-1:]):
                 found = [by_key[f"layers.{i}.{n}"] for n in part if f"layers.{i}.{n}" in by_key]
@@ -118,7 +118,7 @@ def _ffn_outputs(model: nn.Module, sim) -> list[tuple[nn.Module, object]]:
     """``(linear, activation quantizer)`` of each layer's FFN output projection (down_proj, fc2)."""
     from finetune.model.arch import arch_spec, model_type_of
 
-    last = arch_spec(model_type_of(model)).linears("ffn")[-1]
+    last = arch_spec(model_type_of(model)).ffn_linears[-1]
     return [(m, q) for m, q in sim.activation_quantizers if q.key.endswith("." + last)]
 
 
