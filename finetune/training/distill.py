@@ -126,9 +126,14 @@ class Distiller(TrainerCallback):
         self._pending = None
         return {"distill/ce": round(ce / max(n, 1), 6), "distill/kl": round(kl / max(n, 1), 6) + 0.0}
 
-    def summary(self) -> dict:
-        """metrics.json's ``distill``: the teacher, the settings and the mean terms over the distilled steps."""
-        ce, kl, n = self._total.tolist() if self._total is not None else (0.0, 0.0, 0.0)
+    def totals(self) -> list[float]:
+        """``[ce_sum, kl_sum, tokens]`` over the whole run on this rank (one read from the device)."""
+        return self._total.tolist() if self._total is not None else [0.0, 0.0, 0.0]
+
+    def summary(self, per_rank: list[list[float]] | None = None) -> dict:
+        """metrics.json's ``distill``: the teacher, the settings and the mean terms over the distilled tokens of
+        every rank (``per_rank``: each rank's :meth:`totals`; this rank's alone without it)."""
+        ce, kl, n = (sum(t[i] for t in per_rank) for i in range(3)) if per_rank else self.totals()
         return {"mode": self.mode, "teacher": str(self.teacher_dir) if self.teacher_dir else "self (fake-quant off)",
                 "alpha": self.alpha, "temperature": self.temperature, "kl": self.direction,
                 "start_step": self.start_step, "distilled_tokens": int(n),

@@ -215,8 +215,10 @@ def fit(job: Job) -> None:
     if (interrupted := stopper.interruption(args.output_dir)) is not None:
         raise interrupted
     job.trainer = trainer
-    if job.distiller is not None:
-        job.metrics["distill"] = job.distiller.summary()
+    if job.distiller is not None:  # every rank's distilled tokens (a collective)
+        from finetune.training import distributed
+
+        job.metrics["distill"] = job.distiller.summary(distributed.gather(job.distiller.totals()))
     if job.qat_handle is not None:
         # Quantization statistics of training; then fake-quant off so the fp scores below are full precision.
         job.metrics["qat"] = job.qat_handle.summary()

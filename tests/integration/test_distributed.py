@@ -28,8 +28,9 @@ COMMON = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.b
           # the collator's host-side label plan, under DDP's wrapper.
           "trainer.share_prefix=false",
           "dataset.max_train_samples=24", "eval.num_samples=0"]
-# Static-scale QAT on the attention inputs: its observers must see every rank's batch to match one process.
-QAT = ["qat_targets=[attn]", "qat.scale=static", "qat.ema_decay=0.5"]
+# Static-scale QAT on the attention inputs: its observers must see every rank's batch to match one process. Its own
+# full-precision model teaches it (distill=self): each rank's teacher pass, the sums over the ranks.
+QAT = ["qat_targets=[attn]", "qat.scale=static", "qat.ema_decay=0.5", "distill=self"]
 
 
 def _env(**extra: str) -> dict:
@@ -74,6 +75,8 @@ def test_ddp_two_processes_train_what_one_process_trains_with_twice_the_batch(dd
     assert abs(two["train_loss"] - one["train_loss"]) <= 1e-4 * abs(one["train_loss"])
     assert abs(two["eval_loss"] - one["eval_loss"]) <= 1e-4 * abs(one["eval_loss"])
     assert two["accuracy"] == one["accuracy"] and two["accuracy_int8"] == one["accuracy_int8"]
+    assert two["distill"]["distilled_tokens"] == one["distill"]["distilled_tokens"] > 0
+    assert abs(two["distill"]["kl_per_token"] - one["distill"]["kl_per_token"]) <= 1e-4 * one["distill"]["kl_per_token"] + 1e-9
     # every rank's static QAT scales were calibrated on the max over all ranks' batches: one process's scales
     scales = [json.loads((d / "qat_state.json").read_text())["static_absmax"] for d in (single, ddp)]
     assert scales[0].keys() == scales[1].keys() and len(scales[0]) == 2
