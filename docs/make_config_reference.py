@@ -27,7 +27,7 @@ PAGE = ROOT / "docs" / "configuration.md"
 # Groups whose options hold keys of their own (package = the group's path), in the order of the page.
 GROUPS = ["model", "quantization", "lora", "qat_targets", "distill", "dataset", "trainer", "distributed", "logger",
           "hydra/launcher"]
-PRESETS = ["method", "sweep", "experiment"]  # @package _global_: a set of overrides of other groups' keys
+PRESETS = ["method", "sweep", "experiment", "qkd_arm"]  # @package _global_: a set of overrides of other groups' keys
 
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.-]*|\+[\w./@-]+): ?(?P<rest>.*)$")
 

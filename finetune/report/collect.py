@@ -27,6 +27,7 @@ NO_METRICS_ERROR = "no metrics.json (job did not finish)"
 SKIP_DIRS = (".hydra", "wandb", "adapter")
 SKIP_PREFIXES = ("checkpoint-",)
 QAT_TARGET_ORDER = QAT_TARGETS
+QKD_LABEL = "QKD"  # after the targets of a distilled QAT run (distill=self | run): "ffn QKD-run"
 
 # Columns first in the CSV, in this order; any other column follows alphabetically.
 LEADING_COLUMNS = [
@@ -166,6 +167,9 @@ def _load_job(job_dir: Path, root: Path) -> dict[str, Any]:
     row["overrides"] = " ".join(overrides)
     if "qat_targets" in metrics or "qat_targets" in ov:  # unknown stays empty, not "none"
         row["qat_targets"] = _targets_label(metrics.get("qat_targets", ov.get("qat_targets")))
+        mode = (metrics.get("distill") or {}).get("mode")
+        if mode in ("self", "run"):  # a distilled arm is its own row group: "ffn QKD-self" beside plain QAT "ffn"
+            row["qat_targets"] += f" {QKD_LABEL}-{mode}"
     if "method" not in row:
         guess = _method_from_overrides(ov)
         if guess is not None:

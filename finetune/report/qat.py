@@ -52,10 +52,15 @@ def ptq_baseline(df: pd.DataFrame, row: pd.Series) -> pd.Series | None:
     return pool.iloc[0] if len(pool) else None
 
 
+def targets_of(row: pd.Series) -> str:
+    """The quantized target set of a run's row, whatever arm label follows it (``ffn QKD-self`` -> ``ffn``)."""
+    return str(row.get("qat_targets")).split(" ")[0]
+
+
 def ptq_score(df: pd.DataFrame, row: pd.Series, key: str) -> float | None:
     """The PTQ score ``key`` (``accuracy_int8``, ``f1_int8``, ``perplexity_int8``) for the targets of QAT run
     ``row``: its baseline's score on the same target set; ``None`` for a no-QAT row or a missing baseline."""
-    label = str(row.get("qat_targets"))
+    label = targets_of(row)
     if label not in PTQ_SUFFIX:
         return None
     base = ptq_baseline(df, row)
@@ -66,7 +71,7 @@ def best_ptq(df: pd.DataFrame, row: pd.Series, key: str, generation: bool) -> tu
     """The strongest post-training baseline for the targets of QAT run ``row``: round-to-nearest (``rtn``) or one
     of its baseline run's ``qat.baselines`` (metrics.json ``ptq_baselines``) on the same target set, by ``key``
     (highest accuracy, lowest perplexity). ``(score, name)``; ``(None, None)`` without a baseline."""
-    label = str(row.get("qat_targets"))
+    label = targets_of(row)
     base = ptq_baseline(df, row) if label in PTQ_SUFFIX and label != "none" else None
     if base is None:
         return None, None

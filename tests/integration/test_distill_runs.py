@@ -64,3 +64,32 @@ def test_a_teacher_that_is_not_a_finished_run_is_refused_before_anything_is_writ
     failed = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert failed["status"] == "failed" and failed["error"] == str(err.value)
     assert not (tmp_path / "student" / "config.yaml").exists() and not (tmp_path / "student" / "adapter").exists()
+
+
+def test_the_qkd_regime_sweep_runs_its_eight_arms_per_seed_in_order(tmp_path):
+    """+sweep=qkd_regime on the tiny model, one seed: each seed's plain runs come first and teach its QKD-run arms by
+    name; the plain runs carry their cell's PTQ baselines; the report keeps the distilled arms apart."""
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "qkd"
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune.cli.train", "+sweep=qkd_regime", "hydra.sweeper.params.seed=1", *TINY, DATA,
+         "dataset.max_test_samples=8", "qat.eval_spread=0", "isolate_jobs=false", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arms = ["plain_w8a8", "plain_w4a8", "w8a8_ffn_qat", "w8a8_ffn_self", "w8a8_ffn_run", "w4a8_qat", "w4a8_self",
+            "w4a8_run"]
+    m = {arm: json.loads((sweep / f"seed1-{arm}" / "metrics.json").read_text()) for arm in arms}
+    assert [m[a]["job"] for a in arms] == [str(i) for i in range(8)]  # in this order: the teacher first
+    assert all(r["status"] == "ok" and r["seed"] == 1 and problems(r) == [] for r in m.values())
+    for arm in ("w8a8_ffn_run", "w4a8_run"):
+        assert m[arm]["distill"]["teacher"] == str(sweep / "seed1-plain_w8a8")
+    assert m["w8a8_ffn_self"]["distill"]["mode"] == "self" and "distill" not in m["w8a8_ffn_qat"]
+    assert (m["w8a8_ffn_run"]["qat_targets"], m["w8a8_ffn_run"]["int8_scheme"]) == (["ffn"], "w8a8")
+    assert (m["w4a8_self"]["qat_targets"], m["w4a8_self"]["int8_scheme"]) == (["attn", "ffn"], "w4a8")
+    assert sorted(m["plain_w8a8"]["ptq_baselines"]["smoothquant-0.7"]) == ["calibration", "ffn", "scale"]
+    assert "attn+ffn" in m["plain_w4a8"]["ptq_baselines"]["hadamard"] and m["plain_w4a8"]["int8_scheme"] == "w4a8"
+    report = (sweep / "comparison.md").read_text()
+    for label in ("| ffn QKD-self ", "| ffn QKD-run ", "| attn+ffn QKD-self ", "| attn+ffn QKD-run "):
+        assert label in report, label
