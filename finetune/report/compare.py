@@ -102,6 +102,8 @@ def render_markdown(df: pd.DataFrame, comp: Comparison, sweep_dir: Path, paths: 
         lines += ["## Mean over seeds", "", markdown_table(comp.summary), ""] + notes + ["## Every run", ""]
         notes = []
     lines += [markdown_table(comp.table), ""] + notes
+    for heading, table in comp.extra:
+        lines += [f"## {heading}", "", markdown_table(table), ""]
     if "plot" in paths:
         lines += [f"![{comp.kind}]({paths['plot'].name})", ""]
     lines.append(f"All columns of every job: [{CSV_FILE}]({CSV_FILE})")

@@ -303,3 +303,51 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
              + ("and scheme " if by_scheme else "") + "(its PTQ baseline) and the differences are averaged over those "
              "pairs; a QAT run whose seed has no finished no-QAT run is left out of the paired columns."]
     return takeaway, notes, summary_table(summary, low, generation)
+
+
+def ptq_baselines_table(df: pd.DataFrame, generation: bool) -> pd.DataFrame | None:
+    """Every PTQ baseline the no-QAT runs scored (round-to-nearest and ``qat.baselines``), per scheme and target
+    set: the mean score over the runs (seeds), its F1 (classification), the per-run scores and the widest round-off
+    range; ``None`` when no run scored a baseline beyond round-to-nearest."""
+    key = "perplexity_int8" if generation else "accuracy_int8"
+    scale = 1.0 if generation else 100.0
+    plain = ok_rows(df)
+    plain = plain[plain["qat_targets"].astype(str) == "none"] if "qat_targets" in plain else plain.iloc[:0]
+    found: dict[tuple, list[tuple]] = {}
+    for _, r in plain.iterrows():
+        scheme = str(r.get("int8_scheme") or "").upper()
+        scored = [c[len("ptq_baselines."):-len("." + key)].rsplit(".", 1) for c in r.index
+                  if c.startswith("ptq_baselines.") and c.endswith("." + key) and to_float(r.get(c)) is not None]
+        for target_set in dict.fromkeys(t for _, t in scored):  # "<name>.<set>": a name may hold dots (0.5)
+            rtn = PTQ_SUFFIX.get(target_set)
+            rows = [("rtn", key + rtn, "f1_int8" + rtn, key + "_spread" + rtn)] if rtn is not None else []
+            rows += [(n, f"ptq_baselines.{n}.{t}.{key}", f"ptq_baselines.{n}.{t}.f1_int8",
+                      f"ptq_baselines.{n}.{t}.{key}_spread") for n, t in scored if t == target_set]
+            for name, score, f1, spread in rows:
+                if to_float(r.get(score)) is not None:
+                    found.setdefault((scheme, target_set, name), []).append(
+                        (to_float(r.get(score)) * scale, to_float(r.get(f1)), r.get(spread)))
+    if not found:
+        return None
+    records = []
+    for (scheme, target_set, name), runs in found.items():
+        scores = [s for s, _, _ in runs]
+        f1s = [f * scale for _, f, _ in runs if f is not None]
+        widths = [_width(spread) * scale for _, _, spread in runs if _width(spread) is not None]
+        records.append([scheme, target_set, name, str(len(runs)), display_number(sum(scores) / len(scores), generation)]
+                       + ([] if generation else [display_number(sum(f1s) / len(f1s), False) if f1s else NA])
+                       + [", ".join(display_number(s, generation) for s in scores),
+                          display_number(max(widths), generation) if widths else NA])
+    unit = "perplexity" if generation else "accuracy (%)"
+    headers = ["Scheme", "Targets", "PTQ baseline", "Runs", f"Mean {unit}"] + ([] if generation else ["Mean F1 (%)"]) \
+        + [f"Per run {unit}", "Widest round-off range"]
+    return pd.DataFrame(records, columns=headers, dtype=object)
+
+
+def _width(spread) -> float | None:
+    """The width of a ``[low, high]`` round-off range as collected (``"low,high"``); None without one."""
+    try:
+        low, high = (float(v) for v in str(spread).split(","))
+    except ValueError:
+        return None
+    return high - low

@@ -16,8 +16,8 @@ import pandas as pd
 from finetune.config import QAT_TARGETS, QUANT_MODES
 from finetune.errors import FinetuneError
 from finetune.report.collect import ok_rows, varies
-from finetune.report.qat import (by_scheme as by_scheme_scores, display_number, low_bit_label, qat_scores,
-                                 targets_takeaway)
+from finetune.report.qat import (by_scheme as by_scheme_scores, display_number, low_bit_label, ptq_baselines_table,
+                                 qat_scores, targets_takeaway)
 from finetune.report.format import (
     NA, cell_text, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta, metric_label,
     metric_text,
@@ -45,6 +45,7 @@ class Comparison:
         memory_column: the figure its memory ratios compare (``lora_vs_qlora`` only; :func:`memory_column`).
         summary: means over seeds, one row per setting, shown before ``table`` (``qat_targets`` run over
             several seeds only).
+        extra: further ``(heading, table)`` pairs (the PTQ baselines a QAT sweep's no-QAT runs scored).
     """
 
     kind: str
@@ -56,6 +57,7 @@ class Comparison:
     baseline: str | None = None
     summary: pd.DataFrame | None = None
     memory_column: str = "peak_memory_mb"
+    extra: list = field(default_factory=list)  # (heading, table) pairs shown after every run's row
 
 
 def memory_column(ok: pd.DataFrame) -> str:
@@ -297,7 +299,10 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
     headers = lead + metric_heads + [f"SNR {g} (dB)" for g in QAT_TARGETS] + ["Modules quantized"]
     rows, label_of = _qat_rows(df, scores, sort_keys, by_scheme, by_seed, columns, len(headers), generation)
     takeaway, notes, summary = targets_takeaway(df, scores, label_of, order, low, generation, by_scheme)
-    return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway, notes, summary=summary)
+    baselines = ptq_baselines_table(df, generation)
+    extra = [] if baselines is None else [(f"PTQ baselines ({low}, calibrated on training rows)", baselines)]
+    return Comparison("qat_targets", fp, not generation, _table(rows, headers), takeaway, notes, summary=summary,
+                      extra=extra)
 
 
 def _setting(r: pd.Series, axes: list[str]) -> str:

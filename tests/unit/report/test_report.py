@@ -399,12 +399,20 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
             m["ptq_baselines"] = {name: {"scale": "tensor", "ffn": {"accuracy_int8": acc, "f1_int8": acc - 0.02}}
                                   for name, acc in best[m["seed"]].items()}
             (job / "metrics.json").write_text(json.dumps(m))
-    summary = generate_report(root).comparison.summary.set_index("Targets")
+    report = generate_report(root)
+    summary = report.comparison.summary.set_index("Targets")
     # seed 1: smoothquant-0.5 (78.0) beats QAT (72.0) by 6 points; seed 2: token (70.0) loses to QAT (74.0) by 4
     assert summary.loc["ffn", "Best PTQ INT8 (baseline)"] == "74.0 (smoothquant-0.5/token)"
     assert summary.loc["ffn", "QAT vs best PTQ (pts, mean ± SE)"] == "-1.0 ± 5.0"
     assert summary.loc["ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+20.5 ± 1.5"  # round-to-nearest alone
     assert summary.loc["none", "Best PTQ INT8 (baseline)"] == "n/a"
+    heading, baselines = report.comparison.extra[0]
+    assert heading.startswith("PTQ baselines")
+    by_name = baselines.set_index("PTQ baseline")
+    assert by_name.loc["rtn", "Per run accuracy (%)"] == "50.0, 55.0" and by_name.loc["rtn", "Targets"] == "ffn"
+    assert by_name.loc["smoothquant-0.5", "Mean accuracy (%)"] == "73.5"  # (78 + 69) / 2
+    assert by_name.loc["token", "Mean F1 (%)"] == "63.0" and by_name.loc["token", "Runs"] == "2"
+    assert "## PTQ baselines" in report.markdown and "| smoothquant-0.5 |" in report.markdown
 
 
 def test_qat_report_over_seeds_without_a_baseline_for_a_seed(tmp_path: Path) -> None:
