@@ -82,6 +82,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "distill": (MAPPING, "distill=self | run: the teacher, alpha, temperature, KL direction, start step and the mean "
                          "cross-entropy and T^2 x KL per distilled token"),
     # scores
+    "majority_accuracy": (NUMBER, "test accuracy of always answering the test split's most frequent label"),
+    "majority_f1": (NUMBER, "macro-F1 of always answering that label: the floor a classifier must clear"),
     "zero_shot_accuracy": (NUMBER, "the base model's test accuracy (before training, or after it with the adapters off)"),
     "zero_shot_f1": (NUMBER, "the base model's test macro-F1 (as zero_shot_accuracy)"),
     "zero_shot_cached": (FLAG, "whether the zero-shot scores came from the score cache"),

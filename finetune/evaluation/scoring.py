@@ -230,6 +230,17 @@ def label_scores(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_lengt
     return scores
 
 
+def majority_class(rows: list[dict], dcfg: DictConfig) -> dict:
+    """What always answering the most frequent label of ``rows`` scores: the floor a classifier must clear
+    (``majority_accuracy``, ``majority_f1``: macro-F1 over every label word)."""
+    labels = [int(r[dcfg.label_field]) for r in rows]
+    if not labels:
+        return {}
+    top = max(set(labels), key=labels.count)
+    return {"majority_accuracy": labels.count(top) / len(labels),
+            "majority_f1": macro_f1(labels, [top] * len(labels), len(dcfg.label_words))}
+
+
 @torch.no_grad()
 def scores_and_loss(model, tokenizer, rows: list[dict], dcfg: DictConfig, max_length: int, batch_size: int,
                     bf16: bool = False) -> tuple[torch.Tensor, dict] | None:

@@ -281,7 +281,7 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
                                       dtype=float), generation)
             return qat_takeaway(own(((label_of[i], g) for i, g in scores["gap"].items()), scheme), diffs, wins,
                                 scheme_low, generation)
-        return per_scheme(single), [], None
+        return per_scheme(single), majority_note(df), None
     summary = seed_summary(scores, generation, order)
     seeds = scores["seed"].dropna().astype(str).nunique()
 
@@ -302,7 +302,20 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
     notes = [f"Means over {seeds} seeds: each QAT run is paired with the no-QAT run of its own seed "
              + ("and scheme " if by_scheme else "") + "(its PTQ baseline) and the differences are averaged over those "
              "pairs; a QAT run whose seed has no finished no-QAT run is left out of the paired columns."]
-    return takeaway, notes, summary_table(summary, low, generation)
+    return takeaway, notes + majority_note(df), summary_table(summary, low, generation)
+
+
+def majority_note(df: pd.DataFrame) -> list[str]:
+    """A line with what always answering the most frequent test label scores (metrics.json ``majority_*``): a
+    model at or below it has learned nothing a deployment could use."""
+    ok = ok_rows(df)
+    if "majority_accuracy" not in ok or ok["majority_accuracy"].dropna().empty:
+        return []
+    acc = pd.to_numeric(ok["majority_accuracy"], errors="coerce").dropna()
+    f1 = pd.to_numeric(ok.get("majority_f1", pd.Series(dtype=float)), errors="coerce").dropna()
+    span = lambda v: f"{100 * v.min():.1f}" + ("" if v.max() == v.min() else f"-{100 * v.max():.1f}")  # noqa: E731
+    return [f"Always answering the majority label scores {span(acc)}% accuracy"
+            + (f" (macro-F1 {span(f1)}%)" if len(f1) else "") + " on these test rows: the floor every arm must clear."]
 
 
 def ptq_baselines_table(df: pd.DataFrame, generation: bool) -> pd.DataFrame | None:

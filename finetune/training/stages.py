@@ -304,7 +304,8 @@ def save(job: Job) -> bool:
 def score(job: Job) -> None:
     """Scores after training into the metrics (a sharded rank's forward passes only serve rank 0's): the
     validation loss and selection score, test scores, simulated INT8 where asked, sample generations in the log."""
-    from finetune.evaluation.scoring import classify, loss_and_perplexity, scores_and_loss, scores_to_metrics
+    from finetune.evaluation.scoring import (classify, loss_and_perplexity, majority_class, scores_and_loss,
+                                             scores_to_metrics)
 
     metrics = job.metrics if job.main else {}
     model, tok, splits, dcfg = job.model, job.tok, job.splits, job.cfg.dataset
@@ -325,7 +326,8 @@ def score(job: Job) -> None:
         log.info("validation: accuracy %.4f, F1 %.4f on %d rows", val["accuracy"], val["f1"], val["n"])
     if job.classification:
         scored = classify(model, tok, splits.test, dcfg, max_len, eval_bs, bf16, job.trunk)
-        metrics.update(accuracy=scored["accuracy"], f1=scored["f1"], n_scored=scored["n"])
+        metrics.update(accuracy=scored["accuracy"], f1=scored["f1"], n_scored=scored["n"],
+                       **majority_class(splits.test, dcfg))
         if job.trunk is not None:
             # 0: every layer was run; k: layers below k came from the zero-shot pass (same base weights, same rows)
             metrics["test_scored_from_layer"] = job.trunk.start if job.trunk.replayed else 0

@@ -395,6 +395,7 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
     best = {1: {"token": 0.60, "smoothquant-0.5": 0.78}, 2: {"token": 0.70, "smoothquant-0.5": 0.69}}
     for job in root.iterdir():
         m = json.loads((job / "metrics.json").read_text())
+        m.update(majority_accuracy=0.686, majority_f1=0.407)
         if m["qat_targets"] == []:
             m["ptq_baselines"] = {name: {"scale": "tensor", "ffn": {"accuracy_int8": acc, "f1_int8": acc - 0.02}}
                                   for name, acc in best[m["seed"]].items()}
@@ -413,6 +414,8 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
     assert by_name.loc["smoothquant-0.5", "Mean accuracy (%)"] == "73.5"  # (78 + 69) / 2
     assert by_name.loc["token", "Mean F1 (%)"] == "63.0" and by_name.loc["token", "Runs"] == "2"
     assert "## PTQ baselines" in report.markdown and "| smoothquant-0.5 |" in report.markdown
+    assert ("Always answering the majority label scores 68.6% accuracy (macro-F1 40.7%) on these test rows"
+            in report.markdown)
 
 
 def test_qat_report_over_seeds_without_a_baseline_for_a_seed(tmp_path: Path) -> None:
