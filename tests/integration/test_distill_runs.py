@@ -93,3 +93,13 @@ def test_the_qkd_regime_sweep_runs_its_eight_arms_per_seed_in_order(tmp_path):
     report = (sweep / "comparison.md").read_text()
     for label in ("| ffn QKD-self ", "| ffn QKD-run ", "| attn+ffn QKD-self ", "| attn+ffn QKD-run "):
         assert label in report, label
+
+
+@pytest.mark.parametrize("method", [("lora=dora",), ("quantization=nf4",), ("lora=none", "trainer.lr=1e-4")],
+                         ids=["dora", "qlora-nf4", "full"])
+def test_self_distillation_trains_every_method(tmp_path, method):
+    """QKD-self on DoRA, QLoRA (an nf4 base: activation QAT only) and full fine-tuning: the teacher pass runs each
+    step and the run scores its deployment."""
+    m, _ = _run(tmp_path, *method, "qat_targets=[ffn]", "distill=self", "qat.eval_spread=0", name="run")
+    assert m["status"] == "ok" and m["distill"]["distilled_tokens"] > 0 and m["distill"]["kl_per_token"] >= 0
+    assert 0.0 <= m["accuracy_int8"] <= 1.0 and problems(m) == []
