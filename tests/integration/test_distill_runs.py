@@ -103,3 +103,12 @@ def test_self_distillation_trains_every_method(tmp_path, method):
     m, _ = _run(tmp_path, *method, "qat_targets=[ffn]", "distill=self", "qat.eval_spread=0", name="run")
     assert m["status"] == "ok" and m["distill"]["distilled_tokens"] > 0 and m["distill"]["kl_per_token"] >= 0
     assert 0.0 <= m["accuracy_int8"] <= 1.0 and problems(m) == []
+
+
+def test_self_distillation_of_a_generation_run_covers_its_response_tokens(tmp_path):
+    """On an SFT dataset the KL runs at every supervised (response) token, not one label position."""
+    m, _ = _run(tmp_path, "dataset=alpaca", f"dataset.path={shared('alpaca', 'alpaca_en_demo.json')}",
+                "qat_targets=[ffn]", "distill=self", "qat.eval_spread=0", name="sft")
+    assert m["status"] == "ok" and m["task"] == "generation" and problems(m) == []
+    assert m["distill"]["distilled_tokens"] > 2 * 2 * 2  # 2 steps of 2 rows, many response tokens each
+    assert m["perplexity_int8"] > 0
