@@ -248,6 +248,9 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
     session = OrtCausalLM(stage / MODEL_FILE, threads)
     exported = quality(session, tok, rows, cfg)
     lat, prompt = _latencies(session, model, tok, sizes, threads, float_reference, latency_tokens, latency_reps)
+    from finetune.export.onnx_cache import kv_cache_latencies, print_kv, timing_prompt
+
+    kv = kv_cache_latencies(model, deployment, absmax, timing_prompt(rows, cfg, tok, prompt), threads)
     float_bytes = sizes.get("float32_onnx", sizes["float32"])
 
     key = "accuracy" if "accuracy" in exported else "perplexity"
@@ -278,9 +281,11 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
                     **{f"{name}_runs_ms_per_token": v["runs"] for name, v in lat.items()}},
         "quality": scores,
         "quantized_modules": modules,
+        "kv_cache": kv,
     }
     write_info(stage, record)
     _print_summary(record, key)
+    print_kv(kv, record["runtime"])
     if not check["passed"]:
         raise ExportCheckFailed(f"the ONNX model does not compute the simulated deployment: {key} check "
                                 f"{check['diff']:.3g} > tolerance {check['tolerance']:g}")

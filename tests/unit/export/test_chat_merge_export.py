@@ -234,6 +234,9 @@ def test_export_int8_is_the_simulated_deployment_and_loads(runs, tmp_path, capsy
     assert info["accuracy"] == info["accuracy_simulated"] and q["int8_onnx_agrees_with_simulated"] == 1.0
     assert info["size_vs_float32"] < 1 and info["sizes_bytes"]["float16"] < info["sizes_bytes"]["float32"]
     assert info["ms_per_token"] > 0 and info["ms_per_token_float32"] > 0
+    kv = info["kv_cache"]  # decoding with a KV cache, every engine on the first scored row's prompt
+    assert kv["int8_onnx_ms_per_token"] > 0 and kv["float32_onnx_ms_per_token"] > 0 and kv["torch_fp32_ms_per_token"] > 0
+    assert kv["new_tokens"] == 64 and len(kv["int8_onnx_tokens"]) == 65 and "latency with a KV cache" in printed
     # The artifact loads on its own and scores like the export measured it.
     model, tok, loaded = export.load_exported(out)
     assert len(loaded["quantized_modules"]) == 2 * 5  # q/k/v and gate/up (sublayer granularity)
