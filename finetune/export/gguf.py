@@ -117,7 +117,7 @@ def _tensors(model, quant: str):
             yield target, gguf.quants.quantize(data, kind), kind
 
 
-def _add_tokenizer(writer, tok, n_vocab: int) -> None:
+def _add_tokenizer(writer, tok, n_vocab: int, pre: str = "default") -> None:
     """The vocabulary by id (padded to the model's rows), token types, and what ``gguf.SpecialVocab`` reads from
     the saved tokenizer: merges, special token ids, the chat template."""
     import gguf
@@ -136,7 +136,7 @@ def _add_tokenizer(writer, tok, n_vocab: int) -> None:
         types.append(gguf.TokenType.CONTROL if i in special else
                      gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)  # finetune.export.gguf_pre chooses it
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,8 +144,10 @@ def _add_tokenizer(writer, tok, n_vocab: int) -> None:
         gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab).add_to_gguf(writer)
 
 
-def write_gguf(model, tok, path: Path, quant: str, name: str) -> dict:
-    """Write ``model`` (a merged, float transformers Llama) and ``tok`` into ``path``; returns what was written."""
+def write_gguf(model, tok, path: Path, quant: str, name: str, pre: str = "default", vocab_only: bool = False) -> dict:
+    """Write ``model`` (a merged, float transformers Llama) and ``tok`` into ``path``, naming llama.cpp's
+    pre-tokenizer ``pre`` (no tensors with ``vocab_only``: what llama.cpp loads to tokenize); returns what was
+    written."""
     import gguf
 
     config = model.config  # check_exportable(model) has passed
@@ -163,9 +165,9 @@ def write_gguf(model, tok, path: Path, quant: str, name: str) -> dict:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(_file_type(quant))
-    _add_tokenizer(writer, tok, int(config.vocab_size))
+    _add_tokenizer(writer, tok, int(config.vocab_size), pre)
     counts: dict[str, int] = {}
-    for target, data, raw in _tensors(model, quant):
+    for target, data, raw in () if vocab_only else _tensors(model, quant):
         writer.add_tensor(target, data, raw_dtype=raw)
         kind = "f32" if data.dtype == np.float32 and raw is None else ("f16" if raw is None else raw.name.lower())
         counts[kind] = counts.get(kind, 0) + 1
@@ -263,6 +265,16 @@ def _say_llama_cpp(found: dict, quant: str) -> None:
           f"{found['threads']} threads")
 
 
+def _choose_pre(model, tok, rows: list[dict] | None, cfg, quant: str) -> dict:
+    """llama.cpp's pre-tokenizer for ``tok``, tried on up to 200 of the scored rows' prompts (:mod:`gguf_pre`)."""
+    from finetune.data.encoding import prompt_text
+    from finetune.export.gguf_pre import choose_pre
+
+    texts = [prompt_text(r, cfg.dataset, tok, int(cfg.trainer.max_length)) for r in (rows or [])[:200]]
+    return choose_pre(lambda path, pre: write_gguf(model, tok, path, quant, "vocabulary", pre, vocab_only=True), tok,
+                      texts)
+
+
 def export_gguf(run: str, out: str, quant: str, max_samples: int | None, overwrite: bool) -> dict:
     """``finetune-export format=gguf``: the merged run as ``out/model.gguf``, a ``Modelfile`` and ``export.json``,
     built beside ``out`` and moved into place once the round trip passes (else nothing is written)."""
@@ -284,12 +296,14 @@ def export_gguf(run: str, out: str, quant: str, max_samples: int | None, overwri
     rows = scored_rows(cfg, max_samples)[0] if cfg.dataset.task == "classification" else None
     stage = staging_dir(target)
     try:
-        written = write_gguf(model, tok, stage / FILE, quant, f"finetune {method_name(cfg)} {path.name}")
+        pre = _choose_pre(model, tok, rows, cfg, quant)
+        written = write_gguf(model, tok, stage / FILE, quant, f"finetune {method_name(cfg)} {path.name}", pre["pre"])
         (stage / "Modelfile").write_text(modelfile(tok))
         check = reload_check(stage, model, tok, quant, rows, cfg)
         record = {"format": "gguf", "quant": quant, "run": str(path), "method": method_name(cfg),
                   "base_weights": info.get("base_weights"), **written,
-                  "float32_size_bytes": sum(p.numel() * 4 for p in model.parameters()), "check": check}
+                  "float32_size_bytes": sum(p.numel() * 4 for p in model.parameters()), "check": check,
+                  "tokenizer_pre": pre}
         torch_preds = check.pop("torch_predictions", None)
         if check_failed(check, quant):
             raise ExportCheckFailed(f"format=gguf quant={quant}: the file read back by transformers is not the merged "

@@ -560,7 +560,12 @@ def test_gguf_export_is_read_back_by_transformers_as_the_merged_model(runs, tmp_
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == quant.upper() and types["output_norm.weight"] == "F32"
     assert "tokenizer.chat_template" in reader.fields and "FROM ./model.gguf" in (out / "Modelfile").read_text()
+    pre = record["tokenizer_pre"]["pre"]
+    assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == pre
     _check_llama_cpp(record["llama_cpp"], quant)
+    if "agreement" in record["tokenizer_pre"]:  # llama.cpp tried them: its default splits some samples otherwise
+        assert record["tokenizer_pre"]["agreement"][pre] == 1.0 and pre != "default"
+        assert record["tokenizer_pre"]["agreement"]["default"] < 1.0
 
 
 def _check_llama_cpp(found: dict, quant: str) -> None:
