@@ -10,7 +10,6 @@ More: docs/modules.md, section ``finetune.export.int8``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import tempfile
@@ -222,19 +221,6 @@ CHECK = ("mean over rows of the largest label-probability difference between the
          "boundaries, so no two engines agree more closely than the simulation agrees with itself under round-off)")
 
 
-@contextlib.contextmanager
-def _perturbed_inputs(model):
-    """Scale the input embeddings by ``1 + PERTURBATION``: float round-off sized, and nothing more."""
-    def hook(module, args, output):  # noqa: ANN001, ANN202
-        return output * (1.0 + PERTURBATION)
-
-    handle = model.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 class ExportCheckFailed(Exception):
     """The exported model does not compute the simulated deployment."""
 
@@ -295,12 +281,13 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
 def _simulation_scores(model, tok, rows, cfg, deployment: Int8Deployment, absmax) -> tuple[dict, dict, dict]:
     """The simulated deployment's scores, the same under a small input perturbation (its own sensitivity), and
     the float model's."""
+    from finetune.evaluation.int8 import perturbed_inputs
     from finetune.qat.attach import simulate_int8
 
     qcfg = {"granularity": deployment.granularity, "scale": deployment.scale, "eval_bits": 8}
     with simulate_int8(model, list(deployment.targets), qcfg, static_absmax=absmax):
         simulated = quality(model, tok, rows, cfg)
-        with _perturbed_inputs(model):
+        with perturbed_inputs(model, 1.0 + PERTURBATION):
             perturbed = quality(model, tok, rows, cfg)
     return simulated, perturbed, quality(model, tok, rows, cfg)
 

@@ -171,6 +171,17 @@ def onnx_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
 
 
+def ort_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session on ``path`` (``threads`` intra-op threads, one inter-op; errors only logged)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its graph-optimizer notes are not the user's concern
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OrtCausalLM(nn.Module):
     """An ONNX Runtime session behind the call signature the project's scorers use.
 
@@ -181,15 +192,8 @@ class OrtCausalLM(nn.Module):
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: its graph-optimizer notes are not the user's concern
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         self.path = str(path)
-        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(self.path, threads)
 
     def run_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Logits ``[len(ids), vocab]`` of one unpadded sequence."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from finetune.export.llama_cpp import NEW_TOKENS, TIMING_REPEATS, torch_decode_ms
-from finetune.export.onnx import OPSET, _onnx_matmul_u8u8, _strip_debug_info, to_int8
+from finetune.export.onnx import OPSET, _onnx_matmul_u8u8, _strip_debug_info, ort_session, to_int8
 
 CACHED_FILE = "model_with_cache.onnx"
 
@@ -74,13 +74,7 @@ class OrtCachedDecoder:
     """Greedy decoding on a :func:`save_onnx_with_cache` graph in ONNX Runtime."""
 
     def __init__(self, path: Path, config, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads)
         self.names = [i.name for i in self.session.get_inputs()]
         self.layers, self.kv, self.d = _shape(config)
 

@@ -20,15 +20,12 @@ Each needs ``qat.granularity=linear`` (every linear's own input), except ``token
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 from torch import nn
 
-from finetune.config import BASELINE_KINDS, parse_baseline  # noqa: F401 (re-exported)
-
-log = logging.getLogger("finetune.qat.attach")
+from finetune.config import parse_baseline
 
 MSE_GRID = 20  # clipping fractions tried by the mse baseline: 0.05, 0.10, ..., 1.00 of the batch's absmax
 

@@ -93,7 +93,8 @@ class Distiller(TrainerCallback):
 
         with torch.no_grad():
             if self.mode == "self":
-                inner = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+                ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                inner = model.module if ddp else model  # the teacher pass needs no gradient sync
                 with _fake_quant_off(self.handle, inner):
                     return label_position_logits(inner, inputs, share_prefix)[0]
             device = inputs["input_ids"].device

@@ -76,7 +76,9 @@ def test_ddp_two_processes_train_what_one_process_trains_with_twice_the_batch(dd
     assert abs(two["eval_loss"] - one["eval_loss"]) <= 1e-4 * abs(one["eval_loss"])
     assert two["accuracy"] == one["accuracy"] and two["accuracy_int8"] == one["accuracy_int8"]
     assert two["distill"]["distilled_tokens"] == one["distill"]["distilled_tokens"] > 0
-    assert abs(two["distill"]["kl_per_token"] - one["distill"]["kl_per_token"]) <= 1e-4 * one["distill"]["kl_per_token"] + 1e-9
+    # The KL of two nearly equal distributions is second order in their logits' difference, so the batch layout's
+    # GEMM round-off (batch 2 vs 4) moves it relatively more than the loss: an absolute allowance beside 0.1%.
+    assert two["distill"]["kl_per_token"] == pytest.approx(one["distill"]["kl_per_token"], rel=1e-3, abs=1e-6)
     # every rank's static QAT scales were calibrated on the max over all ranks' batches: one process's scales
     scales = [json.loads((d / "qat_state.json").read_text())["static_absmax"] for d in (single, ddp)]
     assert scales[0].keys() == scales[1].keys() and len(scales[0]) == 2
