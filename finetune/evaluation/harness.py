@@ -123,13 +123,38 @@ def build_tasks(names: list[str], manager) -> dict:
 
     online = hub_reachable()
     try:
-        with _hub_offline(not online):  # the local cache only: no retries against an unreachable hub
+        with task_errors(names), _hub_offline(not online):  # the local cache only: no retries against the hub
             return get_task_dict(names, manager)
+    except FinetuneError:
+        raise
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a missing hub dataset
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         where = "its dataset is not in the local cache" if online else \
             "the Hugging Face hub is not reachable and its dataset is not in the local cache"
         raise FinetuneError(f"tasks={','.join(names)}: lm-eval could not load a task's data ({first}): {where}; "
+                            f"'{OWN_TASK}' (the run's own dataset) needs no hub") from None
+
+
+@contextlib.contextmanager
+def task_errors(names: list[str]):
+    """What a task needs and this machine lacks, as one line, whether it shows when the task loads or only when it
+    scores (some tasks import their metric's package, or fetch it from the hub, at scoring time).
+
+    Raises:
+        FinetuneError: a Python module the task imports is not installed, or the hub it needs is offline.
+    """
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    what = f"tasks={','.join(names)}"
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise FinetuneError(f"{what}: lm-eval's task needs the Python module '{exc.name}', which is not installed: "
+                            "pip install the package that provides it (lm-eval's optional extras name each "
+                            "task's packages)") from None
+    except (ConnectionError, LocalEntryNotFoundError) as exc:  # datasets' and huggingface_hub's, offline
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise FinetuneError(f"{what}: lm-eval's task needs the Hugging Face hub, which is not reachable ({first}); "
                             f"'{OWN_TASK}' (the run's own dataset) needs no hub") from None
 
 
@@ -236,6 +261,7 @@ def evaluate(model, tokenizer, names: list[str], own_rows: list[dict] | None, dc
 
     from finetune.evaluation.head import fp32_head
     from finetune.evaluation.scoring import autocast
+    from finetune.platform.hub import hub_reachable
 
     with tempfile.TemporaryDirectory(prefix="finetune-lm-eval-") as tmp:
         folder = Path(tmp)
@@ -245,7 +271,9 @@ def evaluate(model, tokenizer, names: list[str], own_rows: list[dict] | None, dc
         check_task_names(resolved, manager)
         build_tasks(resolved, manager)
         lm = float_logits_lm(model, tokenizer, batch_size)
-        with autocast(model, bf16), fp32_head(model, bf16), _quiet_lm_eval():
+        offline = not hub_reachable()
+        with autocast(model, bf16), fp32_head(model, bf16), _quiet_lm_eval(), task_errors(names), \
+                _hub_offline(offline):
             out = simple_evaluate(model=lm, tasks=resolved, task_manager=manager,
                                   limit=limit, log_samples=own is not None, bootstrap_iters=1000)
     lls = loglikelihoods((out.get("samples") or {}).get(own, [])) if own else None

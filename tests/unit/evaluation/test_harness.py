@@ -74,3 +74,33 @@ def test_tasks_are_parsed_once_each():
     assert harness.parse_tasks("run, hellaswag,run") == ["run", "hellaswag"]
     with pytest.raises(FinetuneError, match="at least one"):
         harness.parse_tasks(" , ")
+
+
+def _task_needing_a_missing_module(folder):
+    """A local lm-eval task whose docs pass through a function in a file that imports an absent package."""
+    (folder / "rows.jsonl").write_text('{"text": "good", "label": 0}\n')
+    (folder / "needs_pkg_utils.py").write_text("import finetune_absent_package_xyz  # noqa\n\n\n"
+                                               "def process_docs(ds):\n    return ds\n")
+    (folder / "needs_pkg.yaml").write_text(
+        "task: needs_pkg\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'rows.jsonl'}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{text}}'\ndoc_to_choice: ['a', 'b']\n"
+        "doc_to_target: '{{label}}'\nprocess_docs: !function needs_pkg_utils.process_docs\n")
+
+
+def test_a_task_needing_an_absent_package_says_which_not_that_the_hub_is_down(tmp_path):
+    _task_needing_a_missing_module(tmp_path)
+    with pytest.raises(FinetuneError, match="tasks=needs_pkg: .*needs the Python module "
+                                            "'finetune_absent_package_xyz', which is not installed"):
+        harness.build_tasks(["needs_pkg"], harness.task_manager(tmp_path))
+
+
+def test_what_a_task_lacks_at_scoring_time_is_one_line_too():
+    # Some tasks import their metric's package, or fetch from the hub, only when they score.
+    with pytest.raises(FinetuneError, match="tasks=t1: .*Python module 'finetune_absent_package_xyz'"):
+        with harness.task_errors(["t1"]):
+            import finetune_absent_package_xyz  # noqa: F401
+    from huggingface_hub import hf_hub_download
+    with pytest.raises(FinetuneError, match="tasks=t1,t2: lm-eval's task needs the Hugging Face hub"):
+        with harness.task_errors(["t1", "t2"]), harness._hub_offline(True):
+            hf_hub_download("finetune-nobody/none", "absent.json")
