@@ -219,3 +219,52 @@ def _trained_share_prefix(checkpoint: str) -> bool | str | None:
     except Exception:  # noqa: BLE001 - no or an unreadable config.yaml: resume_config_problem has said so
         return None
     return value if isinstance(value, bool) else None
+
+
+# Keys that change where and how a run is written or logged, never what it trains or scores.
+SAME_RESULT_KEYS = {
+    "sweep_name", "isolate_jobs", "gpus_per_job", "overwrite_run", "cpu_allocator", "run_name", "output_dir",
+    "trainer.resume_from_checkpoint", "trainer.logging_steps", "trainer.save_strategy", "trainer.save_steps",
+    "trainer.save_total_limit", "trainer.dataloader_num_workers",
+}
+
+
+def finished_run(cfg, run_dir: Path) -> dict | None:
+    """With ``trainer.resume_from_checkpoint=auto``, a run directory that holds this very run, finished (metrics.json
+    status ``ok``, config.yaml the same but for :data:`SAME_RESULT_KEYS`, ``logger.*`` and ``hydra.*``), has nothing
+    left to do: its metrics, and the run is kept as it is. This is how a stopped sweep continues: the same command
+    with ``hydra.sweep.dir=<its folder> trainer.resume_from_checkpoint=auto`` skips the finished jobs, resumes the
+    interrupted ones from their checkpoints and starts the rest. None otherwise (a changed config, e.g. more
+    ``trainer.max_steps``, resumes from the run's last checkpoint as before).
+
+    Raises:
+        RunDirHeld: the finished run there was trained otherwise and left no checkpoint to continue: auto has
+            nothing to resume, and starting afresh would replace it.
+    """
+    import json
+
+    from omegaconf import OmegaConf
+
+    from finetune.runs import RunDirHeld, read_status, resolved_config
+
+    run_dir = Path(run_dir)
+    if (cfg.trainer.get("resume_from_checkpoint") != "auto" or cfg.get("overwrite_run", False) is True
+            or read_status(run_dir) != "ok"):
+        return None
+    try:
+        recorded = _flat(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False))
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except Exception:  # noqa: BLE001 - unreadable: not a finished run this one can stand for
+        return None
+    now = _flat(OmegaConf.to_container(resolved_config(cfg), resolve=True))
+    changed = [key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key)
+               and key not in SAME_RESULT_KEYS and not key.startswith(("logger.", "hydra."))]
+    if changed and any((run_dir / "checkpoints").glob("checkpoint-*")):
+        return None
+    if changed:
+        shown = ", ".join(f"{k}={recorded.get(k)!r} (now {now.get(k)!r})" for k in sorted(changed)[:4])
+        raise RunDirHeld(f"trainer.resume_from_checkpoint=auto: {run_dir} holds a finished run trained with {shown} "
+                         "and no checkpoint to continue from; give a new hydra.run.dir (or hydra.sweep.dir), or pass "
+                         "overwrite_run=true to replace it")
+    log.info("trainer.resume_from_checkpoint=auto: %s holds this run, finished; kept as it is", run_dir)
+    return metrics

@@ -61,9 +61,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, job:
     """
     from finetune.runs import REFUSED, RunWriter, atomic_write_json, holds_run
     from finetune.training import distributed
-    from finetune.training.checkpoints import requeued_resume, resolve_resume  # light: no Trainer import
+    from finetune.training.checkpoints import finished_run, requeued_resume, resolve_resume  # light: no Trainer
 
     requeued_resume(cfg)
+    done = distributed.agree(lambda: finished_run(cfg, Path(run_dir)))
+    if done is not None:  # resume=auto of a run that finished: nothing left to do (a sweep continued)
+        return done
     writer = RunWriter(run_dir, resume=cfg.trainer.get("resume_from_checkpoint") is not None,
                        overwrite=cfg.get("overwrite_run", False) is True)
     run_log = _RunLog()

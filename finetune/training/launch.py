@@ -58,6 +58,7 @@ def _run_and_record(cfg: DictConfig) -> float:
     from finetune.training import distributed, sweep_jobs
 
     from finetune.report.hydra_callback import note_job_outcome
+    from finetune.training.checkpoints import finished_run
 
     multirun, overrides, job, sweep_dir = _hydra_context()
     run_dir = Path(cfg.output_dir)
@@ -85,7 +86,10 @@ def _run_and_record(cfg: DictConfig) -> float:
             distributed.finish()
     if multirun:
         try:
-            if cfg.get("isolate_jobs", True) and not sweep_jobs.launcher_isolates():
+            done = finished_run(cfg, run_dir)  # a continued sweep: this job finished before
+            if done is not None:
+                metrics = done
+            elif cfg.get("isolate_jobs", True) and not sweep_jobs.launcher_isolates():
                 sweep_jobs.check_before_spawn(cfg, run_dir, overrides, job)
                 metrics = sweep_jobs.run_isolated(cfg, run_dir, overrides, job)
             else:

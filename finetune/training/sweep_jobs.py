@@ -168,8 +168,20 @@ def run_isolated(cfg: DictConfig, run_dir: Path, overrides: list[str], job: str,
 
         outcome = recorded.get("error") if recorded.get("status") != "ok" else "finished"
         raise RunInterrupted(f"job {job}: {outcome}; the sweep stopped on {signal.Signals(stop_signals[0]).name} "
-                             "before its next job", stop_signals[0])
+                             f"before its next job; continue the sweep with the same command and "
+                             f"hydra.sweep.dir={_sweep_dir(run_dir)} trainer.resume_from_checkpoint=auto",
+                             stop_signals[0])
     return recorded
+
+
+def _sweep_dir(run_dir: Path) -> Path:
+    """The folder of the sweep under way (Hydra's ``sweep.dir``; the job folder's parent outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().sweep.dir).absolute()
+    except ValueError:
+        return Path(run_dir).absolute().parent
 
 
 @contextlib.contextmanager

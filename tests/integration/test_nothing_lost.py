@@ -450,7 +450,9 @@ def test_a_stop_signal_to_a_sweep_stops_its_job_with_a_checkpoint_and_starts_no_
     assert stopped["error_type"] == "RunInterrupted" and stopped["status"] == "interrupted", stopped
     step = int(stopped["error"].split("after step ")[1].split(":")[0])
     assert 3 <= step < 16 and (sweep / "0" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()
-    assert last == f"finetune-train: job 0: {stopped['error']}; the sweep stopped on {name} before its next job"
+    assert last == (f"finetune-train: job 0: {stopped['error']}; the sweep stopped on {name} before its next job; "
+                    f"continue the sweep with the same command and hydra.sweep.dir={sweep} "
+                    "trainer.resume_from_checkpoint=auto")
     assert not (sweep / "1").exists()
     # the report lists what ran: the stopped job, as interrupted
     rows = list(csv.DictReader((sweep / "comparison.csv").open()))

@@ -112,3 +112,31 @@ def test_a_sweep_folder_has_one_owner_at_a_time(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"error: hydra.sweep.dir={sweep_dir} is in use by another sweep right now (pid {os.getpid()}:")
     assert before == [".finetune.lock"]  # nothing of the second sweep: no multirun.yaml, no job folder
+
+
+def test_a_stopped_sweep_continues_where_it_stopped(tmp_path):
+    """The same -m command again with trainer.resume_from_checkpoint=auto: a job that finished is kept as it is (not
+    trained or scored again), a job that never ran runs, and the report covers both. A finished run trained with
+    another config and no checkpoint is refused, not replaced."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["finetune.cli.train", "-m", *TINY, f"dataset.path={shared('chnsenticorp')}", "lora.r=4,8",
+            "isolate_jobs=false", f"hydra.sweep.dir={sweep_dir}"]
+    cli(*args)
+    kept = (sweep_dir / "0" / "metrics.json").read_bytes(), (sweep_dir / "0" / "adapter").stat().st_mtime_ns
+    for entry in sorted((sweep_dir / "1").rglob("*"), reverse=True):  # job 1 as if the sweep had stopped before it
+        entry.rmdir() if entry.is_dir() else entry.unlink()
+    (sweep_dir / "1").rmdir()
+    again = cli(*args, "trainer.resume_from_checkpoint=auto", check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "holds this run, finished; kept as it is" in again.stdout + again.stderr
+    assert ((sweep_dir / "0" / "metrics.json").read_bytes(), (sweep_dir / "0" / "adapter").stat().st_mtime_ns) == kept
+    assert json.loads((sweep_dir / "1" / "metrics.json").read_text())["lora"]["r"] == 8
+    rows = list(csv.DictReader((sweep_dir / "comparison.csv").open()))
+    assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+
+    runs = {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()}
+    other = cli(*args, "trainer.resume_from_checkpoint=auto", "seed=7", check=False)
+    assert other.returncode == 1, other.stderr[-3000:]
+    assert other.stderr.strip().splitlines()[-1].startswith("finetune-train: 2 of 2 jobs of the sweep failed")
+    assert "holds a finished run trained with seed=42 (now 7) and no checkpoint to continue from" in other.stdout + other.stderr
+    assert {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()} == runs
