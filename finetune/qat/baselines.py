@@ -173,6 +173,8 @@ def apply_baseline(model: nn.Module, sim, name: str, batches) -> str:
         raise FinetuneError(f"qat.baselines: {name} transforms each linear's own input: set qat.granularity=linear "
                             f"(got {sim.granularity})")
     weights = {id(wq.module): wq for wq in sim.weight_quantizers}
+    if kind == "token":  # its per-token scales are the simulation's own (baseline_qcfg): nothing to set up
+        return "per-token dynamic scales"
     if kind in ("percentile", "mse"):
         for _, q in sim.activation_quantizers:
             q.clip = (kind, arg)
@@ -188,6 +190,8 @@ def apply_baseline(model: nn.Module, sim, name: str, batches) -> str:
             if id(m) in weights:
                 weights[id(m)].transform = q.transform
         return "a block Hadamard rotation in front of each FFN output projection"
+    if kind != "smoothquant":
+        raise ValueError(f"apply_baseline: no set-up for baseline kind {kind!r}")
     groups = [g for g in _input_groups(model, sim)
               if not any(q.key.endswith(("o_proj", "out_proj")) for _, q in g)]
     stats = input_absmax(model, [m for g in groups for m, _ in g], batches)

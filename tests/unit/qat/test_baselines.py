@@ -125,3 +125,20 @@ def test_a_baseline_needing_linear_granularity_says_so():
         with simulate_int8(model, ["ffn"], {**W8A8, "granularity": "sublayer"}, calibration=batches(1),
                            baseline="hadamard"):
             pass  # the sublayer refusal is the simulation's own too, not only the config check's
+
+
+def test_the_token_baseline_is_per_token_scales_and_nothing_else():
+    """``token`` is round-to-nearest with one scale per token: the same logits as the simulation asked for per-token
+    scales directly, no input transform on any linear (it once fell through to SmoothQuant's set-up at alpha 0)."""
+    model = tiny_llama()
+    calib, ids = batches(), batches(1, 16)[0]["input_ids"]
+    with torch.no_grad():
+        with simulate_int8(model, ["attn", "ffn"], {**W8A8, "scale": "token"}) as direct:
+            expected = model(ids).logits
+        with simulate_int8(model, ["attn", "ffn"], W8A8, calibration=calib, baseline="token") as sim:
+            assert sim.config.scale == "token"
+            assert all(q.transform is None for _, q in sim.activation_quantizers)
+            assert all(wq.transform is None for wq in sim.weight_quantizers)
+            got = model(ids).logits
+    assert len(direct.activation_quantizers) == len(sim.activation_quantizers) > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
