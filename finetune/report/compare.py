@@ -104,8 +104,9 @@ def render_markdown(df: pd.DataFrame, comp: Comparison, sweep_dir: Path, paths: 
     lines += [markdown_table(comp.table), ""] + notes
     for heading, table in comp.extra:
         lines += [f"## {heading}", "", markdown_table(table), ""]
-    if "plot" in paths:
-        lines += [f"![{comp.kind}]({paths['plot'].name})", ""]
+    for key in ("plot", "plot_vs_best_ptq"):
+        if key in paths:
+            lines += [f"![{comp.kind}]({paths[key].name})", ""]
     lines.append(f"All columns of every job: [{CSV_FILE}]({CSV_FILE})")
     return "\n".join(lines) + "\n"
 

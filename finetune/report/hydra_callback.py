@@ -157,7 +157,7 @@ class ReportCallback(Callback):
             log.warning("comparison report not built: %s", exc)
             return
         if self.wandb:
-            images = [report.paths["plot"]] if "plot" in report.paths else []
+            images = [report.paths[k] for k in ("plot", "plot_vs_best_ptq") if k in report.paths]
             log_table_to_wandb(report.runs, config, table=report.comparison.table, images=images,
                                sweep_dir=sweep_dir, summary=report.comparison.summary)
 

@@ -182,6 +182,48 @@ def plot_qat(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_vs_best_ptq(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
+    """Each QAT arm's simulated low-bit score minus the strongest post-training baseline of its own seed on the same
+    targets (round-to-nearest or one of ``qat.baselines``): a dot per seed, the mean with a standard-error whisker,
+    and a line at zero. Drawn only where the no-QAT runs scored ``qat.baselines`` (else the QAT plot says it all).
+
+    Returns:
+        ``path``, or ``None`` when there is nothing to pair.
+    """
+    fp = comp.metric
+    ok = ok_rows(df)
+    if not fp or fp not in ok.columns or not any(str(c).startswith("ptq_baselines.") for c in ok.columns):
+        return None
+    generation = not is_fraction_metric(fp)
+    ordered = sort_by_order(df, "qat_targets", TARGET_ORDER)
+    scores = by_scheme(ordered, qat_scores(ordered, generation), TARGET_ORDER)[0].dropna(subset=["vs_best"])
+    if scores.empty:
+        return None
+    groups = list(scores.groupby("targets", sort=False))
+    fig = _figure(7.5, 2.0 + 0.6 * len(groups))
+    ax = fig.add_subplot()
+    for i, (_, group) in enumerate(groups):
+        values = group["vs_best"].to_numpy(dtype=float)
+        mean, se = mean_and_se(group["vs_best"])
+        ax.errorbar([mean], [i], xerr=None if se != se else [se], fmt="o", color=_INT8_COLOR, capsize=4,
+                    markersize=7, zorder=3)
+        ax.scatter(values, np.full(len(values), i + 0.18), s=12, color="black", zorder=4, linewidths=0)
+        ax.annotate(f"{mean:+.{2 if generation else 1}f}", (mean, i), xytext=(0, 7), textcoords="offset points",
+                    ha="center", fontsize=8)
+    ax.axvline(0, color=_PTQ_COLOR, linewidth=1)
+    ax.set_yticks(range(len(groups)), [f"{t} ({len(g)})" for t, g in groups])
+    ax.set_ylim(len(groups) - 0.5, -0.7)
+    low = low_bit_label(df)
+    unit = "perplexity; < 0: QAT better" if generation else "points; > 0: QAT better"
+    ax.set_xlabel(f"simulated {low} minus the strongest PTQ baseline of the same seed ({unit})")
+    seeds = scores["seed"].astype(str).nunique()
+    ax.set_title(_title(f"QAT vs the strongest PTQ baseline, {seeds} seed(s): mean ± 1 SE, dots: seeds"),
+                 fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    return _save(fig, path)
+
+
 def plot_grid(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | None:
     """Heatmaps of the metric over LoRA rank x alpha, one panel per dropout, cells annotated.
 
@@ -292,8 +334,11 @@ def write_plots(df: pd.DataFrame, comp: Comparison, out_dir: Path) -> dict[str, 
         out_dir: folder for the PNG files.
 
     Returns:
-        ``{"plot": path}`` for each file written (empty when there was nothing to draw).
+        ``{"plot": path}`` (and ``"plot_vs_best_ptq"`` for a QAT sweep whose no-QAT runs scored PTQ baselines)
+        for each file written (empty when there was nothing to draw).
     """
     name, draw = _PLOTS[comp.kind]
-    written = draw(df, comp, Path(out_dir) / name)
-    return {"plot": written} if written else {}
+    written = {"plot": draw(df, comp, Path(out_dir) / name)}
+    if comp.kind == "qat_targets":
+        written["plot_vs_best_ptq"] = plot_vs_best_ptq(df, comp, Path(out_dir) / "qat_vs_best_ptq.png")
+    return {key: path for key, path in written.items() if path}

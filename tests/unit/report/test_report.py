@@ -382,6 +382,7 @@ def test_qat_report_over_seeds_pairs_each_run_with_the_ptq_run_of_its_own_seed(t
     assert [r[:2] for r in rows if r[0] == "Targets"] == [["Targets", "Runs"], ["Targets", "Seed"]]
     assert ["attn+ffn", "2", "84.0"] in [r[:3] for r in rows]   # 2 runs, mean accuracy (79 + 89) / 2
     assert_png(report.paths["plot"])
+    assert "plot_vs_best_ptq" not in report.paths  # no qat.baselines scored: round-to-nearest is the QAT plot's
 
 
 def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(tmp_path: Path) -> None:
@@ -416,6 +417,9 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
     assert "## PTQ baselines" in report.markdown and "| smoothquant-0.5 |" in report.markdown
     assert ("Always answering the majority label scores 68.6% accuracy (macro-F1 40.7%) on these test rows"
             in report.markdown)
+    # the paired differences to the strongest baseline as a figure, beside the QAT plot
+    assert_png(report.paths["plot_vs_best_ptq"])
+    assert report.paths["plot_vs_best_ptq"].name in report.markdown
 
 
 def test_qat_report_over_seeds_without_a_baseline_for_a_seed(tmp_path: Path) -> None:
