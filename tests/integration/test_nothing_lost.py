@@ -241,6 +241,19 @@ def test_a_stop_signal_during_an_overwrite_puts_the_old_run_back_and_says_where_
     assert resumed["status"] == "ok" and resumed["resumed_from"]["step"] == 2
 
 
+def test_a_finished_run_resumed_with_auto_is_kept_as_it_is(good_run, tmp_path):
+    """auto in a folder whose run finished with this config (logging keys aside): nothing left to do, its metrics
+    come back and not a byte of the folder changes (a continued sweep, a SLURM job requeued after it finished)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(good_run, run_dir)
+    before = snapshot(run_dir)
+    again = run(_cfg(run_dir, "trainer.resume_from_checkpoint=auto", "trainer.logging_steps=1"), run_dir)
+    assert again == json.loads((good_run / "metrics.json").read_text()) and "resumed_from" not in again
+    assert snapshot(run_dir) == before
+
+
 def test_failure_never_replaces_a_finished_run(good_run, tmp_path):
     """A resume of a finished run that fails after training keeps the finished artifacts and config; the
     failed attempt is kept beside them."""
@@ -496,6 +509,7 @@ def test_resumed_at_its_last_step_a_run_trains_nothing_more_and_reports_the_whol
     assert 0 < state["peak_in_use_mb_per_rank"][0] <= first["peak_in_use_mb"]
     # the process that trained steps 1-3 peaked far above anything this one reaches
     write_checkpoint_state(last, {**state, "peak_memory_mb_per_rank": [123456.0], "peak_in_use_mb_per_rank": [65432.0]})
+    (run_dir / "metrics.json").unlink()  # stopped before its scores were written (a finished run would be kept as is)
     again = run(_cfg(run_dir, "trainer.max_steps=3", "trainer.resume_from_checkpoint=auto"), run_dir)
     for key in COMPARED:
         assert again.get(key) == first.get(key), key
@@ -566,7 +580,8 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
     (run_dir / "checkpoints" / "checkpoint-2" / "finetune_manifest.json").unlink()
     (run_dir / "checkpoints" / "checkpoint-2" / "finetune_state.json").unlink()
     assert resolve_resume("auto", run_dir) == str(run_dir / "checkpoints" / "checkpoint-1")
-    # and the resumed run from checkpoint-1 trains to the end
+    # and the resumed run from checkpoint-1 trains to the end (stopped before its scores: a finished run is kept)
+    (run_dir / "metrics.json").unlink()
     again = run(_cfg(run_dir, "trainer.max_steps=3", "trainer.resume_from_checkpoint=auto"), run_dir)
     assert again["status"] == "ok" and again["train_steps"] == 3
 
