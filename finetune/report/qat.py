@@ -87,6 +87,21 @@ def best_ptq(df: pd.DataFrame, row: pd.Series, key: str, generation: bool) -> tu
     return found[name], name
 
 
+def beyond_roundoff(df: pd.DataFrame, row: pd.Series, key: str, best_name: str | None) -> float:
+    """1.0 where QAT run ``row``'s round-off range of ``key`` and that of its strongest PTQ baseline ``best_name``
+    do not overlap (their difference is more than round-off), 0.0 where they do, NaN where either has none."""
+    label, base = targets_of(row), ptq_baseline(df, row)
+    if best_name is None or base is None or label not in PTQ_SUFFIX:
+        return math.nan
+    column = (key + "_spread" + PTQ_SUFFIX[label] if best_name == "rtn"
+              else f"ptq_baselines.{best_name}.{label}.{key}_spread")
+    ranges = [_range(row.get(key + "_spread")), _range(base.get(column))]
+    if None in ranges:
+        return math.nan
+    (low_a, high_a), (low_b, high_b) = ranges
+    return float(high_a < low_b or low_a > high_b)
+
+
 def qat_scores(df: pd.DataFrame, generation: bool) -> pd.DataFrame:
     """One row per finished run (same index as ``df``), in display units (percent / points, or perplexity).
 
@@ -117,6 +132,7 @@ def qat_scores(df: pd.DataFrame, generation: bool) -> pd.DataFrame:
         best, rec["best_name"] = best_ptq(df, r, q, generation)
         rec["best"] = math.nan if best is None else best * scale
         rec["vs_best"] = rec["q"] - rec["best"]
+        rec["beyond"] = beyond_roundoff(df, r, q, rec["best_name"])
         if not generation:
             rec.update(f1=value(r, "f1"), f1_q=value(r, "f1_int8"), ptq_f1=ptq(r, "f1_int8"))
             rec["vs_ptq_f1"] = rec["f1_q"] - rec["ptq_f1"]
@@ -164,8 +180,10 @@ def seed_summary(scores: pd.DataFrame, generation: bool, order: tuple[str, ...])
     rows = {}
     for targets, group in scores.groupby("targets", sort=False):
         rec: dict = {"runs": len(group)}
-        for column in group.columns.drop(["targets", "seed", "best_name"], errors="ignore"):
+        for column in group.columns.drop(["targets", "seed", "best_name", "beyond"], errors="ignore"):
             rec[column] = mean_and_se(group[column])[0]
+        known = group["beyond"].dropna() if "beyond" in group else pd.Series(dtype=float)
+        rec["beyond"], rec["beyond_known"] = int(known.sum()), len(known)  # runs whose difference beats round-off
         names = group["best_name"].dropna() if "best_name" in group else pd.Series(dtype=object)
         rec["best_name"] = "/".join(sorted(set(names))) if len(names) else None  # the baselines that were best
         rec["vs_best_se"] = mean_and_se(group["vs_best"].dropna())[1] if "vs_best" in group else math.nan
@@ -239,10 +257,12 @@ def summary_table(summary: pd.DataFrame, low: str, generation: bool) -> pd.DataF
     if "best_name" in summary and summary["best_name"].map(lambda n: n not in (None, "rtn")).any():
         # a sweep whose baseline runs scored qat.baselines: QAT against the strongest of them, paired by seed
         unit = "ppl" if generation else "pts"
-        headers += [f"Best PTQ {low} (baseline)", f"QAT vs best PTQ ({unit}, mean ± SE)"]
+        headers += [f"Best PTQ {low} (baseline)", f"QAT vs best PTQ ({unit}, mean ± SE)",
+                    "Beyond round-off (runs)"]
         for row, (_, r) in zip(rows, summary.iterrows()):
             row += [NA if r["best"] != r["best"] else f"{display_number(r['best'], generation)} ({r['best_name']})",
-                    plus_minus(r["vs_best"], r["vs_best_se"], generation)]
+                    plus_minus(r["vs_best"], r["vs_best_se"], generation),
+                    f"{r['beyond']}/{r['beyond_known']}" if r.get("beyond_known") else NA]
     return pd.DataFrame(rows, columns=headers, dtype=object)
 
 
@@ -357,10 +377,16 @@ def ptq_baselines_table(df: pd.DataFrame, generation: bool) -> pd.DataFrame | No
     return pd.DataFrame(records, columns=headers, dtype=object)
 
 
-def _width(spread) -> float | None:
-    """The width of a ``[low, high]`` round-off range as collected (``"low,high"``); None without one."""
+def _range(spread) -> tuple[float, float] | None:
+    """A ``[low, high]`` round-off range as collected (``"low,high"``); None without one."""
     try:
         low, high = (float(v) for v in str(spread).split(","))
     except ValueError:
         return None
-    return high - low
+    return low, high
+
+
+def _width(spread) -> float | None:
+    """The width of a round-off range (:func:`_range`); None without one."""
+    found = _range(spread)
+    return None if found is None else found[1] - found[0]

@@ -138,5 +138,6 @@ def test_a_stopped_sweep_continues_where_it_stopped(tmp_path):
     other = cli(*args, "trainer.resume_from_checkpoint=auto", "seed=7", check=False)
     assert other.returncode == 1, other.stderr[-3000:]
     assert other.stderr.strip().splitlines()[-1].startswith("finetune-train: 2 of 2 jobs of the sweep failed")
-    assert "holds a finished run trained with seed=42 (now 7) and no checkpoint to continue from" in other.stdout + other.stderr
+    said = other.stdout + other.stderr
+    assert "holds a finished run trained with seed=42 (now 7) and no checkpoint to continue from" in said
     assert {p.name: (p / "metrics.json").read_bytes() for p in sweep_dir.iterdir() if p.name.isdigit()} == runs

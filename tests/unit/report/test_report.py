@@ -394,18 +394,27 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
         2: {"none": (0.82, {"attn": 0.80, "ffn": 0.55, "attn+ffn": 0.52}), "ffn": (0.78, 0.74)},
     })
     best = {1: {"token": 0.60, "smoothquant-0.5": 0.78}, 2: {"token": 0.70, "smoothquant-0.5": 0.69}}
+    # round-off ranges: seed 1's QAT and best baseline lie apart, seed 2's overlap (QAT 73-75, token 69-74.5)
+    spreads = {(1, "qat"): [0.71, 0.73], (1, "smoothquant-0.5"): [0.77, 0.79], (2, "qat"): [0.73, 0.75],
+               (2, "token"): [0.69, 0.745]}
     for job in root.iterdir():
         m = json.loads((job / "metrics.json").read_text())
         m.update(majority_accuracy=0.686, majority_f1=0.407)
         if m["qat_targets"] == []:
-            m["ptq_baselines"] = {name: {"scale": "tensor", "ffn": {"accuracy_int8": acc, "f1_int8": acc - 0.02}}
-                                  for name, acc in best[m["seed"]].items()}
-            (job / "metrics.json").write_text(json.dumps(m))
+            m["ptq_baselines"] = {name: {"scale": "tensor", "ffn": {
+                "accuracy_int8": acc, "f1_int8": acc - 0.02,
+                **({"accuracy_int8_spread": spreads[m["seed"], name]} if (m["seed"], name) in spreads else {})}}
+                for name, acc in best[m["seed"]].items()}
+        else:
+            m["accuracy_int8_spread"] = spreads[m["seed"], "qat"]
+        (job / "metrics.json").write_text(json.dumps(m))
     report = generate_report(root)
     summary = report.comparison.summary.set_index("Targets")
     # seed 1: smoothquant-0.5 (78.0) beats QAT (72.0) by 6 points; seed 2: token (70.0) loses to QAT (74.0) by 4
     assert summary.loc["ffn", "Best PTQ INT8 (baseline)"] == "74.0 (smoothquant-0.5/token)"
     assert summary.loc["ffn", "QAT vs best PTQ (pts, mean ± SE)"] == "-1.0 ± 5.0"
+    assert summary.loc["ffn", "Beyond round-off (runs)"] == "1/2"  # seed 2's +4 points lie within round-off
+    assert summary.loc["none", "Beyond round-off (runs)"] == "n/a"
     assert summary.loc["ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+20.5 ± 1.5"  # round-to-nearest alone
     assert summary.loc["none", "Best PTQ INT8 (baseline)"] == "n/a"
     heading, baselines = report.comparison.extra[0]
