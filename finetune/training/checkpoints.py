@@ -221,6 +221,7 @@ def _trained_share_prefix(checkpoint: str) -> bool | str | None:
     return value if isinstance(value, bool) else None
 
 
+_ABSENT = object()
 # Keys that change where and how a run is written or logged, never what it trains or scores.
 SAME_RESULT_KEYS = {
     "sweep_name", "isolate_jobs", "gpus_per_job", "overwrite_run", "cpu_allocator", "run_name", "output_dir",
@@ -257,7 +258,9 @@ def finished_run(cfg, run_dir: Path) -> dict | None:
     except Exception:  # noqa: BLE001 - unreadable: not a finished run this one can stand for
         return None
     now = _flat(OmegaConf.to_container(resolved_config(cfg), resolve=True))
-    changed = [key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key)
+    # A key the finished run's release did not have is not compared (a later release added it, with a default
+    # that keeps what the run did), so a sweep continues after an upgrade; one it had is, also where now absent.
+    changed = [key for key in recorded if recorded[key] != now.get(key, _ABSENT)
                and key not in SAME_RESULT_KEYS and not key.startswith(("logger.", "hydra."))]
     if changed and any((run_dir / "checkpoints").glob("checkpoint-*")):
         return None
