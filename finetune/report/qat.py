@@ -212,6 +212,9 @@ def qat_takeaway(gaps: dict[str, float], diffs: dict[str, str], wins: int, low: 
     if not gaps:
         return "No finished run has both fp and INT8 results; nothing to compare."
     best = min(gaps, key=gaps.get)
+    if set(gaps) == {"none"}:  # e.g. a sweep under way whose QAT runs have not finished
+        return (f"No QAT run has finished: the run without QAT alone, {lead}{what} "
+                f"{display_number(gaps[best], generation)} {unit}; nothing to compare QAT with")
     if best == "none":
         takeaway = f"QAT does not help here: the run without QAT has the smallest {lead}{what}, " \
                    f"{display_number(gaps[best], generation)} {unit}"

@@ -431,6 +431,14 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
     assert report.paths["plot_vs_best_ptq"].name in report.markdown
 
 
+def test_a_qat_sweep_whose_qat_runs_have_not_finished_does_not_say_qat_does_not_help(tmp_path: Path) -> None:
+    root = tmp_path / "qkd_regime"
+    write_seeded_qat_sweep(root, {1: {"none": (0.80, {"attn": 0.70, "ffn": 0.50, "attn+ffn": 0.45})}})
+    write_job(root, 1, ["qat_targets=[ffn]", "seed=1"], {"status": "failed", "error": "stopped by SIGTERM"})
+    takeaway = generate_report(root).comparison.takeaway
+    assert takeaway.startswith("No QAT run has finished: the run without QAT alone") and "does not help" not in takeaway
+
+
 def test_qat_report_over_seeds_without_a_baseline_for_a_seed(tmp_path: Path) -> None:
     """A seed whose no-QAT run failed: its QAT runs have no PTQ pair and are left out of the paired mean."""
     root = tmp_path / "qat_seeds"
