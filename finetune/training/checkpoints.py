@@ -221,13 +221,13 @@ def _trained_share_prefix(checkpoint: str) -> bool | str | None:
     return value if isinstance(value, bool) else None
 
 
-_ABSENT = object()
 # Keys that change where and how a run is written or logged, never what it trains or scores.
 SAME_RESULT_KEYS = {
     "sweep_name", "isolate_jobs", "gpus_per_job", "overwrite_run", "cpu_allocator", "run_name", "output_dir",
     "trainer.resume_from_checkpoint", "trainer.logging_steps", "trainer.save_strategy", "trainer.save_steps",
     "trainer.save_total_limit", "trainer.dataloader_num_workers",
 }
+_ABSENT = object()  # what a recorded key compares against where the current config lacks it
 
 
 def finished_run(cfg, run_dir: Path) -> dict | None:
