@@ -43,7 +43,8 @@ def check_args(argv: list[str]) -> dict:
             "latency_tokens": as_number("latency_tokens", args["latency_tokens"], int, 1),
             "latency_reps": as_number("latency_reps", args["latency_reps"], int, 1),
             "overwrite": as_bool("overwrite", args["overwrite"]),
-            "float_reference": as_bool("float_reference", args["float_reference"])}
+            "float_reference": as_bool("float_reference", args["float_reference"]),
+            "kv_cache": as_bool("kv_cache", args["kv_cache"])}
 
 
 def _body(argv: list[str]) -> int:
@@ -61,7 +62,7 @@ def _body(argv: list[str]) -> int:
                 return 0
             export_run(args["run"], args["format"], args["out"], args["max_samples"], args["latency_tokens"],
                        args["latency_reps"], args["overwrite"], args["granularity"], args["scale"], args["threads"],
-                       args["float_reference"])
+                       args["float_reference"], args["kv_cache"])
     except ExportCheckFailed as exc:
         print_error(exc, "; nothing was written")
         return 1

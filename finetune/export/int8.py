@@ -41,7 +41,8 @@ log = logging.getLogger("finetune.export.int8")
 
 FORMATS = ("int8", "gguf")
 ARGS = {"run": None, "format": None, "out": None, "quant": None, "max_samples": None, "latency_tokens": "16",
-        "latency_reps": "3", "threads": None, "granularity": None, "scale": None, "float_reference": "true", "overwrite": "false", "trust_remote_code": "false"}
+        "latency_reps": "3", "threads": None, "granularity": None, "scale": None, "float_reference": "true",
+        "kv_cache": "true", "overwrite": "false", "trust_remote_code": "false"}
 LATENCY_PROMPT = "Write a short story about a quiet hotel by the sea."
 # The check of the ONNX model against the simulation (CHECK below). The same INT8 codes in two float32 engines
 # agree to ~1e-6 where no value sits near a rounding boundary (tests/unit/qat/test_deployment.py: every scale mode
@@ -145,7 +146,8 @@ def _check_w8a8(scheme: str, path) -> None:
 
 def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, latency_tokens: int = 16,
                latency_reps: int = 3, overwrite: bool = False, granularity: str | None = None,
-               scale: str | None = None, threads: int | None = None, float_reference: bool = True) -> dict:
+               scale: str | None = None, threads: int | None = None, float_reference: bool = True,
+               kv_cache: bool = True) -> dict:
     """Export a run's INT8 deployment as ONNX and measure it (module docstring); returns ``out/export.json``.
 
     Args:
@@ -159,6 +161,8 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
         granularity / scale: the deployment (default: the run's ``qat.granularity`` / ``qat.scale``).
         threads: ONNX Runtime intra-op threads (default: its own choice).
         float_reference: also export the float32 model to time it in the same runtime.
+        kv_cache: also time decoding with a KV cache (torch fp32, and ONNX float32 and INT8 decoders exported with
+            their cache: two more ONNX exports); the record's ``kv_cache`` is None without it.
 
     Raises:
         FinetuneError: unknown format or mode, a mode the runtime cannot express, bad run or out directory.
@@ -206,7 +210,7 @@ def export_run(run: str, fmt: str, out: str, max_samples: int | None = None, lat
     stage = staging_dir(target)
     try:
         record = _export_into(stage, model, tok, cfg, deployment, absmax, info, metrics, max_samples,
-                              latency_tokens, latency_reps, threads, float_reference)
+                              latency_tokens, latency_reps, threads, float_reference, kv_cache)
         commit_dir(stage, target, "finetune-export", {"run": str(path)})
     finally:
         if stage.exists():
@@ -226,19 +230,15 @@ class ExportCheckFailed(Exception):
 
 
 def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absmax, info: dict, metrics: dict,
-                 max_samples, latency_tokens: int, latency_reps: int, threads, float_reference: bool) -> dict:
-    """Write the INT8 ONNX model into ``stage``, measure it, and return the export record."""
+                 max_samples, latency_tokens: int, latency_reps: int, threads, float_reference: bool,
+                 kv_cache: bool = True) -> dict:
+    """Write the INT8 ONNX model into ``stage``, check it against the simulation (before any timing: a model that
+    fails the check is not worth timing), measure it, and return the export record."""
     rows, split = scored_rows(cfg, max_samples)
     simulated, perturbed, reference = _simulation_scores(model, tok, rows, cfg, deployment, absmax)
     modules, sizes = _write_onnx(stage, model, tok, deployment, absmax)
     session = OrtCausalLM(stage / MODEL_FILE, threads)
     exported = quality(session, tok, rows, cfg)
-    lat, prompt = _latencies(session, model, tok, sizes, threads, float_reference, latency_tokens, latency_reps)
-    from finetune.export.onnx_cache import kv_cache_latencies, print_kv, timing_prompt
-
-    kv = kv_cache_latencies(model, deployment, absmax, timing_prompt(rows, cfg, tok, prompt), threads)
-    float_bytes = sizes.get("float32_onnx", sizes["float32"])
-
     key = "accuracy" if "accuracy" in exported else "perplexity"
     scores = {"split": split, "n": len(rows), "int8_onnx": exported, "simulated": simulated, "float32": reference,
               "simulated_perturbed": perturbed,
@@ -246,6 +246,16 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
                                                           "perplexity_int8", "n_test", "precision") if k in metrics}}
     _agreement(scores)
     check = _simulation_check(scores, key)
+    if not check["passed"]:
+        raise ExportCheckFailed(f"the ONNX model does not compute the simulated deployment: {key} check "
+                                f"{check['diff']:.3g} > tolerance {check['tolerance']:g}")
+    lat, prompt = _latencies(session, model, tok, sizes, threads, float_reference, latency_tokens, latency_reps)
+    kv = None
+    if kv_cache:
+        from finetune.export.onnx_cache import kv_cache_latencies, timing_prompt
+
+        kv = kv_cache_latencies(model, deployment, absmax, timing_prompt(rows, cfg, tok, prompt), threads)
+    float_bytes = sizes.get("float32_onnx", sizes["float32"])
     size = sizes["int8_onnx"]
     record = {
         **info,
@@ -271,10 +281,10 @@ def _export_into(stage: Path, model, tok, cfg, deployment: Int8Deployment, absma
     }
     write_info(stage, record)
     _print_summary(record, key)
-    print_kv(kv, record["runtime"])
-    if not check["passed"]:
-        raise ExportCheckFailed(f"the ONNX model does not compute the simulated deployment: {key} check "
-                                f"{check['diff']:.3g} > tolerance {check['tolerance']:g}")
+    if kv:
+        from finetune.export.onnx_cache import print_kv
+
+        print_kv(kv, record["runtime"])
     return record
 
 

@@ -21,16 +21,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.report.collect import collect_runs
-from finetune.report.compare import generate_report
 from finetune.report.tracking import wandb_credentials
+
+if TYPE_CHECKING:  # pandas, matplotlib and the report are imported when a sweep ends, not at every job's start
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ class ReportCallback(Callback):
                 log.warning("no job of this sweep ran (each one's directory already holds a run): the report of the "
                             "earlier runs in %s is left as it was", sweep_dir)
                 return
+            from finetune.report.compare import generate_report
+
             report = generate_report(sweep_dir, self.kind, self.metric)
             log.info("comparison report: %s", report.comparison.takeaway)
             log.info("wrote %s", ", ".join(str(p) for p in report.paths.values()))
@@ -242,6 +244,8 @@ def sweep_outcome(sweep_dir: str | os.PathLike) -> SweepOutcome:
     """Read every job of ``sweep_dir``: a job without ``status: ok`` in its metrics.json (failed, or never wrote
     one) did not finish; a directory with no job at all counts as one failure."""
     try:
+        from finetune.report.collect import collect_runs
+
         df = collect_runs(sweep_dir)
     except (FinetuneError, OSError) as exc:  # no job wrote anything: that is the failure to report
         return SweepOutcome(str(sweep_dir), 0, [("-", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)])

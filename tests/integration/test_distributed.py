@@ -31,6 +31,7 @@ COMMON = [*[o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.b
 # Static-scale QAT on the attention inputs: its observers must see every rank's batch to match one process. Its own
 # full-precision model teaches it (distill=self): each rank's teacher pass, the sums over the ranks.
 QAT = ["qat_targets=[attn]", "qat.scale=static", "qat.ema_decay=0.5", "distill=self"]
+CHECKPOINTS = ["trainer.save_strategy=steps", "trainer.save_steps=1", "trainer.save_total_limit=5"]
 
 
 def _env(**extra: str) -> dict:
@@ -53,8 +54,9 @@ def ddp_and_single(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
     single = _train(["trainer.batch_size=4", "logger=none", *QAT, f"hydra.run.dir={base / 'single'}"], base)
     assert single.returncode == 0, single.stderr[-3000:]
-    # Each rank's Hydra gets a directory of its own (run-0, run-1); rank 0's is the job's.
-    ddp = _train(["trainer.batch_size=2", "distributed=ddp", "logger=wandb", *QAT,
+    # Each rank's Hydra gets a directory of its own (run-0, run-1); rank 0's is the job's. A checkpoint at every
+    # step: the uninterrupted run the resume test compares with.
+    ddp = _train(["trainer.batch_size=2", "distributed=ddp", "logger=wandb", *QAT, *CHECKPOINTS,
                   f"hydra.run.dir={base}/run-${{oc.env:RANK,0}}"], base, nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return base, base / "single", base / "run-0"
@@ -112,29 +114,28 @@ def test_a_sweep_inside_torchrun_is_refused(tmp_path):
     assert not (tmp_path / "sweep").exists() or not list((tmp_path / "sweep").rglob("metrics.json"))
 
 
-def test_ddp_resume_equals_the_uninterrupted_run(tmp_path):
+def test_ddp_resume_equals_the_uninterrupted_run(ddp_and_single, tmp_path):
     """Two processes; a run stopped by a SIGTERM to one rank during step 2: every rank saves the same step and
-    stops, and resumed from it under torchrun the run ends as the uninterrupted one (each rank restores its own loss
-    summed since the last log, token count and peak memory)."""
-    ckpt = ["trainer.batch_size=2", "distributed=ddp", "logger=none", "trainer.save_strategy=steps",
-            "trainer.save_steps=1", "trainer.save_total_limit=5"]
-    full = _train([*ckpt, f"hydra.run.dir={tmp_path}/full-${{oc.env:RANK,0}}"], tmp_path, nproc=2)
-    assert full.returncode == 0, full.stderr[-3000:]
-    one = json.loads((tmp_path / "full-0" / "metrics.json").read_text())
-    saved = sorted(p.name for p in (tmp_path / "full-0" / "checkpoints").glob("checkpoint-*"))
+    stops, and resumed from it under torchrun the run ends as the uninterrupted one (the fixture's DDP run: each rank
+    restores its own loss summed since the last log, token count and peak memory, the static QAT scales calibrated
+    so far and the self-distillation's sums)."""
+    _, _, full = ddp_and_single
+    one = json.loads((full / "metrics.json").read_text())
+    saved = sorted(p.name for p in (full / "checkpoints").glob("checkpoint-*"))
     assert one["train_steps"] == 3 and saved == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
     # SIGTERM to rank 1 alone during step 2, no checkpoints asked for: both ranks finish the step, checkpoint-2 is
     # written, both stop; the resume from it ends as the uninterrupted run.
     from tests.integration.test_nothing_lost import SIGNAL_AT_STEP
 
+    same = ["trainer.batch_size=2", "distributed=ddp", "logger=none", *QAT]
     driver = tmp_path / "driver.py"
     driver.write_text(SIGNAL_AT_STEP.replace('int(os.environ["SIGNAL_AT_STEP"])',
                                              'int(os.environ["SIGNAL_AT_STEP"]) and os.environ["RANK"] == "1"')
                       + "from finetune.cli.train import main\nmain()\n")
     stopped = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
-         f"dataset.path={shared('chnsenticorp')}", *COMMON, *ckpt, "trainer.save_strategy=no",
+         f"dataset.path={shared('chnsenticorp')}", *COMMON, *same, "trainer.save_strategy=no",
          f"hydra.run.dir={tmp_path}/stopped-${{oc.env:RANK,0}}"],
         cwd=tmp_path, env=_env(SIGNAL_AT_STEP="2", SIGNAL_NAME="SIGTERM"), capture_output=True, text=True,
         timeout=900)
@@ -144,12 +145,13 @@ def test_ddp_resume_equals_the_uninterrupted_run(tmp_path):
     assert len(lines) == 2 and all("after step 2:" in line for line in lines), stopped.stderr[-3000:]
     assert [p.name for p in (tmp_path / "stopped-0" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
     assert json.loads((tmp_path / "stopped-0" / "metrics.json").read_text())["error_type"] == "RunInterrupted"
-    third = _train([*ckpt, "trainer.resume_from_checkpoint=auto", f"hydra.run.dir={tmp_path}/stopped-${{oc.env:RANK,0}}"],
-                   tmp_path, nproc=2)
+    third = _train([*same, *CHECKPOINTS, "trainer.resume_from_checkpoint=auto",
+                    f"hydra.run.dir={tmp_path}/stopped-${{oc.env:RANK,0}}"], tmp_path, nproc=2)
     assert third.returncode == 0, third.stderr[-3000:]
     three = json.loads((tmp_path / "stopped-0" / "metrics.json").read_text())
     assert three["resumed_from"]["step"] == 2 and three["train_steps"] == 3
-    for key in ("train_loss", "train_tokens", "eval_loss", "accuracy", "f1"):
+    for key in ("train_loss", "train_tokens", "eval_loss", "accuracy", "f1", "accuracy_int8"):
         assert three[key] == one[key], key
+    assert three["distill"]["kl_per_token"] == one["distill"]["kl_per_token"]
     tokens = [[r["tokens"] for r in m["distributed"]["per_rank"]] for m in (one, three)]
     assert tokens[0] == tokens[1]

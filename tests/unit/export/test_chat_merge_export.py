@@ -247,7 +247,8 @@ def test_export_int8_is_the_simulated_deployment_and_loads(runs, tmp_path, capsy
 
 def test_export_generation_run_reports_perplexity(runs, tmp_path, capsys):
     info = export.export_run(str(runs["gen"]), "int8", str(tmp_path / "g"), max_samples=3, latency_tokens=2,
-                             latency_reps=1, granularity="linear", scale="token", float_reference=False)
+                             latency_reps=1, granularity="linear", scale="token", float_reference=False,
+                             kv_cache=False)
     q = info["quality"]
     assert q["n"] == 3 and len(info["quantized_modules"]) == 2 * 7
     assert info["perplexity"] == pytest.approx(info["perplexity_simulated"], rel=export.PPL_RTOL)
@@ -258,7 +259,7 @@ def test_export_of_an_int8_qlora_run_merges_into_its_dequantized_int8_base(runs,
     """The int8 base's weights are read with their quantization state (held by the base layer, not the PEFT
     wrapper around it): the export builds on them and passes its own check."""
     info = export.export_run(str(runs["int8"]), "int8", str(tmp_path / "i"), max_samples=3, latency_tokens=1,
-                             latency_reps=1, float_reference=False)
+                             latency_reps=1, float_reference=False, kv_cache=False)
     assert info["base_weights"] == "dequantized" and info["simulation_check"]["passed"]
     assert "trained on an int8 base" in capsys.readouterr().out
 
@@ -267,7 +268,8 @@ def test_export_of_a_static_qat_run_uses_its_own_scales(tmp_path, capsys):
     """A w8a8 QAT run (INT8 weights trained too) with static scales: exported as the deployment it was scored in."""
     run_dir = _train(tmp_path, "qat", "qat_targets=[attn,ffn]", "qat.scale=static", "qat.scheme=w8a8")
     info = export.export_run(str(run_dir), "int8", str(tmp_path / "q"), latency_tokens=2, latency_reps=1,
-                             float_reference=False)
+                             float_reference=False, kv_cache=False)
+    assert info["kv_cache"] is None  # not timed when asked not to
     assert not info["ptq"] and info["qat_targets"] == ["attn", "ffn"]
     assert info["scheme"] == info["deployment"]["scheme"] == "w8a8" and info["runtime"].startswith("onnxruntime")
     assert info["static_scales_from"].startswith("qat_state.json") and info["deployment"]["scale"] == "static"
@@ -303,11 +305,15 @@ def test_an_export_that_is_not_the_simulated_deployment_fails_and_writes_nothing
     def every_linear(model, deployment, absmax=None):  # the run simulates sublayer granularity
         return to_int8(model, Int8Deployment(deployment.targets, "linear", deployment.scale), absmax)
 
+    def timed(*args, **kwargs):
+        raise AssertionError("a model that fails the check is not timed")
+
     out = tmp_path / "kept"
     out.mkdir()
     monkeypatch.setattr(export, "to_int8", every_linear)
+    monkeypatch.setattr(export, "_latencies", timed)  # the check comes first: nothing of the timing runs
     rc = export_cli.main([f"run={runs['lora']}", "format=int8", f"out={out}", "overwrite=true", "latency_tokens=1",
-                      "latency_reps=1", "float_reference=false"])
+                      "latency_reps=1"])
     captured = capsys.readouterr()
     assert rc == 1 and "does not compute the simulated deployment" in captured.err, captured.out
     assert list(out.iterdir()) == []
