@@ -757,3 +757,16 @@ def test_a_generic_report_names_each_job_by_what_sets_it_apart(tmp_path: Path) -
     assert varying_overrides(pd.Series(["a=1 b=2", "a=1 b=2"])) == ["same overrides", "same overrides"]
     assert varying_overrides(pd.Series(["", "a=1"])) == ["defaults", "a=1"]
     assert varying_overrides(pd.Series(["a=1 b=2"])) == ["a=1 b=2"]
+
+
+def test_the_callbacks_every_job_loads_leave_the_report_and_its_plotting_for_a_sweeps_end() -> None:
+    """Hydra builds the sweep callbacks in every finetune-train process, single runs included: their module imports
+    neither matplotlib nor the report (about 0.5 s of each process's start), which a sweep's end imports itself."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, finetune.report.hydra_callback; "
+             "print(sorted(m for m in ('matplotlib', 'finetune.report.compare', 'finetune.report.plots') "
+             "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
