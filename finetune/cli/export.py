@@ -31,9 +31,12 @@ def check_args(argv: list[str]) -> dict:
     from finetune.export.gguf import QUANTS
 
     fmt = as_choice("format", args["format"], FORMATS)
-    only = {"gguf": ("quant",), "int8": ("granularity", "scale")}  # keys of one format whose default is unset
+    # keys of one format: given with the other, they are refused rather than silently ignored
+    only = {"gguf": ("quant",), "int8": ("granularity", "scale", "latency_tokens", "latency_reps", "float_reference",
+                                         "kv_cache")}
+    named = {arg.partition("=")[0] for arg in argv}
     for other, keys in only.items():
-        given = [k for k in keys if args[k] is not None]
+        given = [k for k in keys if k in named]
         if other != fmt and given:
             raise FinetuneError(f"{given[0]}= applies to format={other} only, not format={fmt}")
     return {**args, "format": fmt,

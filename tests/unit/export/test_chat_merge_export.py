@@ -352,6 +352,9 @@ def test_unknown_export_format(runs, tmp_path, capsys):
     line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=gguf", "scale=token",
                                                     f"out={tmp_path / 'o'}"]))
     assert "scale= applies to format=int8 only" in line and not (tmp_path / "o").exists()
+    line = _one_error_line(capsys, export_cli.main([f"run={runs['lora']}", "format=gguf", "kv_cache=false",
+                                                    f"out={tmp_path / 'o'}"]))  # INT8's timing keys likewise
+    assert line == "error: kv_cache= applies to format=int8 only, not format=gguf"
 
 
 @pytest.mark.parametrize("cli", [merge_cli, export_cli])
