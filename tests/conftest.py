@@ -64,6 +64,15 @@ def tiny_cfg(tmp_path):
     return make
 
 
+def needs_llama_cpp() -> None:
+    """Skip, saying why, unless llama-cpp-python (the llamacpp extra) is installed and built for this CPU."""
+    from finetune.export import llama_cpp
+
+    problem = llama_cpp.not_usable()
+    if problem is not None:
+        pytest.skip(problem)
+
+
 def shared(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

@@ -256,6 +256,9 @@ def _say_llama_cpp(found: dict, quant: str) -> None:
     if not found.get("installed"):
         print(f"llama.cpp: not measured (llama-cpp-python is not installed: {found['install']})")
         return
+    if found.get("runs_here") is False:
+        print(f"llama.cpp: not measured ({found['reason']})")
+        return
     if "accuracy" in found:
         print(f"{quant} in llama.cpp: accuracy {found['accuracy']:.4f} on {found['n_scored']} rows, the torch model's "
               f"prediction on {found.get('prediction_agreement_with_torch', float('nan')):.1%}")

@@ -11,14 +11,18 @@ More: docs/after-training.md, section "Export a GGUF file for llama.cpp and Olla
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from finetune.platform.cpu import cpu_model_name
+from finetune.platform.cpu import cpu_flags, cpu_model_name
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,42 @@ def version() -> str | None:
     except ImportError:
         return None
     return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+# pip builds llama.cpp for the CPU it builds on (-march=native): a wheel or environment built on an AVX-512 machine
+# dies of an illegal instruction on an AVX2-only one. llama.cpp's name of each instruction set it can be compiled
+# for -> the CPU flag it needs, as Linux spells it in /proc/cpuinfo (avx512vbmi, but avx512_vnni).
+CPU_FLAG = {"SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma",
+            "BMI2": "bmi2", "AVX_VNNI": "avx_vnni", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
+            "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8"}
+REBUILD_HINT = "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python=={version}"
+# run apart: a build for another CPU may die of SIGILL in the library's own start-up
+_PROBE = "import sys, llama_cpp; sys.stdout.write(llama_cpp.llama_print_system_info().decode())"
+
+
+def missing_features(system_info: str, flags: set[str]) -> list[str]:
+    """The instruction sets a llama.cpp build was compiled with (its system info: ``AVX2 = 1 | ...``) that a CPU
+    with ``flags`` lacks."""
+    built = re.findall(r"([A-Z][A-Z0-9_]*) = 1", system_info)
+    return [name for name in built if name in CPU_FLAG and CPU_FLAG[name] not in flags]
+
+
+@functools.lru_cache(maxsize=None)
+def not_usable() -> str | None:
+    """None where llama-cpp-python is installed and built for this CPU; else why not, in one line."""
+    found = version()
+    if found is None:
+        return f"llama-cpp-python is not installed: {INSTALL_HINT}"
+    probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
+    rebuild = REBUILD_HINT.format(version=found)
+    if probe.returncode != 0:
+        return f"llama-cpp-python {found} does not start on this CPU (exit status {probe.returncode}); rebuild it: {rebuild}"
+    flags = cpu_flags()
+    missing = missing_features(probe.stdout, flags) if flags else []
+    if missing:
+        return (f"llama-cpp-python {found} was built for a CPU with {', '.join(missing)}, which this one lacks; "
+                f"rebuild it here: {rebuild}")
+    return None
 
 
 def threads() -> int:
@@ -115,6 +155,9 @@ def measure(path: Path, model, tok, rows: list[dict] | None, cfg, torch_preds: l
     found = version()
     if found is None:
         return {"installed": False, "install": INSTALL_HINT}
+    problem = not_usable()
+    if problem is not None:
+        return {"installed": True, "llama_cpp_python": found, "runs_here": False, "reason": problem}
     max_len = int(cfg.trainer.max_length)
     timing_rows = rows or []
     prompts = [encode_prompt(r, cfg.dataset, tok, max_len) for r in timing_rows]

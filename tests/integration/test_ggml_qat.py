@@ -12,7 +12,7 @@ import torch
 
 from finetune.cli import export as export_cli
 from finetune.cli.train import run
-from tests.conftest import TINY, compose_cfg, shared
+from tests.conftest import TINY, compose_cfg, needs_llama_cpp, shared
 
 N_TEST = 16
 GRID = ["qat_targets=[attn,ffn]", "qat.scheme=q4_0", "qat.granularity=linear", "trainer.precision=fp32",
@@ -34,7 +34,7 @@ def test_a_q4_0_run_trains_on_llama_cpps_grid_and_scores_that_deployment(q4_run)
 
 
 def test_the_gguf_file_of_a_q4_0_run_computes_its_simulated_deployment_in_llama_cpp(q4_run, tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the llamacpp extra (FINETUNE_EXTRAS=llamacpp ./run)")
+    needs_llama_cpp()
     from finetune.data import encode_prompt, load_splits
     from finetune.export import llama_cpp
     from finetune.model.load import load_run

@@ -585,6 +585,9 @@ def _check_llama_cpp(found: dict, quant: str) -> None:
     if llama_cpp.version() is None:
         assert found == {"installed": False, "install": llama_cpp.INSTALL_HINT}
         return
+    if llama_cpp.not_usable() is not None:  # built for another CPU: said, not run (it would die of SIGILL)
+        assert found["runs_here"] is False and found["reason"] == llama_cpp.not_usable()
+        return
     assert found["n_scored"] == 6 and found["tokenizer_agreement"] == 1.0
     if quant == "f16":  # llama.cpp computes what the merged model computes, at f16's round-off
         assert found["prediction_agreement_with_torch"] == 1.0

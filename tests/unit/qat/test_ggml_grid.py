@@ -92,7 +92,11 @@ def test_the_activation_grid_is_ggmls_own_cpu_quantizer_bit_for_bit():
     import ctypes
     from pathlib import Path
 
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the llamacpp extra")
+    from tests.conftest import needs_llama_cpp
+
+    needs_llama_cpp()
+    import llama_cpp
+
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
     lib.quantize_row_q8_0.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.quantize_row_q8_0.restype = None

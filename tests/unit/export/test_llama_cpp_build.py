@@ -1,0 +1,42 @@
+"""llama-cpp-python builds llama.cpp for the CPU it is built on: a build for another CPU is named, with the way to
+rebuild it, rather than dying of an illegal instruction in an export or a test."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.export import llama_cpp
+from finetune.platform.cpu import cpu_flags
+
+# llama_print_system_info() of a build made on an AVX-512 BF16 EPYC (-march=native)
+AVX512_BUILD = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+                "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
+AVX2_ONLY = {"pni", "ssse3", "avx", "avx2", "f16c", "fma", "bmi2"}
+
+
+def test_a_build_for_avx512_is_named_unusable_on_an_avx2_only_cpu():
+    assert llama_cpp.missing_features(AVX512_BUILD, AVX2_ONLY) == ["AVX512", "AVX512_VBMI", "AVX512_VNNI",
+                                                                   "AVX512_BF16"]
+    assert llama_cpp.missing_features(AVX512_BUILD, AVX2_ONLY | {"avx512f", "avx512vbmi", "avx512_vnni",
+                                                                 "avx512_bf16"}) == []
+    # what the build does not name as compiled in (= 0, or not an instruction set) asks nothing of the CPU
+    assert llama_cpp.missing_features("CPU : AVX2 = 1 | AVX512 = 0 | OPENMP = 1 |", AVX2_ONLY) == []
+
+
+def test_the_installed_build_is_checked_against_this_cpu(monkeypatch):
+    """The installed llama-cpp-python's own system info (read in a process apart) against this CPU's flags: usable
+    here, and refused, with the rebuild command, on a CPU without an instruction set it was built with."""
+    if llama_cpp.version() is None:
+        pytest.skip(f"llama-cpp-python is not installed: {llama_cpp.INSTALL_HINT}")
+    llama_cpp.not_usable.cache_clear()
+    try:
+        here = llama_cpp.not_usable()
+        assert here is None or "rebuild it here" in here  # a build from another machine is said so
+        monkeypatch.setattr(llama_cpp, "cpu_flags", lambda: {"sse2"})  # a CPU without any of its instruction sets
+        llama_cpp.not_usable.cache_clear()
+        problem = llama_cpp.not_usable()
+        assert problem is not None and "which this one lacks" in problem and "AVX2" in problem
+        assert problem.endswith(f"llama-cpp-python=={llama_cpp.version()}")
+    finally:
+        llama_cpp.not_usable.cache_clear()
+    assert cpu_flags()  # the real flags were read (Linux)
