@@ -15,6 +15,9 @@ from finetune.metrics import problems
 from tests.conftest import TINY, compose_cfg, shared
 
 DATA = f"dataset.path={shared('chnsenticorp')}"
+# A KL is never negative, but its fp32 sum over the 49,152-word vocabulary, where student and teacher nearly agree
+# (a few steps from the same model), rounds to a few 1e-7 either way: -1e-6 was recorded on the AVX2 code paths.
+KL_ROUND_OFF = 1e-5
 
 
 def _run(tmp_path, *overrides, name="run"):
@@ -30,7 +33,7 @@ def test_a_finished_run_teaches_from_the_start_step(tmp_path, capsys):
                       name="student")
     d = m["distill"]
     assert d["mode"] == "run" and d["teacher"] == str(teacher) and d["kl"] == "reverse" and d["start_step"] == 1
-    assert d["distilled_tokens"] > 0 and d["ce_per_token"] > 0 and d["kl_per_token"] >= 0
+    assert d["distilled_tokens"] > 0 and d["ce_per_token"] > 0 and d["kl_per_token"] >= -KL_ROUND_OFF
     assert problems(m) == []
     logged = capsys.readouterr().out  # the Trainer's logs, one line per step (trainer.logging_steps=1)
     assert logged.count("'loss'") == 3 and logged.count("distill/kl") == 2  # the teacher joins at step 1 (of 0..2)
@@ -101,7 +104,7 @@ def test_self_distillation_trains_every_method(tmp_path, method):
     """QKD-self on DoRA, QLoRA (an nf4 base: activation QAT only) and full fine-tuning: the teacher pass runs each
     step and the run scores its deployment."""
     m, _ = _run(tmp_path, *method, "qat_targets=[ffn]", "distill=self", "qat.eval_spread=0", name="run")
-    assert m["status"] == "ok" and m["distill"]["distilled_tokens"] > 0 and m["distill"]["kl_per_token"] >= 0
+    assert m["status"] == "ok" and m["distill"]["distilled_tokens"] > 0 and m["distill"]["kl_per_token"] >= -KL_ROUND_OFF
     assert 0.0 <= m["accuracy_int8"] <= 1.0 and problems(m) == []
 
 
