@@ -32,12 +32,15 @@ TIMING_REPEATS = 3  # the fastest of these is reported (the machine's noise is o
 
 
 def version() -> str | None:
-    """llama-cpp-python's version, or None where it is not installed."""
+    """llama-cpp-python's version, or None where it is not installed; read from its metadata, without importing it
+    (importing loads its native library, which a build for another CPU may not survive: :func:`not_usable`)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
     try:
-        import llama_cpp
-    except ImportError:
+        return installed("llama-cpp-python")
+    except PackageNotFoundError:
         return None
-    return str(getattr(llama_cpp, "__version__", "unknown"))
 
 
 # pip builds llama.cpp for the CPU it builds on (-march=native): a wheel or environment built on an AVX-512 machine

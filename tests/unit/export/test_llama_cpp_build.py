@@ -40,3 +40,15 @@ def test_the_installed_build_is_checked_against_this_cpu(monkeypatch):
     finally:
         llama_cpp.not_usable.cache_clear()
     assert cpu_flags()  # the real flags were read (Linux)
+
+
+def test_the_check_never_loads_the_library_into_this_process():
+    """Loading a build for another CPU may itself die of SIGILL: the version comes from the package's metadata and
+    the build's system info from a process apart."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from finetune.export import llama_cpp; llama_cpp.version(); llama_cpp.not_usable(); "
+             "print('llama_cpp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "False", out.stdout
