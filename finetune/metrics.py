@@ -39,6 +39,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "seed": (NUMBER, "the run's seed"),
     "overrides": (LIST, "the command-line overrides of this job"),
     "lora": (MAPPING, "r, alpha, dropout, target_modules and layers of the adapter"),
+    "lora_init": (TEXT, "lora.init: the finished run whose adapter this run's started as"),
     "cpu_allocator": (TEXT, "glibc default, or the bounded allocator's settings (cpu_allocator=bounded)"),
     "gpu": (TEXT, "the GPU's name, where one was used"),
     "hardware": (TEXT, "the machine the figures were measured on: the CPU model, cores and vector ISA, or the GPU"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from pathlib import Path
 
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
@@ -135,6 +136,70 @@ def apply_lora(model: nn.Module, lcfg: DictConfig):
         model = get_peft_model(model, config)
     use_fast_dropout(model)
     return model
+
+
+# What fixes an adapter's tensors and what they compute: a run started from another's adapter must agree on these.
+INIT_KEYS = ("method", "r", "alpha", "target_modules", "layers", "use_rslora", "bias")
+
+
+def check_init(cfg: DictConfig) -> Path | None:
+    """``lora.init``: a finished run whose adapter this run's starts as, checked before any weights load (the same
+    base model and the same adapter settings). Returns its directory, or None when unset.
+
+    Raises:
+        FinetuneError: no such run, a run without an adapter, or another base model or adapter shape.
+    """
+    lcfg = cfg.lora
+    init = lcfg.get("init")
+    if init is None or init == "":
+        return None
+    from finetune.runs import run_config
+
+    if lcfg.method == "none":
+        raise FinetuneError(f"lora.init={init}: full fine-tuning (lora=none) has no adapter to start from; "
+                            "use lora=default or drop lora.init")
+    try:
+        path, run_cfg = run_config(init)
+    except FinetuneError as e:
+        raise FinetuneError(f"lora.init={init}: {e}") from None
+    if not (path / "adapter" / "adapter_model.safetensors").is_file():
+        raise FinetuneError(f"lora.init={init}: no adapter/adapter_model.safetensors (a LoRA run that finished "
+                            "training saves one); give such a run's directory")
+    theirs, ours = run_cfg.get("lora", {}), OmegaConf.to_container(lcfg, resolve=True)
+    differ = [f"lora.{k}={ours.get(k)!r} (the run: {_plain(theirs.get(k))!r})" for k in INIT_KEYS
+              if _plain(theirs.get(k)) != ours.get(k)]
+    model = run_cfg.get("model", {}).get("name_or_path")
+    if model != cfg.model.name_or_path:
+        differ.insert(0, f"model {cfg.model.name_or_path} (the run: {model})")
+    if differ:
+        raise FinetuneError(f"lora.init={init}: the adapter cannot start from that run's: {'; '.join(differ)}; "
+                            "give a run with the same base model and adapter settings")
+    return path
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def load_init(model: nn.Module, run_dir: Path) -> int:
+    """Copy the adapter of the run at ``run_dir`` (checked by :func:`check_init`) into ``model``'s freshly built one.
+    Returns how many tensors were copied.
+
+    Raises:
+        FinetuneError: the saved adapter does not hold exactly this adapter's tensors.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, saved)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing or result.unexpected_keys:
+        raise FinetuneError(f"lora.init={run_dir}: its adapter does not fit this one "
+                            f"({len(missing)} tensors missing, e.g. {missing[:1]}; "
+                            f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:1]})")
+    log.info("lora: the adapter starts from %s (%d tensors)", run_dir, len(saved))
+    return len(saved)
 
 
 class FastDropout(nn.Module):

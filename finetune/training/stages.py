@@ -33,6 +33,7 @@ class Job:
     overrides: list[str]
     job: str
     resume: str | None = None
+    lora_init: Path | None = None  # lora.init checked: the run whose adapter this one starts as
     metrics: dict = field(default_factory=dict)
     splits: Any = None
     model: Any = None
@@ -92,6 +93,9 @@ def prepare(job: Job, run_log) -> None:
         from finetune.training.distill import check_teacher
 
         check_teacher(cfg.distill)  # a teacher run that is not there fails before any weights load
+    from finetune.model.lora import check_init
+
+    job.lora_init = check_init(cfg)  # likewise the run an adapter starts from
 
     from transformers import set_seed
 
@@ -153,6 +157,11 @@ def adapt(job: Job) -> None:
     # peak_memory_mb covers the weights already loaded plus everything training adds, not zero-shot scoring.
     reset_peak_memory()
     job.model = apply_lora(job.model, job.cfg.lora)
+    if job.lora_init is not None:
+        from finetune.model.lora import load_init
+
+        load_init(job.model, job.lora_init)
+        job.metrics["lora_init"] = str(job.lora_init)
     trainable, total = count_params(job.model)
     job.metrics.update(trainable_params=trainable, total_params=total, trainable_pct=round(100 * trainable / total, 4))
     log.info("%s: %s trainable of %s parameters (%.3f%%)", job.metrics["method"], f"{trainable:,}", f"{total:,}",
