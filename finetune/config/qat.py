@@ -143,6 +143,7 @@ def validate_qat(a: DictConfig, targets: list[str], quant_mode: str) -> None:
         _number("qat.eval_bits", a.eval_bits, low=4, high=8, integer=True)
     _number("qat.eval_batch_size", a.get("eval_batch_size", 16), low=1, integer=True)
     _number("qat.eval_spread", a.get("eval_spread", 0), low=0, integer=True)
+    _bool("qat.eval_cache", a.get("eval_cache", True))
     if a.get("baselines") is not None and not OmegaConf.is_list(a.baselines):
         raise FinetuneError(f"qat.baselines={a.baselines!r} is not allowed; allowed: a list of {BASELINE_FORMS}")
     check_baselines(a, targets)

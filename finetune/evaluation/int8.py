@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from finetune.config import GGML_SCHEMES, QAT_TARGETS
 from finetune.data import DataSplits, tokenize_split
 from finetune.qat.deployment import deployed_scheme
+from finetune.evaluation.int8_cache import ScoreCache
 from finetune.evaluation.scoring import classify, loss_and_perplexity
 from finetune.qat.ops import QATConfig
 
@@ -67,20 +68,26 @@ def perturbed_inputs(model, factor: float):
 
 
 def scores_with_spread(model, tok, splits: DataSplits, dcfg: DictConfig, max_len: int, bs: int, bf16: bool,
-                       rescorings: int) -> dict:
+                       rescorings: int, cache: ScoreCache | None = None, parts: dict | None = None) -> dict:
     """The simulated scores and, with ``rescorings`` > 0, their round-off spread: the range of each score over the
     scoring itself and ``rescorings`` more with the input embeddings scaled by ``1 + k x`` :func:`perturbation`
     (k = 1..n), and the share of rows whose prediction any of them changes (``int8_flipped``). A difference between
-    two simulated scores smaller than their spread is round-off, not quantization."""
-    scores = _score(model, tok, splits, dcfg, max_len, bs, bf16)
+    two simulated scores smaller than their spread is round-off, not quantization. With ``cache``, each scoring
+    already finished for this model state and simulation (``parts``) is read back instead (:mod:`.int8_cache`)."""
+    cache = cache or ScoreCache(None)
+
+    def scored(k: int) -> dict:
+        return cache.scored({**(parts or {}), "rescoring": k, "perturbation": perturbation(model) * k},
+                            lambda: _score(model, tok, splits, dcfg, max_len, bs, bf16))
+
+    scores = dict(scored(0))
     preds = scores.pop("predictions", None)
     if not rescorings:
         return scores
-    step = perturbation(model)
     again = []
     for k in range(1, rescorings + 1):
-        with perturbed_inputs(model, 1.0 + k * step):
-            again.append(_score(model, tok, splits, dcfg, max_len, bs, bf16))
+        with perturbed_inputs(model, 1.0 + k * perturbation(model)):
+            again.append(scored(k))
     out = dict(scores)
     for key, value in scores.items():
         values = [value, *(a[key] for a in again)]
@@ -104,7 +111,7 @@ def calibration_batches(splits: DataSplits, dcfg: DictConfig, tok, max_len: int,
 
 
 def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictConfig, targets: list[str], handle,
-                 max_len: int, bf16: bool) -> dict:
+                 max_len: int, bf16: bool, cache: ScoreCache | None = None) -> dict:
     """Simulated-INT8 scores of a trained model, in batches of :func:`int8_batch_size` rows, each with its round-off
     spread over ``qat.eval_spread`` re-scorings (:func:`scores_with_spread`).
 
@@ -112,7 +119,8 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
         For a QAT run: ``accuracy_int8`` / ``f1_int8`` (or ``perplexity_int8``) on its own targets.
         Without QAT (PTQ): the same keys for attn+ffn, plus ``accuracy_int8_attn`` / ``..._ffn`` etc. for the
         single-target sets, and ``int8_eval: "ptq"``; each score's ``<key>_spread`` and ``int8_flipped`` (with
-        the set's suffix) where ``qat.eval_spread`` > 0.
+        the set's suffix) where ``qat.eval_spread`` > 0. With ``cache``, scorings its earlier attempt finished
+        are read back (:mod:`.int8_cache`).
     """
     from finetune.qat.attach import simulate_int8
 
@@ -126,9 +134,11 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
         how.update(int8_spread_rescorings=rescorings, int8_perturbation=perturbation(model))
     if config.weight_group is not None:
         how["int8_weight_group_size"] = config.weight_group
+    cache = cache or ScoreCache(None)
     if targets:
         with simulate_int8(model, targets, qcfg, handle=handle) as sim:
-            scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings)
+            scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings, cache,
+                                        {"targets": list(targets), "kind": "qat"})
         _log("QAT", targets, scores, bits, _weights(how))
         return {**scores, "int8_eval": "qat", "int8_targets": list(targets), **how, "int8_scale": sim.config.scale}
     result: dict = {"int8_eval": "ptq", "int8_targets": list(QAT_TARGETS), **how}
@@ -138,7 +148,8 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     # llama.cpp's grids run every linear, so their PTQ baseline is attn+ffn only
     for target_set in (QAT_TARGETS,) if config.weight_grid else PTQ_TARGET_SETS:
         with simulate_int8(model, list(target_set), qcfg, calibration=calibration) as sim:
-            scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings)
+            scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings, cache,
+                                        {"targets": list(target_set), "kind": "ptq"})
         result["int8_scale"] = sim.config.scale
         _log("PTQ", target_set, scores, bits, _weights(how))
         if target_set == QAT_TARGETS:
@@ -146,7 +157,10 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
         else:
             result.update({f"{k}_{target_set[0]}": v for k, v in scores.items()})  # accuracy_int8_ffn, ...
     if qcfg.get("baselines"):
-        result["ptq_baselines"] = baseline_scores(model, tok, splits, dcfg, qcfg, max_len, bf16)
+        result["ptq_baselines"] = baseline_scores(model, tok, splits, dcfg, qcfg, max_len, bf16, cache)
+    if cache.hits:
+        log.info("simulated deployment: %d scorings read back from the score cache (the same weights, rows and "
+                 "settings scored before: a resumed run's earlier attempt)", cache.hits)
     return result
 
 
@@ -156,7 +170,7 @@ def baseline_sets(qcfg) -> list[tuple[str, ...]]:
 
 
 def baseline_scores(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictConfig, max_len: int,
-                    bf16: bool) -> dict:
+                    bf16: bool, cache: ScoreCache | None = None) -> dict:
     """Each ``qat.baselines`` entry scored on each ``qat.baseline_targets`` set, calibrated on training rows
     (:func:`calibration_batches`), every score with its round-off spread: ``{name: {set: scores, "how": ...}}``."""
     from finetune.qat.attach import simulate_int8
@@ -169,7 +183,8 @@ def baseline_scores(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: Dict
         entry: dict = {"calibration": f"{len(calibration)} batches of the first {CALIBRATION_ROWS} training rows"}
         for target_set in baseline_sets(qcfg):
             with simulate_int8(model, list(target_set), qcfg, calibration=calibration, baseline=str(name)) as sim:
-                scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings)
+                scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings, cache,
+                                            {"targets": list(target_set), "kind": "baseline", "baseline": str(name)})
             entry["scale"] = sim.config.scale
             _log(f"PTQ {name}", target_set, scores)
             entry["+".join(target_set)] = scores

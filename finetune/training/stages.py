@@ -357,9 +357,14 @@ def _int8_and_samples(job: Job, metrics: dict) -> None:
     cfg, bf16 = job.cfg, job.precision.bf16
     if job.qat_handle is not None or cfg.qat.get("eval_int8") is True:
         from finetune.evaluation.int8 import int8_metrics
+        from finetune.evaluation.int8_cache import ScoreCache
 
+        # Each finished simulated scoring kept in the run's checkpoint folder: a run stopped while it scores and
+        # resumed re-scores only what was left (the weights must match bit for bit).
+        cache = ScoreCache.for_run(job.model, job.qat_handle, job.splits, cfg,
+                                   job.run_dir / "checkpoints" / "int8-scores", job.max_length, bf16)
         metrics.update(int8_metrics(job.model, job.tok, job.splits, cfg.dataset, cfg.qat, job.metrics["qat_targets"],
-                                    job.qat_handle, job.max_length, bf16))
+                                    job.qat_handle, job.max_length, bf16, cache))
     for sample in sample_generations(job.model, job.tok, job.splits.test or job.splits.validation, cfg.dataset,
                                      int(cfg.eval.num_samples), int(cfg.eval.max_new_tokens), bf16, job.max_length):
         log.info("sample | prompt: %s | completion: %s | reference: %s", sample["prompt"].replace("\n", " "),
