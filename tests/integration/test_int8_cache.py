@@ -15,7 +15,8 @@ from finetune.evaluation.int8_cache import weights_digest
 from tests.conftest import TINY, compose_cfg, shared
 
 PTQ = ["qat.eval_int8=true", "qat.baselines=[token]", "qat.baseline_targets=[ffn]", "qat.eval_spread=1",
-       "trainer.precision=fp32", "trainer.save_strategy=steps", "trainer.save_steps=2", f"dataset.path={shared('chnsenticorp')}"]
+       "trainer.precision=fp32", "trainer.save_strategy=steps", "trainer.save_steps=2",
+       f"dataset.path={shared('chnsenticorp')}"]
 INT8_KEYS = ("accuracy_int8", "f1_int8", "accuracy_int8_ffn", "accuracy_int8_attn", "int8_flipped", "ptq_baselines")
 
 
