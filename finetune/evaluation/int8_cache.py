@@ -4,7 +4,8 @@ node) and resumed from its last checkpoint scores again only what its earlier at
 A PTQ-baseline run scores the test split dozens of times (every baseline, target set and round-off re-scoring):
 over an hour on a 2-core CPU, after minutes of training. Each finished scoring is stored under a key that hashes
 everything it depends on: every tensor of the model's state (the base weights and the trained adapter, bit for
-bit) and the QAT handle's calibrated scales, the finetune source code that simulates and scores, the whole ``qat``
+bit) and the QAT handle's calibrated scales, the finetune source code that simulates and scores, the versions of
+torch, transformers, PEFT and bitsandbytes and torch's CPU code path, the whole ``qat``
 node, the scored rows and the calibration rows, the prompt settings, ``max_length``, the precision and the batch
 size, the target set, the baseline and the re-scoring's perturbation: the run's whole config but
 ``trainer.resume_from_checkpoint``. Weights that differ in one bit, or any code or config change, miss. Entries live
@@ -39,6 +40,23 @@ def code_digest() -> str:
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def library_versions() -> dict:
+    """The libraries whose kernels compute a score, and the CPU code path torch dispatches to: an upgrade or another
+    CPU kind rounds differently, so it scores again."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    versions["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return versions
 
 
 def weights_digest(model, handle=None) -> str:
@@ -84,7 +102,8 @@ class ScoreCache:
             return cls(None)
         config = OmegaConf.to_container(cfg, resolve=True)
         config.get("trainer", {}).pop("resume_from_checkpoint", None)
-        base = {"code": code_digest(), "weights": weights_digest(model, handle), "config": config,
+        base = {"code": code_digest(), "libraries": library_versions(), "weights": weights_digest(model, handle),
+                "config": config,
                 "max_length": int(max_len), "bf16": bool(bf16),
                 "rows": [_rows_digest(splits.test), _rows_digest(splits.validation), _rows_digest(splits.train)]}
         return cls(base, Path(directory))

@@ -95,7 +95,8 @@ def prepare(job: Job, run_log) -> None:
         check_teacher(cfg.distill)  # a teacher run that is not there fails before any weights load
     from finetune.model.lora import check_init
 
-    job.lora_init = check_init(cfg)  # likewise the run an adapter starts from
+    # likewise the run an adapter starts from (a resume takes its adapter from the checkpoint: that run may be gone)
+    job.lora_init = check_init(cfg) if job.resume is None else None
 
     from transformers import set_seed
 
@@ -161,7 +162,8 @@ def adapt(job: Job) -> None:
         from finetune.model.lora import load_init
 
         load_init(job.model, job.lora_init)
-        job.metrics["lora_init"] = str(job.lora_init)
+    if job.cfg.lora.get("init"):
+        job.metrics["lora_init"] = str(job.lora_init or job.cfg.lora.init)
     trainable, total = count_params(job.model)
     job.metrics.update(trainable_params=trainable, total_params=total, trainable_pct=round(100 * trainable / total, 4))
     log.info("%s: %s trainable of %s parameters (%.3f%%)", job.metrics["method"], f"{trainable:,}", f"{total:,}",

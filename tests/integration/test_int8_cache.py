@@ -68,6 +68,19 @@ def test_with_the_cache_off_a_resumed_run_scores_everything_again(tmp_path, coun
     assert counted["n"] == 8 and not (tmp_path / "run" / "checkpoints" / "int8-scores").exists()
 
 
+def test_a_resume_under_another_torch_scores_everything_again(tmp_path, counted, monkeypatch):
+    from finetune.evaluation import int8_cache
+
+    counted.update(fail_at=6)
+    with pytest.raises(RuntimeError, match="stopped while scoring"):
+        _run(tmp_path / "run")
+    upgraded = {**int8_cache.library_versions(), "torch": "99.0"}
+    monkeypatch.setattr(int8_cache, "library_versions", lambda: upgraded)
+    counted.update(n=0, fail_at=None)
+    assert _run(tmp_path / "run", "trainer.resume_from_checkpoint=auto")["status"] == "ok"
+    assert counted["n"] == 8
+
+
 def test_the_weights_digest_sees_one_bit_of_any_tensor():
     from transformers import LlamaConfig, LlamaForCausalLM
 

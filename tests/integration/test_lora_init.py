@@ -42,6 +42,19 @@ def test_a_run_started_from_another_starts_with_its_adapter(tmp_path, first):
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-8, msg=key)
 
 
+def test_a_resume_takes_the_adapter_from_its_checkpoint_and_needs_the_first_run_no_more(tmp_path):
+    import shutil
+
+    _, init = _run(tmp_path, "trainer.lr=0.01", name="init")
+    args = (f"lora.init={init}", "trainer.save_strategy=steps", "trainer.save_steps=1")
+    done, run_dir = _run(tmp_path, *args, name="second")
+    shutil.rmtree(init)  # the run it started from is gone; its checkpoint holds the adapter
+    (run_dir / "metrics.json").unlink()  # as if stopped before it finished
+    resumed, _ = _run(tmp_path, *args, "trainer.resume_from_checkpoint=auto", name="second")
+    assert resumed["status"] == "ok" and resumed["resumed_from"]["step"] == 2 and resumed["lora_init"] == str(init)
+    assert resumed["accuracy"] == done["accuracy"]
+
+
 @pytest.mark.parametrize("case,overrides,message", [
     ("missing", (), "no such run directory"),
     ("rank", ("lora.r=4",), r"lora.r=4 \(the run: 8\)"),
