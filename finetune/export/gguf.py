@@ -266,6 +266,8 @@ def _say_llama_cpp(found: dict, quant: str) -> None:
     print(f"{quant} in llama.cpp: {d['llama_cpp_ms_per_token']:.1f} ms per generated token against "
           f"{d['torch_fp32_ms_per_token']:.1f} ms for the torch fp32 model ({d['speedup_per_token']:.2f}x), "
           f"{found['threads']} threads")
+    if found.get("extra_buffer_types") is False:
+        print(f"llama.cpp: {found['extra_buffer_types_off']}")
 
 
 def _choose_pre(model, tok, rows: list[dict] | None, cfg, quant: str) -> dict:

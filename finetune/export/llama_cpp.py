@@ -79,17 +79,65 @@ def not_usable() -> str | None:
     return None
 
 
+# llama.cpp's extra buffer types (AMX tiles, weights repacked for AVX2 / AVX-512) compute batches of more than one
+# token. llama-cpp-python 0.3.36 built with AMX_INT8 dies of SIGSEGV there on a 2-core Xeon with AMX (Q4_0 and Q4_1
+# files alike; one token at a time runs), the fault of ggml_backend_amx_mul_mat that llama.cpp's issue 20824
+# reports: a process apart computes one batch of the file first, and the file is loaded without them if it dies.
+_BATCH_PROBE = ("import sys, llama_cpp\n"
+                "n = int(sys.argv[2])\n"
+                "llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, n_threads=n, n_threads_batch=n, "
+                "n_gpu_layers=0, verbose=False)\n"
+                "llm.eval(list(range(1, 65)))\n")
+
+
+def extra_buffers_fail(path: Path, probe: str = _BATCH_PROBE) -> str | None:
+    """Why llama.cpp cannot compute a batch of the GGUF file at ``path`` with its extra buffer types on this CPU
+    (in one line), or None where it can. Decided in a process apart (a crash there costs nothing), once per file."""
+    stat = path.stat()
+    return _extra_buffers_fail(str(path), stat.st_size, stat.st_mtime_ns, probe)
+
+
+@functools.lru_cache(maxsize=None)
+def _extra_buffers_fail(path: str, size: int, mtime_ns: int, probe: str) -> str | None:
+    run = subprocess.run([sys.executable, "-c", probe, path, str(threads())], capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode == 0:
+        return None
+    how = f"signal {-run.returncode}" if run.returncode < 0 else f"exit status {run.returncode}"
+    return (f"llama.cpp died ({how}) computing a batch of this file with its extra buffer types (AMX tiles, "
+            f"repacked weights) on this CPU; loaded without them")
+
+
 def threads() -> int:
     """The thread count both runtimes use: torch's (one per core unless set)."""
     return max(1, torch.get_num_threads())
 
 
-def load(path: Path, n_ctx: int):
-    """The GGUF file in llama.cpp, on the CPU, quiet."""
-    from llama_cpp import Llama
+def load(path: Path, n_ctx: int, extra_buffers: bool = True):
+    """The GGUF file in llama.cpp, on the CPU, quiet; without llama.cpp's extra buffer types where
+    ``extra_buffers`` is false (:func:`extra_buffers_fail`)."""
+    import llama_cpp.llama as module
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads(), n_threads_batch=threads(),
-                 n_gpu_layers=0, logits_all=False, verbose=False)
+    defaults = module.llama_cpp.llama_model_default_params  # Llama() takes no argument for them
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = extra_buffers
+        return params
+
+    module.llama_cpp.llama_model_default_params = model_params
+    try:
+        return module.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads(), n_threads_batch=threads(),
+                            n_gpu_layers=0, logits_all=False, verbose=False)
+    finally:
+        module.llama_cpp.llama_model_default_params = defaults
+
+
+def load_checked(path: Path, n_ctx: int) -> tuple[object, str | None]:
+    """(the file in llama.cpp, why its extra buffer types are off or None): :func:`load` after
+    :func:`extra_buffers_fail`."""
+    why = extra_buffers_fail(path)
+    return load(path, n_ctx, extra_buffers=why is None), why
 
 
 def _last_logits(llm) -> np.ndarray:
@@ -164,9 +212,11 @@ def measure(path: Path, model, tok, rows: list[dict] | None, cfg, torch_preds: l
     max_len = int(cfg.trainer.max_length)
     timing_rows = rows or []
     prompts = [encode_prompt(r, cfg.dataset, tok, max_len) for r in timing_rows]
-    llm = load(path, n_ctx=max(512, max_len + 2 * NEW_TOKENS))
+    llm, why = load_checked(path, n_ctx=max(512, max_len + 2 * NEW_TOKENS))
     out: dict = {"installed": True, "llama_cpp_python": found, "threads": threads(),
-                 "cpu": cpu_model_name()}
+                 "cpu": cpu_model_name(), "extra_buffer_types": why is None}
+    if why is not None:
+        out["extra_buffer_types_off"] = why
     if rows:
         first = [w[0] for w in label_word_ids(tok, cfg.dataset)]
         preds = label_predictions(llm, prompts, first)

@@ -48,7 +48,7 @@ def test_the_gguf_file_of_a_q4_0_run_computes_its_simulated_deployment_in_llama_
 
     model, tok, cfg, _ = load_run(run_dir)
     rows = load_splits(cfg.dataset, cfg.seed).test[:4]
-    llm = llama_cpp.load(out / "model.gguf", n_ctx=256)
+    llm, _ = llama_cpp.load_checked(out / "model.gguf", n_ctx=256)
     sim_gaps, plain_gaps = [], []
     for row in rows:
         ids = torch.tensor([encode_prompt(row, cfg.dataset, tok, int(cfg.trainer.max_length))])

