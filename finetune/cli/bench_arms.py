@@ -23,6 +23,7 @@ def framework_trainer(model, tok, train_ds, acfg: DictConfig, precision, tmp: st
                            data_collator=DataCollator(pad_token_id=tok.pad_token_id, label_plan=True,
                                                       pad_to_multiple_of=acfg.trainer.get("pad_to_multiple_of")),
                            callbacks=callbacks, meter=meter, share_prefix=acfg.trainer.get("share_prefix", "auto"),
+                           precision=precision.name,
                            head_chunk=int(acfg.trainer.get("head_chunk") or 0))
     return model, trainer
 

@@ -173,21 +173,24 @@ def kept_logits(model, inputs: dict, keep, share_prefix: bool = True):
     return model(**rest, logits_to_keep=keep).logits
 
 
-def resolve_share_prefix(setting, device_type: str) -> bool | str:
-    """``trainer.share_prefix`` (``auto`` / true / false / ``packed``) for training that computes on ``device_type``.
+def resolve_share_prefix(setting, device_type: str, precision: str | None = "fp32") -> bool | str:
+    """``trainer.share_prefix`` (``auto`` / true / false / ``packed``) for training that computes on ``device_type``
+    in ``precision`` (fp32 / bf16 / fp16; None: fp32).
 
-    ``auto`` shares the prefix on the CPU only. There a step's time follows its FLOPs, and the prefix pass removes
-    the ~46 prompt tokens every row repeats. A GPU step of a small model follows instead the number of operations
-    launched (each costs ~10-20 us of host time whatever its size), and the prefix pass is a second forward and
-    backward through every layer: ``finetune-bench`` counts the dispatched ATen operations of one forward and
-    backward (``aten_ops``), about twice as many with the prefix shared as without on SmolLM2.
+    ``auto`` shares the prefix where training computes on the CPU in fp32. There a step's time follows its FLOPs,
+    and the prefix pass removes the ~46 prompt tokens every row repeats. Where matmuls are cheap the step follows
+    instead the number of operations it issues, and the prefix pass is a second forward and backward through every
+    layer (``finetune-bench`` counts the dispatched ATen operations of one forward and backward, ``aten_ops``: about
+    twice as many with the prefix shared on SmolLM2): on a GPU (each launch costs ~10-20 us of host time whatever
+    its size) and in bf16 on a CPU with AMX. Measured on one 2-core Xeon with AMX at max_length 160: shared 1.10x
+    the real tokens/s of unshared in fp32, unshared 1.08-1.10x shared in bf16; on an EPYC with AVX-512 BF16 in bf16
+    the two are even (docs/measurements/training-speed.md).
 
     ``packed`` shares it in one pass instead of two (:func:`prefix_packed_rows`): as many operations as not sharing,
-    at the cost of attention over the whole packed sequence; not a default anywhere it was measured
-    (docs/measurements/training-speed.md).
+    at the cost of attention over the whole packed sequence; not a default anywhere it was measured.
     """
     if setting == "auto":
-        return device_type == "cpu"
+        return device_type == "cpu" and (precision or "fp32") == "fp32"
     return "packed" if setting == "packed" else bool(setting)
 
 

@@ -107,7 +107,7 @@ def prepare(job: Job, run_log) -> None:
 
     set_seed(cfg.seed)
     job.precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
-    job.share_prefix = resolve_share_prefix(tcfg.get("share_prefix", "auto"), memory_device())
+    job.share_prefix = resolve_share_prefix(tcfg.get("share_prefix", "auto"), memory_device(), job.precision.name)
     if job.resume is not None:  # the data is good; is this the run the checkpoint belongs to? (rank 0 decides)
         from finetune.training.checkpoints import check_resume_config
 

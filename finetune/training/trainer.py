@@ -295,7 +295,7 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
             on resume, so ``train_tokens`` covers the whole run.
         share_prefix: compute the prompt prefix all rows of a batch share once per batch
             (``trainer.share_prefix``; :func:`finetune.model.loss.label_position_nll`); ``auto`` resolves by the
-            device the Trainer trains on (:func:`finetune.model.loss.resolve_share_prefix`) into
+            device the Trainer trains on and ``precision`` (:func:`finetune.model.loss.resolve_share_prefix`) into
             ``trainer.share_prefix``.
         precision: the run's resolved precision (fp32 / bf16 / fp16), recorded in each checkpoint: ``auto`` can
             resolve otherwise on another machine, and a resume there would not continue the run.
@@ -310,7 +310,7 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
     if distiller is not None and not accepts_logits_to_keep(trainer.model):
         raise FinetuneError(f"distill={distiller.mode} needs a model whose forward takes logits_to_keep (the "
                             f"supervised positions' logits); {type(trainer.model).__name__} does not")
-    trainer.share_prefix = resolve_share_prefix(share_prefix, trainer.args.device.type)
+    trainer.share_prefix = resolve_share_prefix(share_prefix, trainer.args.device.type, precision)
     _say_what_cannot_apply(trainer)
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, _ResumeStateCallback):

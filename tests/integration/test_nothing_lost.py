@@ -544,19 +544,22 @@ def test_a_resume_that_changes_what_the_checkpoint_was_trained_with_is_refused_n
                                             r"\(trainer.precision=auto\); set trainer.precision=fp16"):
         run(_cfg(run_dir, "trainer.max_steps=3", resume), run_dir)
     write_checkpoint_state(last, state)
-    # trainer.share_prefix=auto resolves by device too (true on this CPU): the checkpoint records what it trained with
-    assert state["share_prefix"] is True
-    write_checkpoint_state(last, {**state, "share_prefix": False})  # as if trained on a GPU
-    with pytest.raises(FinetuneError, match=r"checkpoint-2 was trained without sharing the prompt prefix, this run "
-                                            r"would train with .*\(trainer.share_prefix=auto\); set "
-                                            r"trainer.share_prefix=false to continue it"):
+    # trainer.share_prefix=auto resolves by device and precision too (on a CPU: true in fp32, false in bf16): the
+    # checkpoint records what it trained with
+    shares = state["precision"] == "fp32"
+    assert state["share_prefix"] is shares
+    write_checkpoint_state(last, {**state, "share_prefix": not shares})  # as if trained on another machine
+    said = {True: "with the shared prompt prefix computed once per batch", False: "without sharing the prompt prefix"}
+    with pytest.raises(FinetuneError, match=rf"checkpoint-2 was trained {said[not shares]}, this run would train "
+                                            rf"{said[shares]} \(trainer.share_prefix=auto\); set "
+                                            rf"trainer.share_prefix={str(not shares).lower()} to continue it"):
         run(_cfg(run_dir, "trainer.max_steps=3", resume), run_dir)
-    # A checkpoint of the release before auto: no record in its state, true (the old default) in its config.yaml,
-    # which auto on this CPU continues.
+    # A checkpoint of the release before auto: no record in its state, its own value in its config.yaml (true, the
+    # old default; here the value auto gives on this machine), which auto continues.
     write_checkpoint_state(last, {k: v for k, v in state.items() if k != "share_prefix"})
     config = run_dir / "config.yaml"
-    config.write_text(config.read_text().replace("share_prefix: auto", "share_prefix: true"))
-    assert snapshot(run_dir) != before and "share_prefix: true" in config.read_text()
+    config.write_text(config.read_text().replace("share_prefix: auto", f"share_prefix: {str(shares).lower()}"))
+    assert snapshot(run_dir) != before and f"share_prefix: {str(shares).lower()}" in config.read_text()
     again = run(_cfg(run_dir, "trainer.max_steps=3", resume, "eval.batch_size=3", "trainer.logging_steps=1"), run_dir)
     assert again["train_steps"] == 3 and again["resumed_from"]["step"] == 2
 

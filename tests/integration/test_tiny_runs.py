@@ -62,7 +62,7 @@ def test_sharegpt_tool_roles_must_be_mapped(tmp_path):
 def test_dora_run(tmp_path):
     m, _ = _run(tmp_path, "lora=dora", f"dataset.path={shared('chnsenticorp')}")
     assert m["method"] == "dora" and m["trainable_params"] > 0
-    assert m["share_prefix"] is True  # trainer.share_prefix=auto on the CPU, recorded as resolved
+    assert m["share_prefix"] is (m["precision"] == "fp32")  # trainer.share_prefix=auto on the CPU, recorded as resolved
     # the selection score comes from the validation split, scored like test; both are recorded
     assert m["n_val_scored"] == m["n_validation"] and 0.0 <= m["val_accuracy"] <= 1.0 and 0.0 <= m["accuracy"] <= 1.0
 

@@ -294,22 +294,26 @@ def test_the_prefix_is_not_shared_where_it_would_change_the_result():
     assert not can_share_prefix(model)  # the cache is off under gradient checkpointing
 
 
-def test_share_prefix_auto_shares_on_the_cpu_and_not_on_a_gpu(tmp_path):
-    """auto: a CPU step's time follows its FLOPs (the prefix pass saves some); a small model's GPU step follows the
-    operations it launches, and the prefix pass is a second forward and backward through every layer."""
+def test_share_prefix_auto_shares_in_fp32_on_the_cpu_only(tmp_path):
+    """auto: an fp32 CPU step's time follows its FLOPs (the prefix pass saves some); a small model's GPU step, and a
+    bf16 step on a CPU with AMX, follow the operations issued, and the prefix pass is a second forward and backward
+    through every layer."""
     from transformers import TrainingArguments
 
     from finetune.model.loss import resolve_share_prefix
     from tests.conftest import compose_cfg
 
     assert compose_cfg(["model=tiny"]).trainer.share_prefix == "auto"
-    assert resolve_share_prefix("auto", "cpu") is True
-    assert resolve_share_prefix("auto", "cuda") is False
+    assert resolve_share_prefix("auto", "cpu", "fp32") is True and resolve_share_prefix("auto", "cpu") is True
+    assert resolve_share_prefix("auto", "cpu", "bf16") is False
+    assert resolve_share_prefix("auto", "cuda", "fp32") is False and resolve_share_prefix("auto", "cuda", "bf16") is False
     assert resolve_share_prefix("auto", "xpu") is False
     assert resolve_share_prefix(True, "cuda") is True and resolve_share_prefix(False, "cpu") is False
+    assert resolve_share_prefix(True, "cpu", "bf16") is True  # asked for: shared in any precision
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     model = lora(FAMILIES["llama"]())
-    assert make_trainer(model=model, args=args, share_prefix="auto").share_prefix is True  # args.device: cpu
+    assert make_trainer(model=model, args=args, share_prefix="auto", precision="fp32").share_prefix is True  # cpu
+    assert make_trainer(model=model, args=args, share_prefix="auto", precision="bf16").share_prefix is False
     assert make_trainer(model=model, args=args, share_prefix=False).share_prefix is False
 
 
