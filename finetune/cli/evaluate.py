@@ -136,7 +136,7 @@ def rows_to_score(path: Path, cfg, overrides: list[str], split: str) -> tuple[li
 def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_size: int | None = None) -> dict:
     """Score a run on a split or file; returns the result dict (also what the CLI writes)."""
     from finetune.data import tokenize_split
-    from finetune.evaluation.scoring import classify, loss_and_perplexity
+    from finetune.evaluation.scoring import classify, loss_and_perplexity, scores_and_loss, scores_to_metrics
     from finetune.model.load import resolve_precision
     from finetune.model.load import load_run
     from finetune.runs import run_config, run_kind, run_metrics
@@ -159,12 +159,20 @@ def evaluate_run(run_dir: str, overrides: list[str], split: str = "test", batch_
         log.warning("scoring in %s; the run trained and scored in %s (trainer.precision=%s resolves by machine): "
                     "scores can differ from the run's in the last digits", precision.name, trained,
                     cfg.trainer.precision)
-    if dcfg.task == "classification":
-        out = classify(model, tok, rows, dcfg, max_len, bs, precision.bf16)
-        result.update(accuracy=out["accuracy"], f1=out["f1"])
-    ds = tokenize_split(rows, dcfg, tok, max_len)
-    lp = loss_and_perplexity(model, ds, tok.pad_token_id, bs, precision.bf16)
-    result.update(eval_loss=lp["eval_loss"], perplexity=lp["perplexity"])
+    # Each split scored as the run scored it: validation's scores and loss from one pass where that is exact
+    # (scores_and_loss, as the run's selection score), so its figures reproduce the run's to the last digit.
+    both = (scores_and_loss(model, tok, rows, dcfg, max_len, bs, precision.bf16)
+            if dcfg.task == "classification" and split == "validation" else None)
+    if both is not None:
+        out = scores_to_metrics(both[0], rows, dcfg)
+        result.update(accuracy=out["accuracy"], f1=out["f1"], eval_loss=both[1]["eval_loss"],
+                      perplexity=both[1]["perplexity"])
+    else:
+        if dcfg.task == "classification":
+            out = classify(model, tok, rows, dcfg, max_len, bs, precision.bf16)
+            result.update(accuracy=out["accuracy"], f1=out["f1"])
+        lp = loss_and_perplexity(model, tokenize_split(rows, dcfg, tok, max_len), tok.pad_token_id, bs, precision.bf16)
+        result.update(eval_loss=lp["eval_loss"], perplexity=lp["perplexity"])
     result["eval_runtime_s"] = round(time.perf_counter() - t0, 2)
     return result
 
