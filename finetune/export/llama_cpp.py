@@ -90,6 +90,9 @@ _BATCH_PROBE = ("import sys, llama_cpp\n"
                 "llm.eval(list(range(1, 65)))\n")
 
 
+PROBE_TIMEOUT_S = 300
+
+
 def extra_buffers_fail(path: Path, probe: str = _BATCH_PROBE) -> str | None:
     """Why llama.cpp cannot compute a batch of the GGUF file at ``path`` with its extra buffer types on this CPU
     (in one line), or None where it can. Decided in a process apart (a crash there costs nothing), once per file."""
@@ -99,8 +102,12 @@ def extra_buffers_fail(path: Path, probe: str = _BATCH_PROBE) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _extra_buffers_fail(path: str, size: int, mtime_ns: int, probe: str) -> str | None:
-    run = subprocess.run([sys.executable, "-c", probe, path, str(threads())], capture_output=True, text=True,
-                         timeout=300)
+    try:
+        run = subprocess.run([sys.executable, "-c", probe, path, str(threads())], capture_output=True, text=True,
+                             timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return (f"llama.cpp did not finish a batch of this file with its extra buffer types (AMX tiles, repacked "
+                f"weights) in {PROBE_TIMEOUT_S} s on this CPU; loaded without them")
     if run.returncode == 0:
         return None
     how = f"signal {-run.returncode}" if run.returncode < 0 else f"exit status {run.returncode}"

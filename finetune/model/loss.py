@@ -183,7 +183,7 @@ def resolve_share_prefix(setting, device_type: str, precision: str | None = "fp3
     layer (``finetune-bench`` counts the dispatched ATen operations of one forward and backward, ``aten_ops``: about
     twice as many with the prefix shared on SmolLM2): on a GPU (each launch costs ~10-20 us of host time whatever
     its size) and in bf16 on a CPU with AMX. Measured on one 2-core Xeon with AMX at max_length 160: shared 1.10x
-    the real tokens/s of unshared in fp32, unshared 1.08-1.10x shared in bf16; on an EPYC with AVX-512 BF16 in bf16
+    the real tokens/s of unshared in fp32, unshared 1.08-1.11x shared in bf16; on an EPYC with AVX-512 BF16 in bf16
     the two are even (docs/measurements/training-speed.md).
 
     ``packed`` shares it in one pass instead of two (:func:`prefix_packed_rows`): as many operations as not sharing,

@@ -67,6 +67,14 @@ def test_a_probe_that_dies_turns_the_extra_buffer_types_off(tmp_path):
     assert llama_cpp.extra_buffers_fail(path, probe="pass") is None
 
 
+def test_a_probe_that_hangs_turns_the_extra_buffer_types_off_instead_of_failing_the_export(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    monkeypatch.setattr(llama_cpp, "PROBE_TIMEOUT_S", 1)
+    why = llama_cpp.extra_buffers_fail(path, probe="import time; time.sleep(30)")
+    assert why is not None and "did not finish" in why and "in 1 s" in why
+
+
 def test_the_embedded_q4_1_file_computes_a_batch_in_this_process():
     """The embedded SmolLM2 GGUF (Q4_1: the weight types llama.cpp's AMX and repacking kernels take) loaded as an
     export loads it computes a 64-token batch here and the next token after it; without the probe this process
