@@ -80,7 +80,7 @@ def not_usable() -> str | None:
 
 
 # llama.cpp's extra buffer types (AMX tiles, weights repacked for AVX2 / AVX-512) compute batches of more than one
-# token. llama-cpp-python 0.3.36 built with AMX_INT8 dies of SIGSEGV there on a 2-core Xeon with AMX (Q4_0 and Q4_1
+# token. llama-cpp-python 0.3.36 built with AMX_INT8 dies of SIGSEGV there on a 2-core Xeon with AMX (Q4_0, Q4_1, Q8_0
 # files alike; one token at a time runs), the fault of ggml_backend_amx_mul_mat that llama.cpp's issue 20824
 # reports: a process apart computes one batch of the file first, and the file is loaded without them if it dies.
 _BATCH_PROBE = ("import sys, llama_cpp\n"
