@@ -280,38 +280,7 @@ def _check(target: Path, tok, dtype: str, info: dict, quant_ref: list | None, ki
     print(f"check 2 (written checkpoint, plain transformers, {dtype}): max |logit difference| = {diff:.3g} "
           f"(tolerance {tol:.3g} = {RTOL[dtype]:g} x logit scale)")
     out.update(max_abs_diff=diff, tolerance=tol, rtol=RTOL[dtype], merge_rtol=MERGE_RTOL)
-    failed = []
-    if quant_ref is not None:
-        # The merged model vs the QLoRA model as trained (bitsandbytes kernels, in the precision they compute in).
-        qdiff, _ = max_abs_diff(quant_ref, info["merged_logits"])
-        out["max_abs_diff_vs_quantized_adapter"] = qdiff
-        mode = info["base_quantization"]
-        if info["base_weights"] == "dequantized":
-            qrtol = QUANT_RTOL[info["reference_precision"]]
-            qtol = qrtol * scale
-            kernel_note = ""
-            if mode == "int8" and info.get("quantized_base_logits") is not None and "base_logits" in info:
-                kernel, _ = max_abs_diff(info["quantized_base_logits"], info["base_logits"])
-                qtol += INT8_KERNEL_FACTOR * kernel
-                out["int8_kernel_distance"] = kernel
-                kernel_note = (f" + {INT8_KERNEL_FACTOR:g} x {kernel:.3g}, the int8 base's own distance from its "
-                               "de-quantized weights without the adapter: LLM.int8() quantizes activations too, "
-                               "which no float checkpoint reproduces")
-            out.update(quantized_adapter_tolerance=qtol, quantized_adapter_rtol=qrtol,
-                       quantized_adapter_precision=info["reference_precision"])
-            print(f"check 3 (the model as trained): max |logit difference| = {qdiff:.3g} vs the adapter on the "
-                  f"{mode}-quantized base (tolerance {qtol:.3g} = {qrtol:g} x logit scale{kernel_note}, "
-                  f"{info['reference_precision']} compute)")
-            if qdiff > qtol:
-                failed.append(f"merged vs the adapter on the {mode} base {qdiff:.3g} > {qtol:.3g}")
-        else:
-            print(f"note: base=original: vs the adapter on the {mode}-quantized base as trained the max |logit "
-                  f"difference| is {qdiff:.3g} (the base's quantization error)")
-        if info.get("original_w_logits") is not None:
-            odiff, _ = max_abs_diff(quant_ref, info["original_w_logits"])
-            out["original_w_merge_max_abs_diff"] = odiff
-            print(f"note: merging into the original full-precision weights instead (base=original) would be "
-                  f"{odiff:.3g} away from the model as trained")
+    failed = _check_quantized(info, quant_ref, scale, out) if quant_ref is not None else []
     if merge_diff > merge_tol:
         failed.append(f"merged vs adapter (float32) {merge_diff:.3g} > {merge_tol:.3g}")
     if diff > tol:
@@ -320,6 +289,43 @@ def _check(target: Path, tok, dtype: str, info: dict, quant_ref: list | None, ki
     if failed:
         out["failed"] = "; ".join(failed)
     return out
+
+
+def _check_quantized(info: dict, quant_ref: list, scale: float, out: dict) -> list[str]:
+    """Check 3 of a QLoRA run (module docstring): the merged model against the model as trained, on the
+    quantized base; records its figures in ``out`` and returns the failures."""
+    failed: list[str] = []
+    # The merged model vs the QLoRA model as trained (bitsandbytes kernels, in the precision they compute in).
+    qdiff, _ = max_abs_diff(quant_ref, info["merged_logits"])
+    out["max_abs_diff_vs_quantized_adapter"] = qdiff
+    mode = info["base_quantization"]
+    if info["base_weights"] == "dequantized":
+        qrtol = QUANT_RTOL[info["reference_precision"]]
+        qtol = qrtol * scale
+        kernel_note = ""
+        if mode == "int8" and info.get("quantized_base_logits") is not None and "base_logits" in info:
+            kernel, _ = max_abs_diff(info["quantized_base_logits"], info["base_logits"])
+            qtol += INT8_KERNEL_FACTOR * kernel
+            out["int8_kernel_distance"] = kernel
+            kernel_note = (f" + {INT8_KERNEL_FACTOR:g} x {kernel:.3g}, the int8 base's own distance from its "
+                           "de-quantized weights without the adapter: LLM.int8() quantizes activations too, "
+                           "which no float checkpoint reproduces")
+        out.update(quantized_adapter_tolerance=qtol, quantized_adapter_rtol=qrtol,
+                   quantized_adapter_precision=info["reference_precision"])
+        print(f"check 3 (the model as trained): max |logit difference| = {qdiff:.3g} vs the adapter on the "
+              f"{mode}-quantized base (tolerance {qtol:.3g} = {qrtol:g} x logit scale{kernel_note}, "
+              f"{info['reference_precision']} compute)")
+        if qdiff > qtol:
+            failed.append(f"merged vs the adapter on the {mode} base {qdiff:.3g} > {qtol:.3g}")
+    else:
+        print(f"note: base=original: vs the adapter on the {mode}-quantized base as trained the max |logit "
+              f"difference| is {qdiff:.3g} (the base's quantization error)")
+    if info.get("original_w_logits") is not None:
+        odiff, _ = max_abs_diff(quant_ref, info["original_w_logits"])
+        out["original_w_merge_max_abs_diff"] = odiff
+        print(f"note: merging into the original full-precision weights instead (base=original) would be "
+              f"{odiff:.3g} away from the model as trained")
+    return failed
 
 
 def _run_precision(cfg) -> str:

@@ -11,58 +11,14 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import method_name, qat_targets
+from finetune.training.state import Job
 from finetune.training.zero_shot import baseline  # noqa: F401 (a stage: run from finetune.training.job)
 
 log = logging.getLogger("finetune.cli.train")
-
-
-@dataclass
-class Job:
-    """What the stages of one run share."""
-
-    cfg: DictConfig
-    run_dir: Path
-    writer: Any  # finetune.runs.RunWriter
-    overrides: list[str]
-    job: str
-    resume: str | None = None
-    lora_init: Path | None = None  # lora.init checked: the run whose adapter this one starts as
-    metrics: dict = field(default_factory=dict)
-    splits: Any = None
-    model: Any = None
-    tok: Any = None
-    precision: Any = None
-    share_prefix: bool = True  # trainer.share_prefix resolved for the device training runs on
-    main: bool = True
-    sharded: bool = False
-    qat_handle: Any = None
-    distiller: Any = None  # finetune.training.distill.Distiller (distill=self | run)
-    trunk: Any = None  # finetune.evaluation.trunk.FrozenTrunk: the frozen lower layers' test states, zero-shot to final
-    loaded_params: dict = field(default_factory=dict)  # the parameters model_memory_mb counted: {id: weakref}
-    callbacks: list = field(default_factory=list)
-    val_ds: Any = None
-    trainer: Any = None
-    wandb_run: Any = None
-    started: float = field(default_factory=time.monotonic)  # for run_wall_s
-
-    @property
-    def classification(self) -> bool:
-        return self.cfg.dataset.task == "classification"
-
-    @property
-    def max_length(self) -> int:
-        return int(self.cfg.trainer.max_length)
-
-    @property
-    def eval_batch_size(self) -> int:
-        return int(self.cfg.eval.batch_size)
 
 
 def _early_files(cfg: DictConfig, overrides: list[str]) -> dict[str, str]:
@@ -100,10 +56,10 @@ def prepare(job: Job, run_log) -> None:
 
     from transformers import set_seed
 
-    from finetune.model.load import load_model, resolve_precision
+    from finetune.model.load import resolve_precision
     from finetune.model.loss import resolve_share_prefix
     from finetune.training import distributed
-    from finetune.training.memory import bound_cpu_allocator, memory_device, reset_peak_memory
+    from finetune.training.memory import memory_device
 
     set_seed(cfg.seed)
     job.precision = resolve_precision(tcfg.precision, cfg.model.dtype, full_finetune=cfg.lora.method == "none")
@@ -120,7 +76,16 @@ def prepare(job: Job, run_log) -> None:
     if job.main:  # config and data are good: from here on the run writes into its directory (rank 0 alone)
         job.writer.begin(_early_files(cfg, job.overrides))
         run_log.open(job.run_dir / "train.log")
-    job.metrics = {
+    job.metrics = _first_metrics(job, splits)
+    _load(job)
+
+
+def _first_metrics(job: Job, splits) -> dict:
+    """metrics.json as a run starts: what runs, on what data, with which settings."""
+    from finetune.training.memory import memory_device
+
+    cfg, dcfg = job.cfg, job.cfg.dataset
+    metrics = {
         "status": "running", "job": job.job, "method": method_name(cfg), "model": cfg.model.name_or_path,
         "dataset": dcfg.name, "task": dcfg.task, "data_source": splits.source,
         "quantization": cfg.quantization.mode, "qat_targets": qat_targets(cfg), "precision": job.precision.name,
@@ -129,10 +94,21 @@ def prepare(job: Job, run_log) -> None:
     }
     if cfg.lora.method != "none":
         lora = OmegaConf.to_container(cfg.lora, resolve=True)
-        job.metrics["lora"] = {k: lora.get(k) for k in ("r", "alpha", "dropout", "target_modules", "layers")}
+        metrics["lora"] = {k: lora.get(k) for k in ("r", "alpha", "dropout", "target_modules", "layers")}
     if memory_device() == "cpu":
+        from finetune.training.memory import bound_cpu_allocator
+
         bounded = bound_cpu_allocator() if cfg.get("cpu_allocator") == "bounded" else None
-        job.metrics["cpu_allocator"] = bounded or "glibc default"
+        metrics["cpu_allocator"] = bounded or "glibc default"
+    return metrics
+
+
+def _load(job: Job) -> None:
+    """The model and tokenizer, with what they weigh and (rank 0) the base's fingerprint."""
+    from finetune.model.load import load_model
+    from finetune.training.memory import reset_peak_memory
+
+    cfg, tcfg = job.cfg, job.cfg.trainer
     reset_peak_memory()
     job.model, job.tok, resolved = load_model(cfg.model, cfg.quantization, job.precision,
                                               gradient_checkpointing=bool(tcfg.gradient_checkpointing),
