@@ -108,6 +108,8 @@ FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "int8_weight_group_size": (NUMBER, "INT4 weight group size (w4a8)"),
     "ptq_baselines": (MAPPING, "qat.baselines: per baseline, its scale and calibration and, per target set "
                                "(qat.baseline_targets), its simulated scores with their round-off spread"),
+    "ptq_validation": (MAPPING, "qat.baselines: per target set, round-to-nearest's (rtn) and each baseline's "
+                                "simulated scores on the validation split: what chooses the strongest (test not searched)"),
     "int8_batch_size": (NUMBER, "qat.eval_batch_size: rows per forward of the simulation, whatever eval.batch_size"),
     "int8_spread_rescorings": (NUMBER, "qat.eval_spread: perturbed re-scorings behind each *_int8_spread"),
     "int8_perturbation": (NUMBER, "relative size of the k-th re-scoring's input perturbation: 1 + k x this"),

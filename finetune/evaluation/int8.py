@@ -26,11 +26,12 @@ log = logging.getLogger("finetune.evaluation.int8")
 PTQ_TARGET_SETS = (*((group,) for group in QAT_TARGETS), QAT_TARGETS)
 
 
-def _score(model, tok, splits: DataSplits, dcfg: DictConfig, max_len: int, bs: int, bf16: bool) -> dict:
+def _score(model, tok, splits: DataSplits, dcfg: DictConfig, max_len: int, bs: int, bf16: bool,
+           split: str = "test") -> dict:
     if dcfg.task == "classification":
-        out = classify(model, tok, splits.test, dcfg, max_len, bs, bf16)
+        out = classify(model, tok, getattr(splits, split), dcfg, max_len, bs, bf16)
         return {"accuracy_int8": out["accuracy"], "f1_int8": out["f1"], "predictions": out["predictions"]}
-    rows = splits.test or splits.validation
+    rows = splits.validation if split == "validation" else splits.test or splits.validation
     lp = loss_and_perplexity(model, tokenize_split(rows, dcfg, tok, max_len), tok.pad_token_id, bs, bf16)
     return {"loss_int8": lp["eval_loss"], "perplexity_int8": lp["perplexity"]}
 
@@ -98,6 +99,18 @@ def scores_with_spread(model, tok, splits: DataSplits, dcfg: DictConfig, max_len
     return out
 
 
+def validation_scores(model, tok, splits: DataSplits, dcfg: DictConfig, max_len: int, bs: int, bf16: bool,
+                      cache: ScoreCache, parts: dict) -> dict | None:
+    """The simulation's scores on the validation split, one scoring: what chooses the strongest PTQ baseline, so
+    that the test split measures the chosen one and is not searched over. None where the run has no validation
+    rows apart from its test rows."""
+    if not splits.validation or not splits.test:
+        return None
+    scores = cache.scored({**parts, "split": "validation", "rescoring": 0, "perturbation": 0.0},
+                          lambda: _score(model, tok, splits, dcfg, max_len, bs, bf16, split="validation"))
+    return {k: v for k, v in scores.items() if k != "predictions"}
+
+
 CALIBRATION_ROWS = 64  # training rows that calibrate a static PTQ baseline
 
 
@@ -146,10 +159,14 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     calibration = calibration_batches(splits, dcfg, tok, max_len, bs) if QATConfig.from_cfg(qcfg).scale == "static" \
         else None
     # llama.cpp's grids run every linear, so their PTQ baseline is attn+ffn only
+    chosen_on: dict = {}  # ptq_validation: round-to-nearest's and each baseline's validation scores, per set
     for target_set in (QAT_TARGETS,) if config.weight_grid else PTQ_TARGET_SETS:
+        parts = {"targets": list(target_set), "kind": "ptq"}
         with simulate_int8(model, list(target_set), qcfg, calibration=calibration) as sim:
-            scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings, cache,
-                                        {"targets": list(target_set), "kind": "ptq"})
+            scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings, cache, parts)
+            if qcfg.get("baselines") and target_set in baseline_sets(qcfg):
+                _chosen_on(chosen_on, target_set, "rtn",
+                           validation_scores(model, tok, splits, dcfg, max_len, bs, bf16, cache, parts))
         result["int8_scale"] = sim.config.scale
         _log("PTQ", target_set, scores, bits, _weights(how))
         if target_set == QAT_TARGETS:
@@ -157,7 +174,9 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
         else:
             result.update({f"{k}_{target_set[0]}": v for k, v in scores.items()})  # accuracy_int8_ffn, ...
     if qcfg.get("baselines"):
-        result["ptq_baselines"] = baseline_scores(model, tok, splits, dcfg, qcfg, max_len, bf16, cache)
+        result["ptq_baselines"] = baseline_scores(model, tok, splits, dcfg, qcfg, max_len, bf16, cache, chosen_on)
+        if chosen_on:
+            result["ptq_validation"] = chosen_on
     if cache.hits:
         log.info("simulated deployment: %d scorings read back from the score cache (the same weights, rows and "
                  "settings scored before: a resumed run's earlier attempt)", cache.hits)
@@ -170,26 +189,35 @@ def baseline_sets(qcfg) -> list[tuple[str, ...]]:
 
 
 def baseline_scores(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictConfig, max_len: int,
-                    bf16: bool, cache: ScoreCache | None = None) -> dict:
+                    bf16: bool, cache: ScoreCache | None = None, chosen_on: dict | None = None) -> dict:
     """Each ``qat.baselines`` entry scored on each ``qat.baseline_targets`` set, calibrated on training rows
-    (:func:`calibration_batches`), every score with its round-off spread: ``{name: {set: scores, "how": ...}}``."""
+    (:func:`calibration_batches`), every score with its round-off spread: ``{name: {set: scores, "how": ...}}``.
+    With ``chosen_on``, each one's validation scores go there too (:func:`validation_scores`)."""
     from finetune.qat.attach import simulate_int8
-    from finetune.qat.baselines import baseline_qcfg
 
     bs, rescorings = int8_batch_size(qcfg), int(qcfg.get("eval_spread") or 0)
+    cache = cache or ScoreCache(None)
     calibration = calibration_batches(splits, dcfg, tok, max_len, bs)
     out: dict = {}
     for name in qcfg.baselines:
         entry: dict = {"calibration": f"{len(calibration)} batches of the first {CALIBRATION_ROWS} training rows"}
         for target_set in baseline_sets(qcfg):
+            parts = {"targets": list(target_set), "kind": "baseline", "baseline": str(name)}
             with simulate_int8(model, list(target_set), qcfg, calibration=calibration, baseline=str(name)) as sim:
-                scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings, cache,
-                                            {"targets": list(target_set), "kind": "baseline", "baseline": str(name)})
+                scores = scores_with_spread(model, tok, splits, dcfg, max_len, bs, bf16, rescorings, cache, parts)
+                if chosen_on is not None:
+                    _chosen_on(chosen_on, target_set, str(name),
+                               validation_scores(model, tok, splits, dcfg, max_len, bs, bf16, cache, parts))
             entry["scale"] = sim.config.scale
             _log(f"PTQ {name}", target_set, scores)
             entry["+".join(target_set)] = scores
         out[str(name)] = entry
     return out
+
+
+def _chosen_on(chosen_on: dict, target_set, name: str, scores: dict | None) -> None:
+    if scores is not None:
+        chosen_on.setdefault("+".join(target_set), {})[name] = scores
 
 
 def _log(kind: str, targets, scores: dict, bits: int = 8, weights: str = "INT8") -> None:

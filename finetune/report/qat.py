@@ -14,18 +14,10 @@ import math
 
 import pandas as pd
 
-from finetune.config import QAT_TARGETS
 from finetune.report.collect import ok_rows, varies
 from finetune.report.format import NA, to_float
-
-# Where a no-QAT run keeps its post-training-quantization score for each target set (finetune.evaluation.int8).
-PTQ_SUFFIX = {**{group: f"_{group}" for group in QAT_TARGETS}, "+".join(QAT_TARGETS): ""}
-# Settings a QAT run shares with its PTQ baseline whenever they vary across the sweep (seed above all: a
-# seed also picks the training and test rows, so runs of different seeds are not comparable one to one).
-PAIR_KEYS = ("seed", "model", "dataset", "quantization", "lr", "lora.r", "lora.alpha", "lora.dropout",
-             "lora.target_modules", "int8_eval_bits", "int8_granularity", "int8_scale", "int8_scheme", "int8_weight_group_size",
-             "int8_batch_size", "n_train", "n_test")
-
+from finetune.report.ptq import (PTQ_SUFFIX, beyond_roundoff, best_ptq, ptq_score, selection_note,
+                                  validation_scores, width)
 
 def low_bit_label(df: pd.DataFrame) -> str:
     """The simulated deployment's name in headings: ``INT8`` (8-bit activations, INT8 weights), ``INT4`` etc. when
@@ -37,69 +29,6 @@ def low_bit_label(df: pd.DataFrame) -> str:
     if "w4a8" in schemes:
         return "W4A8" if schemes == {"w4a8"} and bits <= {8} else "low-bit"
     return f"INT{bits.pop()}" if len(bits) == 1 else "INT8" if not bits else "INT<n>"
-
-
-def ptq_baseline(df: pd.DataFrame, row: pd.Series) -> pd.Series | None:
-    """The finished no-QAT run that ``row`` is compared with: the first one that matches it on every
-    :data:`PAIR_KEYS` setting that varies across the sweep; ``None`` when there is none."""
-    ok = ok_rows(df)
-    if "qat_targets" not in ok.columns:
-        return None
-    pool = ok[ok["qat_targets"].astype(str) == "none"]
-    for key in PAIR_KEYS:
-        if varies(ok, key):
-            pool = pool[pool[key].astype(str) == str(row.get(key))]
-    return pool.iloc[0] if len(pool) else None
-
-
-def targets_of(row: pd.Series) -> str:
-    """The quantized target set of a run's row, whatever arm label follows it (``ffn QKD-self`` -> ``ffn``)."""
-    return str(row.get("qat_targets")).split(" ")[0]
-
-
-def ptq_score(df: pd.DataFrame, row: pd.Series, key: str) -> float | None:
-    """The PTQ score ``key`` (``accuracy_int8``, ``f1_int8``, ``perplexity_int8``) for the targets of QAT run
-    ``row``: its baseline's score on the same target set; ``None`` for a no-QAT row or a missing baseline."""
-    label = targets_of(row)
-    if label not in PTQ_SUFFIX:
-        return None
-    base = ptq_baseline(df, row)
-    return None if base is None else to_float(base.get(key + PTQ_SUFFIX[label]))
-
-
-def best_ptq(df: pd.DataFrame, row: pd.Series, key: str, generation: bool) -> tuple[float | None, str | None]:
-    """The strongest post-training baseline for the targets of QAT run ``row``: round-to-nearest (``rtn``) or one
-    of its baseline run's ``qat.baselines`` (metrics.json ``ptq_baselines``) on the same target set, by ``key``
-    (highest accuracy, lowest perplexity). ``(score, name)``; ``(None, None)`` without a baseline."""
-    label = targets_of(row)
-    base = ptq_baseline(df, row) if label in PTQ_SUFFIX and label != "none" else None
-    if base is None:
-        return None, None
-    found = {"rtn": to_float(base.get(key + PTQ_SUFFIX[label]))}
-    prefix, suffix = "ptq_baselines.", f".{label}.{key}"
-    for column in base.index:
-        if column.startswith(prefix) and column.endswith(suffix):
-            found[column[len(prefix):-len(suffix)]] = to_float(base.get(column))
-    found = {name: v for name, v in found.items() if v is not None and v == v}
-    if not found:
-        return None, None
-    name = (min if generation else max)(found, key=found.get)
-    return found[name], name
-
-
-def beyond_roundoff(df: pd.DataFrame, row: pd.Series, key: str, best_name: str | None) -> float:
-    """1.0 where QAT run ``row``'s round-off range of ``key`` and that of its strongest PTQ baseline ``best_name``
-    do not overlap (their difference is more than round-off), 0.0 where they do, NaN where either has none."""
-    label, base = targets_of(row), ptq_baseline(df, row)
-    if best_name is None or base is None or label not in PTQ_SUFFIX:
-        return math.nan
-    column = (key + "_spread" + PTQ_SUFFIX[label] if best_name == "rtn"
-              else f"ptq_baselines.{best_name}.{label}.{key}_spread")
-    ranges = [_range(row.get(key + "_spread")), _range(base.get(column))]
-    if None in ranges:
-        return math.nan
-    (low_a, high_a), (low_b, high_b) = ranges
-    return float(high_a < low_b or low_a > high_b)
 
 
 def qat_scores(df: pd.DataFrame, generation: bool) -> pd.DataFrame:
@@ -325,7 +254,7 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
     notes = [f"Means over {seeds} seeds: each QAT run is paired with the no-QAT run of its own seed "
              + ("and scheme " if by_scheme else "") + "(its PTQ baseline) and the differences are averaged over those "
              "pairs; a QAT run whose seed has no finished no-QAT run is left out of the paired columns."]
-    return takeaway, notes + majority_note(df), summary_table(summary, low, generation)
+    return takeaway, notes + selection_note(df) + majority_note(df), summary_table(summary, low, generation)
 
 
 def majority_note(df: pd.DataFrame) -> list[str]:
@@ -343,8 +272,9 @@ def majority_note(df: pd.DataFrame) -> list[str]:
 
 def ptq_baselines_table(df: pd.DataFrame, generation: bool) -> pd.DataFrame | None:
     """Every PTQ baseline the no-QAT runs scored (round-to-nearest and ``qat.baselines``), per scheme and target
-    set: the mean score over the runs (seeds), its F1 (classification), the per-run scores and the widest round-off
-    range; ``None`` when no run scored a baseline beyond round-to-nearest."""
+    set: the mean score over the runs (seeds), its F1 (classification), the per-run scores, the widest round-off
+    range and, where the runs scored them there, the mean validation score that chooses the strongest; ``None`` when
+    no run scored a baseline beyond round-to-nearest."""
     key = "perplexity_int8" if generation else "accuracy_int8"
     scale = 1.0 if generation else 100.0
     plain = ok_rows(df)
@@ -359,37 +289,26 @@ def ptq_baselines_table(df: pd.DataFrame, generation: bool) -> pd.DataFrame | No
             rows = [("rtn", key + rtn, "f1_int8" + rtn, key + "_spread" + rtn)] if rtn is not None else []
             rows += [(n, f"ptq_baselines.{n}.{t}.{key}", f"ptq_baselines.{n}.{t}.f1_int8",
                       f"ptq_baselines.{n}.{t}.{key}_spread") for n, t in scored if t == target_set]
+            chosen_by = validation_scores(r, target_set, key)
             for name, score, f1, spread in rows:
                 if to_float(r.get(score)) is not None:
                     found.setdefault((scheme, target_set, name), []).append(
-                        (to_float(r.get(score)) * scale, to_float(r.get(f1)), r.get(spread)))
+                        (to_float(r.get(score)) * scale, to_float(r.get(f1)), r.get(spread), chosen_by.get(name)))
     if not found:
         return None
+    validated = any(v is not None for runs in found.values() for *_, v in runs)
     records = []
     for (scheme, target_set, name), runs in found.items():
-        scores = [s for s, _, _ in runs]
-        f1s = [f * scale for _, f, _ in runs if f is not None]
-        widths = [_width(spread) * scale for _, _, spread in runs if _width(spread) is not None]
+        scores = [s for s, *_ in runs]
+        f1s = [f * scale for _, f, _, _ in runs if f is not None]
+        widths = [width(spread) * scale for _, _, spread, _ in runs if width(spread) is not None]
+        vals = [v * scale for *_, v in runs if v is not None]
         records.append([scheme, target_set, name, str(len(runs)), display_number(sum(scores) / len(scores), generation)]
                        + ([] if generation else [display_number(sum(f1s) / len(f1s), False) if f1s else NA])
                        + [", ".join(display_number(s, generation) for s in scores),
-                          display_number(max(widths), generation) if widths else NA])
+                          display_number(max(widths), generation) if widths else NA]
+                       + ([display_number(sum(vals) / len(vals), generation) if vals else NA] if validated else []))
     unit = "perplexity" if generation else "accuracy (%)"
     headers = ["Scheme", "Targets", "PTQ baseline", "Runs", f"Mean {unit}"] + ([] if generation else ["Mean F1 (%)"]) \
-        + [f"Per run {unit}", "Widest round-off range"]
+        + [f"Per run {unit}", "Widest round-off range"] + ([f"Mean validation {unit}"] if validated else [])
     return pd.DataFrame(records, columns=headers, dtype=object)
-
-
-def _range(spread) -> tuple[float, float] | None:
-    """A ``[low, high]`` round-off range as collected (``"low,high"``); None without one."""
-    try:
-        low, high = (float(v) for v in str(spread).split(","))
-    except ValueError:
-        return None
-    return low, high
-
-
-def _width(spread) -> float | None:
-    """The width of a round-off range (:func:`_range`); None without one."""
-    found = _range(spread)
-    return None if found is None else found[1] - found[0]

@@ -43,7 +43,15 @@ def test_the_simulated_score_and_its_shapes_are_the_same_at_every_eval_batch_siz
     assert one["int8_batch_size"] == 16 and one["accuracy"] == pytest.approx(sixteen["accuracy"])
 
 
-def test_every_simulated_score_has_its_round_off_range(tmp_path):
+def test_every_simulated_score_has_its_round_off_range(tmp_path, monkeypatch):
+    rows_scored = []
+    real = int8.classify
+
+    def spy(model, tok, rows, *args, **kwargs):
+        rows_scored.append(len(rows))
+        return real(model, tok, rows, *args, **kwargs)
+
+    monkeypatch.setattr(int8, "classify", spy)
     m = _run(tmp_path, "ptq", "qat_targets=[]", "qat.eval_int8=true", "qat.eval_spread=2",
              "qat.baselines=[token,smoothquant-0.5]", "qat.baseline_targets=[ffn,attn+ffn]")
     assert problems(m) == [] and m["int8_spread_rescorings"] == 2 and m["int8_perturbation"] == 1e-6
@@ -59,6 +67,14 @@ def test_every_simulated_score_has_its_round_off_range(tmp_path):
         for target_set in ("ffn", "attn+ffn"):
             low, high = entry[target_set]["accuracy_int8_spread"]
             assert low <= entry[target_set]["accuracy_int8"] <= high
+    # what chooses the strongest baseline: round-to-nearest and each baseline once on the 4 validation rows, per set
+    validation = m["ptq_validation"]
+    assert list(validation) == ["ffn", "attn+ffn"]
+    assert all(list(v) == ["rtn", "token", "smoothquant-0.5"] for v in validation.values())
+    assert all(0.0 <= s["accuracy_int8"] <= 1.0 and "accuracy_int8_spread" not in s
+               for v in validation.values() for s in v.values())
+    # test: 3 PTQ sets and 2 baselines x 2 sets, each scored 3 times; validation: 2 sets x (rtn + 2 baselines)
+    assert sorted(rows_scored) == [4] * 6 + [24] * 21
     off = _run(tmp_path, "off", "qat.eval_spread=0")
     assert "accuracy_int8_spread" not in off and "int8_flipped" not in off and "accuracy_int8" in off
 

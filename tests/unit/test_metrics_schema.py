@@ -18,7 +18,7 @@ def test_the_schema_rejects_unknown_keys_and_wrong_types():
 
 
 def test_the_report_reads_only_columns_the_runs_write():
-    from finetune.report import collect, compare, format, qat
+    from finetune.report import collect, compare, format, ptq
 
     derived = {"run_dir", "lr"}  # columns the report derives (the job's folder, trainer.lr from the overrides)
 
@@ -26,5 +26,5 @@ def test_the_report_reads_only_columns_the_runs_write():
         return column in derived or field(column) is not None or column.split(".")[0] in FIELDS
 
     read = [*collect.LEADING_COLUMNS, *format._LABELS, *compare._DEVICE_NAME_COLUMNS,
-            *[k for k in qat.PAIR_KEYS if not k.startswith(("lora.", "trainer."))]]
+            *[k for k in ptq.PAIR_KEYS if not k.startswith(("lora.", "trainer."))]]
     assert [c for c in read if not known(c)] == []

@@ -412,6 +412,7 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
     summary = report.comparison.summary.set_index("Targets")
     # seed 1: smoothquant-0.5 (78.0) beats QAT (72.0) by 6 points; seed 2: token (70.0) loses to QAT (74.0) by 4
     assert summary.loc["ffn", "Best PTQ INT8 (baseline)"] == "74.0 (smoothquant-0.5/token)"
+    assert any("best test score" in note and "flatters PTQ" in note for note in report.comparison.notes)
     assert summary.loc["ffn", "QAT vs best PTQ (pts, mean ± SE)"] == "-1.0 ± 5.0"
     assert summary.loc["ffn", "Beyond round-off (runs)"] == "1/2"  # seed 2's +4 points lie within round-off
     assert summary.loc["none", "Beyond round-off (runs)"] == "n/a"
@@ -429,6 +430,38 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
     # the paired differences to the strongest baseline as a figure, beside the QAT plot
     assert_png(report.paths["plot_vs_best_ptq"])
     assert report.paths["plot_vs_best_ptq"].name in report.markdown
+
+
+def test_the_strongest_ptq_baseline_is_chosen_on_validation_and_compared_on_test(tmp_path: Path) -> None:
+    """Where the no-QAT runs scored round-to-nearest and their baselines on the validation split too
+    (ptq_validation), the strongest is the best there and its test score is the one QAT is compared with: the test
+    split is not searched over. The report says how it chose."""
+    root = tmp_path / "qkd_regime"
+    write_seeded_qat_sweep(root, {
+        1: {"none": (0.80, {"attn": 0.70, "ffn": 0.50, "attn+ffn": 0.45}), "ffn": (0.76, 0.72)},
+        2: {"none": (0.82, {"attn": 0.80, "ffn": 0.55, "attn+ffn": 0.52}), "ffn": (0.78, 0.74)},
+    })
+    test = {1: {"token": 0.60, "smoothquant-0.5": 0.78}, 2: {"token": 0.70, "smoothquant-0.5": 0.69}}
+    # on validation token leads on seed 1 (where smoothquant-0.5 leads on test), round-to-nearest on seed 2
+    validation = {1: {"rtn": 0.50, "token": 0.81, "smoothquant-0.5": 0.79},
+                  2: {"rtn": 0.84, "token": 0.70, "smoothquant-0.5": 0.83}}
+    for job in root.iterdir():
+        m = json.loads((job / "metrics.json").read_text())
+        if m["qat_targets"] == []:
+            m["ptq_baselines"] = {name: {"scale": "tensor", "ffn": {"accuracy_int8": acc, "f1_int8": acc - 0.02}}
+                                  for name, acc in test[m["seed"]].items()}
+            m["ptq_validation"] = {"ffn": {name: {"accuracy_int8": acc, "f1_int8": acc}
+                                           for name, acc in validation[m["seed"]].items()}}
+        (job / "metrics.json").write_text(json.dumps(m))
+    report = generate_report(root)
+    summary = report.comparison.summary.set_index("Targets")
+    # seed 1: token's test 60.0 (not smoothquant-0.5's 78.0); seed 2: round-to-nearest's test 55.0
+    assert summary.loc["ffn", "Best PTQ INT8 (baseline)"] == "57.5 (rtn/token)"
+    assert summary.loc["ffn", "QAT vs best PTQ (pts, mean ± SE)"] == "+15.5 ± 3.5"   # (72 - 60, 74 - 55)
+    assert any("best validation score" in note for note in report.comparison.notes)
+    by_name = report.comparison.extra[0][1].set_index("PTQ baseline")
+    assert by_name.loc["token", "Mean validation accuracy (%)"] == "75.5"   # (81 + 70) / 2
+    assert by_name.loc["rtn", "Mean validation accuracy (%)"] == "67.0"
 
 
 def test_a_qat_sweep_whose_qat_runs_have_not_finished_does_not_say_qat_does_not_help(tmp_path: Path) -> None:
@@ -663,7 +696,7 @@ def test_qat_runs_pair_only_with_ptq_simulated_the_same_way(tmp_path: Path) -> N
     """A static-scale QAT run is never compared with a dynamic (uncalibrated) PTQ baseline, nor a linear-granularity
     one with a sublayer baseline: the simulation's granularity and scale mode are part of the pairing."""
     from finetune.report.collect import collect_runs
-    from finetune.report.qat import ptq_baseline
+    from finetune.report.ptq import ptq_baseline
 
     root = tmp_path / "qat" / "2025-01-04_09-00-00"
     num = 0
