@@ -17,7 +17,8 @@ from tests.conftest import TINY, compose_cfg, shared
 PTQ = ["qat.eval_int8=true", "qat.baselines=[token]", "qat.baseline_targets=[ffn]", "qat.eval_spread=1",
        "trainer.precision=fp32", "trainer.save_strategy=steps", "trainer.save_steps=2",
        f"dataset.path={shared('chnsenticorp')}"]
-INT8_KEYS = ("accuracy_int8", "f1_int8", "accuracy_int8_ffn", "accuracy_int8_attn", "int8_flipped", "ptq_baselines")
+INT8_KEYS = ("accuracy_int8", "f1_int8", "accuracy_int8_ffn", "accuracy_int8_attn", "int8_flipped", "ptq_baselines",
+             "ptq_validation")
 
 
 def _run(run_dir, *overrides):
@@ -42,8 +43,10 @@ def counted(monkeypatch):
 
 def test_a_run_resumed_after_a_stop_while_scoring_scores_only_what_was_left(tmp_path, counted):
     reference = _run(tmp_path / "reference", "qat.eval_cache=false")
-    total = counted["n"]  # attn, ffn, attn+ffn and the token baseline, each scored twice (eval_spread=1)
-    assert reference["status"] == "ok" and total == 8
+    # attn, ffn, attn+ffn and the token baseline, each scored twice (eval_spread=1), and on the validation rows
+    # round-to-nearest and the token baseline on ffn (qat.baseline_targets), once each
+    total = counted["n"]
+    assert reference["status"] == "ok" and total == 10
     counted.update(n=0, fail_at=6)
     with pytest.raises(RuntimeError, match="stopped while scoring"):
         _run(tmp_path / "run")
@@ -65,7 +68,7 @@ def test_with_the_cache_off_a_resumed_run_scores_everything_again(tmp_path, coun
     counted.update(n=0, fail_at=None)
     resumed = _run(tmp_path / "run", "qat.eval_cache=false", "trainer.resume_from_checkpoint=auto")
     assert resumed["status"] == "ok" and resumed["resumed_from"]["step"] == 2
-    assert counted["n"] == 8 and not (tmp_path / "run" / "checkpoints" / "int8-scores").exists()
+    assert counted["n"] == 10 and not (tmp_path / "run" / "checkpoints" / "int8-scores").exists()
 
 
 def test_a_resume_under_another_torch_scores_everything_again(tmp_path, counted, monkeypatch):
@@ -78,7 +81,7 @@ def test_a_resume_under_another_torch_scores_everything_again(tmp_path, counted,
     monkeypatch.setattr(int8_cache, "library_versions", lambda: upgraded)
     counted.update(n=0, fail_at=None)
     assert _run(tmp_path / "run", "trainer.resume_from_checkpoint=auto")["status"] == "ok"
-    assert counted["n"] == 8
+    assert counted["n"] == 10
 
 
 def test_the_weights_digest_sees_one_bit_of_any_tensor():
