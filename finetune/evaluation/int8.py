@@ -158,8 +158,8 @@ def int8_metrics(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: DictCon
     # A static-scale PTQ baseline is calibrated on training rows, as QAT's observer is (never on test rows).
     calibration = calibration_batches(splits, dcfg, tok, max_len, bs) if QATConfig.from_cfg(qcfg).scale == "static" \
         else None
-    # llama.cpp's grids run every linear, so their PTQ baseline is attn+ffn only
     chosen_on: dict = {}  # ptq_validation: round-to-nearest's and each baseline's validation scores, per set
+    # llama.cpp's grids run every linear, so their PTQ baseline is attn+ffn only
     for target_set in (QAT_TARGETS,) if config.weight_grid else PTQ_TARGET_SETS:
         parts = {"targets": list(target_set), "kind": "ptq"}
         with simulate_int8(model, list(target_set), qcfg, calibration=calibration) as sim:
