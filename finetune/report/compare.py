@@ -63,6 +63,26 @@ def _hardware(df: pd.DataFrame) -> str:
     return _values(ok, "memory_device") + (f" ({names[0]})" if names else "")
 
 
+def _metric_lines(comp: Comparison, ok: pd.DataFrame) -> list[str]:
+    """What the rows are ranked or compared on, and whether a test score shown is a selected one."""
+    if not comp.metric:
+        return []
+    if comp.kind == "qat_targets":  # arms in a fixed order, each paired with its seed's PTQ: nothing is selected
+        return [f"- Compared on: {comp.metric} on the test split, arm by arm in a fixed order (no row is selected "
+                "on it)"]
+    direction = "higher" if comp.higher_is_better else "lower"
+    lines = [f"- Ranked on: {comp.metric} ({direction} is better)"]
+    if comp.metric.startswith("val_") or comp.metric == "eval_loss":
+        lines.append("- Selected on the validation split; the test scores beside it played no part in the choice")
+    elif comp.metric in ("accuracy", "f1", "perplexity"):
+        validated = any(str(c).startswith("val_") and ok[c].notna().any() for c in ok.columns)
+        lines.append(f"- Ranked on the test split ({comp.metric}): "
+                     + ("as asked (`metric=`), though the runs have a validation score" if validated
+                        else "these runs have no validation score")
+                     + ", so the best row's test score is a selected, optimistic number")
+    return lines
+
+
 def render_markdown(df: pd.DataFrame, comp: Comparison, sweep_dir: Path, paths: dict[str, Path]) -> str:
     """The text of comparison.md.
 
@@ -87,15 +107,7 @@ def render_markdown(df: pd.DataFrame, comp: Comparison, sweep_dir: Path, paths: 
         f"- Model: {_values(df, 'model')}",
         f"- Dataset: {dataset}" + (f" ({', '.join(extras)})" if extras else ""),
     ]
-    if comp.metric:
-        direction = "higher" if comp.higher_is_better else "lower"
-        lines.append(f"- Ranked on: {comp.metric} ({direction} is better)")
-        if comp.metric.startswith("val_") or comp.metric == "eval_loss":
-            lines.append("- Selected on the validation split; the test scores beside it played no part in the "
-                         "choice")
-        elif comp.metric in ("accuracy", "f1", "perplexity"):
-            lines.append(f"- Ranked on the test split ({comp.metric}): these runs have no validation score, so the "
-                         "best row's test score is a selected, optimistic number")
+    lines += _metric_lines(comp, ok)
     lines += ["", f"**Takeaway:** {comp.takeaway}", ""]
     notes = [f"_{note}_" for note in comp.notes] + ([""] if comp.notes else [])
     if comp.summary is not None:  # the means first, with the notes that explain them, then every run

@@ -290,6 +290,9 @@ def test_qat_report(qat_sweep: Path) -> None:
         "attn+ffn QAT has the smallest INT8 accuracy drop: 0.3 pts vs 5.1 pts without QAT; in INT8, QAT matches "
         "or beats PTQ of the same targets on 2 of 3 target sets (attn +1.0, ffn -0.5, attn+ffn +4.4 pts)")
     assert_png(report.paths["plot"])
+    # the arms are compared in a fixed order, not ranked: no row's test score is a selected one
+    assert "- Compared on: accuracy on the test split, arm by arm in a fixed order" in report.markdown
+    assert "Ranked on" not in report.markdown and "selected, optimistic" not in report.markdown
 
 
 def test_qat_generation_uses_perplexity(tmp_path: Path) -> None:
@@ -555,6 +558,10 @@ def test_grid_selects_on_validation_and_shows_test_beside(tmp_path: Path) -> Non
     assert comp.table.iloc[0]["Accuracy (%)"] == "81.0"  # the selected run's test score, not the best test score
     assert "validation accuracy 84.0%" in comp.takeaway
     assert "Selected on the validation split" in report.markdown
+    # ranked on test when asked: a selected number, and the report does not claim the runs lack a validation score
+    asked = generate_report(root, metric="accuracy").markdown
+    assert "Ranked on the test split (accuracy): as asked (`metric=`), though the runs have a validation score" in asked
+    assert "have no validation score" not in asked
 
 
 def test_objective_is_the_validation_score() -> None:
