@@ -197,6 +197,8 @@ def baseline_scores(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: Dict
 
     bs, rescorings = int8_batch_size(qcfg), int(qcfg.get("eval_spread") or 0)
     cache = cache or ScoreCache(None)
+    config = QATConfig.from_cfg(qcfg)
+    weights = _weights({"int8_scheme": deployed_scheme(config.scheme), "int8_weight_group_size": config.weight_group})
     calibration = calibration_batches(splits, dcfg, tok, max_len, bs)
     out: dict = {}
     for name in qcfg.baselines:
@@ -209,7 +211,7 @@ def baseline_scores(model, tok, splits: DataSplits, dcfg: DictConfig, qcfg: Dict
                     _chosen_on(chosen_on, target_set, str(name),
                                validation_scores(model, tok, splits, dcfg, max_len, bs, bf16, cache, parts))
             entry["scale"] = sim.config.scale
-            _log(f"PTQ {name}", target_set, scores)
+            _log(f"PTQ {name}", target_set, scores, int(qcfg.get("eval_bits") or 8), weights)
             entry["+".join(target_set)] = scores
         out[str(name)] = entry
     return out

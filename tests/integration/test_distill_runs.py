@@ -93,6 +93,11 @@ def test_the_qkd_regime_sweep_runs_its_eight_arms_per_seed_in_order(tmp_path):
     assert (m["w4a8_self"]["qat_targets"], m["w4a8_self"]["int8_scheme"]) == (["attn", "ffn"], "w4a8")
     assert sorted(m["plain_w8a8"]["ptq_baselines"]["smoothquant-0.7"]) == ["calibration", "ffn", "scale"]
     assert "attn+ffn" in m["plain_w4a8"]["ptq_baselines"]["hadamard"] and m["plain_w4a8"]["int8_scheme"] == "w4a8"
+    # each baseline's log line names the weights it was simulated with: INT4 groups in the W4A8 cell
+    assert "8-bit activations / INT4 group-32 weights (PTQ hadamard on attn+ffn)" in (
+        sweep / "seed1-plain_w4a8" / "train.log").read_text()
+    assert "8-bit activations / INT8 weights (PTQ smoothquant-0.7 on ffn)" in (
+        sweep / "seed1-plain_w8a8" / "train.log").read_text()
     report = (sweep / "comparison.md").read_text()
     for label in ("| ffn QKD-self ", "| ffn QKD-run ", "| attn+ffn QKD-self ", "| attn+ffn QKD-run "):
         assert label in report, label
