@@ -204,10 +204,10 @@ def _validate_logger(lg: DictConfig) -> None:
 
 
 def _validate_distributed(d: DictConfig, quant_mode: str) -> None:
-    """``distributed.*``; what a strategy needs that this machine lacks is named before anything runs."""
+    """``distributed.*``; what a strategy needs that this machine lacks is named before anything runs. PyTorch is
+    imported only for the strategies that ask about CUDA: a bad value elsewhere is reported without its second of
+    start-up."""
     import importlib.util
-
-    import torch
 
     _choice("distributed.strategy", d.get("strategy"), ("none", "ddp", "fsdp", "deepspeed"))
     if d.strategy == "ddp":
@@ -215,6 +215,8 @@ def _validate_distributed(d: DictConfig, quant_mode: str) -> None:
     if d.strategy == "fsdp":
         for key in ("reshard_after_forward", "cpu_offload", "activation_checkpointing"):
             _bool(f"distributed.{key}", d.get(key, False))
+        import torch
+
         if not torch.cuda.is_available():
             raise FinetuneError("distributed=fsdp needs CUDA GPUs: on CPU the Trainer does not shard and would run "
                                 "plain DDP instead; use distributed=ddp here")
@@ -225,6 +227,8 @@ def _validate_distributed(d: DictConfig, quant_mode: str) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise FinetuneError("distributed=deepspeed_* needs the deepspeed package (pip install deepspeed) and CUDA "
                                 "GPUs; distributed=ddp or fsdp need neither")
+        import torch
+
         if not torch.cuda.is_available():
             raise FinetuneError("distributed=deepspeed_* needs CUDA GPUs; on CPU use distributed=ddp")
         if not isinstance(d.get("config"), DictConfig):

@@ -120,6 +120,18 @@ def test_bad_values_name_the_key(override, fragment):
     assert fragment in message and "\n" not in message
 
 
+def test_a_bad_value_is_reported_before_pytorch_is_imported():
+    """finetune-train checks a command before it loads the libraries a run needs, so a mistake is reported in well
+    under a second instead of after PyTorch's start-up."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nsys.argv = ['finetune-train', 'lora.r=abc']\nfrom finetune.cli import train\n"
+             "try:\n    train.main()\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "error: lora.r='abc' must be an integer" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["2", "False"], proc.stdout
+
 @pytest.mark.parametrize("value", ["0", "1.5", "1.0", "-2", "[]", "top"])
 def test_a_bad_lora_layers_value_lists_every_allowed_form(value):
     with pytest.raises(FinetuneError) as err:
