@@ -24,7 +24,8 @@ def framework_trainer(model, tok, train_ds, acfg: DictConfig, precision, tmp: st
                                                       pad_to_multiple_of=acfg.trainer.get("pad_to_multiple_of")),
                            callbacks=callbacks, meter=meter, share_prefix=acfg.trainer.get("share_prefix", "auto"),
                            precision=precision.name,
-                           head_chunk=int(acfg.trainer.get("head_chunk") or 0))
+                           head_chunk=int(acfg.trainer.get("head_chunk") or 0),
+                           compile_norms=bool(acfg.trainer.get("compile_norms", False)))
     return model, trainer
 
 

@@ -235,6 +235,18 @@ def _validate_distributed(d: DictConfig, quant_mode: str) -> None:
             raise FinetuneError("distributed.config must be a DeepSpeed config mapping (see conf/distributed/)")
 
 
+def _check_compiler(key: str) -> None:
+    """What ``torch.compile`` needs to build kernels here (a C++ compiler, or Triton on a GPU), named before any run."""
+    import torch
+
+    from finetune.platform.compiler import compiler_missing
+
+    missing = compiler_missing(torch.cuda.is_available())
+    if missing:
+        raise FinetuneError(f"{key}=true needs {missing}: torch.compile builds its kernels with it; install it or set "
+                            f"{key}=false")
+
+
 def _validate_eval(e: DictConfig) -> None:
     _bool("eval.zero_shot", _sub(e, "zero_shot"))
     _bool("eval.zero_shot_cache", _sub(e, "zero_shot_cache"))
@@ -284,6 +296,9 @@ def _validate_trainer(t: DictConfig) -> None:
     _bool("trainer.gradient_checkpointing", t.gradient_checkpointing)
     _bool("trainer.packing", _sub(t, "packing"))
     _bool("trainer.torch_compile", _sub(t, "torch_compile"))
+    _bool("trainer.compile_norms", _sub(t, "compile_norms"))
+    if t.compile_norms:
+        _check_compiler("trainer.compile_norms")
     if _sub(t, "pad_to_multiple_of") is not None:
         _number("trainer.pad_to_multiple_of", _sub(t, "pad_to_multiple_of"), low=1, integer=True)
     if _sub(t, "head_chunk") is not None:

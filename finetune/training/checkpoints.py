@@ -130,6 +130,7 @@ RESUME_MAY_CHANGE = {
     "trainer.max_steps", "trainer.epochs", "trainer.resume_from_checkpoint", "trainer.eval_batch_size",
     "trainer.logging_steps", "trainer.eval_strategy", "trainer.eval_steps", "trainer.save_strategy",
     "trainer.save_steps", "trainer.save_total_limit", "trainer.dataloader_num_workers", "trainer.torch_compile",
+    "trainer.compile_norms",
     "trainer.gradient_checkpointing", "dataset.max_eval_samples", "dataset.max_test_samples", "qat.eval_int8",
     "qat.eval_bits",
     "trainer.share_prefix",  # compared resolved instead (check_resume_config): auto means true or false by device

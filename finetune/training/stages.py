@@ -194,7 +194,8 @@ def fit(job: Job) -> None:
                                                       pad_to_multiple_of=tcfg.get("pad_to_multiple_of")),
                            callbacks=job.callbacks + [meter], meter=meter,
                            share_prefix=job.share_prefix, precision=job.precision.name,
-                           head_chunk=int(tcfg.get("head_chunk") or 0), distiller=job.distiller)
+                           head_chunk=int(tcfg.get("head_chunk") or 0), distiller=job.distiller,
+                           compile_norms=bool(tcfg.get("compile_norms", False)))
     job.metrics["share_prefix"] = trainer.share_prefix
     trainer.add_callback(stopper := StopOnSignal())  # after the Trainer's own: its step-end decisions come first
     with stopper.installed():

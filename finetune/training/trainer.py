@@ -286,7 +286,8 @@ class LabelPositionTrainer(Trainer):
 
 
 def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool | str = "auto",
-                 precision: str | None = None, head_chunk: int = 0, distiller=None, **kwargs):
+                 precision: str | None = None, head_chunk: int = 0, distiller=None, compile_norms: bool = False,
+                 **kwargs):
     """A ``transformers.Trainer`` whose training loss uses :func:`label_position_loss` where the model allows it,
     whose length-grouped order is seeded, and whose checkpoints resume exactly.
 
@@ -302,7 +303,11 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
         head_chunk: supervised rows per chunk of the output head and its loss (``trainer.head_chunk``; 0: whole).
         distiller: the run's :class:`finetune.training.distill.Distiller` (its loss replaces the labels' alone; its
             running sums ride in each checkpoint).
+        compile_norms: compile the model's RMSNorms into fused kernels (``trainer.compile_norms``;
+            :mod:`finetune.model.fused_norm`).
     """
+    if compile_norms:
+        _compile_norms(kwargs["model"])
     callbacks = list(kwargs.pop("callbacks", None) or []) + ([distiller] if distiller is not None else [])
     trainer = LabelPositionTrainer(callbacks=callbacks + [_ResumeStateCallback()], **kwargs)
     trainer.meter, trainer.precision, trainer.head_chunk = meter, precision, int(head_chunk or 0)
@@ -316,6 +321,18 @@ def make_trainer(*, meter: ThroughputCallback | None = None, share_prefix: bool 
         if isinstance(cb, _ResumeStateCallback):
             cb.trainer = trainer
     return trainer
+
+
+def _compile_norms(model) -> None:
+    from finetune.model.fused_norm import compile_norms
+
+    count = compile_norms(model)
+    if count:
+        log.info("trainer.compile_norms: %d RMSNorm modules compiled into fused kernels (compiled at the first step)",
+                 count)
+    else:
+        log.warning("trainer.compile_norms=true: %s has no RMSNorm of a kind it compiles (Llama, Mistral, Qwen2, "
+                    "Qwen3); it trains as without it", type(model).__name__)
 
 
 def _say_what_cannot_apply(trainer) -> None:

@@ -30,7 +30,7 @@ def test_the_gpu_speed_script_dry_run_runs_every_job(tmp_path):
 def test_the_gpu_speed_script_names_its_jobs_and_refuses_an_unknown_one(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "docs/bench/gpu/speed.py"), "--out", str(tmp_path), "--only",
                            "nonsense"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2 and "no such job; jobs: 135m_lora, 135m_nf4, 135m_lora_compiled, 135m_lora_packed, 7b_lora" in proc.stderr
+    assert proc.returncode == 2 and "no such job; jobs: 135m_lora, 135m_nf4, 135m_lora_compiled, 135m_lora_norms, 135m_lora_packed, 7b_lora" in proc.stderr
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 
 1. finetune-bench's three arms (this framework, the plain recipe, TRL's SFTTrainer) at SmolLM2-135M's shapes,
    LoRA and QLoRA-nf4 (the launch-bound regime: a small model's step follows its operations and host syncs);
-2. this framework's arm with ``trainer.torch_compile=true`` (batch widths bucketed to multiples of 64), and with the prompt prefix shared in one pass
+2. this framework's arm with ``trainer.torch_compile=true`` (batch widths bucketed to multiples of 64), with only the
+   RMSNorms compiled (``trainer.compile_norms=true``), and with the prompt prefix shared in one pass
    (``trainer.share_prefix=packed``: the unshared step's operation count, attention over the packed sequence);
 3. the three arms at Qwen2.5-7B's shapes (``model=qwen2.5-7b-shapes``, random bf16 weights built on the GPU), LoRA
    and QLoRA-nf4, batch x length that fits one 80 GB GPU;
@@ -54,16 +55,17 @@ def jobs(dry_run: bool) -> list[tuple[str, list[str], int]]:
                                   "--rows", "2", "model=tiny", "trainer.max_length=48"], 300)]
     at_135m = ["--steps", "30", *SMOLLM2_SHAPES]
     at_7b = ["--steps", "6", "--batch-size", "4", "--max-length", "1024", "model=qwen2.5-7b-shapes"]
-    return [("135m_lora", [*bench, *at_135m], 75),
-            ("135m_nf4", [*bench, *at_135m, "quantization=nf4"], 75),
+    return [("135m_lora", [*bench, *at_135m], 70),
+            ("135m_nf4", [*bench, *at_135m, "quantization=nf4"], 65),
             ("135m_lora_compiled", [*bench, "--arms", "finetune", *at_135m, "trainer.torch_compile=true",
-                                    "trainer.pad_to_multiple_of=64"], 60),
+                                    "trainer.pad_to_multiple_of=64"], 55),
+            ("135m_lora_norms", [*bench, "--arms", "finetune", *at_135m, "trainer.compile_norms=true"], 35),
             ("135m_lora_packed", [*bench, "--arms", "finetune", "--steps", "20", *SMOLLM2_SHAPES,
-                                  "trainer.share_prefix=packed"], 30),
+                                  "trainer.share_prefix=packed"], 25),
             ("7b_lora", [*bench, *at_7b], 110),
-            ("7b_nf4", [*bench, *at_7b, "quantization=nf4"], 85),
+            ("7b_nf4", [*bench, *at_7b, "quantization=nf4"], 80),
             ("profile_135m", [sys.executable, str(ROOT / "docs/bench/profile_step.py"), "--bench", "--steps", "3",
-                              *SMOLLM2_SHAPES], 45)]
+                              *SMOLLM2_SHAPES], 40)]
 
 
 def run_job(name: str, command: list[str], limit: int, out: Path) -> dict:
