@@ -89,7 +89,8 @@ def check_command(command: str, argv: list[str]) -> None:
 
 def as_on_a_gpu_machine(monkeypatch) -> None:
     """The docs show GPU commands too (distributed=fsdp, deepspeed_*): they are checked as on a CUDA machine with
-    DeepSpeed installed; what a machine lacks is that machine's check, tested where it is made."""
+    DeepSpeed installed (and Triton, which PyTorch's CUDA builds bring); what a machine lacks is that machine's check,
+    tested where it is made."""
     import importlib.machinery
 
     import torch
@@ -97,7 +98,7 @@ def as_on_a_gpu_machine(monkeypatch) -> None:
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
-                        if name == "deepspeed" else find_spec(name, *a))
+                        if name in ("deepspeed", "triton") else find_spec(name, *a))
 
 
 def test_every_command_module_checks_its_arguments_before_any_work():

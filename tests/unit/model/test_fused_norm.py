@@ -100,3 +100,7 @@ def test_without_a_compiler_the_switch_is_refused_before_the_run(monkeypatch):
     with pytest.raises(FinetuneError, match=r"trainer.compile_norms=true needs a C\+\+ compiler"):
         validate(compose_cfg(["trainer.compile_norms=true"]))
     validate(compose_cfg(["trainer.compile_norms=false"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU: inductor writes Triton kernels there
+    monkeypatch.setattr(compiler.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FinetuneError, match="trainer.compile_norms=true needs the triton package"):
+        validate(compose_cfg(["trainer.compile_norms=true"]))
