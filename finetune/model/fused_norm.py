@@ -38,7 +38,7 @@ def compiled_rms_norm():
     if _compiled is None:
         import torch._inductor.config as inductor_config
 
-        inductor_config.emulate_precision_casts = True  # round each cast as eager does: the same output bits
+        inductor_config.emulate_precision_casts = True  # round each cast where eager rounds it
         _compiled = torch.compile(_rms_norm, dynamic=True)
     return _compiled
 

@@ -42,6 +42,23 @@ def test_the_compiled_norm_and_its_gradient_are_the_models_own_to_round_off(dtyp
         torch.testing.assert_close(fused(x), eager(x), **ulp)  # and without a graph (scoring)
 
 
+def test_every_norm_class_it_compiles_computes_the_formula_it_compiles():
+    """Each class in NORMS has the Llama norm's forward, statement for statement, in the installed transformers (a
+    release that changes one would otherwise be compiled as the old formula)."""
+    import importlib
+    import inspect
+
+    def body(cls) -> list[str]:
+        return [line.strip() for line in inspect.getsource(cls.forward).splitlines()[1:] if line.strip()]
+
+    families = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "Qwen2RMSNorm": "qwen2", "Qwen3RMSNorm": "qwen3"}
+    assert set(families) == fused_norm.NORMS
+    for name, family in families.items():
+        cls = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)
+        assert body(cls) == body(LlamaRMSNorm), name
+    assert body(LlamaRMSNorm)[-1] == "return self.weight * hidden_states.to(input_dtype)"
+
+
 def test_compile_norms_swaps_every_norm_of_a_model_and_nothing_else():
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
