@@ -156,3 +156,16 @@ def test_the_summary_compares_this_framework_with_every_arm_and_the_fastest():
     assert r["vs"]["plain"]["tokens_per_s_ratio"] == r["tokens_per_s_ratio"] == 3.0
     assert r["vs"]["trl"]["aten_ops_ratio"] == 0.5 and r["aten_ops_ratio"] == 2.0
     assert bench.ratios({"finetune": arm(1.0, 1)}) == {}
+
+
+def test_the_summary_says_a_compiled_arms_operations_are_counted_eagerly():
+    """The operation counter is a dispatch mode, under which torch.compile falls back to eager: the table says so
+    rather than show a compiled arm's count as its kernels."""
+    summary = {"hardware": "cpu", "device": "cpu", "precision": "bf16", "model": "m", "quantization": "none",
+               "lora": {"r": 8, "target_modules": ["q_proj"]}, "steps": 1, "batch_size": 1, "max_length": 8,
+               "rounds": 1, "matmul_peak_flops": 1e12,
+               "arms": {"finetune": {"tokens_per_s": 1.0, "peak_memory_mb": 1.0, "fraction_of_peak": 0.1,
+                                     "aten_ops": 10, "host_syncs": 0}}}
+    assert "counted as eager" not in bench.markdown(summary)
+    summary["arms"]["finetune"]["ops_counted_eagerly"] = True
+    assert "counted as eager PyTorch issues them" in bench.markdown(summary)
