@@ -114,3 +114,11 @@ def markdown_table(table: pd.DataFrame) -> str:
         v.rjust(w) if r and not v.startswith("failed: ") else v.ljust(w) for v, w, r in zip(vals, widths, right)) + " |"
     rule = "|" + "|".join("-" * (w + 1) + ":" if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|"
     return "\n".join([line(headers), rule] + [line(row) for row in cells])
+
+
+def first_value(r: pd.Series, *keys: str):
+    """The first of ``keys`` that ``r`` has a value for (metrics.json shapes differ across versions)."""
+    for key in keys:
+        if to_float(r.get(key)) is not None:
+            return r.get(key)
+    return None

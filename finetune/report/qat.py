@@ -134,8 +134,9 @@ def display_number(value: float, generation: bool, signed: bool = False) -> str:
 
 
 def qat_takeaway(gaps: dict[str, float], diffs: dict[str, str], wins: int, low: str, generation: bool,
-                 lead: str = "") -> str:
-    """One line: which target set loses least in INT-n, and how QAT fares against PTQ of the same targets."""
+                 lead: str = "", ptq: str = "PTQ") -> str:
+    """One line: which target set loses least in INT-n, and how QAT fares against PTQ of the same targets
+    (``ptq``: its name, ``round-to-nearest PTQ`` where stronger baselines are compared after it)."""
     what, unit = (f"{low} perplexity increase", "ppl") if generation else (f"{low} accuracy drop", "pts")
     gaps = {t: g for t, g in gaps.items() if g == g}
     if not gaps:
@@ -153,10 +154,40 @@ def qat_takeaway(gaps: dict[str, float], diffs: dict[str, str], wins: int, low: 
             takeaway += f" vs {display_number(gaps['none'], generation)} {unit} without QAT"
     if diffs:
         # In INT-n, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
-        takeaway += (f"; in {low}, QAT matches or beats PTQ of the same targets {'on average ' if lead else ''}"
+        takeaway += (f"; in {low}, QAT matches or beats {ptq} of the same targets {'on average ' if lead else ''}"
                      f"on {wins} of {len(diffs)} target sets ("
                      + ", ".join(f"{t} {d}" for t, d in diffs.items()) + f" {unit})")
     return takeaway
+
+
+def best_ptq_clause(rows: dict, generation: bool, se: bool = False) -> str:
+    """``; against the strongest PTQ baseline: ffn -10.1 pts (smoothquant-0.8, 83.0)``: each QAT row (a run, or with
+    ``se`` a mean over seeds ± its standard error) against the strongest baseline of its seed's plain run
+    (:func:`finetune.report.ptq.best_ptq`); empty where no row has one other than round-to-nearest."""
+    unit = "ppl" if generation else "pts"
+
+    def difference(r: dict) -> str:
+        return plus_minus(r["vs_best"], r["vs_best_se"], generation) if se \
+            else display_number(r["vs_best"], generation, signed=True)
+
+    parts = [f"{label} {difference(r)} {unit} ({r['best_name']}, {display_number(r['best'], generation)})"
+             for label, r in rows.items() if isinstance(r.get("best_name"), str) and r["best_name"] != "rtn"
+             and r["vs_best"] == r["vs_best"]]
+    return "; against the strongest PTQ baseline: " + ", ".join(parts) if parts else ""
+
+
+def score_cell(s: pd.Series, column: str, generation: bool) -> str:
+    """One cell of the QAT table; the strongest PTQ baseline's score names the baseline."""
+    text = display_number(s[column], generation, signed=column.startswith("vs_"))
+    if column == "best" and text != NA and isinstance(s.get("best_name"), str):
+        text += f" ({s['best_name']})"
+    return text
+
+
+def best_ptq_known(scores: pd.DataFrame) -> bool:
+    """Whether some run is paired with a PTQ baseline other than round-to-nearest (its plain run scored
+    ``qat.baselines``)."""
+    return "best_name" in scores and scores["best_name"].map(lambda n: isinstance(n, str) and n != "rtn").any()
 
 
 def plus_minus(mean: float, se: float, generation: bool) -> str:
@@ -231,9 +262,10 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
                          for i, d in paired["vs_ptq"].items()), scheme)
             wins = qat_wins(pd.Series(own(((label_of[i], d) for i, d in paired["vs_ptq"].items()), scheme),
                                       dtype=float), generation)
+            best = best_ptq_clause(own(((label_of[i], r) for i, r in scores.iterrows()), scheme), generation)
             return qat_takeaway(own(((label_of[i], g) for i, g in scores["gap"].items()), scheme), diffs, wins,
-                                scheme_low, generation)
-        return per_scheme(single), majority_note(df), None
+                                scheme_low, generation, ptq="round-to-nearest PTQ" if best else "PTQ") + best
+        return per_scheme(single), selection_note(df) + majority_note(df), None
     summary = seed_summary(scores, generation, order)
     seeds = scores["seed"].dropna().astype(str).nunique()
 
@@ -242,12 +274,13 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
         sub = summary.loc[[t for t in summary.index if t.startswith(prefix)]].rename(index=lambda t: t[len(prefix):])
         paired = sub[sub["paired"] > 0]
         diffs = {t: plus_minus(r["vs_ptq"], r["vs_ptq_se"], generation) for t, r in paired.iterrows()}
+        best = best_ptq_clause(sub.to_dict("index"), generation, se=True)
         text = qat_takeaway(sub["gap"].to_dict(), diffs, qat_wins(paired["vs_ptq"], generation), scheme_low,
-                            generation, lead="mean ")
+                            generation, lead="mean ", ptq="round-to-nearest PTQ" if best else "PTQ")
         if not generation and len(paired):  # accuracy alone flatters a run that settled on the majority class
             text += "; F1 " + ", ".join(f"{t} {plus_minus(r['vs_ptq_f1'], r['vs_ptq_f1_se'], False)}"
                                         for t, r in paired.iterrows()) + " pts"
-        return text
+        return text + best
 
     takeaway = f"Over {seeds} seeds (mean ± standard error of the paired difference): " \
         + per_scheme(replicated_takeaway)

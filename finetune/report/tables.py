@@ -16,11 +16,11 @@ import pandas as pd
 from finetune.config import QAT_TARGETS, QUANT_MODES
 from finetune.errors import FinetuneError
 from finetune.report.collect import ok_rows, varies
-from finetune.report.qat import (by_scheme as by_scheme_scores, display_number, low_bit_label, ptq_baselines_table,
-                                 qat_scores, targets_takeaway)
+from finetune.report.qat import (best_ptq_known, by_scheme as by_scheme_scores, low_bit_label,
+                                 ptq_baselines_table, qat_scores, score_cell, targets_takeaway)
 from finetune.report.format import (
-    NA, cell_text, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta, metric_label,
-    metric_text,
+    NA, cell_text, first_value, to_float, fmt, fmt_metric, human_count, is_fraction_metric, metric_delta,
+    metric_label, metric_text,
 )
 
 KINDS = ("lora_vs_qlora", "qat_targets", "lora_grid", "generic")
@@ -248,14 +248,6 @@ def _lora_vs_qlora(df: pd.DataFrame, metric: str | None, higher: bool) -> Compar
                       memory_column=memory)
 
 
-def _first(r: pd.Series, *keys: str):
-    """The first of ``keys`` that ``r`` has a value for (metrics.json shapes differ across versions)."""
-    for key in keys:
-        if to_float(r.get(key)) is not None:
-            return r.get(key)
-    return None
-
-
 def _qat_rows(df: pd.DataFrame, scores: pd.DataFrame, sort_keys: list[str], by_scheme: bool, by_seed: bool,
               columns: list[str], width: int, generation: bool) -> tuple[list[list[str]], dict]:
     """The QAT table's rows (a failed job: its error) and each job's label (``W8A8 ffn`` per scheme)."""
@@ -268,9 +260,9 @@ def _qat_rows(df: pd.DataFrame, scores: pd.DataFrame, sort_keys: list[str], by_s
             rows.append(cells + [_failed_cell(r)] + [""] * (width - len(cells) - 1))
             continue
         s = scores.loc[index]
-        rows.append(cells + [display_number(s[c], generation, signed=c.startswith("vs_")) for c in columns]
+        rows.append(cells + [score_cell(s, c, generation) for c in columns]
                     + [fmt(r.get(f"qat.snr_db.{g}"), 1) for g in QAT_TARGETS]
-                    + [fmt(_first(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
+                    + [fmt(first_value(r, "qat.num_quantized_modules.total", "qat.num_quantized_modules"), 0)])
     return rows, label_of
 
 
@@ -295,6 +287,11 @@ def _qat_targets(df: pd.DataFrame, metric: str | None, higher: bool) -> Comparis
         metric_heads = ["Accuracy (%)", f"{low} accuracy (%)", f"{low} drop (pts)", f"PTQ {low} accuracy (%)",
                         "QAT vs PTQ (pts)", "F1 (%)", f"{low} F1 (%)", f"PTQ {low} F1 (%)", "QAT vs PTQ F1 (pts)"]
         columns = ["fp", "q", "gap", "ptq", "vs_ptq", "f1", "f1_q", "ptq_f1", "vs_ptq_f1"]
+    if best_ptq_known(scores):  # the strongest baseline of the run's seed, chosen on validation where recorded
+        unit = "ppl" if generation else "pts"
+        metric_heads += [f"Best PTQ {low} ({'perplexity' if generation else 'accuracy, %'})",
+                         f"QAT vs best PTQ ({unit})"]
+        columns += ["best", "vs_best"]
     lead = (["Scheme"] if by_scheme else []) + ["Targets"] + (["Seed"] if by_seed else [])
     headers = lead + metric_heads + [f"SNR {g} (dB)" for g in QAT_TARGETS] + ["Modules quantized"]
     rows, label_of = _qat_rows(df, scores, sort_keys, by_scheme, by_seed, columns, len(headers), generation)

@@ -465,6 +465,34 @@ def test_the_strongest_ptq_baseline_is_chosen_on_validation_and_compared_on_test
     by_name = report.comparison.extra[0][1].set_index("PTQ baseline")
     assert by_name.loc["token", "Mean validation accuracy (%)"] == "75.5"   # (81 + 70) / 2
     assert by_name.loc["rtn", "Mean validation accuracy (%)"] == "67.0"
+    # the takeaway names both comparisons: round-to-nearest, then the strongest baseline of each seed
+    takeaway = report.comparison.takeaway
+    assert "QAT matches or beats round-to-nearest PTQ of the same targets on average" in takeaway
+    assert takeaway.endswith("; against the strongest PTQ baseline: ffn +15.5 ± 3.5 pts (rtn/token, 57.5)")
+
+
+def test_one_seeds_qat_run_is_set_against_the_strongest_ptq_baseline_in_the_table_and_the_takeaway(
+        tmp_path: Path) -> None:
+    """A single seed (the study under way): each QAT row shows the strongest baseline of its plain run beside
+    round-to-nearest, and the takeaway says where QAT loses to it, not only that it beats round-to-nearest."""
+    root = tmp_path / "qkd_regime"
+    write_seeded_qat_sweep(root, {1: {"none": (0.83, {"attn": 0.82, "ffn": 0.43, "attn+ffn": 0.45}),
+                                      "ffn": (0.70, 0.73)}})
+    for job in root.iterdir():
+        m = json.loads((job / "metrics.json").read_text())
+        if m["qat_targets"] == []:
+            m["ptq_baselines"] = {name: {"scale": "tensor", "ffn": {"accuracy_int8": acc, "f1_int8": acc}}
+                                  for name, acc in (("token", 0.835), ("smoothquant-0.8", 0.83))}
+            m["ptq_validation"] = {"ffn": {"rtn": {"accuracy_int8": 0.41}, "token": {"accuracy_int8": 0.82},
+                                           "smoothquant-0.8": {"accuracy_int8": 0.845}}}
+        (job / "metrics.json").write_text(json.dumps(m))
+    comparison = generate_report(root).comparison
+    row = comparison.table.set_index("Targets").loc["ffn"]
+    assert row["Best PTQ INT8 (accuracy, %)"] == "83.0 (smoothquant-0.8)"   # the best on validation, its test score
+    assert row["QAT vs best PTQ (pts)"] == "-10.0" and row["QAT vs PTQ (pts)"] == "+30.0"
+    assert "QAT matches or beats round-to-nearest PTQ of the same targets on 1 of 1" in comparison.takeaway
+    assert comparison.takeaway.endswith("; against the strongest PTQ baseline: ffn -10.0 pts (smoothquant-0.8, 83.0)")
+    assert any("best validation score" in note for note in comparison.notes)
 
 
 def test_a_qat_sweep_whose_qat_runs_have_not_finished_does_not_say_qat_does_not_help(tmp_path: Path) -> None:
