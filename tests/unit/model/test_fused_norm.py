@@ -31,8 +31,9 @@ def test_the_compiled_norm_and_its_gradient_are_the_models_own_to_round_off(dtyp
     grad = torch.randn(2, 7, 48, generator=g).to(dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_a, out_b = eager(xa), fused(xb)
-    # fp32: the sum of squares added up in another order (an ulp); bf16: one rounding step at most
-    ulp = {"rtol": 1e-6, "atol": 0.0} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 0.0}
+    # fp32: the sum of squares added up in another order and the reciprocal root of another kernel (a few ulps; the
+    # vector width, and so the order, differs between AVX2 and AVX-512 CPUs); bf16: one rounding step at most
+    ulp = {"rtol": 1e-5, "atol": 0.0} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 0.0}
     torch.testing.assert_close(out_b, out_a, **ulp)
     out_a.backward(grad)
     out_b.backward(grad)
