@@ -133,31 +133,56 @@ def display_number(value: float, generation: bool, signed: bool = False) -> str:
     return f"{value:{'+' if signed else ''}.{2 if generation else 1}f}"
 
 
-def qat_takeaway(gaps: dict[str, float], diffs: dict[str, str], wins: int, low: str, generation: bool,
-                 lead: str = "", ptq: str = "PTQ") -> str:
-    """One line: which target set loses least in INT-n, and how QAT fares against PTQ of the same targets
-    (``ptq``: its name, ``round-to-nearest PTQ`` where stronger baselines are compared after it)."""
-    what, unit = (f"{low} perplexity increase", "ppl") if generation else (f"{low} accuracy drop", "pts")
-    gaps = {t: g for t, g in gaps.items() if g == g}
-    if not gaps:
+def qat_takeaway(deployed: dict[str, float], full: dict[str, float], baseline: dict[str, float], diffs: dict[str, str],
+                 wins: int, low: str, generation: bool, lead: str = "", ptq: str = "PTQ") -> str:
+    """One line: which target set deploys best in INT-n (``deployed``: its simulated score per target set, ``full``:
+    its full-precision score, ``baseline``: the run without QAT deployed on the same targets), and how QAT fares
+    against PTQ of the same targets (``ptq``: its name, ``round-to-nearest PTQ`` where stronger baselines are
+    compared after it).
+
+    It leads with the deployed score, not with the drop from a run's own full precision: a QAT run whose full
+    precision collapsed loses little to quantization and would otherwise lead. The run without QAT's full precision
+    is the reference a deployment is read against."""
+    what = f"{low} perplexity" if generation else f"{low} accuracy"
+    deployed = {t: v for t, v in deployed.items() if v == v}
+    if not deployed:
         return "No finished run has both fp and INT8 results; nothing to compare."
-    best = min(gaps, key=gaps.get)
-    if set(gaps) == {"none"}:  # e.g. a sweep under way whose QAT runs have not finished
-        return (f"No QAT run has finished: the run without QAT alone, {lead}{what} "
-                f"{display_number(gaps[best], generation)} {unit}; nothing to compare QAT with")
+    best = (min if generation else max)(deployed, key=deployed.get)
+    superlative = "lowest" if generation else "highest"
+
+    def score(value: float) -> str:
+        return display_number(value, generation) + ("" if generation else "%")
+
+    leaders = [t for t, v in deployed.items() if score(v) == score(deployed[best])]  # equal as displayed: a tie
+    best = "none" if "none" in leaders else best
+    reference = full.get("none", math.nan)
+    in_full = f" ({score(reference)} in full precision)" if reference == reference else ""
+    if set(deployed) == {"none"}:  # e.g. a sweep under way whose QAT runs have not finished
+        return f"No QAT run has finished: the run without QAT alone, {lead}{what} {score(deployed[best])}{in_full}; " \
+               "nothing to compare QAT with"
     if best == "none":
-        takeaway = f"QAT does not help here: the run without QAT has the smallest {lead}{what}, " \
-                   f"{display_number(gaps[best], generation)} {unit}"
-    else:
-        takeaway = f"{best} QAT has the smallest {lead}{what}: {display_number(gaps[best], generation)} {unit}"
-        if "none" in gaps:
-            takeaway += f" vs {display_number(gaps['none'], generation)} {unit} without QAT"
-    if diffs:
-        # In INT-n, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
-        takeaway += (f"; in {low}, QAT matches or beats {ptq} of the same targets {'on average ' if lead else ''}"
-                     f"on {wins} of {len(diffs)} target sets ("
-                     + ", ".join(f"{t} {d}" for t, d in diffs.items()) + f" {unit})")
-    return takeaway
+        return f"QAT does not help here: the run without QAT has the {superlative} {lead}{what}, " \
+               f"{score(deployed[best])}{in_full}" + ptq_clause(diffs, wins, low, generation, lead, ptq)
+    takeaway = f"{' and '.join(leaders)} QAT {'have' if len(leaders) > 1 else 'has'} the {superlative} " \
+               f"{lead}{what}: {score(deployed[best])}"
+    same = baseline.get(best, math.nan) if len(leaders) == 1 else math.nan
+    if same == same:  # the run without QAT deployed as the leader is, and its full precision: the reference
+        takeaway += f" vs {score(same)} for the run without QAT on the same targets{in_full}"
+    elif len(leaders) > 1 and in_full:
+        takeaway += f" (the run without QAT: {score(reference)} in full precision)"
+    elif full.get(best, math.nan) == full.get(best, math.nan):
+        takeaway += f" (its own full precision {score(full[best])})"
+    return takeaway + ptq_clause(diffs, wins, low, generation, lead, ptq)
+
+
+def ptq_clause(diffs: dict[str, str], wins: int, low: str, generation: bool, lead: str, ptq: str) -> str:
+    """``; in INT8, QAT matches or beats PTQ of the same targets on 2 of 3 target sets (attn +1.0, ...)``."""
+    if not diffs:
+        return ""
+    # In INT-n, QAT is at least as good as PTQ when its accuracy is not lower / perplexity not higher.
+    return (f"; in {low}, QAT matches or beats {ptq} of the same targets {'on average ' if lead else ''}"
+            f"on {wins} of {len(diffs)} target sets (" + ", ".join(f"{t} {d}" for t, d in diffs.items())
+            + f" {'ppl' if generation else 'pts'})")
 
 
 def best_ptq_clause(rows: dict, generation: bool, se: bool = False) -> str:
@@ -239,7 +264,7 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
         order: the target sets' display order; low: the low-bit label; by_scheme: whether schemes vary.
     """
     if scores.empty:
-        return qat_takeaway({}, {}, 0, low, generation), [], None
+        return qat_takeaway({}, {}, {}, {}, 0, low, generation), [], None
     schemes = sorted(set(ok_rows(df)["int8_scheme"].astype(str))) if by_scheme else [""]
 
     def own(keys, scheme: str) -> dict:
@@ -263,8 +288,10 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
             wins = qat_wins(pd.Series(own(((label_of[i], d) for i, d in paired["vs_ptq"].items()), scheme),
                                       dtype=float), generation)
             best = best_ptq_clause(own(((label_of[i], r) for i, r in scores.iterrows()), scheme), generation)
-            return qat_takeaway(own(((label_of[i], g) for i, g in scores["gap"].items()), scheme), diffs, wins,
-                                scheme_low, generation, ptq="round-to-nearest PTQ" if best else "PTQ") + best
+            deployed, full, same = (own(((label_of[i], v) for i, v in scores[c].items()), scheme)
+                                    for c in ("q", "fp", "ptq"))
+            return qat_takeaway(deployed, full, same, diffs, wins, scheme_low, generation,
+                                ptq="round-to-nearest PTQ" if best else "PTQ") + best
         return per_scheme(single), selection_note(df) + majority_note(df), None
     summary = seed_summary(scores, generation, order)
     seeds = scores["seed"].dropna().astype(str).nunique()
@@ -275,8 +302,9 @@ def targets_takeaway(df: pd.DataFrame, scores: pd.DataFrame, label_of: dict, ord
         paired = sub[sub["paired"] > 0]
         diffs = {t: plus_minus(r["vs_ptq"], r["vs_ptq_se"], generation) for t, r in paired.iterrows()}
         best = best_ptq_clause(sub.to_dict("index"), generation, se=True)
-        text = qat_takeaway(sub["gap"].to_dict(), diffs, qat_wins(paired["vs_ptq"], generation), scheme_low,
-                            generation, lead="mean ", ptq="round-to-nearest PTQ" if best else "PTQ")
+        text = qat_takeaway(sub["q"].to_dict(), sub["fp"].to_dict(), sub["ptq"].to_dict(), diffs,
+                            qat_wins(paired["vs_ptq"], generation), scheme_low, generation, lead="mean ",
+                            ptq="round-to-nearest PTQ" if best else "PTQ")
         if not generation and len(paired):  # accuracy alone flatters a run that settled on the majority class
             text += "; F1 " + ", ".join(f"{t} {plus_minus(r['vs_ptq_f1'], r['vs_ptq_f1_se'], False)}"
                                         for t, r in paired.iterrows()) + " pts"

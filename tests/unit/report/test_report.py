@@ -287,8 +287,9 @@ def test_qat_report(qat_sweep: Path) -> None:
     assert list(by["PTQ INT8 accuracy (%)"]) == ["n/a", "87.0", "88.0", "84.9"]
     assert list(by["QAT vs PTQ (pts)"]) == ["n/a", "+1.0", "-0.5", "+4.4"]
     assert report.comparison.takeaway == (
-        "attn+ffn QAT has the smallest INT8 accuracy drop: 0.3 pts vs 5.1 pts without QAT; in INT8, QAT matches "
-        "or beats PTQ of the same targets on 2 of 3 target sets (attn +1.0, ffn -0.5, attn+ffn +4.4 pts)")
+        "attn+ffn QAT has the highest INT8 accuracy: 89.3% vs 84.9% for the run without QAT on the same targets "
+        "(90.0% in full precision); in INT8, QAT matches or beats PTQ of the same targets on 2 of 3 target sets (attn +1.0, ffn -0.5, "
+        "attn+ffn +4.4 pts)")
     assert_png(report.paths["plot"])
     # the arms are compared in a fixed order, not ranked: no row's test score is a selected one
     assert "- Compared on: accuracy on the test split, arm by arm in a fixed order" in report.markdown
@@ -308,7 +309,9 @@ def test_qat_generation_uses_perplexity(tmp_path: Path) -> None:
     assert list(report.comparison.table.columns[:4]) == [
         "Targets", "Perplexity", "INT8 perplexity", "INT8 increase (ppl)"]
     assert list(report.comparison.table["INT8 increase (ppl)"]) == ["3.50", "0.40"]
-    assert "attn+ffn QAT has the smallest INT8 perplexity increase: 0.40 ppl vs 3.50 ppl" in report.comparison.takeaway
+    assert report.comparison.takeaway.startswith(
+        "attn+ffn QAT has the lowest INT8 perplexity: 12.60 vs 15.50 for the run without QAT on the same targets "
+        "(12.00 in full precision)")
     assert list(report.comparison.table["QAT vs PTQ (ppl)"]) == ["n/a", "-2.90"]
     assert "QAT matches or beats PTQ of the same targets on 1 of 1 target sets (attn+ffn -2.90 ppl)" \
         in report.comparison.takeaway
@@ -375,8 +378,10 @@ def test_qat_report_over_seeds_pairs_each_run_with_the_ptq_run_of_its_own_seed(t
     assert summary.loc["attn+ffn", "QAT ≥ PTQ (runs)"] == "2/2"
     assert summary.loc["none", "QAT vs PTQ (pts, mean ± SE)"] == "n/a"
     assert summary.loc["none", "INT8 accuracy (%)"] == "70.0"
-    assert comp.takeaway.startswith("Over 2 seeds (mean ± standard error of the paired difference): attn+ffn QAT "
-                                    "has the smallest mean INT8 accuracy drop: 3.0 pts vs 15.0 pts without QAT")
+    # attn and attn+ffn both deploy at 81.0% on average: a tie is named as one
+    assert comp.takeaway.startswith("Over 2 seeds (mean ± standard error of the paired difference): attn and "
+                                    "attn+ffn QAT have the highest mean INT8 accuracy: 81.0% (the run without QAT: "
+                                    "85.0% in full precision)")
     assert ("QAT matches or beats PTQ of the same targets on average on 2 of 2 target sets (attn +3.0 ± 5.0, "
             "attn+ffn +11.0 ± 4.0 pts); F1 attn +3.0 ± 5.0, attn+ffn +11.0 ± 4.0 pts") in comp.takeaway
     md = report.markdown
@@ -493,6 +498,25 @@ def test_one_seeds_qat_run_is_set_against_the_strongest_ptq_baseline_in_the_tabl
     assert "QAT matches or beats round-to-nearest PTQ of the same targets on 1 of 1" in comparison.takeaway
     assert comparison.takeaway.endswith("; against the strongest PTQ baseline: ffn -10.0 pts (smoothquant-0.8, 83.0)")
     assert any("best validation score" in note for note in comparison.notes)
+
+
+def test_the_takeaway_leads_with_the_best_deployment_not_with_a_collapsed_runs_small_drop(tmp_path: Path) -> None:
+    """A QAT run whose full precision collapsed to the majority class loses nothing to quantization (its INT8
+    score is above its own full precision): the takeaway must not name it as the best because its drop is the
+    smallest, but the arm with the highest deployed score."""
+    root = tmp_path / "qkd_regime"
+    write_seeded_qat_sweep(root, {1: {"none": (0.829, {"attn": 0.82, "ffn": 0.429, "attn+ffn": 0.40}),
+                                      "ffn": (0.697, 0.729)}})
+    distilled = qat_metrics(["ffn"], 0.823, 0.758, seed=1)
+    distilled["distill"] = {"mode": "run", "alpha": 0.5, "temperature": 2.0}
+    write_job(root, 7, ["qat_targets=[ffn]", "seed=1", "distill=run"], distilled)
+    comparison = generate_report(root).comparison
+    drops = comparison.table.set_index("Targets")["INT8 drop (pts)"]
+    assert drops["ffn"] == "-3.2" and drops["ffn QKD-run"] == "6.5"   # the collapsed run loses least
+    assert comparison.takeaway.startswith(
+        "ffn QKD-run QAT has the highest INT8 accuracy: 75.8% vs 42.9% for the run without QAT on the same targets "
+        "(82.9% in full precision); in INT8, QAT matches or beats PTQ of the same targets on 2 of 2 target sets")
+    assert "smallest" not in comparison.takeaway
 
 
 def test_a_qat_sweep_whose_qat_runs_have_not_finished_does_not_say_qat_does_not_help(tmp_path: Path) -> None:
