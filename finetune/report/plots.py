@@ -215,10 +215,10 @@ def plot_vs_best_ptq(df: pd.DataFrame, comp: Comparison, path: Path) -> Path | N
     ax.set_ylim(len(groups) - 0.5, -0.7)
     low = low_bit_label(df)
     unit = "perplexity; < 0: QAT better" if generation else "points; > 0: QAT better"
-    ax.set_xlabel(f"simulated {low} minus the strongest PTQ baseline of the same seed ({unit})")
+    ax.set_xlabel(_title(f"simulated {low} minus the strongest PTQ baseline of the same seed ({unit})"))
     seeds = scores["seed"].astype(str).nunique()
-    ax.set_title(_title(f"QAT vs the strongest PTQ baseline, {seeds} seed(s): mean ± 1 SE, dots: seeds"),
-                 fontsize=10)
+    ax.set_title(_title(f"QAT vs the strongest PTQ baseline, {seeds} seed{'s' if seeds > 1 else ''}: mean ± 1 SE, "
+                        "dots: seeds"), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
     return _save(fig, path)
