@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,23 @@ class FileLock:
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+def holder(lock_file: Path) -> int | None:
+    """The pid of the process holding ``lock_file``'s lock right now, read from the kernel's table of locks
+    (``/proc/locks``) without taking it: taking it, even for an instant, could refuse a run starting then. None when
+    nobody holds it (the file may outlive a crashed holder), or where the table cannot be read (not Linux)."""
+    try:
+        st = os.stat(lock_file)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 29233 fe:00:5923298 0 EOF"
+        found = re.match(r"\d+:\s+FLOCK\s+\S+\s+\S+\s+(\d+)\s+(\S+)\s", line)
+        if found and found.group(2) == where:
+            return int(found.group(1))
+    return None
 
 
 class RunDirLock(FileLock):

@@ -21,6 +21,7 @@ import yaml
 
 from finetune.config import QAT_TARGETS, QUANT_MODES
 from finetune.errors import FinetuneError
+from finetune.platform.locks import LOCK_FILE, holder
 
 METRICS_FILE = "metrics.json"
 NO_METRICS_ERROR = "no metrics.json (job did not finish)"
@@ -146,6 +147,8 @@ def _load_job(job_dir: Path, root: Path) -> dict[str, Any]:
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
             metrics = {"status": "failed", "error": f"unreadable metrics.json: {exc}"}
+    elif (pid := holder(job_dir / LOCK_FILE)) is not None:  # a job under way: not a failure
+        metrics = {"status": "running", "error": f"running now (pid {pid}), no metrics.json yet"}
     else:
         metrics = {"status": "failed", "error": NO_METRICS_ERROR}
     rel = job_dir.relative_to(root).as_posix()
@@ -208,8 +211,8 @@ def collect_runs(sweep_dir: str | os.PathLike) -> pd.DataFrame:
         sweep_dir: a Hydra sweep directory (or any folder holding job directories, or one run).
 
     Returns:
-        A DataFrame with ``job``, ``run_dir`` (relative to ``sweep_dir``), ``status``,
-        ``error``, ``overrides``, ``qat_targets`` (label) and every metrics.json key, nested
+        A DataFrame with ``job``, ``run_dir`` (relative to ``sweep_dir``), ``status`` (``ok``, ``failed``, or
+        ``running`` for a job without metrics.json whose run still holds its directory), ``error``, ``overrides``, ``qat_targets`` (label) and every metrics.json key, nested
         keys flattened with dots. Rows are in job order, columns in a fixed order.
 
     Raises:

@@ -96,13 +96,15 @@ def render_markdown(df: pd.DataFrame, comp: Comparison, sweep_dir: Path, paths: 
         Markdown text ending with a newline.
     """
     ok = ok_rows(df)
-    failed = len(df) - len(ok)
+    running = int((df["status"] == "running").sum())
+    failed = len(df) - len(ok) - running
     dataset = _values(df, "dataset")
     extras = [v for v in (_values(df, "task"), _values(df, "data_source")) if v != "unknown"]
     lines = [
         f"# {_TITLES[comp.kind]}",
         "",
-        f"- Sweep: `{sweep_dir.resolve().name}` ({len(df)} jobs: {len(ok)} ok, {failed} failed; kind `{comp.kind}`)",
+        f"- Sweep: `{sweep_dir.resolve().name}` ({len(df)} jobs: {len(ok)} ok, {failed} failed"
+        + (f", {running} running" if running else "") + f"; kind `{comp.kind}`)",
         f"- Device: {_hardware(df)}",
         f"- Model: {_values(df, 'model')}",
         f"- Dataset: {dataset}" + (f" ({', '.join(extras)})" if extras else ""),

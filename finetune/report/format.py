@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 NA = "n/a"
+NOT_SCORED = ("failed: ", "running now")  # a row's cell where its job failed or is under way: text
 _LABELS = {
     "accuracy": "accuracy", "f1": "F1", "accuracy_int8": "INT8 accuracy", "f1_int8": "INT8 F1",
     "perplexity": "perplexity", "perplexity_int8": "INT8 perplexity", "eval_loss": "eval loss",
@@ -105,13 +106,13 @@ def markdown_table(table: pd.DataFrame) -> str:
              for row in table.itertuples(index=False)]
 
     def numeric(i: int) -> bool:
-        filled = [row[i] for row in cells if row[i] not in ("", NA) and not row[i].startswith("failed: ")]
+        filled = [row[i] for row in cells if row[i] not in ("", NA) and not row[i].startswith(NOT_SCORED)]
         return bool(filled) and all(to_float(v.rstrip("x%").replace(",", "")) is not None for v in filled)
 
     widths = [max([len(h)] + [len(row[i]) for row in cells] + [3]) for i, h in enumerate(headers)]
     right = [numeric(i) for i in range(len(headers))]
     line = lambda vals: "| " + " | ".join(  # noqa: E731
-        v.rjust(w) if r and not v.startswith("failed: ") else v.ljust(w) for v, w, r in zip(vals, widths, right)) + " |"
+        v.rjust(w) if r and not v.startswith(NOT_SCORED) else v.ljust(w) for v, w, r in zip(vals, widths, right)) + " |"
     rule = "|" + "|".join("-" * (w + 1) + ":" if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|"
     return "\n".join([line(headers), rule] + [line(row) for row in cells])
 

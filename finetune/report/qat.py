@@ -195,17 +195,26 @@ def best_ptq_clause(rows: dict, generation: bool, se: bool = False) -> str:
         return plus_minus(r["vs_best"], r["vs_best_se"], generation) if se \
             else display_number(r["vs_best"], generation, signed=True)
 
-    parts = [f"{label} {difference(r)} {unit} ({r['best_name']}, {display_number(r['best'], generation)})"
+    def roundoff(r: dict) -> str:
+        """Whether the difference is more than round-off: the two scores' ranges apart (per seed, over seeds)."""
+        if se:
+            return f"; beyond round-off on {r['beyond']} of {r['beyond_known']} seeds" if r.get("beyond_known") else ""
+        return {0.0: "; within round-off", 1.0: "; beyond round-off"}.get(r.get("beyond"), "")
+
+    parts = [f"{label} {difference(r)} {unit} ({r['best_name']}, {display_number(r['best'], generation)}{roundoff(r)})"
              for label, r in rows.items() if isinstance(r.get("best_name"), str) and r["best_name"] != "rtn"
              and r["vs_best"] == r["vs_best"]]
     return "; against the strongest PTQ baseline: " + ", ".join(parts) if parts else ""
 
 
 def score_cell(s: pd.Series, column: str, generation: bool) -> str:
-    """One cell of the QAT table; the strongest PTQ baseline's score names the baseline."""
+    """One cell of the QAT table; the strongest PTQ baseline's score names the baseline, and the difference to it
+    says when it lies within the two scores' round-off ranges."""
     text = display_number(s[column], generation, signed=column.startswith("vs_"))
     if column == "best" and text != NA and isinstance(s.get("best_name"), str):
         text += f" ({s['best_name']})"
+    if column == "vs_best" and text != NA and s.get("beyond") == 0.0:
+        text += " (within round-off)"
     return text
 
 

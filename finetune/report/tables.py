@@ -153,6 +153,8 @@ def _failed_cell(row: pd.Series) -> str:
     error = row.get("error")
     lines = error.strip().splitlines() if isinstance(error, str) else []
     text = lines[0] if lines else "unknown error"
+    if row.get("status") == "running":
+        return text
     return "failed: " + (text if len(text) <= 120 else text[:117] + "...")
 
 
@@ -253,8 +255,9 @@ def _qat_rows(df: pd.DataFrame, scores: pd.DataFrame, sort_keys: list[str], by_s
     """The QAT table's rows (a failed job: its error) and each job's label (``W8A8 ffn`` per scheme)."""
     rows, label_of = [], {}
     for label, (index, r) in zip(_labels(df, "qat_targets", within=tuple(sort_keys)), df.iterrows()):
-        label_of[index] = f"{str(r.get('int8_scheme')).upper()} {label}" if by_scheme else label
-        cells = ([str(r.get("int8_scheme")).upper()] if by_scheme else []) + [label] \
+        scheme = str(r["int8_scheme"]).upper() if isinstance(r.get("int8_scheme"), str) else "?"  # "?": not yet known
+        label_of[index] = f"{scheme} {label}" if by_scheme else label
+        cells = ([scheme] if by_scheme else []) + [label] \
             + ([cell_text(r.get("seed"))] if by_seed else [])
         if r["status"] != "ok":
             rows.append(cells + [_failed_cell(r)] + [""] * (width - len(cells) - 1))

@@ -138,6 +138,30 @@ def test_collect_flattens_and_marks_hard_died_jobs(grid_sweep: Path) -> None:
     assert dead["lora.r"] == 16 and dead["overrides"] == "lora.r=16 lora.alpha=32 lora.dropout=0.1"
 
 
+def test_a_job_under_way_is_reported_running_not_failed(grid_sweep: Path) -> None:
+    """A job without metrics.json whose run still holds its directory (another process, as a sweep's job is) is
+    under way: the report says so, and counts it apart from the failures. Once that process is gone, the lock file
+    it may leave behind (a kill -9) does not make the job look alive."""
+    job = grid_sweep / "8"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from finetune.platform.locks import "
+         "RunDirLock; RunDirLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(120)", str(job)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        row = collect_runs(grid_sweep).iloc[-1]
+        assert row["status"] == "running" and row["error"] == f"running now (pid {holder.pid}), no metrics.json yet"
+        md = build_report(grid_sweep)["markdown"].read_text()
+        assert "(9 jobs: 8 ok, 0 failed, 1 running;" in md
+        assert f"| running now (pid {holder.pid}), no metrics.json yet" in md and "failed: no metrics.json" not in md
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (job / ".finetune.lock").is_file()  # killed: its lock file stays, its lock does not
+    row = collect_runs(grid_sweep).iloc[-1]
+    assert row["status"] == "failed" and row["error"] == "no metrics.json (job did not finish)"
+
+
 @pytest.mark.parametrize("overrides, method", [
     (["+method=qlora_nf4", "+sweep=lora_vs_qlora"], "qlora-nf4"),
     (["+method=full"], "full"),
@@ -423,6 +447,12 @@ def test_qat_report_pairs_each_run_with_the_strongest_ptq_baseline_of_its_seed(t
     assert any("best test score" in note and "flatters PTQ" in note for note in report.comparison.notes)
     assert summary.loc["ffn", "QAT vs best PTQ (pts, mean ± SE)"] == "-1.0 ± 5.0"
     assert summary.loc["ffn", "Beyond round-off (runs)"] == "1/2"  # seed 2's +4 points lie within round-off
+    assert report.comparison.takeaway.endswith(
+        "against the strongest PTQ baseline: ffn -1.0 ± 5.0 pts (smoothquant-0.5/token, 74.0; beyond round-off on 1 of "
+        "2 seeds)")
+    by_seed = report.comparison.table.set_index(["Targets", "Seed"])
+    assert by_seed.loc[("ffn", "1"), "QAT vs best PTQ (pts)"] == "-6.0"
+    assert by_seed.loc[("ffn", "2"), "QAT vs best PTQ (pts)"] == "+4.0 (within round-off)"
     assert summary.loc["none", "Beyond round-off (runs)"] == "n/a"
     assert summary.loc["ffn", "QAT vs PTQ (pts, mean ± SE)"] == "+20.5 ± 1.5"  # round-to-nearest alone
     assert summary.loc["none", "Best PTQ INT8 (baseline)"] == "n/a"
@@ -498,6 +528,31 @@ def test_one_seeds_qat_run_is_set_against_the_strongest_ptq_baseline_in_the_tabl
     assert "QAT matches or beats round-to-nearest PTQ of the same targets on 1 of 1" in comparison.takeaway
     assert comparison.takeaway.endswith("; against the strongest PTQ baseline: ffn -10.0 pts (smoothquant-0.8, 83.0)")
     assert any("best validation score" in note for note in comparison.notes)
+
+
+def test_one_seeds_difference_to_the_strongest_baseline_says_when_it_is_within_round_off(tmp_path: Path) -> None:
+    """A single seed's QAT run 0.8 points above its strongest baseline, their round-off ranges overlapping: the table
+    and the takeaway say the difference is within round-off, not a win; a run whose range lies apart is beyond it."""
+    root = tmp_path / "qkd_regime"
+    write_seeded_qat_sweep(root, {1: {"none": (0.83, {"attn": 0.82, "ffn": 0.43, "attn+ffn": 0.73}),
+                                      "attn+ffn": (0.59, 0.818)}})
+    distilled = qat_metrics(["attn", "ffn"], 0.634, 0.786, seed=1)
+    distilled.update(distill={"mode": "self"}, accuracy_int8_spread=[0.774, 0.787])
+    write_job(root, 7, ["qat_targets=[attn,ffn]", "seed=1", "distill=self"], distilled)
+    for job in root.iterdir():
+        m = json.loads((job / "metrics.json").read_text())
+        if m["qat_targets"] == []:
+            m["ptq_baselines"] = {"smoothquant-0.5": {"scale": "tensor", "attn+ffn": {
+                "accuracy_int8": 0.811, "f1_int8": 0.786, "accuracy_int8_spread": [0.811, 0.816]}}}
+        elif "distill" not in m:
+            m["accuracy_int8_spread"] = [0.796, 0.818]
+        (job / "metrics.json").write_text(json.dumps(m))
+    comparison = generate_report(root).comparison
+    by = comparison.table.set_index("Targets")["QAT vs best PTQ (pts)"]
+    assert by["attn+ffn"] == "+0.7 (within round-off)" and by["attn+ffn QKD-self"] == "-2.5"
+    assert comparison.takeaway.endswith(
+        "against the strongest PTQ baseline: attn+ffn +0.7 pts (smoothquant-0.5, 81.1; within round-off), "
+        "attn+ffn QKD-self -2.5 pts (smoothquant-0.5, 81.1; beyond round-off)")
 
 
 def test_the_takeaway_leads_with_the_best_deployment_not_with_a_collapsed_runs_small_drop(tmp_path: Path) -> None:
