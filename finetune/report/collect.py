@@ -212,8 +212,9 @@ def collect_runs(sweep_dir: str | os.PathLike) -> pd.DataFrame:
 
     Returns:
         A DataFrame with ``job``, ``run_dir`` (relative to ``sweep_dir``), ``status`` (``ok``, ``failed``, or
-        ``running`` for a job without metrics.json whose run still holds its directory), ``error``, ``overrides``, ``qat_targets`` (label) and every metrics.json key, nested
-        keys flattened with dots. Rows are in job order, columns in a fixed order.
+        ``running`` for a job without metrics.json whose run still holds its directory), ``error``, ``overrides``,
+        ``qat_targets`` (label) and every metrics.json key, nested keys flattened with dots. Rows are in job order,
+        columns in a fixed order.
 
     Raises:
         FinetuneError: ``sweep_dir`` does not exist, is not a directory, or holds no jobs.
