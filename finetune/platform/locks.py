@@ -64,7 +64,8 @@ class FileLock:
 def holder(lock_file: Path) -> int | None:
     """The pid of the process holding ``lock_file``'s lock right now, read from the kernel's table of locks
     (``/proc/locks``) without taking it: taking it, even for an instant, could refuse a run starting then. None when
-    nobody holds it (the file may outlive a crashed holder), or where the table cannot be read (not Linux)."""
+    nobody holds it (the file may outlive a crashed holder), where the table cannot be read (not Linux), and for a
+    holder on another machine of a shared file system (another kernel's table)."""
     try:
         st = os.stat(lock_file)
         table = Path("/proc/locks").read_text()
